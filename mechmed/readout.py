@@ -1,0 +1,149 @@
+"""The yes/no readout: prompts through the chat template, and the answer margin.
+
+margin = logsumexp(logit[yes variants]) − logsumexp(logit[no variants]) at the answer position
+(the last prompt token, after the chat template's generation prompt). Variants of an answer word
+are its case and leading-space forms that are single tokens in the tokenizer; the word itself
+must be a single token. Prompts are left-padded and run with ``logits_to_keep=1``, so no
+[batch, seq, vocab] logits are built, and a batched margin equals the one-by-one margin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mechmed.errors import MechmedError
+
+GRAY = 128
+
+
+@dataclass(frozen=True)
+class AnswerTokens:
+    """Token ids whose logits are combined into the yes and the no score."""
+
+    words: tuple[str, str]
+    yes_ids: tuple[int, ...]
+    no_ids: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"words": list(self.words), "yes_ids": list(self.yes_ids), "no_ids": list(self.no_ids)}
+
+
+def _variants(word: str) -> list[str]:
+    forms = [word, word.lower(), word.capitalize(), word.upper()]
+    return list(dict.fromkeys([*forms, *(" " + f for f in forms)]))
+
+
+def answer_token_ids(tokenizer, words: Sequence[str] = ("yes", "no")) -> AnswerTokens:
+    """Resolve the two answer words to single-token ids (with their case/space variants)."""
+    if len(words) != 2 or not all(isinstance(w, str) and w.strip() for w in words):
+        raise MechmedError(f"--answer-words {','.join(map(str, words))}: give exactly two words, e.g. yes,no")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    resolved = []
+    for word in words:
+        base = tokenizer.encode(word, add_special_tokens=False)
+        if len(base) != 1 or base[0] == unk:
+            pieces = tokenizer.convert_ids_to_tokens(base)
+            raise MechmedError(
+                f"--answer-words: {word!r} is {len(base)} tokens {pieces} for this tokenizer, not one; "
+                "choose an answer word that is a single token"
+            )
+        ids = []
+        for form in _variants(word):
+            enc = tokenizer.encode(form, add_special_tokens=False)
+            if len(enc) == 1 and enc[0] != unk and enc[0] not in specials:
+                ids.append(enc[0])
+        resolved.append(tuple(dict.fromkeys(ids)))
+    if set(resolved[0]) & set(resolved[1]):
+        raise MechmedError(f"--answer-words {words[0]},{words[1]}: the two words share a token; choose distinct words")
+    return AnswerTokens(tuple(words), resolved[0], resolved[1])
+
+
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def _has_images(processor) -> bool:
+    return getattr(processor, "image_processor", None) is not None
+
+
+def as_rgb(image):
+    """A PIL image in RGB (grayscale X-rays are repeated over the three channels)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def gray_like(image):
+    """A uniform gray image of the same size (the blank-image control)."""
+    from PIL import Image
+
+    return Image.new("RGB", image.size, (GRAY, GRAY, GRAY))
+
+
+def prompt_texts(processor, questions: Sequence[str], with_image: bool) -> list[str]:
+    texts = []
+    for q in questions:
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": q}]
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
+                                                   add_generation_prompt=True, tokenize=False))
+    return texts
+
+
+def build_inputs(processor, questions: Sequence[str], images: Sequence | None = None):
+    """Tokenise ``questions`` (with one image each, or none) into a left-padded batch."""
+    questions = list(questions)
+    if not questions:
+        raise MechmedError("no questions to run: the dataset is empty")
+    tok = _tokenizer(processor)
+    tok.padding_side = "left"
+    with_image = images is not None
+    if with_image and len(images) != len(questions):
+        raise MechmedError(f"{len(images)} images for {len(questions)} questions: give one image per question")
+    if with_image and not _has_images(processor):
+        raise MechmedError("this model takes no images: run it without --image-root / image paths")
+    texts = prompt_texts(processor, questions, with_image)
+    bos = getattr(tok, "bos_token", None)
+    add_special = not (bos and texts[0].startswith(bos))
+    if not with_image:
+        return tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+    return processor(text=texts, images=[[as_rgb(im)] for im in images], return_tensors="pt", padding=True,
+                     add_special_tokens=add_special)
+
+
+def yes_no_logits(logits, answers: AnswerTokens):
+    """[batch, vocab] logits at the answer position -> [batch, 2] (yes score, no score)."""
+    import torch
+
+    logits = logits.float()
+    yes = torch.logsumexp(logits[:, list(answers.yes_ids)], dim=-1)
+    no = torch.logsumexp(logits[:, list(answers.no_ids)], dim=-1)
+    return torch.stack([yes, no], dim=-1)
+
+
+def answer_logits(model, inputs, answers: AnswerTokens):
+    """One forward with ``logits_to_keep=1``; returns [batch, 2] yes/no scores (with grad if enabled)."""
+    out = model(**inputs, logits_to_keep=1, use_cache=False)
+    return yes_no_logits(out.logits[:, -1], answers)
+
+
+def margins(bundle, questions: Sequence[str], images: Sequence | None = None, *, batch_size: int = 16,
+            progress: str | None = None):
+    """Margins logit(yes) − logit(no) for each question (float32 tensor on the CPU)."""
+    import torch
+
+    from mechmed.progress import progress_bar
+
+    questions = list(questions)
+    out = []
+    starts = range(0, len(questions), batch_size)
+    with torch.inference_mode():
+        for start in progress_bar(starts, desc=progress, total=len(starts)):
+            sl = slice(start, start + batch_size)
+            inputs = build_inputs(bundle.processor, questions[sl], None if images is None else list(images[sl]))
+            scores = answer_logits(bundle.model, inputs.to(bundle.device), bundle.answers)
+            out.append((scores[:, 0] - scores[:, 1]).cpu())
+    result = torch.cat(out) if out else torch.zeros(0)
+    if not torch.isfinite(result).all():
+        bad = int((~torch.isfinite(result)).nonzero()[0])
+        raise MechmedError(f"margin of prompt {bad} is not finite (NaN/inf): check the model weights and --dtype")
+    return result
