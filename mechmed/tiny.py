@@ -3,8 +3,8 @@
 The same code paths that run MedGemma-4B (``Gemma3ForConditionalGeneration``), MedGemma-27B text
 (``Gemma3ForCausalLM``) and MedQwen's base (``Qwen2_5_VLForConditionalGeneration``) run on these:
 the tests, the benchmarks and the embedded default's builder all make their models and
-processors here. A word-level tokenizer is trained offline with ``tokenizers`` and wrapped in the
-family's own fast tokenizer class; the processor is the family's own processor class.
+processors here. A word-level tokenizer is built offline with ``tokenizers`` and carries the
+family's special tokens and chat template; the processor is the family's own processor class.
 """
 
 from __future__ import annotations
@@ -84,19 +84,22 @@ def _word_level(vocab_words: Iterable[str], specials: list[str]):
 
 
 def gemma_tokenizer(texts: Iterable[str] = (), extra_words: Iterable[str] = DEFAULT_WORDS):
-    """A word-level ``GemmaTokenizerFast`` over the words of ``texts`` (+ ``extra_words``), with
-    Gemma 3's special and multimodal tokens and its chat template."""
-    from transformers import GemmaTokenizerFast
+    """A word-level tokenizer over the words of ``texts`` (+ ``extra_words``), with Gemma 3's
+    special and multimodal tokens and its chat template.
+
+    It is a plain fast tokenizer (saved with ``tokenizer_class: TokenizersBackend``), because
+    transformers' ``GemmaTokenizer`` rebuilds a BPE from the vocabulary when it is reloaded and
+    would lose the word-level model; ``AutoTokenizer`` / ``AutoProcessor`` reload this one as is.
+    """
+    from transformers import PreTrainedTokenizerFast
 
     specials = [*GEMMA_SPECIALS.values(), *GEMMA_TURNS, *GEMMA_MULTIMODAL.values()]
     backend = _word_level([*words(texts), *extra_words], specials)
-    tok = GemmaTokenizerFast(
+    tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         **GEMMA_SPECIALS,
         extra_special_tokens=dict(GEMMA_MULTIMODAL),
         padding_side="left",
-        add_bos_token=False,
-        add_eos_token=False,
     )
     tok.chat_template = GEMMA_CHAT_TEMPLATE
     return tok
@@ -165,10 +168,10 @@ def gemma3_causal_lm(tokenizer=None, *, layers: int = 4, hidden: int = 64, seed:
 
 
 def qwen_tokenizer(texts: Iterable[str] = (), extra_words: Iterable[str] = DEFAULT_WORDS):
-    from transformers import Qwen2TokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     backend = _word_level([*words(texts), *extra_words], ["<unk>", *QWEN_SPECIALS])
-    tok = Qwen2TokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
                              pad_token="<|endoftext|>", padding_side="left")
     tok.chat_template = QWEN_CHAT_TEMPLATE
     return tok

@@ -1,0 +1,139 @@
+"""Loading models into a :class:`ModelBundle`: model + processor + family map + answer tokens.
+
+``load_model("demo")`` is the embedded default (built on first use); anything else is a hub id
+(``google/medgemma-4b-it``) or a local checkpoint directory. ``trust_remote_code`` is off unless
+asked; ``local_files_only`` follows ``HF_HUB_OFFLINE`` unless given.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mechmed.errors import MechmedError
+from mechmed.families import ArchitectureMap, get_family
+from mechmed.readout import AnswerTokens, answer_token_ids
+
+DEMO = "demo"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelBundle:
+    """Everything the pipeline needs to run one model."""
+
+    model: Any
+    processor: Any
+    family: ArchitectureMap
+    answers: AnswerTokens
+    name: str = ""
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def n_layers(self) -> int:
+        return self.family.n_layers(self.model.config)
+
+    @property
+    def d_model(self) -> int:
+        return self.family.d_model(self.model.config)
+
+    @property
+    def multimodal(self) -> bool:
+        return self.family.multimodal and getattr(self.processor, "image_processor", None) is not None
+
+
+def bundle(model, processor, *, answer_words=("yes", "no"), name: str = "") -> ModelBundle:
+    """Wrap an already-built model and processor (e.g. a tiny model made in a notebook)."""
+    family = get_family(model)
+    return ModelBundle(model.eval(), processor, family, answer_token_ids(getattr(processor, "tokenizer", processor),
+                                                                        answer_words), name)
+
+
+def resolve_dtype(dtype: str | None, device: str):
+    import torch
+
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise MechmedError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def _offline(local_files_only: bool | None) -> bool:
+    if local_files_only is not None:
+        return local_files_only
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def load_processor(path: str, family: ArchitectureMap, **kw):
+    """The family's processor; for Qwen2.5-VL without torchvision, mechmed's image processor."""
+    import transformers
+
+    if not family.multimodal:
+        return transformers.AutoTokenizer.from_pretrained(path, **kw)
+    try:
+        return transformers.AutoProcessor.from_pretrained(path, **kw)
+    except (ImportError, ValueError, AttributeError, TypeError):
+        if family.name != "Qwen2_5_VLForConditionalGeneration":
+            raise
+        from mechmed.processors import QwenImageProcessor
+
+        return QwenImageProcessor(transformers.AutoImageProcessor.from_pretrained(path, **kw),
+                                  transformers.AutoTokenizer.from_pretrained(path, **kw))
+
+
+def load_model(name_or_path: str = DEMO, dtype: str | None = None, device: str = "cpu", *,
+               answer_words=("yes", "no"), local_files_only: bool | None = None,
+               trust_remote_code: bool = False, revision: str | None = None,
+               cache_dir: str | None = None, seed: int = 0) -> ModelBundle:
+    """Load a model by hub id, local path, or ``"demo"`` (the embedded default)."""
+    import transformers
+
+    name = str(name_or_path)
+    if name == DEMO:
+        from mechmed.demo.build import ensure_demo_model
+
+        path, offline = str(ensure_demo_model(cache_dir=cache_dir, seed=seed)), True
+    else:
+        path, offline = name, _offline(local_files_only)
+        if (name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1) and not Path(name).expanduser().exists():
+            raise MechmedError(f"--model {name}: no such directory; give a checkpoint directory, a hub id or 'demo'")
+        path = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    kw = dict(local_files_only=offline, trust_remote_code=trust_remote_code, revision=revision)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        hint = "check the id or path" + ("" if offline else "; gated models need `hf auth login`")
+        raise MechmedError(f"--model {name}: cannot load its config ({str(e).splitlines()[0]}); {hint}") from e
+    family = get_family(config)
+    torch_dtype = resolve_dtype(dtype, device)
+    auto = getattr(transformers, family.auto_class)
+    try:
+        model = auto.from_pretrained(path, dtype=torch_dtype, **kw)
+        processor = load_processor(path, family, **kw)
+    except OSError as e:
+        raise MechmedError(f"--model {name}: cannot load weights or processor ({str(e).splitlines()[0]})") from e
+    model = model.to(device).eval()
+    answers = answer_token_ids(getattr(processor, "tokenizer", processor), answer_words)
+    return ModelBundle(model, processor, family, answers, name)
+
+
+def attach_adapter(b: ModelBundle, adapter_dir: str | os.PathLike) -> ModelBundle:
+    """Load a peft adapter directory onto the bundle's model (for evaluation)."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise MechmedError(f"--adapter {adapter_dir}: no adapter_config.json there; give a directory written by "
+                           "save_pretrained / mechmed train")
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(b.model, str(adapter_dir)).eval()
+    return ModelBundle(model, b.processor, b.family, b.answers, f"{b.name}+{adapter_dir.name}")

@@ -1,0 +1,74 @@
+"""load_model on saved tiny checkpoints of each family: same margins as the in-memory model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import FAMILIES, QUESTIONS, make_image
+from mechmed import tiny
+from mechmed.errors import MechmedError
+from mechmed.models import load_model, resolve_dtype
+from mechmed.readout import margins
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: tiny.save(m, p, root / name) for name, (m, p) in tiny_models.items()}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_load_saved_checkpoint_matches_in_memory_model(saved, tiny_bundles, name):
+    assert (saved[name] / "model.safetensors").is_file()
+    loaded = load_model(str(saved[name]), local_files_only=True)
+    ref = tiny_bundles[name]
+    assert loaded.family.name == name
+    assert loaded.answers == ref.answers
+    assert loaded.n_layers == ref.n_layers == 3
+    images = [make_image(i) for i in range(3)] if ref.multimodal else None
+    torch.testing.assert_close(margins(loaded, QUESTIONS[:3], images), margins(ref, QUESTIONS[:3], images),
+                               atol=1e-5, rtol=0)
+
+
+def test_unknown_family_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    with pytest.raises(MechmedError, match="BertModel.*not supported"):
+        load_model(str(tmp_path))
+
+
+def test_missing_local_path_and_offline_hub_id(tmp_path, monkeypatch):
+    with pytest.raises(MechmedError, match="no such directory"):
+        load_model(str(tmp_path / "nope"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MechmedError, match="cannot load its config"):
+        load_model("google/medgemma-4b-it-not-cached-here")
+
+
+def test_multi_token_answer_word(saved):
+    with pytest.raises(MechmedError, match="not one"):
+        load_model(str(saved["Gemma3ForCausalLM"]), answer_words=("yes", "no way"))
+
+
+def test_dtype_resolution():
+    assert resolve_dtype(None, "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    with pytest.raises(MechmedError, match="--dtype"):
+        resolve_dtype("int3", "cpu")
+
+
+def test_remote_code_is_off_by_default(saved, monkeypatch):
+    import transformers
+
+    seen = {}
+    real = transformers.AutoConfig.from_pretrained
+
+    def spy(path, **kw):
+        seen.update(kw)
+        return real(path, **kw)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", spy)
+    load_model(str(saved["Gemma3ForCausalLM"]))
+    assert seen["trust_remote_code"] is False
