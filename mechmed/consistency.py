@@ -1,0 +1,262 @@
+"""Paraphrase-consistency evaluation: margins on both phrasings of every pair, and the metrics.
+
+Definitions (one place; docs/metrics.md repeats them):
+
+- margin m = logit(yes) − logit(no) at the answer position (:mod:`mechmed.readout`).
+- For a pair (question q, paraphrase p), s = −1 if the paraphrase is negated (its expected answer
+  is the opposite of the question's), else +1.
+- flip: sign(m_q) ≠ sign(s · m_p), i.e. the two answers are not related as the labels are.
+- flip_rate: flips / pairs, with a Wilson 95% interval.
+- question_flip_rate: a question (all pairs sharing ``question_id``) flips if any of its pairs flips.
+- margin_diff: mean |m_q − s · m_p| over pairs, with a bootstrap 95% interval.
+- accuracy: sign(m) agrees with the expected answer; for questions (each unique image+question
+  once) and for paraphrases (each pair).
+- auc: ROC AUC of the margin as a score for "yes", over unique questions (and over paraphrases).
+- yes_rate: fraction of all answers (questions and paraphrases) that are yes.
+- blank_image_agreement: fraction of questions whose answer is unchanged when the image is replaced
+  by uniform gray (1.0 = the image is ignored).
+- swap_sensitivity: fraction of questions whose answer changes when the image is replaced by another
+  question's image (a fixed, seeded derangement over distinct images).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mechmed.data.records import ParaphrasePair
+from mechmed.errors import MechmedError
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` returns: the metrics and one row per pair."""
+
+    metrics: dict
+    pairs: list[dict] = field(default_factory=list)
+
+
+def load_image(path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise MechmedError(f"image {path}: not found; check the image path or --image-root") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise MechmedError(f"image {path}: cannot be read ({e}); replace the file") from None
+
+
+def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    if n < 2:
+        return np.arange(n)
+    perm = rng.permutation(n)
+    return np.roll(perm, 1)[np.argsort(perm)]  # each i goes to a different j
+
+
+def pair_margins(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, progress: bool = False):
+    """Margins of each unique (image, question) and of each pair's paraphrase.
+
+    Returns (m_q per pair, m_p per pair, unique keys, unique margins, images by key).
+    """
+    from mechmed.readout import margins
+
+    use_images = bundle.multimodal and all(p.image is not None for p in pairs)
+    if bundle.multimodal and not use_images and any(p.image is not None for p in pairs):
+        raise MechmedError("some rows have an image and some do not: give every row an image, or none")
+    images = {}
+    if use_images:
+        for p in pairs:
+            if p.image not in images:
+                images[p.image] = load_image(p.image)
+    keys = list(dict.fromkeys((p.image, p.question) for p in pairs))
+    index = {k: i for i, k in enumerate(keys)}
+    q_imgs = [images[k[0]] for k in keys] if use_images else None
+    m_unique = margins(bundle, [k[1] for k in keys], q_imgs, batch_size=batch_size,
+                       progress="questions" if progress else None).numpy()
+    p_imgs = [images[p.image] for p in pairs] if use_images else None
+    m_p = margins(bundle, [p.paraphrase for p in pairs], p_imgs, batch_size=batch_size,
+                  progress="paraphrases" if progress else None).numpy()
+    m_q = m_unique[[index[(p.image, p.question)] for p in pairs]]
+    return m_q, m_p, keys, m_unique, images
+
+
+def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, seed: int = 0,
+             controls: bool = True, n_bootstrap: int = 2000, progress: bool = False) -> Evaluation:
+    """Run both phrasings of every pair and compute the consistency metrics (see module doc)."""
+    from mechmed import stats
+    from mechmed.readout import gray_like, margins
+
+    pairs = list(pairs)
+    if not pairs:
+        raise MechmedError("the dataset has no pairs: nothing to evaluate")
+    m_q, m_p, keys, m_unique, images = pair_margins(bundle, pairs, batch_size=batch_size, progress=progress)
+    sign = np.array([-1.0 if p.negated else 1.0 for p in pairs])
+    yes_q, yes_p = m_q > 0, m_p > 0
+    flips = (yes_q != yes_p) ^ (sign < 0)
+    delta = np.abs(m_q - sign * m_p)
+    correct_p = yes_p == np.array([p.expected_paraphrase == "yes" for p in pairs])
+
+    answer_by_key = {}
+    for p in pairs:
+        answer_by_key.setdefault((p.image, p.question), p.answer)
+    label_q = np.array([answer_by_key[k] == "yes" for k in keys])
+    yes_unique = m_unique > 0
+    label_p = np.array([p.expected_paraphrase == "yes" for p in pairs])
+
+    groups: dict[str, bool] = defaultdict(bool)
+    for p, f in zip(pairs, flips):
+        groups[p.group] |= bool(f)
+
+    n, k = len(pairs), int(flips.sum())
+    flip_ci = stats.wilson_interval(k, n)
+    md = stats.bootstrap_ci(delta, n_resamples=n_bootstrap, seed=seed)
+    qflips = sum(groups.values())
+    metrics = {
+        "model": bundle.name,
+        "n_pairs": n,
+        "n_questions": len(keys),
+        "n_question_groups": len(groups),
+        "accuracy": {"original": float((yes_unique == label_q).mean()), "paraphrase": float(correct_p.mean())},
+        "n_correct": {"original": int((yes_unique == label_q).sum()), "paraphrase": int(correct_p.sum())},
+        "n_flips": k,
+        "flip_rate": k / n,
+        "flip_rate_ci": [flip_ci.low, flip_ci.high],
+        "question_flip_rate": qflips / len(groups),
+        "margin_diff": float(delta.mean()),
+        "margin_diff_ci": [md.low, md.high],
+        "auc": stats.auc(m_unique, label_q),
+        "auc_paraphrase": stats.auc(m_p, label_p),
+        "yes_rate": float(np.concatenate([yes_unique, yes_p]).mean()),
+        "yes_rate_original": float(yes_unique.mean()),
+        "label_yes_rate": float(label_q.mean()),
+        "by_phenomenon": {},
+    }
+    for ph in sorted({p.phenomenon for p in pairs}):
+        idx = np.array([p.phenomenon == ph for p in pairs])
+        metrics["by_phenomenon"][ph] = {"n_pairs": int(idx.sum()), "flip_rate": float(flips[idx].mean()),
+                                        "margin_diff": float(delta[idx].mean())}
+
+    if controls and images:
+        q_imgs = [images[key[0]] for key in keys]
+        blank = margins(bundle, [key[1] for key in keys], [gray_like(im) for im in q_imgs],
+                        batch_size=batch_size, progress="blank images" if progress else None).numpy()
+        metrics["blank_image_agreement"] = float(((blank > 0) == yes_unique).mean())
+        distinct = list(images)
+        if len(distinct) >= 2:
+            rng = np.random.default_rng(seed)
+            swap_to = dict(zip(distinct, [distinct[j] for j in _derangement(len(distinct), rng)]))
+            swapped = margins(bundle, [key[1] for key in keys], [images[swap_to[key[0]]] for key in keys],
+                              batch_size=batch_size, progress="swapped images" if progress else None).numpy()
+            metrics["swap_sensitivity"] = float(((swapped > 0) != yes_unique).mean())
+        else:
+            metrics["swap_sensitivity"] = None
+    else:
+        metrics["blank_image_agreement"] = None
+        metrics["swap_sensitivity"] = None
+
+    rows = [{
+        "id": p.id, "question_id": p.question_id, "phenomenon": p.phenomenon, "answer": p.answer,
+        "paraphrase_answer": p.expected_paraphrase, "margin_question": float(mq), "margin_paraphrase": float(mp),
+        "margin_diff": float(d), "flip": bool(f), "correct_paraphrase": bool(c),
+    } for p, mq, mp, d, f, c in zip(pairs, m_q, m_p, delta, flips, correct_p)]
+    return Evaluation(metrics, rows)
+
+
+def resolve_data(data: str, *, image_root=None, columns=None, seed: int = 0, cache_dir=None):
+    """``demo`` (the embedded default's held-out pairs), a JSONL/CSV file, or a directory."""
+    from mechmed.data import load_pairs
+
+    if data == "demo":
+        from mechmed.demo.build import ensure_demo_data
+
+        return load_pairs(ensure_demo_data(cache_dir=cache_dir, seed=seed) / "pairs.jsonl")
+    return load_pairs(data, image_root=image_root, columns=columns)
+
+
+def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval", *, adapter=None,
+                 batch_size: int = 16, device: str = "cpu", dtype: str | None = None,
+                 answer_words=("yes", "no"), image_root=None, limit: int | None = None, seed: int = 0,
+                 controls: bool = True, trust_remote_code: bool = False, progress: bool = False) -> Evaluation:
+    """Load, evaluate, and write ``metrics.json`` and ``pairs.jsonl`` under ``out``."""
+    from mechmed.io import ensure_dir, write_json, write_jsonl
+    from mechmed.models import attach_adapter, load_model
+
+    out_dir = ensure_dir(out)
+    pairs = resolve_data(data, image_root=image_root, seed=seed)
+    if limit is not None:
+        if limit < 1:
+            raise MechmedError(f"--limit {limit}: must be at least 1")
+        pairs = pairs[:limit]
+    b = load_model(model, dtype=dtype, device=device, answer_words=answer_words,
+                   trust_remote_code=trust_remote_code, seed=seed)
+    if adapter:
+        b = attach_adapter(b, adapter)
+    result = evaluate(b, pairs, batch_size=batch_size, seed=seed, controls=controls, progress=progress)
+    result.metrics["data"] = str(data)
+    result.metrics["adapter"] = None if adapter is None else str(adapter)
+    write_jsonl(out_dir / "pairs.jsonl", result.pairs)
+    write_json(out_dir / "metrics.json", result.metrics)
+    return result
+
+
+def _read_run(path):
+    from pathlib import Path
+
+    from mechmed.io import read_json
+
+    path = Path(path)
+    metrics = read_json(path / "metrics.json" if path.is_dir() else path, "evaluation")
+    rows = []
+    pf = (path if path.is_dir() else path.parent) / "pairs.jsonl"
+    if pf.is_file():
+        import json
+
+        rows = [json.loads(line) for line in pf.read_text().splitlines() if line.strip()]
+    for key in ("n_pairs", "n_flips", "n_correct", "n_questions"):
+        if key not in metrics:
+            raise MechmedError(f"evaluation {path}: metrics.json has no {key!r}; re-run mechmed evaluate")
+    return metrics, rows
+
+
+def compare_runs(a, b) -> dict:
+    """Compare two evaluations (directories written by :func:`run_evaluate`), A = before, B = after.
+
+    Flip rates and accuracies: two-proportion z-tests (independent samples, as the seed paper
+    reports). When both runs share pair ids: exact McNemar on paired flips and a paired bootstrap
+    of |Δmargin|.
+    """
+    from mechmed import stats
+
+    ma, ra = _read_run(a)
+    mb, rb = _read_run(b)
+    out = {
+        "a": str(a), "b": str(b),
+        "flip_rate": stats.compare_proportions("flip_rate", ma["n_flips"], ma["n_pairs"], mb["n_flips"], mb["n_pairs"]),
+        "accuracy_original": stats.compare_proportions(
+            "accuracy_original", ma["n_correct"]["original"], ma["n_questions"],
+            mb["n_correct"]["original"], mb["n_questions"]),
+        "accuracy_paraphrase": stats.compare_proportions(
+            "accuracy_paraphrase", ma["n_correct"]["paraphrase"], ma["n_pairs"],
+            mb["n_correct"]["paraphrase"], mb["n_pairs"]),
+        "margin_diff": {"a": ma.get("margin_diff"), "b": mb.get("margin_diff")},
+        "paired": None,
+    }
+    ia = {r["id"]: r for r in ra}
+    ib = {r["id"]: r for r in rb}
+    common = [i for i in ia if i in ib]
+    if common:
+        fa = np.array([ia[i]["flip"] for i in common], bool)
+        fb = np.array([ib[i]["flip"] for i in common], bool)
+        da = np.array([ia[i]["margin_diff"] for i in common], float)
+        db = np.array([ib[i]["margin_diff"] for i in common], float)
+        out["paired"] = {
+            "n_common_pairs": len(common),
+            "mcnemar_flips": stats.mcnemar_from_pairs(fa, fb).to_dict(),
+            "margin_diff_bootstrap": stats.paired_bootstrap(da, db).to_dict(),
+        }
+    return out

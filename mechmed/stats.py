@@ -1,0 +1,424 @@
+"""Statistics for comparing paraphrase-consistency results (pure numpy/scipy).
+
+Every function validates its input and raises :class:`~mechmed.errors.MechmedError` naming the
+argument at fault. Results are frozen dataclasses with a ``to_dict()`` for JSON.
+
+Alternatives use scipy's names: ``"two-sided"``, ``"greater"`` (estimate_1 > estimate_2, or mean >
+threshold) and ``"less"``.
+
+- :func:`wilson_interval`: Wilson score interval for a proportion.
+- :func:`two_proportion_ztest`: pooled-variance z test for two independent proportions.
+- :func:`mcnemar_exact`, :func:`mcnemar_from_pairs`: exact McNemar test for paired binary outcomes.
+- :func:`bootstrap_ci`, :func:`paired_bootstrap`: percentile bootstrap (vectorised resampling).
+- :func:`one_sample_ttest`: Student t test of a mean against a threshold.
+- :func:`auc`: ROC AUC by the Mann-Whitney rank formula.
+- :func:`compare_proportions`: both Wilson intervals and the z test, for ``mechmed compare``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+from scipy import stats as _sps
+
+from mechmed.errors import MechmedError
+
+__all__ = [
+    "BootstrapResult",
+    "Interval",
+    "TestResult",
+    "auc",
+    "bootstrap_ci",
+    "compare_proportions",
+    "mcnemar_exact",
+    "mcnemar_from_pairs",
+    "one_sample_ttest",
+    "paired_bootstrap",
+    "two_proportion_ztest",
+    "wilson_interval",
+]
+
+ALTERNATIVES = ("two-sided", "greater", "less")
+
+# Largest number of resampled values held at once by the bootstrap (about 32 MiB of float64).
+_BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22
+
+
+def _plain(value):
+    """numpy scalars to Python scalars, so that ``to_dict()`` is JSON-ready."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class _ToDict:
+    def to_dict(self) -> dict:
+        return {k: _plain(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Interval(_ToDict):
+    """A confidence interval [low, high] around a point estimate."""
+
+    low: float
+    high: float
+    estimate: float
+    confidence: float = 0.95
+
+
+@dataclass(frozen=True)
+class TestResult(_ToDict):
+    """A hypothesis test: statistic, p-value, the two estimates compared and their sample sizes.
+
+    ``difference`` is ``estimate_1 - estimate_2``. For a one-sample test ``estimate_2`` is the
+    reference value and ``n2`` is None.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    statistic: float
+    p_value: float
+    estimate_1: float
+    estimate_2: float
+    difference: float
+    method: str
+    n1: int
+    n2: int | None
+    alternative: str = "two-sided"
+
+
+@dataclass(frozen=True)
+class BootstrapResult(_ToDict):
+    """A percentile bootstrap: estimate, interval [low, high], two-sided p-value for estimate = 0."""
+
+    estimate: float
+    low: float
+    high: float
+    p_value: float
+    n: int
+    n_resamples: int = 10000
+    confidence: float = 0.95
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise MechmedError(f"{name} = {value!r}: must be a whole number; pass a count")
+    if isinstance(value, numbers.Integral):
+        out = int(value)
+    else:
+        f = float(value)
+        if not math.isfinite(f) or f != int(f):
+            raise MechmedError(f"{name} = {value!r}: must be a whole number; pass a count")
+        out = int(f)
+    if out < 0:
+        raise MechmedError(f"{name} = {out}: counts cannot be negative; pass a count >= 0")
+    return out
+
+
+def _successes(k_name: str, k, n_name: str, n) -> tuple[int, int]:
+    k, n = _count(k_name, k), _count(n_name, n)
+    if n == 0:
+        raise MechmedError(f"{n_name} = 0: a proportion needs at least one trial; pass {n_name} >= 1")
+    if k > n:
+        raise MechmedError(f"{k_name} = {k} is larger than {n_name} = {n}; pass {k_name} <= {n_name}")
+    return k, n
+
+
+def _confidence(confidence) -> float:
+    try:
+        c = float(confidence)
+    except (TypeError, ValueError):
+        c = float("nan")
+    if not 0.0 < c < 1.0:
+        raise MechmedError(f"confidence = {confidence!r}: must lie strictly between 0 and 1, e.g. 0.95")
+    return c
+
+
+def _alternative(alternative) -> str:
+    if alternative not in ALTERNATIVES:
+        raise MechmedError(f"alternative = {alternative!r}: use one of {', '.join(ALTERNATIVES)}")
+    return alternative
+
+
+def _values(name: str, x) -> np.ndarray:
+    try:
+        a = np.asarray(x, dtype=float)
+    except (TypeError, ValueError):
+        raise MechmedError(f"{name}: must be a 1-D array of numbers; convert it first") from None
+    if a.ndim != 1:
+        raise MechmedError(f"{name}: must be 1-D, got shape {a.shape}; flatten it or pass one row")
+    if a.size == 0:
+        raise MechmedError(f"{name}: is empty; pass at least one value")
+    bad = ~np.isfinite(a)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise MechmedError(f"{name}[{i}] = {a[i]}: NaN or infinite values are not allowed; drop or fix them")
+    return a
+
+
+def _booleans(name: str, x) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise MechmedError(f"{name}: must be 1-D, got shape {a.shape}; flatten it or pass one row")
+    if a.size == 0:
+        raise MechmedError(f"{name}: is empty; pass at least one value")
+    if a.dtype == bool:
+        return a
+    try:
+        f = a.astype(float)
+    except (TypeError, ValueError):
+        raise MechmedError(f"{name}: must hold booleans or 0/1; convert it first") from None
+    bad = ~((f == 0) | (f == 1))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise MechmedError(f"{name}[{i}] = {a[i]!r}: must be a boolean or 0/1; fix the labels")
+    return f == 1
+
+
+def _same_length(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> None:
+    if a.shape[0] != b.shape[0]:
+        raise MechmedError(
+            f"{name_a} has {a.shape[0]} values but {name_b} has {b.shape[0]}; pass paired arrays of equal length"
+        )
+
+
+def _z_p_value(z: float, alternative: str) -> float:
+    if alternative == "two-sided":
+        return float(2.0 * _sps.norm.sf(abs(z)))
+    if alternative == "greater":
+        return float(_sps.norm.sf(z))
+    return float(_sps.norm.cdf(z))
+
+
+# ---------------------------------------------------------------------------------------------
+# proportions
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> Interval:
+    """Wilson score interval for the proportion p̂ = k/n.
+
+    With z = Φ⁻¹(1 − α/2), α = 1 − confidence:
+    (p̂ + z²/2n ± z·√(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n), clipped to [0, 1].
+    """
+    k, n = _successes("k", k, "n", n)
+    c = _confidence(confidence)
+    z = float(_sps.norm.ppf(0.5 + c / 2.0))
+    p = k / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2.0 * n)) / denom
+    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denom
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return Interval(low=low, high=high, estimate=p, confidence=c)
+
+
+def two_proportion_ztest(k1: int, n1: int, k2: int, n2: int, alternative: str = "two-sided") -> TestResult:
+    """Pooled-variance z test of p₁ = p₂ for two independent proportions.
+
+    z = (p̂₁ − p̂₂) / √(p̂(1 − p̂)(1/n₁ + 1/n₂)), p̂ᵢ = kᵢ/nᵢ, pooled p̂ = (k₁ + k₂)/(n₁ + n₂);
+    p from the standard normal. If p̂ is 0 or 1 the samples are identical: z = 0, p = 1.
+    """
+    k1, n1 = _successes("k1", k1, "n1", n1)
+    k2, n2 = _successes("k2", k2, "n2", n2)
+    alternative = _alternative(alternative)
+    p1, p2 = k1 / n1, k2 / n2
+    pooled = (k1 + k2) / (n1 + n2)
+    if pooled in (0.0, 1.0):
+        z, p_value = 0.0, 1.0
+    else:
+        se = math.sqrt(pooled * (1.0 - pooled) * (1.0 / n1 + 1.0 / n2))
+        z = (p1 - p2) / se
+        p_value = _z_p_value(z, alternative)
+    return TestResult(statistic=z, p_value=p_value, estimate_1=p1, estimate_2=p2, difference=p1 - p2,
+                      method="two-proportion z test (pooled)", n1=n1, n2=n2, alternative=alternative)
+
+
+def compare_proportions(name: str, k1: int, n1: int, k2: int, n2: int, confidence: float = 0.95) -> dict:
+    """Proportions k₁/n₁ (A) and k₂/n₂ (B): both Wilson intervals and the two-sided pooled z test.
+
+    Returns ``{"name", "a": Interval, "b": Interval, "test": TestResult}``, each as a dict; see
+    :func:`wilson_interval` and :func:`two_proportion_ztest` for the formulas.
+    """
+    test = two_proportion_ztest(k1, n1, k2, n2)  # first, so that errors name k1, n1, k2, n2
+    return {
+        "name": str(name),
+        "a": wilson_interval(k1, n1, confidence).to_dict(),
+        "b": wilson_interval(k2, n2, confidence).to_dict(),
+        "test": test.to_dict(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# paired binary outcomes
+
+
+def mcnemar_exact(b: int, c: int) -> TestResult:
+    """Exact (binomial) McNemar test on the discordant counts of paired binary outcomes.
+
+    b = pairs positive before and not after, c = the reverse. Under H₀ b ~ Binomial(b + c, ½):
+    p = min(1, 2·F(min(b, c); b + c, ½)), F the binomial CDF; p = 1 when b + c = 0.
+    The statistic is min(b, c); estimate_1 = b/(b + c) and estimate_2 = c/(b + c) are the
+    shares of the discordant pairs (NaN when there are none), n1 = n2 = b + c.
+    """
+    b, c = _count("b", b), _count("c", c)
+    n = b + c
+    if n == 0:
+        p_value = 1.0
+        e1 = e2 = float("nan")
+    else:
+        p_value = min(1.0, 2.0 * float(_sps.binom.cdf(min(b, c), n, 0.5)))
+        e1, e2 = b / n, c / n
+    return TestResult(statistic=float(min(b, c)), p_value=p_value, estimate_1=e1, estimate_2=e2,
+                      difference=e1 - e2, method="exact McNemar (binomial)", n1=n, n2=n)
+
+
+def mcnemar_from_pairs(before, after) -> TestResult:
+    """Exact McNemar test (see :func:`mcnemar_exact`) from two paired boolean arrays.
+
+    b = Σ before ∧ ¬after, c = Σ ¬before ∧ after. Here estimate_1 and estimate_2 are the rates
+    mean(before) and mean(after), difference = (b − c)/n, and n1 = n2 = n, the number of pairs.
+    """
+    x = _booleans("before", before)
+    y = _booleans("after", after)
+    _same_length("before", x, "after", y)
+    b = int(np.count_nonzero(x & ~y))
+    c = int(np.count_nonzero(~x & y))
+    n = int(x.shape[0])
+    r1, r2 = float(x.mean()), float(y.mean())
+    return replace(mcnemar_exact(b, c), estimate_1=r1, estimate_2=r2, difference=(b - c) / n, n1=n, n2=n)
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap
+
+
+def _apply_statistic(statistic: Callable, sample: np.ndarray) -> np.ndarray:
+    """statistic over the last axis of a (resamples, n) block, checked to give one value per row."""
+    try:
+        out = statistic(sample, axis=-1)
+    except TypeError as e:
+        if "axis" in str(e):
+            raise MechmedError(
+                f"statistic {getattr(statistic, '__name__', statistic)!r} does not take an axis keyword; "
+                "pass a function like np.mean or np.median, or wrap yours as f(x, axis)"
+            ) from None
+        raise
+    out = np.asarray(out, dtype=float)
+    if out.shape != sample.shape[:-1]:
+        raise MechmedError(
+            f"statistic returned shape {out.shape} for input {sample.shape} with axis=-1; "
+            "it must reduce the given axis to one number per row"
+        )
+    return out
+
+
+def _bootstrap(x: np.ndarray, statistic: Callable, n_resamples: int, confidence: float,
+               seed: int | None) -> BootstrapResult:
+    n_resamples = _count("n_resamples", n_resamples)
+    if n_resamples < 1:
+        raise MechmedError("n_resamples = 0: pass at least 1 (1000 or more for a stable interval)")
+    c = _confidence(confidence)
+    n = x.shape[0]
+    estimate = float(_apply_statistic(statistic, x[None, :])[0])
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
+    boot = np.empty(n_resamples)
+    for start in range(0, n_resamples, chunk):
+        stop = min(n_resamples, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        boot[start:stop] = _apply_statistic(statistic, x[idx])
+    alpha = 1.0 - c
+    low, high = np.quantile(boot, [alpha / 2.0, 1.0 - alpha / 2.0])
+    other_side = np.count_nonzero(boot <= 0.0) if estimate >= 0.0 else np.count_nonzero(boot >= 0.0)
+    p_value = min(1.0, 2.0 * (other_side + 1) / (n_resamples + 1))
+    return BootstrapResult(estimate=estimate, low=float(low), high=float(high), p_value=p_value, n=n,
+                           n_resamples=n_resamples, confidence=c)
+
+
+def bootstrap_ci(x, statistic: Callable = np.mean, n_resamples: int = 10000, confidence: float = 0.95,
+                 seed: int | None = 0) -> BootstrapResult:
+    """Percentile bootstrap interval for statistic(x), resampling the n values with replacement.
+
+    θ̂ = statistic(x); θ*ᵦ = statistic(x[iᵦ]), iᵦ n indices drawn uniformly, b = 1…B;
+    [low, high] = the α/2 and 1 − α/2 quantiles of θ*, α = 1 − confidence;
+    p = min(1, 2·(#{θ*ᵦ on the other side of 0 from θ̂, 0 included} + 1)/(B + 1)).
+    ``statistic`` must take an ``axis`` keyword (np.mean, np.median, ...): resamples are drawn
+    as a (B, n) block and reduced along the last axis, without a Python loop over resamples.
+    """
+    return _bootstrap(_values("x", x), statistic, n_resamples, confidence, seed)
+
+
+def paired_bootstrap(a, b, statistic: Callable = np.mean, n_resamples: int = 10000, confidence: float = 0.95,
+                     seed: int | None = 0) -> BootstrapResult:
+    """Percentile bootstrap of statistic(a − b) over pairs, resampling pair indices.
+
+    dᵢ = aᵢ − bᵢ; θ̂ = statistic(d), then exactly as :func:`bootstrap_ci` on d: percentile
+    interval and p = min(1, 2·(#{θ*ᵦ on the other side of 0 from θ̂} + 1)/(B + 1)).
+    """
+    x = _values("a", a)
+    y = _values("b", b)
+    _same_length("a", x, "b", y)
+    return _bootstrap(x - y, statistic, n_resamples, confidence, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# means and ranks
+
+
+def one_sample_ttest(x, threshold: float, alternative: str = "greater") -> TestResult:
+    """Student t test of mean(x) against ``threshold`` (one-sided, mean > threshold, by default).
+
+    t = (x̄ − threshold) / (s/√n), s the sample standard deviation (ddof 1), df = n − 1; p from
+    scipy.stats.ttest_1samp. If all values are equal (s = 0): t = ±∞ with p = 0 or 1 by the side
+    of the threshold they lie on, and t = 0, p = 1 if they equal it.
+    """
+    v = _values("x", x)
+    if v.size < 2:
+        raise MechmedError(f"x has {v.size} value: a t test needs at least 2; pass more values")
+    try:
+        t0 = float(threshold)
+    except (TypeError, ValueError):
+        t0 = float("nan")
+    if not math.isfinite(t0):
+        raise MechmedError(f"threshold = {threshold!r}: must be a finite number, e.g. 0.95")
+    alternative = _alternative(alternative)
+    mean = float(v.mean())
+    if np.all(v == v[0]):
+        if mean == t0:
+            stat, p_value = 0.0, 1.0
+        else:
+            stat = math.copysign(math.inf, mean - t0)
+            towards = {"two-sided": True, "greater": mean > t0, "less": mean < t0}[alternative]
+            p_value = 0.0 if towards else 1.0
+    else:
+        res = _sps.ttest_1samp(v, t0, alternative=alternative)
+        stat, p_value = float(res.statistic), float(res.pvalue)
+    return TestResult(statistic=stat, p_value=p_value, estimate_1=mean, estimate_2=t0, difference=mean - t0,
+                      method="one-sample t test", n1=int(v.size), n2=None, alternative=alternative)
+
+
+def auc(scores, labels) -> float:
+    """ROC AUC of ``scores`` for the positive ``labels``, by the Mann-Whitney rank formula.
+
+    AUC = (R₁ − n₁(n₁ + 1)/2) / (n₁·n₀), R₁ the sum of the positives' ranks among all scores
+    (ties get their average rank, so a tie counts ½), n₁ positives, n₀ negatives.
+    NaN if only one class is present.
+    """
+    s = _values("scores", scores)
+    y = _booleans("labels", labels)
+    _same_length("scores", s, "labels", y)
+    n1 = int(np.count_nonzero(y))
+    n0 = int(y.size - n1)
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = _sps.rankdata(s, method="average")
+    u = float(ranks[y].sum()) - n1 * (n1 + 1) / 2.0
+    return u / (n1 * n0)

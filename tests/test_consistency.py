@@ -1,0 +1,90 @@
+"""evaluate(): metrics recomputed by hand from independently computed margins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from conftest import make_image
+from mechmed.consistency import evaluate
+from mechmed.data.records import ParaphrasePair
+from mechmed.errors import MechmedError
+from mechmed.readout import margins
+
+PHRASINGS = [
+    ("Is there a pleural effusion?", "Does this image show a pleural effusion?", False),
+    ("Is there a pleural effusion?", "Is there any evidence of effusion?", False),
+    ("Is there a pleural effusion?", "Is the chest normal?", True),
+    ("Is there cardiomegaly?", "Is the heart normal?", True),
+    ("Is there cardiomegaly?", "Does this radiograph show cardiomegaly?", False),
+]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    out = []
+    for i in range(6):
+        path = root / f"{i}.png"
+        make_image(100 + i).save(path)
+        for j, (q, p, neg) in enumerate(PHRASINGS):
+            ans = "yes" if (i + j) % 2 else "no"
+            out.append(ParaphrasePair(
+                id=f"{i}-{j}", question=q, paraphrase=p, answer=ans, image=path,
+                paraphrase_answer=({"yes": "no", "no": "yes"}[ans] if neg else ans),
+                phenomenon="negation_pattern" if neg else "lexical_substitution", question_id=f"{i}:{q}"))
+    return out
+
+
+def test_metrics_match_hand_computation(tiny_bundles, pairs):
+    from PIL import Image
+
+    b = tiny_bundles["Gemma3ForConditionalGeneration"]
+    res = evaluate(b, pairs, batch_size=4, n_bootstrap=500)
+    m = res.metrics
+    imgs = [Image.open(p.image) for p in pairs]
+    mq = margins(b, [p.question for p in pairs], imgs, batch_size=7).numpy()
+    mp = margins(b, [p.paraphrase for p in pairs], imgs, batch_size=7).numpy()
+    s = np.array([-1 if p.paraphrase_answer != p.answer else 1 for p in pairs])
+    flips = np.sign(mq) != np.sign(s * mp)
+    assert m["n_pairs"] == len(pairs) and m["n_questions"] == 12
+    assert m["n_flips"] == int(flips.sum())
+    assert m["flip_rate"] == pytest.approx(flips.mean())
+    assert m["margin_diff"] == pytest.approx(np.abs(mq - s * mp).mean(), abs=1e-5)
+    lo, hi = m["margin_diff_ci"]
+    assert lo <= m["margin_diff"] <= hi
+    exp_p = np.array([p.paraphrase_answer == "yes" for p in pairs])
+    assert m["accuracy"]["paraphrase"] == pytest.approx(((mp > 0) == exp_p).mean())
+    # question flip: any pair of the question flips
+    groups = {}
+    for p, f in zip(pairs, flips):
+        groups[p.question_id] = groups.get(p.question_id, False) or bool(f)
+    assert m["question_flip_rate"] == pytest.approx(np.mean(list(groups.values())))
+    # AUC over unique questions against scipy's Mann-Whitney U
+    # (from the margins evaluate used: near-tied margins of a random tiny model can reorder by 1e-7
+    # between batch sizes, which changes an AUC)
+    used = np.array([r["margin_question"] for r in res.pairs])
+    uq = {(p.image, p.question): (used[i], p.answer == "yes") for i, p in enumerate(pairs)}
+    scores = np.array([v[0] for v in uq.values()])
+    labels = np.array([v[1] for v in uq.values()])
+    u = sps.mannwhitneyu(scores[labels], scores[~labels]).statistic
+    assert m["auc"] == pytest.approx(u / (labels.sum() * (~labels).sum()), abs=1e-9)
+    assert m["yes_rate"] == pytest.approx(np.concatenate([[v > 0 for v in scores], mp > 0]).mean())
+    assert 0 <= m["blank_image_agreement"] <= 1 and 0 <= m["swap_sensitivity"] <= 1
+    assert set(m["by_phenomenon"]) == {"negation_pattern", "lexical_substitution"}
+    row = res.pairs[0]
+    assert row["margin_question"] == pytest.approx(float(mq[0]), abs=1e-5)
+
+
+def test_blank_image_agreement_is_one_for_an_image_blind_model(tiny_bundles, pairs):
+    """A text-only model ignores images: give it no images and the controls are absent."""
+    b = tiny_bundles["Gemma3ForCausalLM"]
+    text_pairs = [ParaphrasePair(p.id, p.question, p.paraphrase, p.answer) for p in pairs]
+    m = evaluate(b, text_pairs, n_bootstrap=200).metrics
+    assert m["blank_image_agreement"] is None and m["n_questions"] == 2
+
+
+def test_empty_dataset_is_an_error(tiny_bundles):
+    with pytest.raises(MechmedError, match="no pairs"):
+        evaluate(tiny_bundles["Gemma3ForCausalLM"], [])
