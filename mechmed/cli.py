@@ -1,0 +1,188 @@
+"""The ``mechmed`` command line: a thin layer over library functions.
+
+Each command parses its options and calls one library function with the same arguments. Heavy
+libraries are imported inside the commands, so ``mechmed --help`` is instant. A
+:class:`~mechmed.errors.MechmedError` is printed as one line and exits 2; ``main(argv)`` returns
+the exit code, so tests call it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from mechmed import __version__
+from mechmed.errors import EXIT_USAGE, MechmedError
+
+log = logging.getLogger("mechmed")
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w.strip() for w in text.split(","))
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo",
+                   help="hub id (google/medgemma-4b-it), local checkpoint directory, or 'demo' (default)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--answer-words", type=_words, default=("yes", "no"),
+                   help="the two answer words, each a single token (default yes,no)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint's own Python code to run (off by default)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (also picks the demo model/data)")
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.3f}"
+    if isinstance(x, list) and len(x) == 2 and all(isinstance(v, float) for v in x):
+        return f"[{x[0]:.3f}, {x[1]:.3f}]"
+    return str(x)
+
+
+def print_metrics(m: dict, out=sys.stdout) -> None:
+    rows = [
+        ("pairs / questions", f"{m['n_pairs']} / {m['n_questions']}"),
+        ("accuracy (original)", _fmt(m["accuracy"]["original"])),
+        ("accuracy (paraphrase)", _fmt(m["accuracy"]["paraphrase"])),
+        ("flip rate", f"{_fmt(m['flip_rate'])} {_fmt(m['flip_rate_ci'])} ({m['n_flips']}/{m['n_pairs']})"),
+        ("question flip rate", _fmt(m["question_flip_rate"])),
+        ("mean |Δmargin|", f"{_fmt(m['margin_diff'])} {_fmt(m['margin_diff_ci'])}"),
+        ("AUC", _fmt(m["auc"])),
+        ("yes rate", _fmt(m["yes_rate"])),
+        ("blank-image agreement", _fmt(m.get("blank_image_agreement"))),
+        ("swap sensitivity", _fmt(m.get("swap_sensitivity"))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}", file=out)
+
+
+def cmd_evaluate(args) -> int:
+    from mechmed.consistency import run_evaluate
+
+    result = run_evaluate(args.model, args.data, args.out, adapter=args.adapter, batch_size=args.batch_size,
+                          device=args.device, dtype=args.dtype, answer_words=args.answer_words,
+                          image_root=args.image_root, limit=args.limit, seed=args.seed,
+                          controls=not args.no_controls, trust_remote_code=args.trust_remote_code,
+                          progress=True)
+    print(f"evaluated {args.model} on {args.data}: {args.out}/metrics.json")
+    print_metrics(result.metrics)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from mechmed.consistency import compare_runs
+    from mechmed.io import write_json
+
+    res = compare_runs(args.a, args.b)
+    for key in ("flip_rate", "accuracy_original", "accuracy_paraphrase"):
+        r = res[key]
+        t = r["test"]
+        print(f"{key:<20} A {r['a']['estimate']:.3f} -> B {r['b']['estimate']:.3f}   "
+              f"z = {t['statistic']:.2f}, p = {t['p_value']:.4f}")
+    md = res["margin_diff"]
+    print(f"{'mean |Δmargin|':<20} A {_fmt(md['a'])} -> B {_fmt(md['b'])}")
+    if res["paired"]:
+        mc = res["paired"]["mcnemar_flips"]
+        bs = res["paired"]["margin_diff_bootstrap"]
+        print(f"paired ({res['paired']['n_common_pairs']} pairs): McNemar p = {mc['p_value']:.4f}; "
+              f"|Δmargin| A−B = {bs['estimate']:.3f} [{bs['low']:.3f}, {bs['high']:.3f}], p = {bs['p_value']:.4f}")
+    if args.out:
+        write_json(args.out, res)
+        print(f"written {args.out}")
+    return 0
+
+
+def cmd_demo_model(args) -> int:
+    from mechmed.demo.build import ensure_demo_data, ensure_demo_model
+
+    path = ensure_demo_model(cache_dir=args.cache_dir, seed=args.seed, force=args.force)
+    data = ensure_demo_data(cache_dir=args.cache_dir, seed=args.seed)
+    print(f"demo model: {path}")
+    print(f"demo data:  {data}")
+    metrics = path / "build_metrics.json"
+    if metrics.is_file():
+        print(metrics.read_text().strip())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from mechmed.consistency import run_evaluate
+
+    print("building (or reusing) the embedded default model and data ...", flush=True)
+    result = run_evaluate("demo", "demo", f"{args.out}/eval", seed=args.seed, progress=True)
+    print(f"evaluated the demo model on held-out paraphrase pairs: {args.out}/eval/metrics.json")
+    print_metrics(result.metrics)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mechmed",
+        description="Find where a medical VLM's yes/no answer flips under rewording, and fix it there.")
+    parser.add_argument("--version", action="version", version=f"mechmed {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("evaluate", help="paraphrase consistency of a model on a pair set (metrics.json)")
+    _add_model_options(p)
+    p.add_argument("--data", default="demo", help="pairs file (.jsonl/.csv), directory with pairs.jsonl, or 'demo'")
+    p.add_argument("--image-root", default=None, help="resolve image paths under this directory")
+    p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    p.add_argument("--adapter", default=None, help="peft adapter directory to evaluate on the base model")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs")
+    p.add_argument("--no-controls", action="store_true", help="skip the blank-image and image-swap controls")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="statistical comparison of two evaluations (A before, B after)")
+    p.add_argument("a", help="evaluation directory A (or its metrics.json)")
+    p.add_argument("b", help="evaluation directory B (or its metrics.json)")
+    p.add_argument("--out", default=None, help="also write the comparison as JSON here")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("demo-model", help="build (or find) the embedded default model and data")
+    p.add_argument("action", choices=["build"], help="build: train it now if not cached")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--cache-dir", default=None, help="cache directory (default $MECHMED_CACHE or ~/.cache/mechmed)")
+    p.set_defaults(func=cmd_demo_model)
+
+    p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except MechmedError as e:
+        print(f"mechmed {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
