@@ -186,7 +186,6 @@ def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval"
     from mechmed.io import ensure_dir, write_json, write_jsonl
     from mechmed.models import attach_adapter, load_model
 
-    out_dir = ensure_dir(out)
     pairs = resolve_data(data, image_root=image_root, seed=seed)
     if limit is not None:
         if limit < 1:
@@ -196,6 +195,7 @@ def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval"
                    trust_remote_code=trust_remote_code, seed=seed)
     if adapter:
         b = attach_adapter(b, adapter)
+    out_dir = ensure_dir(out)
     result = evaluate(b, pairs, batch_size=batch_size, seed=seed, controls=controls, progress=progress)
     result.metrics["data"] = str(data)
     result.metrics["adapter"] = None if adapter is None else str(adapter)
@@ -210,6 +210,9 @@ def _read_run(path):
     from mechmed.io import read_json
 
     path = Path(path)
+    if not path.exists():
+        raise MechmedError(f"evaluation {path}: not found; give a directory written by mechmed evaluate "
+                           "(it holds metrics.json)")
     metrics = read_json(path / "metrics.json" if path.is_dir() else path, "evaluation")
     rows = []
     pf = (path if path.is_dir() else path.parent) / "pairs.jsonl"

@@ -117,13 +117,15 @@ def load_model(name_or_path: str = DEMO, dtype: str | None = None, device: str =
     family = get_family(config)
     torch_dtype = resolve_dtype(dtype, device)
     auto = getattr(transformers, family.auto_class)
+    transformers.utils.logging.disable_progress_bar()  # library code does not draw on the terminal
     try:
-        model = auto.from_pretrained(path, dtype=torch_dtype, **kw)
         processor = load_processor(path, family, **kw)
+        # answer words are checked before the (possibly large) weights are read
+        answers = answer_token_ids(getattr(processor, "tokenizer", processor), answer_words)
+        model = auto.from_pretrained(path, dtype=torch_dtype, **kw)
     except OSError as e:
         raise MechmedError(f"--model {name}: cannot load weights or processor ({str(e).splitlines()[0]})") from e
     model = model.to(device).eval()
-    answers = answer_token_ids(getattr(processor, "tokenizer", processor), answer_words)
     return ModelBundle(model, processor, family, answers, name)
 
 

@@ -335,7 +335,15 @@ _values = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allo
                     st.lists(st.integers(), max_size=2))
 _objects = st.dictionaries(st.sampled_from([*FIELDS, "original_question", "label", "extra", "misc"]), _values,
                            max_size=8).map(json.dumps)
-_lines = st.lists(st.one_of(st.text(max_size=40), _objects), max_size=6)
+_near_valid = st.fixed_dictionaries(
+    {"question": st.one_of(st.just("Is there edema?"), _values),
+     "paraphrase": st.one_of(st.just("Is edema seen?"), _values),
+     "answer": st.one_of(st.sampled_from(["yes", "No", 1, False, "true"]), _values),
+     "image": st.sampled_from(["a.png", "bad.png", "missing.png", "a"])},
+    optional={"id": st.one_of(st.sampled_from(["x", "y", 3]), _values), "phenomenon": _values,
+              "paraphrase_answer": _values, "extra": st.one_of(_values, st.just({"k": 1}))},
+).map(json.dumps)
+_lines = st.lists(st.one_of(st.text(max_size=40), _objects, _near_valid), max_size=6)
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])

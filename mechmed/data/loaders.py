@@ -1,0 +1,674 @@
+"""Read and write paraphrase pairs: JSON lines, CSV/TSV, and the PSF-Med hub layout.
+
+:func:`load_pairs` reads a local file into :class:`~mechmed.data.records.ParaphrasePair` records,
+:func:`load_psf_med` reads PSF-Med (``saillab/psf-med`` on the hub, or local files in its layout)
+through ``datasets``, and :func:`write_pairs` writes JSON lines that :func:`load_pairs` reads back.
+
+Column names: each of our fields is looked up under the names in :data:`ALIASES`, in order (the
+first one present wins); ``columns={"question": "orig_q"}`` replaces the list for a field by one
+name. Columns that no field takes go into ``extra``. Answers are normalised to ``"yes"``/``"no"``
+(also from true/false and 1/0, any case). Every bad row raises
+:class:`~mechmed.errors.MechmedError` naming the file and its line (JSON lines: the line; CSV: the
+line the row starts on, the header being line 1) and what to change.
+
+``datasets`` and PIL are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mechmed.data.records import ParaphrasePair
+from mechmed.errors import MechmedError
+
+logger = logging.getLogger(__name__)
+
+FIELDS = ("id", "question", "paraphrase", "answer", "image", "paraphrase_answer", "phenomenon", "source",
+          "question_id")
+"""Our field names (the keys of ``columns=``), in the order :class:`ParaphrasePair` declares them."""
+
+REQUIRED = ("question", "paraphrase", "answer")
+
+ALIASES: dict[str, tuple[str, ...]] = {
+    "id": ("id", "pair_id", "sample_id", "uid"),
+    "question": ("question", "original_question", "question_original", "original"),
+    "paraphrase": ("paraphrase", "paraphrased_question", "paraphrase_question", "rephrased_question",
+                   "paraphrased"),
+    "answer": ("answer", "label", "ground_truth", "gt_answer", "original_answer", "gt"),
+    "image": ("image", "image_path", "img_path", "image_file", "file_name", "filename", "dicom_id",
+              "image_id"),
+    "paraphrase_answer": ("paraphrase_answer", "paraphrased_answer", "paraphrase_label",
+                          "expected_paraphrase_answer"),
+    "phenomenon": ("phenomenon", "paraphrase_type", "phenomenon_type", "linguistic_phenomenon"),
+    "source": ("source", "dataset"),
+    "question_id": ("question_id", "qid", "original_question_id", "group_id"),
+}
+"""Column names tried for each field, in order, when ``columns`` does not name one. The first name
+of each tuple is the field itself; the rest are common spellings (PSF-Med-like files)."""
+
+SUFFIXES = {".jsonl": "jsonl", ".csv": ",", ".tsv": "\t"}
+ANSWER_WORDS = {"yes": "yes", "no": "no", "true": "yes", "false": "no", "1": "yes", "0": "no",
+                "1.0": "yes", "0.0": "no"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+"""Tried in turn when an image name has no suffix (a MIMIC ``dicom_id``, say)."""
+
+PSF_MED_REPO = "saillab/psf-med"
+PSF_MED_CONFIGS = ("mimic", "padchest", "vindr")
+YESNO_COLUMN = "is_yesno"
+
+_ABSENT = object()
+_TRUE_WORDS = {"1", "true", "yes", "on"}
+
+
+# ---------------------------------------------------------------------------------------------
+# column mapping
+
+
+def _column_candidates(columns: Mapping[str, str] | str | None) -> dict[str, tuple[str, ...]]:
+    """Per field, the column names to try: ``columns[field]`` alone if given, else the aliases."""
+    if columns is None:
+        columns = {}
+    elif isinstance(columns, str):
+        columns = _parse_columns(columns)
+    if not isinstance(columns, Mapping):
+        raise MechmedError(f"columns={columns!r}: give a mapping from our field names to your column names, "
+                           "e.g. {'question': 'original_question'}")
+    unknown = [k for k in columns if k not in FIELDS]
+    if unknown:
+        raise MechmedError(
+            f"columns: unknown field(s) {', '.join(map(repr, unknown))}; the keys are our field names "
+            f"({', '.join(FIELDS)}) and the values your column names, e.g. {{'question': 'original_question'}}")
+    seen: dict[str, str] = {}
+    for f, col in columns.items():
+        if not isinstance(col, str) or not col:
+            raise MechmedError(f"columns[{f!r}]={col!r}: give the column name as a non-empty string")
+        if col in seen:
+            raise MechmedError(f"columns: column {col!r} is mapped to both {seen[col]!r} and {f!r}; map it once")
+        seen[col] = f
+    return {f: (columns[f],) if f in columns else ALIASES[f] for f in FIELDS}
+
+
+def _parse_columns(text: str) -> dict[str, str]:
+    """``"question=orig_q,answer=label"`` -> ``{"question": "orig_q", "answer": "label"}``."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise MechmedError(f"columns {text!r}: write field=column pairs separated by commas, "
+                               "e.g. 'question=original_question,answer=label'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except (OSError, ValueError):  # name too long, embedded NUL, ...
+        return False
+
+
+class _ImageResolver:
+    """Turns an image value into a path: absolute kept; else under ``base``; optionally by name.
+
+    With ``by_name`` (PSF-Med), an image not found at ``base / value`` is looked up by its file name
+    (or, without a suffix, its stem) anywhere under ``base``; the index is built on first need.
+    """
+
+    def __init__(self, base: Path, by_name: bool = False):
+        self.base = base
+        self.by_name = by_name
+        self._index: dict[str, list[Path]] | None = None
+
+    def _build_index(self) -> dict[str, list[Path]]:
+        logger.info("indexing images under %s", self.base)
+        index: dict[str, list[Path]] = {}
+        for dirpath, _, names in os.walk(self.base):
+            for n in names:
+                p = Path(dirpath, n)
+                index.setdefault(n, []).append(p)
+                stem = Path(n).stem
+                if stem != n:
+                    index.setdefault("stem:" + stem, []).append(p)
+        return index
+
+    def __call__(self, value: str, where: str) -> Path:
+        p = Path(value)
+        cand = p if p.is_absolute() else self.base / p
+        cand = Path(os.path.abspath(cand))
+        if _is_file(cand):
+            return cand
+        if not cand.suffix:
+            for ext in IMAGE_SUFFIXES:
+                alt = cand.with_name(cand.name + ext)
+                if _is_file(alt):
+                    return alt
+        if self.by_name and not p.is_absolute() and p.name:
+            if self._index is None:
+                self._index = self._build_index()
+            hits = self._index.get(p.name, []) or ([] if p.suffix else self._index.get("stem:" + p.name, []))
+            if len(hits) == 1:
+                return Path(os.path.abspath(hits[0]))
+            if len(hits) > 1:
+                shown = ", ".join(str(h) for h in hits[:3])
+                raise MechmedError(f"{where}: image {value!r} matches {len(hits)} files under {self.base} "
+                                   f"({shown}); give the image as a path relative to image_root")
+        return cand
+
+
+def _check_image(path: Path, where: str, value: str) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types for broken files
+        raise MechmedError(f"{where}: image {value!r} ({path}) cannot be opened by PIL "
+                           f"({type(e).__name__}: {e}); replace the file with a valid PNG/JPEG, "
+                           "or pass check_images=False") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# one row -> one record
+
+
+@dataclass
+class _Reader:
+    """What converting rows needs: column candidates, image resolution, flags, ids seen so far."""
+
+    candidates: dict[str, tuple[str, ...]]
+    resolve: _ImageResolver
+    image_hint: str
+    require_images: bool
+    check_images: bool
+    default_id: Callable[[int], str]
+    default_source: str = ""
+    seen_ids: dict[str, str] = field(default_factory=dict)
+    checked: set = field(default_factory=set)
+    unknown_negations: int = 0
+
+    def row(self, row: Any, where: str, number: int) -> ParaphrasePair:
+        if not isinstance(row, Mapping):
+            raise MechmedError(f"{where}: expected an object with question, paraphrase and answer, got "
+                               f"{_kind(row)}; write one JSON object per line")
+        used: set[str] = set()
+        vals: dict[str, tuple[str | None, Any]] = {}
+        for f in FIELDS:
+            col, value = None, _ABSENT
+            for c in self.candidates[f]:
+                if c in row and c not in used:
+                    col, value = c, row[c]
+                    used.add(c)
+                    break
+            vals[f] = (col, value)
+
+        question = self._text(vals, "question", where, required=True)
+        paraphrase = self._text(vals, "paraphrase", where, required=True)
+        answer = self._answer(vals, "answer", where, required=True)
+        paraphrase_answer = self._answer(vals, "paraphrase_answer", where, required=False)
+        phenomenon = self._text(vals, "phenomenon", where, required=False)
+        phenomenon = "_".join(phenomenon.lower().replace("-", " ").split()) if phenomenon else "other"
+        source = self._text(vals, "source", where, required=False) or self.default_source
+        question_id = self._ident(vals, "question_id", where) or ""
+        pid = self._ident(vals, "id", where)
+        if pid is None:
+            pid = self.default_id(number)
+        if pid in self.seen_ids:
+            raise MechmedError(f"{where}: id {pid!r} is already used by {self.seen_ids[pid]}; make ids unique")
+        self.seen_ids[pid] = where
+        image = self._image(vals, where)
+        if phenomenon == "negation_pattern" and paraphrase_answer is None:
+            self.unknown_negations += 1
+
+        extra: dict = {}
+        for k, v in row.items():
+            if k in used:
+                continue
+            if k == "extra" and isinstance(v, Mapping):
+                extra.update(v)
+            elif k == "extra" and isinstance(v, str) and v.strip().startswith("{"):
+                try:
+                    parsed = json.loads(v)
+                except (ValueError, RecursionError):
+                    parsed = None
+                if isinstance(parsed, dict):
+                    extra.update(parsed)
+                else:
+                    extra[k] = v
+            else:
+                extra[str(k)] = v
+        return ParaphrasePair(id=pid, question=question, paraphrase=paraphrase, answer=answer, image=image,
+                              paraphrase_answer=paraphrase_answer, phenomenon=phenomenon, source=source,
+                              question_id=question_id, extra=extra)
+
+    # -- field helpers -------------------------------------------------------------------------
+
+    def _looked_for(self, f: str) -> str:
+        names = ", ".join(repr(c) for c in self.candidates[f])
+        return f"looked for {names}; add the column or map yours with columns={{{f!r}: 'your_column'}}"
+
+    def _text(self, vals, f: str, where: str, *, required: bool) -> str | None:
+        col, v = vals[f]
+        if v is _ABSENT:
+            if required:
+                raise MechmedError(f"{where}: no {f} ({self._looked_for(f)})")
+            return None
+        if _is_null(v):
+            if required:
+                raise MechmedError(f"{where}: {_col(f, col)} is empty; fill it in or drop the row")
+            return None
+        if not isinstance(v, str):
+            raise MechmedError(f"{where}: {_col(f, col)} must be text, got {_kind(v)}; quote it")
+        v = v.strip()
+        if not v and required:
+            raise MechmedError(f"{where}: {_col(f, col)} is an empty string; fill it in or drop the row")
+        return v or None
+
+    def _ident(self, vals, f: str, where: str) -> str | None:
+        col, v = vals[f]
+        if v is _ABSENT or _is_null(v):
+            return None
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise MechmedError(f"{where}: {_col(f, col)} must be text or an integer, got {_kind(v)}")
+        v = str(v).strip()
+        return v or None
+
+    def _answer(self, vals, f: str, where: str, *, required: bool) -> str | None:
+        col, v = vals[f]
+        if v is _ABSENT:
+            if required:
+                raise MechmedError(f"{where}: no {f} ({self._looked_for(f)})")
+            return None
+        if _is_null(v) or (isinstance(v, str) and not v.strip()):
+            if required:
+                raise MechmedError(f"{where}: {_col(f, col)} is empty; write yes or no")
+            return None
+        norm = _normalise_answer(v)
+        if norm is None:
+            raise MechmedError(f"{where}: {_col(f, col)} is {_short(v)}, not a yes/no answer; write yes or no "
+                               "(true/false and 1/0 are accepted too), or drop the row")
+        return norm
+
+    def _image(self, vals, where: str) -> Path | None:
+        col, v = vals["image"]
+        if v is _ABSENT or _is_null(v) or (isinstance(v, str) and not v.strip()):
+            if self.require_images:
+                what = f"{_col('image', col)} is empty" if col else f"no image ({self._looked_for('image')})"
+                raise MechmedError(f"{where}: {what}; give each row an image, or pass require_images=False")
+            return None
+        if isinstance(v, Mapping) and isinstance(v.get("path"), str):  # a datasets Image feature, undecoded
+            v = v["path"]
+        if isinstance(v, os.PathLike):
+            v = os.fspath(v)
+        if not isinstance(v, str):
+            raise MechmedError(f"{where}: {_col('image', col)} must be a path, got {_kind(v)}")
+        v = v.strip()
+        path = self.resolve(v, where)
+        if not _is_file(path):
+            if self.require_images:
+                raise MechmedError(f"{where}: image {v!r} not found (looked at {path}); {self.image_hint}, "
+                                   "or pass require_images=False")
+            return path
+        if self.check_images and path not in self.checked:
+            _check_image(path, where, v)
+            self.checked.add(path)
+        return path
+
+    def finish(self, pairs: list[ParaphrasePair], label: str) -> list[ParaphrasePair]:
+        if not pairs:
+            raise MechmedError(f"{label}: no rows; add paraphrase pairs (question, paraphrase, answer, image)")
+        if self.unknown_negations:
+            logger.warning("%s: %d negation_pattern pair(s) have no paraphrase_answer; their paraphrase is "
+                           "expected to have the question's answer (add paraphrase_answer if it is the opposite)",
+                           label, self.unknown_negations)
+        return pairs
+
+
+def _col(f: str, col: str | None) -> str:
+    """``"answer"``, or ``"answer (column 'label')"`` when the file calls it something else."""
+    return f if col in (None, f) else f"{f} (column {col!r})"
+
+
+def _is_null(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _normalise_answer(v: Any) -> str | None:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, float)):
+        return "yes" if v == 1 else "no" if v == 0 else None
+    if isinstance(v, str):
+        return ANSWER_WORDS.get(v.strip().rstrip(".").strip().lower())
+    return None
+
+
+def _kind(v: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "text", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(v), type(v).__name__)
+
+
+def _short(v: Any, n: int = 40) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MechmedError(f"{path}, line {line}: not UTF-8 text ({e.reason}); save the file as UTF-8") from e
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            yield number, json.loads(line)
+        except RecursionError as e:
+            raise MechmedError(f"{path}, line {number}: JSON nested too deeply; write one flat object per line"
+                               ) from e
+        except ValueError as e:  # JSONDecodeError, and ints too long to convert
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise MechmedError(f"{path}, line {number}: malformed JSON ({reason}); write one JSON object per "
+                               "line") from e
+
+
+def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
+    text = _read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header: list[str] | None = None
+    end = 0  # line the previous record ended on
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise MechmedError(f"{path}, line {end + 1}: malformed CSV ({e}); check the quoting") from e
+        start, end = end + 1, reader.line_num
+        if not cells or (len(cells) == 1 and not cells[0].strip()):
+            continue
+        if header is None:
+            header = [c.strip() or f"column{k + 1}" for k, c in enumerate(cells)]
+            dup = sorted({h for h in header if header.count(h) > 1})
+            if dup:
+                raise MechmedError(f"{path}, line {start}: duplicate column name(s) {', '.join(map(repr, dup))} "
+                                   "in the header; rename them")
+            continue
+        if len(cells) != len(header):
+            raise MechmedError(f"{path}, line {start}: {len(cells)} fields but the header has {len(header)}; "
+                               "quote fields that contain the delimiter")
+        yield start, dict(zip(header, cells, strict=True))
+    if header is None:
+        raise MechmedError(f"{path}: empty (no header, no rows); add a header line and paraphrase pairs")
+
+
+def _data_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    try:
+        is_dir = p.is_dir()
+    except (OSError, ValueError):
+        is_dir = False
+    if is_dir:
+        inner = p / "pairs.jsonl"
+        if not inner.is_file():
+            raise MechmedError(f"data directory {p}: has no pairs.jsonl; pass the data file itself")
+        return inner
+    if not _is_file(p):
+        raise MechmedError(f"data file {p}: not found; check the path")
+    if p.suffix.lower() not in SUFFIXES:
+        raise MechmedError(f"data file {p}: unsupported type {p.suffix or '(no suffix)'!r}; "
+                           f"use one of {', '.join(SUFFIXES)}")
+    return p
+
+
+def _image_base(image_root: str | os.PathLike | None, default: Path) -> Path:
+    if image_root is None:
+        return Path(os.path.abspath(default))
+    root = Path(os.path.abspath(image_root))
+    if not root.is_dir():
+        raise MechmedError(f"image_root {root}: not a directory; pass the folder that holds the images")
+    return root
+
+
+def load_pairs(
+    path: str | os.PathLike,
+    *,
+    image_root: str | os.PathLike | None = None,
+    columns: Mapping[str, str] | str | None = None,
+    require_images: bool = True,
+    check_images: bool = True,
+) -> list[ParaphrasePair]:
+    """Read paraphrase pairs from a ``.jsonl``, ``.csv`` or ``.tsv`` file (or a directory's ``pairs.jsonl``).
+
+    Args:
+        path: the data file, or a directory holding ``pairs.jsonl``.
+        image_root: relative image paths are taken relative to it; without it, relative to the
+            data file's directory. Absolute paths are kept. A name without a suffix (a
+            ``dicom_id``) also tries ``.png``, ``.jpg`` and ``.jpeg``.
+        columns: our field names -> your column names (``{"question": "orig_q"}``), or the same
+            as ``"question=orig_q,answer=label"``. Unmapped fields try :data:`ALIASES`.
+        require_images: every row needs an image file that exists. Without it, missing images are
+            allowed (``image`` is ``None`` when the row has none).
+        check_images: open every image with PIL and ``verify()`` it (each file once).
+
+    Rows without an id get ``"{file stem}:{line}"``. A ``negation_pattern`` row without a
+    paraphrase answer keeps ``paraphrase_answer=None`` (the question's answer is expected); this
+    is logged, never guessed. Columns no field takes go into ``extra`` (a JSON ``extra`` object is
+    merged into it).
+
+    Raises:
+        MechmedError: a missing file, or a bad row (named by file and line).
+    """
+    candidates = _column_candidates(columns)
+    file = _data_file(path)
+    base = _image_base(image_root, file.parent)
+    hint = (f"check image_root={base}" if image_root is not None else
+            f"image paths are relative to {base}; pass image_root= (--image-root) if they live elsewhere")
+    reader = _Reader(candidates, _ImageResolver(base), hint, require_images, check_images,
+                     default_id=lambda line: f"{file.stem}:{line}")
+    kind = SUFFIXES[file.suffix.lower()]
+    rows = _jsonl_rows(file) if kind == "jsonl" else _csv_rows(file, kind)
+    pairs = [reader.row(row, f"{file}, line {line}", line) for line, row in rows]
+    return reader.finish(pairs, str(file))
+
+
+def write_pairs(pairs: Iterable[ParaphrasePair], path: str | os.PathLike) -> Path:
+    """Write ``pairs`` as JSON lines (atomically); :func:`load_pairs` reads the file back equal.
+
+    ``path`` is a ``.jsonl`` file, or a directory (then ``pairs.jsonl`` in it). Image paths under
+    the file's directory are written relative to it (POSIX separators); others stay absolute.
+    Returns the path written.
+    """
+    from mechmed.io import write_jsonl
+
+    out = Path(path)
+    if out.is_dir():
+        out = out / "pairs.jsonl"
+    if out.suffix.lower() != ".jsonl":
+        raise MechmedError(f"write_pairs {out}: name the file *.jsonl (load_pairs reads by suffix)")
+    base = Path(os.path.abspath(out.parent))
+    rows = []
+    for p in pairs:
+        if not isinstance(p, ParaphrasePair):
+            raise TypeError(f"write_pairs expects ParaphrasePair records, got {type(p).__name__}")
+        d = p.to_dict()
+        if p.image is not None:
+            img = Path(os.path.abspath(p.image))
+            try:
+                d["image"] = img.relative_to(base).as_posix()
+            except ValueError:
+                d["image"] = str(img)
+        rows.append(d)
+    return write_jsonl(out, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# PSF-Med
+
+
+def _env_offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in _TRUE_WORDS for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+@contextmanager
+def _offline(enabled: bool) -> Iterator[None]:
+    """Force ``datasets``/``huggingface_hub`` offline for the block (they read the variable at import)."""
+    if not enabled:
+        yield
+        return
+    import datasets.config as dconf
+    import huggingface_hub.constants as hconst
+
+    saved = (dconf.HF_HUB_OFFLINE, hconst.HF_HUB_OFFLINE)
+    dconf.HF_HUB_OFFLINE = hconst.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        dconf.HF_HUB_OFFLINE, hconst.HF_HUB_OFFLINE = saved
+
+
+_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def _local_builder(data_files: Any, split: str) -> tuple[str, dict, list[str]]:
+    """The ``datasets`` builder for local files, the data_files dict, and the file list (for messages)."""
+    import glob
+
+    spec = data_files if isinstance(data_files, Mapping) else {split: data_files}
+    if split not in spec:
+        raise MechmedError(f"data_files has splits {', '.join(map(repr, spec))} but split={split!r}; "
+                           "pass split= one of them")
+    files = spec[split]
+    files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    if not files:
+        raise MechmedError(f"data_files for split {split!r} is empty; pass parquet/csv/json file paths")
+    found: list[str] = []
+    for f in map(os.fspath, files):
+        hits = sorted(glob.glob(f)) if glob.has_magic(f) else ([f] if os.path.isfile(f) else [])
+        if not hits:
+            raise MechmedError(f"data file {f}: not found; check the path")
+        found.extend(hits)
+    kinds = {_BUILDERS.get(Path(f).suffix.lower()) for f in found}
+    if None in kinds or len(kinds) != 1:
+        raise MechmedError(f"data_files {', '.join(found)}: use files of one type, {', '.join(_BUILDERS)}")
+    return kinds.pop(), {split: found}, found
+
+
+def _truthy(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in _TRUE_WORDS
+    return bool(v) and not _is_null(v)
+
+
+def load_psf_med(
+    config: str = "mimic",
+    split: str = "test",
+    *,
+    image_root: str | os.PathLike | None,
+    columns: Mapping[str, str] | str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    data_files: Any = None,
+    require_images: bool = True,
+    check_images: bool = True,
+) -> list[ParaphrasePair]:
+    """Read PSF-Med (``saillab/psf-med``: configs mimic / padchest / vindr, split test) into pairs.
+
+    Args:
+        config, split: the hub configuration and split. With ``data_files`` the config only
+            labels the records (``source="psf-med/{config}"``, default ids ``psf-med/{config}:{row}``).
+        image_root: the folder holding the images (PhysioNet / BIMCV downloads). Each row's image
+            is looked for at ``image_root / value``, then by file name (or, without a suffix, by
+            stem) anywhere under ``image_root``.
+        columns: as in :func:`load_pairs`.
+        cache_dir: the ``datasets`` cache.
+        local_files_only: no network (use the cache). ``None`` follows ``HF_HUB_OFFLINE``; with
+            that variable set the hub is never contacted whatever this says.
+        data_files: local parquet / csv / json(l) files in the hub layout (a path, a list, a glob
+            or ``{split: files}``) instead of the hub.
+        require_images, check_images: as in :func:`load_pairs`.
+
+    Only rows whose ``is_yesno`` is true are kept when that column exists. Row numbers in
+    messages count all rows of the split from 1. ``trust_remote_code`` is never used.
+
+    Raises:
+        MechmedError: the data set cannot be reached or read, or a kept row is bad.
+    """
+    candidates = _column_candidates(columns)
+    if data_files is None and config not in PSF_MED_CONFIGS:
+        raise MechmedError(f"config={config!r}: PSF-Med has {', '.join(PSF_MED_CONFIGS)}")
+    if image_root is None:
+        if require_images:
+            raise MechmedError("load_psf_med: pass image_root= the folder holding the PSF-Med images "
+                               "(PhysioNet / BIMCV downloads), or require_images=False")
+        base = Path.cwd()
+    else:
+        base = _image_base(image_root, Path.cwd())
+    offline = bool(local_files_only) or _env_offline()
+
+    import datasets
+
+    kwargs = {"cache_dir": os.fspath(cache_dir) if cache_dir is not None else None}
+    if data_files is not None:
+        builder, spec, found = _local_builder(data_files, split)
+        label = ", ".join(found) if len(found) <= 3 else f"{found[0]} and {len(found) - 1} more files"
+        try:
+            with _offline(offline):
+                ds = datasets.load_dataset(builder, data_files=spec, split=split, **kwargs)
+        except Exception as e:  # datasets/pyarrow raise many types for unreadable files
+            raise MechmedError(f"data_files {label}: cannot be read as {builder} ({type(e).__name__}: {e}); "
+                               "check the files") from e
+    else:
+        label = f"{PSF_MED_REPO} ({config}/{split})"
+        try:
+            with _offline(offline):
+                ds = datasets.load_dataset(PSF_MED_REPO, config, split=split, **kwargs)
+        except Exception as e:  # network, gating, auth, missing cache: all the user's to fix
+            if offline:
+                how = "HF_HUB_OFFLINE is set or local_files_only=True and it is not in the cache; unset it to download"
+            elif isinstance(e, ConnectionError) and "gated" not in str(e):
+                how = "the hub could not be reached; check the network"
+            else:
+                how = (f"it is gated: accept its terms at https://huggingface.co/datasets/{PSF_MED_REPO} and "
+                       "log in (hf auth login)")
+            raise MechmedError(f"{label}: cannot load ({type(e).__name__}: {e}); {how}, or pass "
+                               "data_files= local copies in the same layout") from e
+
+    hint = f"check image_root={base}" if image_root is not None else "pass image_root="
+    reader = _Reader(candidates, _ImageResolver(base, by_name=True), hint, require_images, check_images,
+                     default_id=lambda row: f"psf-med/{config}:{row}", default_source=f"psf-med/{config}")
+    filtered = YESNO_COLUMN in (ds.column_names or [])
+    pairs = []
+    for number, row in enumerate(ds, start=1):
+        if filtered and not _truthy(row.get(YESNO_COLUMN)):
+            continue
+        if filtered:
+            row = {k: v for k, v in row.items() if k != YESNO_COLUMN}
+        pairs.append(reader.row(row, f"{label}, row {number}", number))
+    if not pairs and filtered and len(ds):
+        raise MechmedError(f"{label}: no rows with {YESNO_COLUMN} true; this loader keeps yes/no questions only")
+    return reader.finish(pairs, label)

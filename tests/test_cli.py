@@ -1,0 +1,109 @@
+"""The command line end to end on a saved tiny checkpoint, and its error contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_image
+from mechmed import tiny
+from mechmed.cli import main
+
+
+def test_help_imports_no_heavy_library():
+    code = ("import sys, mechmed.cli as c; c.build_parser().format_help(); "
+            "heavy = [m for m in ('torch', 'transformers', 'sae_lens', 'nnsight', 'peft', 'plotly') if m in sys.modules];"
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("cli")
+    model, proc = tiny_models["Gemma3ForConditionalGeneration"]
+    ckpt = tiny.save(model, proc, root / "ckpt")
+    (root / "images").mkdir()
+    rows = []
+    for i in range(4):
+        make_image(200 + i).save(root / "images" / f"{i}.png")
+        for j, para in enumerate(["Does this image show a pleural effusion?", "Is there any effusion?"]):
+            rows.append({"id": f"{i}-{j}", "image": f"images/{i}.png", "question": "Is there a pleural effusion?",
+                         "paraphrase": para, "answer": "yes" if i % 2 else "no",
+                         "phenomenon": "lexical_substitution", "question_id": f"q{i}"})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root, ckpt
+
+
+def test_evaluate_then_compare(workspace, capsys):
+    root, ckpt = workspace
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(root / "pairs.jsonl"),
+                 "--out", str(root / "a"), "--batch-size", "3"]) == 0
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(root / "pairs.jsonl"),
+                 "--out", str(root / "b"), "--limit", "6", "--no-controls"]) == 0
+    m = json.loads((root / "a" / "metrics.json").read_text())
+    for key in ("n_pairs", "n_questions", "accuracy", "flip_rate", "flip_rate_ci", "question_flip_rate",
+                "margin_diff", "margin_diff_ci", "auc", "yes_rate", "blank_image_agreement", "swap_sensitivity"):
+        assert key in m
+    assert m["n_pairs"] == 8 and m["n_questions"] == 4
+    assert len((root / "a" / "pairs.jsonl").read_text().splitlines()) == 8
+    assert main(["compare", str(root / "a"), str(root / "b"), "--out", str(root / "cmp.json")]) == 0
+    cmp = json.loads((root / "cmp.json").read_text())
+    assert cmp["paired"]["n_common_pairs"] == 6
+    # identical model on the shared pairs: no discordant flips
+    assert cmp["paired"]["mcnemar_flips"]["p_value"] == 1.0
+    assert "flip_rate" in capsys.readouterr().out
+
+
+def _run_bad(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("case", ["missing_file", "malformed_row", "missing_image", "unknown_family",
+                                  "multi_token_answer", "bad_compare"])
+def test_bad_inputs_exit_2_with_one_line(workspace, tmp_path, capsys, case):
+    root, ckpt = workspace
+    data, model, extra = str(root / "pairs.jsonl"), str(ckpt), []
+    expect = None
+    if case == "missing_file":
+        data, expect = str(tmp_path / "nope.jsonl"), "nope.jsonl"
+    elif case == "malformed_row":
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text((root / "pairs.jsonl").read_text() + "{not json\n")
+        (tmp_path / "images").symlink_to(root / "images")
+        data, expect = str(bad), "line 9"
+    elif case == "missing_image":
+        bad = tmp_path / "noimg.jsonl"
+        bad.write_text(json.dumps({"id": "x", "image": "images/missing.png", "question": "Is there?",
+                                   "paraphrase": "Is it?", "answer": "yes"}) + "\n")
+        data, expect = str(bad), "missing.png"
+    elif case == "unknown_family":
+        fake = tmp_path / "bert"
+        fake.mkdir()
+        (fake / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+        model, expect = str(fake), "BertModel"
+    elif case == "multi_token_answer":
+        extra, expect = ["--answer-words", "yes,not at all"], "not at all"
+    if case == "bad_compare":
+        code, err = _run_bad(["compare", str(tmp_path / "x"), str(tmp_path / "y")], capsys)
+        expect = "metrics.json"
+    else:
+        out = tmp_path / "out"
+        code, err = _run_bad(["evaluate", "--model", model, "--data", data, "--out", str(out), *extra], capsys)
+        assert not (out / "metrics.json").exists()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert expect in err, err
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mechmed.cli", "evaluate", "--model", "demo", "--data",
+                        str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
