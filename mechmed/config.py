@@ -1,0 +1,252 @@
+"""The training config: written by ``mechmed select-layers``, run unchanged by ``mechmed train``.
+
+A YAML file with a version stamp. Every field is documented here once (the docstring under it),
+and that text is what ``mechmed train --help`` and docs/config.md show. Loading validates:
+an unknown key is an error naming the closest known key, unless the file was written by a newer
+config version, in which case unknown keys are warned about and dropped.
+
+Defaults are those of the seed paper's MedGemma-4B cards (LoRA r 16, alpha 32, dropout 0.05,
+lr 2e-4, batch 1 × accumulation 8, 3 epochs, q/k/v/o/gate/up/down). :func:`demo_defaults` gives
+the values that suit the embedded default (a 64-wide model trained on CPU).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mechmed.errors import MechmedError
+
+log = logging.getLogger(__name__)
+
+CONFIG_VERSION = 1
+METHODS = ("lora", "spectral_moe")
+CONSISTENCY_LOSSES = ("sym_kl", "js", "margin_mse")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class SpectralConfig:
+    """Options of the spectral mixture of LoRA experts (``method: spectral_moe``)."""
+
+    n_experts: int = 8
+    """Number of experts per adapted linear layer."""
+    top_k: int = 2
+    """Experts routed per token."""
+    init: str = "spectral"
+    """Expert initialisation: spectral (non-overlapping SVD segments), principal, minor, random, zero_b."""
+    scaling: str = "rule"
+    """'rule' for s = sqrt(3·n·η/r), or a number for a fixed scale."""
+    damping: float = 1.0
+    """Damping ρ of the spectral initialisation."""
+    lr_ratio: float = 1.0
+    """η in the scaling rule: the ratio of the adapter's learning rate to full fine-tuning's."""
+    balance_coef: float = 1e-3
+    """Coefficient of the load-balancing auxiliary loss N·Σ f_i·P_i."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``mechmed train`` needs; select-layers writes it, train runs it unchanged."""
+
+    model: str = "demo"
+    """Base model: 'demo', a hub id (google/medgemma-4b-it) or a local checkpoint directory."""
+    layers: list = field(default_factory=list)
+    """Decoder layers to adapt (e.g. [15, 16, 17, 18, 19]); never the vision tower."""
+    method: str = "lora"
+    """Adapter: lora or spectral_moe."""
+    target_modules: list = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """Linear modules inside each selected decoder layer to adapt."""
+    rank: int = 16
+    """LoRA rank (for spectral_moe: the total rank over all experts)."""
+    alpha: float = 32.0
+    """LoRA alpha (scale alpha/rank)."""
+    dropout: float = 0.05
+    """LoRA dropout."""
+    train_data: str = "demo"
+    """Training pairs (two phrasings of one question on one image): a pairs file, or 'demo'."""
+    eval_data: str = "demo"
+    """Held-out pairs for the guard and the before/after evaluation: a pairs file, or 'demo'."""
+    image_root: str | None = None
+    """Directory under which image paths of both data files are resolved."""
+    ce_weight: float = 1.0
+    """Weight of the cross-entropy on the answer token (both phrasings); 0 = pure consistency."""
+    consistency_weight: float = 1.0
+    """λ, the weight of the consistency term."""
+    consistency: str = "sym_kl"
+    """Consistency between the two phrasings' yes/no distributions: sym_kl, js or margin_mse."""
+    lr: float = 2e-4
+    """Learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    batch_size: int = 1
+    """Pairs per optimiser micro-batch (each pair is two prompts in one forward)."""
+    grad_accum: int = 8
+    """Micro-batches per optimiser step."""
+    epochs: float = 3.0
+    """Passes over the training pairs."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps (overrides epochs when smaller)."""
+    eval_every: int = 50
+    """Optimiser steps between guard evaluations on the held-out split (0 = only at the end)."""
+    guard_pairs: int = 200
+    """Held-out pairs used by the collapse guard during training."""
+    collapse_low: float = 0.05
+    """The guard reports collapse when the held-out yes-rate falls below this ..."""
+    collapse_high: float = 0.95
+    """... or rises above this."""
+    stop_on_collapse: bool = False
+    """Stop training when the guard reports collapse (else record it and go on)."""
+    checkpoint_every: int = 50
+    """Optimiser steps between checkpoints (for --resume)."""
+    bf16: bool = False
+    """bf16 autocast (GPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    answer_words: list = field(default_factory=lambda: ["yes", "no"])
+    """The two answer words (each one token)."""
+    seed: int = 0
+    """Random seed (data order, adapter init)."""
+    spectral: SpectralConfig = field(default_factory=SpectralConfig)
+    """Options of method spectral_moe."""
+    provenance: dict = field(default_factory=dict)
+    """Where this config came from (scores file hash, strategy, mechmed version); informational."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.spectral, dict):
+            self.spectral = _build(SpectralConfig, self.spectral, "spectral")
+        self.layers = [int(x) for x in self.layers]
+        self.target_modules = list(self.target_modules)
+        self.answer_words = list(self.answer_words)
+        _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
+        _check(self.consistency in CONSISTENCY_LOSSES, "consistency", self.consistency,
+               f"one of {', '.join(CONSISTENCY_LOSSES)}")
+        _check(bool(self.layers), "layers", self.layers, "a non-empty list of decoder layer indices")
+        _check(all(x >= 0 for x in self.layers), "layers", self.layers, "non-negative layer indices")
+        _check(len(set(self.layers)) == len(self.layers), "layers", self.layers, "distinct layers")
+        _check(bool(self.target_modules), "target_modules", self.target_modules, "at least one module name")
+        _check(self.rank >= 1, "rank", self.rank, "at least 1")
+        _check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        _check(self.ce_weight >= 0 and self.consistency_weight >= 0, "ce_weight/consistency_weight",
+               (self.ce_weight, self.consistency_weight), "non-negative")
+        _check(self.ce_weight + self.consistency_weight > 0, "ce_weight/consistency_weight",
+               (self.ce_weight, self.consistency_weight), "not both zero")
+        _check(self.lr > 0, "lr", self.lr, "positive")
+        _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size/grad_accum",
+               (self.batch_size, self.grad_accum), "at least 1")
+        _check(self.epochs > 0 or (self.max_steps or 0) > 0, "epochs", self.epochs, "positive")
+        _check(0 <= self.collapse_low < self.collapse_high <= 1, "collapse_low/collapse_high",
+               (self.collapse_low, self.collapse_high), "0 <= low < high <= 1")
+        _check(len(self.answer_words) == 2, "answer_words", self.answer_words, "exactly two words")
+        if self.method == "spectral_moe":
+            s = self.spectral
+            _check(1 <= s.top_k <= s.n_experts, "spectral.top_k", s.top_k, f"between 1 and n_experts={s.n_experts}")
+            _check(self.rank % s.n_experts == 0, "rank", self.rank,
+                   f"a multiple of spectral.n_experts={s.n_experts} (each expert gets rank/n_experts)")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {"config_version": CONFIG_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> TrainConfig:
+        if not isinstance(d, dict):
+            raise MechmedError(f"{source}: the top level must be a mapping of option: value")
+        d = dict(d)
+        version = d.pop("config_version", CONFIG_VERSION)
+        if not isinstance(version, int):
+            raise MechmedError(f"{source}: config_version {version!r} must be an integer")
+        newer = version > CONFIG_VERSION
+        return _build(cls, d, source, newer=newer)
+
+    def save(self, path: str | Path) -> Path:
+        import yaml
+
+        from mechmed.io import write_text
+
+        header = "# mechmed training config: run with `mechmed train --config THIS_FILE`\n"
+        return write_text(path, header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise MechmedError(f"--config {path}: not found; write one with mechmed select-layers")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            where = getattr(e, "problem_mark", None)
+            line = f", line {where.line + 1}" if where else ""
+            raise MechmedError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)}); fix the file") from None
+        return cls.from_dict(data or {}, source=str(path))
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise MechmedError(f"config option {key}: {value!r} is invalid; use {expected}")
+
+
+def _build(cls, d: dict, source: str, newer: bool = False):
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        if key in known:
+            kwargs[key] = _coerce(known[key], value, source)
+        elif newer:
+            log.warning("%s: option %r comes from a newer config version and is ignored", source, key)
+        else:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known options: {', '.join(sorted(known))}"
+            raise MechmedError(f"{source}: unknown option {key!r}; {hint}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise MechmedError(f"{source}: {e}") from None
+
+
+def _coerce(f, value, source: str):
+    """Check a value against the type of its field's default (YAML gives ints for floats, etc.)."""
+    from dataclasses import MISSING
+
+    default = f.default if f.default is not MISSING else f.default_factory()
+    want = type(default)
+    if value is None and (default is None or "None" in str(f.type)):
+        return None
+    if default is None:
+        want = {"int | None": int, "str | None": str}.get(str(f.type), type(value))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list: isinstance(value, list),
+        dict: isinstance(value, dict),
+    }.get(want, isinstance(value, (dict, want)))
+    if not ok:
+        raise MechmedError(f"{source}: option {f.name} = {value!r} should be of type {want.__name__}")
+    return float(value) if want is float else value
+
+
+def field_docs(cls=TrainConfig) -> dict[str, str]:
+    """Field name -> the docstring written under it (used for --help and docs)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def demo_defaults() -> dict:
+    """Values that suit the embedded default (64-wide, trained on CPU in seconds)."""
+    return {"rank": 8, "alpha": 16.0, "dropout": 0.0, "lr": 3e-3, "batch_size": 16, "grad_accum": 1,
+            "epochs": 1.0, "max_steps": 120, "eval_every": 40, "checkpoint_every": 40, "guard_pairs": 200}
