@@ -123,6 +123,75 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per training-config field, its help text the field's docstring."""
+    from dataclasses import MISSING, fields
+
+    from mechmed.config import TrainConfig, field_docs
+
+    docs = field_docs()
+    for f in fields(TrainConfig):
+        if f.name in ("spectral", "provenance"):
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=docs[f.name])
+        elif isinstance(default, list):
+            p.add_argument(flag, dest=f.name, default=None, metavar="A,B,...", help=docs[f.name])
+        else:
+            kind = type(default) if default is not None else (int if "int" in str(f.type) else str)
+            p.add_argument(flag, dest=f.name, default=None, type=kind, help=docs[f.name])
+
+
+def config_from_args(args) -> dict:
+    """The training-config fields given on the command line (None = not given)."""
+    from dataclasses import fields
+
+    from mechmed.config import TrainConfig
+    from mechmed.sites import parse_layers
+
+    out = {}
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is None or f.name in ("spectral", "provenance"):
+            continue
+        if f.name == "layers":
+            value = parse_layers(value)
+        elif isinstance(value, str) and f.name in ("target_modules", "answer_words"):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        out[f.name] = value
+    return out
+
+
+def cmd_train(args) -> int:
+    from mechmed.config import TrainConfig, demo_defaults
+    from mechmed.train import train
+
+    given = config_from_args(args)
+    if args.config:
+        base = TrainConfig.load(args.config).to_dict()
+        base.pop("config_version", None)
+    else:
+        if "layers" not in given:
+            raise MechmedError("train: give --config FILE (from mechmed select-layers) or --layers, e.g. --layers 2-4")
+        base = demo_defaults() if given.get("model", "demo") == "demo" else {}
+    cfg = TrainConfig.from_dict({**base, **given}, source=args.config or "command line")
+    result = train(cfg, args.out, resume=args.resume, device=args.device, progress=True)
+    m = result.metrics
+    print(f"trained {cfg.method} on layers {cfg.layers} ({m['trainable_parameters']} parameters, "
+          f"{m['n_adapted_modules']} modules) in {m['train_seconds']:.1f} s: {args.out}/adapter")
+    if m.get("collapsed"):
+        print(f"WARNING: the model collapsed at step {m['collapse']['step']}: {m['collapse']['reason']}")
+    if "before" in m:
+        for label, key in (("before", "before"), ("after", "after")):
+            print(f"{label}:")
+            print_metrics(m[key])
+        t = m["comparison"]["flip_rate"]["test"]
+        print(f"flip rate change: z = {t['statistic']:.2f}, p = {t['p_value']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mechmed",
@@ -147,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", help="evaluation directory B (or its metrics.json)")
     p.add_argument("--out", default=None, help="also write the comparison as JSON here")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("train", help="train an adapter on the selected layers (consistency + accuracy loss)")
+    p.add_argument("--config", default=None, help="training config YAML (from mechmed select-layers); "
+                   "options given here override it")
+    p.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu); under accelerate launch, its own")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo-model", help="build (or find) the embedded default model and data")
     p.add_argument("action", choices=["build"], help="build: train it now if not cached")

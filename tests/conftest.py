@@ -50,3 +50,43 @@ def make_image(seed: int, size: int = 32):
 
 QUESTIONS = ["Is there a pleural effusion?", "Does this image show cardiomegaly?",
              "Is there any evidence of edema in the left lung?", "Is the heart normal?"]
+
+
+TRAIN_PARAPHRASES = ["Does this image show a pleural effusion?", "Is there any effusion?",
+                     "Is there no pleural effusion?"]
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory, tiny_models):
+    """A saved tiny Gemma 3 VLM checkpoint and a pairs file over 4 images (8 pairs, one negated
+    rewording per image); returns (root, checkpoint dir). Read-only."""
+    import json
+
+    from mechmed import tiny
+
+    root = tmp_path_factory.mktemp("workspace")
+    model, proc = tiny_models["Gemma3ForConditionalGeneration"]
+    ckpt = tiny.save(model, proc, root / "ckpt")
+    (root / "images").mkdir()
+    rows = []
+    for i in range(4):
+        make_image(200 + i).save(root / "images" / f"{i}.png")
+        ans = "yes" if i % 2 else "no"
+        for j, para in enumerate(TRAIN_PARAPHRASES[:2]):
+            rows.append({"id": f"{i}-{j}", "image": f"images/{i}.png", "question": "Is there a pleural effusion?",
+                         "paraphrase": para, "answer": ans, "phenomenon": "lexical_substitution",
+                         "question_id": f"q{i}"})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_rows = []
+    for i in range(4):
+        ans = "yes" if i % 2 else "no"
+        flip = {"yes": "no", "no": "yes"}[ans]
+        for j, para in enumerate(TRAIN_PARAPHRASES):
+            neg = j == 2
+            train_rows.append({"id": f"t{i}-{j}", "image": f"images/{i}.png",
+                               "question": "Is there a pleural effusion?", "paraphrase": para, "answer": ans,
+                               "paraphrase_answer": flip if neg else ans,
+                               "phenomenon": "negation_pattern" if neg else "syntactic_restructuring",
+                               "question_id": f"q{i}"})
+    (root / "train_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    return root, ckpt

@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from conftest import make_image
-from mechmed import tiny
 from mechmed.cli import main
 
 
@@ -22,20 +20,8 @@ def test_help_imports_no_heavy_library():
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_models):
-    root = tmp_path_factory.mktemp("cli")
-    model, proc = tiny_models["Gemma3ForConditionalGeneration"]
-    ckpt = tiny.save(model, proc, root / "ckpt")
-    (root / "images").mkdir()
-    rows = []
-    for i in range(4):
-        make_image(200 + i).save(root / "images" / f"{i}.png")
-        for j, para in enumerate(["Does this image show a pleural effusion?", "Is there any effusion?"]):
-            rows.append({"id": f"{i}-{j}", "image": f"images/{i}.png", "question": "Is there a pleural effusion?",
-                         "paraphrase": para, "answer": "yes" if i % 2 else "no",
-                         "phenomenon": "lexical_substitution", "question_id": f"q{i}"})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root, ckpt
+def workspace(tiny_workspace):
+    return tiny_workspace
 
 
 def test_evaluate_then_compare(workspace, capsys):
@@ -107,3 +93,32 @@ def test_module_entry_point_exit_code(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_options_and_config_fields_agree():
+    from dataclasses import fields
+
+    from mechmed.cli import build_parser
+    from mechmed.config import TrainConfig
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    dests = {a.dest for a in sub._actions}
+    assert {f.name for f in fields(TrainConfig)} - {"spectral", "provenance"} <= dests
+
+
+def test_train_from_config_with_override(workspace, tmp_path, capsys):
+    from mechmed.config import TrainConfig
+
+    root, ckpt = workspace
+    cfg = TrainConfig(model=str(ckpt), layers=[0], rank=2, alpha=4.0, batch_size=2, grad_accum=1, max_steps=2,
+                      eval_every=0, guard_pairs=4, train_data=str(root / "train_pairs.jsonl"),
+                      eval_data=str(root / "pairs.jsonl"))
+    path = cfg.save(tmp_path / "train.yaml")
+    assert main(["train", "--config", str(path), "--layers", "1-2", "--out", str(tmp_path / "run")]) == 0
+    resolved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "- 1\n- 2\n" in resolved
+    assert "trained lora on layers [1, 2]" in capsys.readouterr().out
+    # a misspelled option in the file is one line and exit 2
+    path.write_text(path.read_text().replace("rank:", "rnak:"))
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run2")]) == 2
+    assert "did you mean 'rank'" in capsys.readouterr().err

@@ -1,0 +1,454 @@
+"""Targeted training: an adapter on exactly the selected decoder layers, with a loss that balances
+paraphrase consistency and answer accuracy.
+
+Loss for a batch of pairs (question q, paraphrase p, same image), with the two-way yes/no
+distributions π = softmax([yes score, no score]) at the answer position:
+
+    L = ce_weight · ½ (CE(π_q, y_q) + CE(π_p, y_p)) + consistency_weight · C(π_q, π̃_p)
+
+where π̃_p is π_p with yes and no swapped for a negated paraphrase (so agreement means the same
+thing), and C is one of
+
+- ``sym_kl``: KL(π_q ‖ π̃_p) + KL(π̃_p ‖ π_q)
+- ``js``: ½ KL(π_q ‖ m) + ½ KL(π̃_p ‖ m), m = ½ (π_q + π̃_p)
+- ``margin_mse``: (m_q − s·m_p)², m the margin, s = −1 for a negated paraphrase.
+
+Both phrasings of a pair run in one batched forward. A collapse guard watches the held-out yes-rate
+and accuracy. Checkpoints (adapter weights, optimiser state, RNG state) are written atomically, so
+``resume=True`` after an interruption reaches the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mechmed.config import TrainConfig
+from mechmed.errors import MechmedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LossParts:
+    total: object
+    ce: object
+    consistency: object
+
+
+def pair_loss(scores_q, scores_p, yes_q, yes_p, negated, cfg: TrainConfig) -> LossParts:
+    """The loss above, from [B, 2] yes/no scores of both phrasings and bool labels."""
+    import torch
+    import torch.nn.functional as F
+
+    logp_q = torch.log_softmax(scores_q, -1)
+    logp_p = torch.log_softmax(scores_p, -1)
+    tq = (~yes_q).long()  # index 0 = yes, 1 = no
+    tp = (~yes_p).long()
+    ce = 0.5 * (F.nll_loss(logp_q, tq) + F.nll_loss(logp_p, tp))
+    aligned_p = torch.where(negated[:, None], logp_p.flip(-1), logp_p)
+    if cfg.consistency == "sym_kl":
+        pq, pp = logp_q.exp(), aligned_p.exp()
+        cons = ((pq * (logp_q - aligned_p)).sum(-1) + (pp * (aligned_p - logp_q)).sum(-1)).mean()
+    elif cfg.consistency == "js":
+        pq, pp = logp_q.exp(), aligned_p.exp()
+        log_m = torch.log(0.5 * (pq + pp))
+        cons = 0.5 * ((pq * (logp_q - log_m)).sum(-1) + (pp * (aligned_p - log_m)).sum(-1)).mean()
+    else:
+        mq = scores_q[:, 0] - scores_q[:, 1]
+        mp = scores_p[:, 0] - scores_p[:, 1]
+        sign = torch.where(negated, -1.0, 1.0)
+        cons = ((mq - sign * mp) ** 2).mean()
+    total = cfg.ce_weight * ce + cfg.consistency_weight * cons
+    return LossParts(total, ce, cons)
+
+
+def apply_adapter(bundle, cfg: TrainConfig):
+    """Wrap the bundle's model with the configured adapter on exactly ``cfg.layers``.
+
+    Returns (peft model, names of adapted modules). Raises if the match count is not
+    len(layers) × len(target_modules), or if anything outside the decoder layers matched.
+    """
+    from mechmed.sites import Site
+
+    for layer in cfg.layers:
+        Site(layer).check(bundle.n_layers)
+    if cfg.method == "spectral_moe":
+        from mechmed.spectral import apply_spectral_adapter
+
+        return apply_spectral_adapter(bundle, cfg)
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), layers_to_transform=list(cfg.layers),
+                      layers_pattern=bundle.family.peft_layers_pattern, bias="none")
+    try:
+        model = get_peft_model(bundle.model, lcfg)
+    except ValueError as e:
+        raise MechmedError(f"config option target_modules {cfg.target_modules}: {str(e).splitlines()[0]}") from None
+    names = adapted_modules(model)
+    expected = len(cfg.layers) * len(cfg.target_modules)
+    layer_prefix = f".{bundle.family.layers}."
+    outside = [n for n in names if layer_prefix not in n]
+    if outside or len(names) != expected:
+        raise MechmedError(
+            f"config option target_modules: matched {len(names)} modules, expected {expected} "
+            f"({len(cfg.layers)} layers × {len(cfg.target_modules)} modules); "
+            f"check the module names (outside the decoder: {outside[:3]})")
+    return model, names
+
+
+def adapted_modules(model) -> list[str]:
+    """Names of the modules an adapter wraps (peft tuner layers have a ``base_layer``)."""
+    return [n for n, m in model.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+
+
+def resolve_pairs(data: str, *, split: str, image_root=None, seed: int = 0):
+    """'demo' -> the embedded default's training (train_pairs.jsonl) or held-out (pairs.jsonl) pairs."""
+    from mechmed.data import load_pairs
+
+    if data == "demo":
+        from mechmed.demo.build import ensure_demo_data
+
+        root = ensure_demo_data(seed=seed)
+        return load_pairs(root / ("train_pairs.jsonl" if split == "train" else "pairs.jsonl"))
+    return load_pairs(data, image_root=image_root)
+
+
+def _git_hash() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("mechmed", "torch", "transformers", "peft", "accelerate", "sae-lens", "transformer-lens", "nnsight"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    out["git"] = _git_hash()
+    return out
+
+
+class _Images:
+    """Images loaded once, keyed by path."""
+
+    def __init__(self):
+        self._cache = {}
+
+    def __call__(self, path):
+        from mechmed.consistency import load_image
+
+        if path not in self._cache:
+            self._cache[path] = load_image(path)
+        return self._cache[path]
+
+
+def _batch_scores(model, bundle, batch, images: _Images):
+    """One forward over both phrasings of each pair: returns [B, 2] scores for q and for p."""
+    from mechmed.readout import answer_logits, build_inputs
+
+    questions = [p.question for p in batch] + [p.paraphrase for p in batch]
+    imgs = None
+    if bundle.multimodal and batch[0].image is not None:
+        imgs = [images(p.image) for p in batch] * 2
+    inputs = build_inputs(bundle.processor, questions, imgs).to(bundle.device)
+    scores = answer_logits(model, inputs, bundle.answers)
+    n = len(batch)
+    return scores[:n], scores[n:]
+
+
+def guard_check(bundle, model, pairs, images: _Images, cfg: TrainConfig, batch_size: int = 64) -> dict:
+    """Held-out yes-rate and accuracy (both phrasings); collapse if the yes-rate leaves
+    [collapse_low, collapse_high] or accuracy is no better than always giving the majority answer."""
+    import torch
+
+    yes, correct, labels = [], [], []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i:i + batch_size]
+            sq, sp = _batch_scores(model, bundle, chunk, images)
+            for s, lab in ((sq, [p.answer == "yes" for p in chunk]),
+                           (sp, [p.expected_paraphrase == "yes" for p in chunk])):
+                pred = (s[:, 0] > s[:, 1]).cpu().numpy()
+                lab = np.array(lab)
+                yes.append(pred)
+                correct.append(pred == lab)
+                labels.append(lab)
+    model.train(was_training)
+    yes_rate = float(np.concatenate(yes).mean())
+    acc = float(np.concatenate(correct).mean())
+    label_rate = float(np.concatenate(labels).mean())
+    majority = max(label_rate, 1 - label_rate)
+    reasons = []
+    if not cfg.collapse_low <= yes_rate <= cfg.collapse_high:
+        reasons.append(f"held-out yes-rate {yes_rate:.2f} outside [{cfg.collapse_low}, {cfg.collapse_high}]")
+    if acc <= majority + 0.01:
+        reasons.append(f"held-out accuracy {acc:.2f} no better than the majority answer ({majority:.2f})")
+    return {"yes_rate": yes_rate, "accuracy": acc, "collapsed": bool(reasons), "reason": "; ".join(reasons)}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _trainable(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, extra: dict) -> None:
+    """Adapter weights, optimiser state and RNG state in safetensors + JSON, written atomically."""
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}, tmp / "weights.safetensors")
+    names = {id(p): n for n, p in _trainable(model).items()}
+    state_tensors, state_meta = {}, {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for k, v in st.items():
+                key = f"{names[id(p)]}::{k}"
+                if torch.is_tensor(v):
+                    state_tensors[key] = v.detach().cpu().contiguous()
+                else:
+                    state_meta[key] = v
+    state_tensors["__torch_rng__"] = torch.get_rng_state()
+    save_file(state_tensors, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer_scalars": state_meta, **extra}))
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(path / "weights.safetensors")
+    params = _trainable(model)
+    missing = set(params) ^ set(weights)
+    if missing:
+        raise MechmedError(f"checkpoint {path}: does not match this config's adapter ({sorted(missing)[:2]}); "
+                           "resume with the config that wrote it, or start without --resume")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    state = json.loads((path / "state.json").read_text())
+    opt = load_file(path / "optimizer.safetensors")
+    torch.set_rng_state(opt.pop("__torch_rng__"))
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = next(n for n, q in params.items() if q is p)
+            st = {}
+            for key, v in opt.items():
+                pname, _, k = key.partition("::")
+                if pname == name:
+                    st[k] = v
+            for key, v in state["optimizer_scalars"].items():
+                pname, _, k = key.partition("::")
+                if pname == name:
+                    st[k] = v
+            if st:
+                optimizer.state[p] = st
+    return state
+
+
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class TrainResult:
+    out: Path
+    metrics: dict
+    log: list
+
+
+def _order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, device: str = "cpu",
+          evaluate_before_after: bool = True, stop_after: int | None = None, progress: bool = False) -> TrainResult:
+    """Train the configured adapter and write the run directory (see docs/training.md).
+
+    ``stop_after`` ends the run after that many optimiser steps without finishing it (as an
+    interruption would; used to test resuming).
+    """
+    import torch
+    from accelerate import Accelerator
+
+    from mechmed.consistency import compare_runs, evaluate
+    from mechmed.io import ensure_dir, write_json, write_text
+    from mechmed.models import load_model
+    from mechmed.progress import progress_bar
+
+    out = Path(out)
+    train_pairs = resolve_pairs(cfg.train_data, split="train", image_root=cfg.image_root, seed=cfg.seed)
+    eval_pairs = resolve_pairs(cfg.eval_data, split="eval", image_root=cfg.image_root, seed=cfg.seed)
+    ckpt = out / "checkpoint"
+    if not resume and (out / "metrics.json").exists():
+        raise MechmedError(f"--out {out}: holds a finished run; choose another directory or delete it")
+    if resume and not ckpt.exists():
+        log.warning("no checkpoint in %s: starting from the beginning", out)
+    ensure_dir(out)
+
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=device == "cpu")
+    torch.manual_seed(cfg.seed)
+    bundle = load_model(cfg.model, device=str(accelerator.device) if device != "cpu" else "cpu",
+                        answer_words=tuple(cfg.answer_words), seed=cfg.seed)
+    images = _Images()
+    rng = np.random.default_rng(cfg.seed)
+    guard_pairs = [eval_pairs[i] for i in sorted(rng.permutation(len(eval_pairs))[:cfg.guard_pairs])]
+
+    before = None
+    if evaluate_before_after and accelerator.is_main_process:
+        before = evaluate(bundle, eval_pairs, seed=cfg.seed, batch_size=64, progress=progress)
+        ensure_dir(out / "before")
+        write_json(out / "before" / "metrics.json", before.metrics)
+        from mechmed.io import write_jsonl
+
+        write_jsonl(out / "before" / "pairs.jsonl", before.pairs)
+
+    for p in bundle.model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    model, adapted = apply_adapter(bundle, cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    steps_per_epoch = max(1, len(train_pairs) // per_step)
+    total = math.ceil(cfg.epochs * steps_per_epoch)
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+
+    step, history = 0, []
+    log_path = out / "train_log.jsonl"
+    if resume and ckpt.exists():
+        state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer)
+        step = state["step"]
+        history = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.exists() else []
+        history = [h for h in history if h["step"] <= step]
+        log.info("resumed at step %d", step)
+    collapse = next((h for h in history if h.get("collapsed")), None)
+
+    model.train()
+    t0 = time.perf_counter()
+    first = step
+    for step in progress_bar(range(first, total), desc="training" if progress else None, total=total - first):
+        epoch, within = divmod(step, steps_per_epoch)
+        order = _order(len(train_pairs), cfg.seed, epoch)
+        sums = {"loss": 0.0, "ce": 0.0, "consistency": 0.0}
+        for micro in range(cfg.grad_accum):
+            start = (within * cfg.grad_accum + micro) * cfg.batch_size * accelerator.num_processes
+            start += accelerator.process_index * cfg.batch_size
+            batch = [train_pairs[i] for i in order[start:start + cfg.batch_size]]
+            with accelerator.autocast():
+                sq, sp = _batch_scores(model, bundle, batch, images)
+                yes_q = torch.tensor([p.answer == "yes" for p in batch], device=sq.device)
+                yes_p = torch.tensor([p.expected_paraphrase == "yes" for p in batch], device=sq.device)
+                neg = torch.tensor([p.negated for p in batch], device=sq.device)
+                parts = pair_loss(sq.float(), sp.float(), yes_q, yes_p, neg, cfg)
+            if not torch.isfinite(parts.total):
+                raise MechmedError(f"training loss is {parts.total.item()} at step {step + 1}: lower lr "
+                                   f"(now {cfg.lr}) or turn off bf16")
+            accelerator.backward(parts.total / cfg.grad_accum)
+            for k, v in (("loss", parts.total), ("ce", parts.ce), ("consistency", parts.consistency)):
+                sums[k] += float(v.detach()) / cfg.grad_accum
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"step": step + 1, "epoch": epoch, **sums}
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 or done == total:
+            g = guard_check(bundle, model, guard_pairs, images, cfg)
+            record.update({"guard_" + k: v for k, v in g.items() if k != "collapsed"}, collapsed=g["collapsed"])
+            if g["collapsed"] and collapse is None:
+                collapse = record
+                log.warning("collapse at step %d: %s", done, g["reason"])
+        history.append(record)
+        if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == total):
+            write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
+            save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, done, {"total": total})
+        if collapse is not None and cfg.stop_on_collapse:
+            break
+        if stop_after is not None and done >= stop_after:
+            return TrainResult(out, {"interrupted_at": done}, history)
+    train_seconds = time.perf_counter() - t0
+
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    metrics: dict = {
+        "steps": history[-1]["step"] if history else 0, "total_steps": total, "train_seconds": train_seconds,
+        "n_train_pairs": len(train_pairs), "n_eval_pairs": len(eval_pairs), "trainable_parameters": n_trainable,
+        "adapted_modules": adapted, "n_adapted_modules": len(adapted), "layers": cfg.layers, "method": cfg.method,
+        "collapsed": collapse is not None,
+        "collapse": None if collapse is None else {"step": collapse["step"], "reason": collapse.get("guard_reason")},
+    }
+    if accelerator.is_main_process:
+        adapter_dir = out / "adapter"
+        tmp = out / "adapter.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        unwrapped.save_pretrained(tmp)
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        os.replace(tmp, adapter_dir)
+        if evaluate_before_after:
+            from mechmed.io import write_jsonl
+
+            after = evaluate(bundle.__class__(unwrapped, bundle.processor, bundle.family, bundle.answers,
+                                              bundle.name + "+adapter"), eval_pairs, seed=cfg.seed, batch_size=64,
+                             progress=progress)
+            ensure_dir(out / "after")
+            write_json(out / "after" / "metrics.json", after.metrics)
+            write_jsonl(out / "after" / "pairs.jsonl", after.pairs)
+            metrics["before"] = before.metrics
+            metrics["after"] = after.metrics
+            metrics["comparison"] = compare_runs(out / "before", out / "after")
+        resolved = cfg.to_dict()
+        resolved["versions"] = versions()
+        import yaml
+
+        write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
+        write_json(out / "metrics.json", metrics)
+        _curve_figure(history, out)
+    return TrainResult(out, metrics, history)
+
+
+def _curve_figure(history: list, out: Path) -> None:
+    try:
+        from mechmed.figures import save_figure, training_curves
+    except ImportError:
+        return
+    save_figure(training_curves(history), out / "training_curves")

@@ -1,0 +1,125 @@
+"""Targeted training on a tiny real model: loss formulas, adapter placement, outputs, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAMILIES
+from mechmed.config import TrainConfig
+from mechmed.errors import MechmedError
+from mechmed.train import apply_adapter, pair_loss, train
+
+
+def _cfg(**kw):
+    return TrainConfig(**{"layers": [1], **kw})
+
+
+def test_losses_match_hand_formulas():
+    g = torch.Generator().manual_seed(0)
+    sq, sp = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
+    yq = torch.tensor([True, False, True, True, False])
+    neg = torch.tensor([False, False, True, False, True])
+    yp = yq ^ neg
+    pq = torch.softmax(sq, -1).numpy()
+    pp = torch.softmax(sp, -1).numpy()
+    pp_aligned = np.where(neg.numpy()[:, None], pp[:, ::-1], pp)
+    ce = 0.5 * (-np.log(pq[np.arange(5), (~yq).long().numpy()]).mean()
+                - np.log(pp[np.arange(5), (~yp).long().numpy()]).mean())
+    kl = lambda a, b: (a * np.log(a / b)).sum(-1)  # noqa: E731
+    m = 0.5 * (pq + pp_aligned)
+    expected = {
+        "sym_kl": (kl(pq, pp_aligned) + kl(pp_aligned, pq)).mean(),
+        "js": (0.5 * kl(pq, m) + 0.5 * kl(pp_aligned, m)).mean(),
+        "margin_mse": (((sq[:, 0] - sq[:, 1]) - torch.where(neg, -1.0, 1.0) * (sp[:, 0] - sp[:, 1])) ** 2).mean().item(),
+    }
+    from scipy.spatial.distance import jensenshannon
+
+    js_scipy = np.mean([jensenshannon(a, b) ** 2 for a, b in zip(pq, pp_aligned)])
+    assert expected["js"] == pytest.approx(js_scipy, rel=1e-6)
+    for name, value in expected.items():
+        parts = pair_loss(sq, sp, yq, yp, neg, _cfg(consistency=name, consistency_weight=0.5))
+        assert parts.ce.item() == pytest.approx(ce, rel=1e-5)
+        assert parts.consistency.item() == pytest.approx(value, rel=1e-5)
+        assert parts.total.item() == pytest.approx(ce + 0.5 * value, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_lora_lands_on_exactly_the_selected_decoder_layers(name):
+    from conftest import _build
+    from mechmed.models import bundle
+
+    b = bundle(*_build(name))
+    model, names = apply_adapter(b, _cfg(layers=[0, 2], rank=4))
+    assert len(names) == 2 * 7
+    assert all(".layers.0." in n or ".layers.2." in n for n in names)
+    assert not any("vision" in n or "visual" in n for n in names)
+    with pytest.raises(MechmedError, match="out of range"):
+        apply_adapter(bundle(*_build(name)), _cfg(layers=[5]))
+
+
+def _train_cfg(ws, **kw):
+    root, ckpt = ws
+    base = dict(model=str(ckpt), layers=[1, 2], rank=4, alpha=8.0, dropout=0.1, lr=5e-3, batch_size=2,
+                grad_accum=2, epochs=2.0, eval_every=2, checkpoint_every=2, guard_pairs=8,
+                train_data=str(root / "train_pairs.jsonl"), eval_data=str(root / "pairs.jsonl"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_train_writes_a_complete_run_and_the_adapter_reloads(tiny_workspace, tmp_path):
+    from peft import PeftModel
+
+    from mechmed.models import load_model
+    from mechmed.readout import margins
+
+    cfg = _train_cfg(tiny_workspace)
+    res = train(cfg, tmp_path / "run")
+    out = tmp_path / "run"
+    for f in ("metrics.json", "train_log.jsonl", "config.yaml", "adapter/adapter_config.json",
+              "adapter/adapter_model.safetensors", "before/metrics.json", "after/metrics.json"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 6 and m["n_adapted_modules"] == 14
+    assert m["comparison"]["flip_rate"]["test"]["p_value"] is not None
+    assert "versions" in (out / "config.yaml").read_text()
+    assert not list(out.glob("*.tmp"))
+    # plain peft loading gives the margins the run evaluated
+    base = load_model(str(tiny_workspace[1]))
+    peft_model = PeftModel.from_pretrained(base.model, str(out / "adapter")).eval()
+    b2 = base.__class__(peft_model, base.processor, base.family, base.answers)
+    rows = [json.loads(x) for x in (out / "after" / "pairs.jsonl").read_text().splitlines()]
+    from mechmed.data import load_pairs
+
+    pairs = load_pairs(tiny_workspace[0] / "pairs.jsonl")
+    from mechmed.consistency import load_image
+
+    got = margins(b2, [p.paraphrase for p in pairs], [load_image(p.image) for p in pairs])
+    np.testing.assert_allclose(got.numpy(), [r["margin_paraphrase"] for r in rows], atol=1e-5)
+    assert len(res.log) == 6 and all(np.isfinite(h["loss"]) for h in res.log)
+
+
+def test_resume_after_interruption_is_identical(tiny_workspace, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = _train_cfg(tiny_workspace, eval_every=0)
+    full = train(cfg, tmp_path / "full", evaluate_before_after=False)
+    part = train(cfg, tmp_path / "part", evaluate_before_after=False, stop_after=3)  # checkpoint at step 2
+    assert part.metrics == {"interrupted_at": 3}
+    resumed = train(cfg, tmp_path / "part", evaluate_before_after=False, resume=True)
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "part" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [h["loss"] for h in full.log] == [h["loss"] for h in resumed.log]
+
+
+def test_finished_run_is_not_overwritten(tiny_workspace, tmp_path):
+    cfg = _train_cfg(tiny_workspace, max_steps=1)
+    train(cfg, tmp_path / "r", evaluate_before_after=False)
+    with pytest.raises(MechmedError, match="finished run"):
+        train(cfg, tmp_path / "r", evaluate_before_after=False)
