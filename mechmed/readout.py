@@ -114,7 +114,7 @@ def yes_no_logits(logits, answers: AnswerTokens):
     """[batch, vocab] logits at the answer position -> [batch, 2] (yes score, no score)."""
     import torch
 
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
     yes = torch.logsumexp(logits[:, list(answers.yes_ids)], dim=-1)
     no = torch.logsumexp(logits[:, list(answers.no_ids)], dim=-1)
     return torch.stack([yes, no], dim=-1)
