@@ -243,3 +243,97 @@ def attribute(bundle, pairs: Sequence, *, saes: Mapping[int, object] | None = No
     for s in progress_bar(starts, desc="attributing" if progress else None, total=len(starts)):
         out.extend(attribute_batch(bundle, usable[s:s + batch_size], saes=saes, exact=exact, image_cache=cache))
     return out
+
+
+# ---------------------------------------------------------------- layer scores
+
+SCORE_KEYS = ("attr_flipped", "attr_stable", "attr_all", "patch_flipped", "recovery_flipped", "feature_auc")
+
+
+def layer_scores(results: Sequence[PairAttribution], *, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Aggregate per-pair attributions into per-layer scores with bootstrap 95% intervals.
+
+    - ``attr_flipped`` / ``attr_stable`` / ``attr_all``: mean |a_L| over flipped / stable / all pairs;
+    - ``patch_flipped``: mean |e_L| (exact patching) over flipped pairs;
+    - ``recovery_flipped``: mean e_L / (m_q − m_p) over flipped pairs;
+    - ``feature_auc``: per layer with an SAE, the feature with the largest mean |Δf| on flipped
+      pairs, and the AUC of its |Δf| for telling flipped from stable pairs;
+    - ``spearman_attr_patch``: rank agreement across layers of attribution and exact patching.
+    """
+    from scipy.stats import spearmanr
+
+    from mechmed import stats
+
+    if not results:
+        raise MechmedError("no attributed pairs to score")
+    flipped = np.array([r.flipped for r in results])
+    A = np.abs(np.stack([r.layer_attr for r in results]))  # [n, L]
+    n_layers = A.shape[1]
+
+    def agg(M, mask):
+        if mask.sum() == 0:
+            return {"mean": [None] * n_layers, "ci": [[None, None]] * n_layers, "n": 0}
+        means, cis = [], []
+        for layer in range(n_layers):
+            x = M[mask, layer]
+            x = x[np.isfinite(x)]
+            if x.size == 0:
+                means.append(None)
+                cis.append([None, None])
+                continue
+            b = stats.bootstrap_ci(x, n_resamples=n_bootstrap, seed=seed) if x.size > 1 else None
+            means.append(float(x.mean()))
+            cis.append([b.low, b.high] if b else [float(x[0]), float(x[0])])
+        return {"mean": means, "ci": cis, "n": int(mask.sum())}
+
+    out = {"n_layers": n_layers, "n_pairs": len(results), "n_flipped": int(flipped.sum()),
+           "scores": {"attr_flipped": agg(A, flipped), "attr_stable": agg(A, ~flipped),
+                      "attr_all": agg(A, np.ones_like(flipped))}}
+    if all(r.patch_effect is not None for r in results):
+        E = np.stack([r.patch_effect for r in results])
+        gaps = np.array([r.gap for r in results])[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            R = np.where(np.abs(gaps) > 1e-6, E / gaps, np.nan)
+        out["scores"]["patch_flipped"] = agg(np.abs(E), flipped)
+        out["scores"]["recovery_flipped"] = agg(R, flipped)
+        a, e = out["scores"]["attr_flipped"]["mean"], out["scores"]["patch_flipped"]["mean"]
+        if None not in a and None not in e and n_layers > 2:
+            out["spearman_attr_patch"] = float(spearmanr(a, e).statistic)
+    feature_layers = sorted(set().union(*[r.features.keys() for r in results]))
+    if feature_layers:
+        auc = [None] * n_layers
+        top = {}
+        for layer in feature_layers:
+            D = np.abs(np.stack([r.features[layer]["f_p"] - r.features[layer]["f_q"] for r in results]))
+            ref = D[flipped] if flipped.any() else D
+            i = int(np.argmax(ref.mean(0)))
+            top[layer] = i
+            if 0 < flipped.sum() < len(flipped):
+                auc[layer] = stats.auc(D[:, i], flipped)
+        out["scores"]["feature_auc"] = {"mean": auc, "ci": [[None, None]] * n_layers, "n": len(results)}
+        out["top_feature"] = {str(k): v for k, v in top.items()}
+    return out
+
+
+def feature_table(results: Sequence[PairAttribution], *, top: int = 10) -> list[dict]:
+    """Top features per layer by mean |attribution| over flipped pairs (all pairs if none flipped)."""
+    from mechmed import stats
+
+    flipped = np.array([r.flipped for r in results])
+    mask = flipped if flipped.any() else np.ones_like(flipped)
+    rows = []
+    layers = sorted(set().union(*[r.features.keys() for r in results])) if results else []
+    for layer in layers:
+        F_q = np.stack([r.features[layer]["f_q"] for r in results])
+        F_p = np.stack([r.features[layer]["f_p"] for r in results])
+        AT = np.stack([r.features[layer]["attr"] for r in results])
+        D = F_p - F_q
+        order = np.argsort(-np.abs(AT[mask]).mean(0))[:top]
+        for rank, i in enumerate(order):
+            auc = stats.auc(np.abs(D[:, i]), flipped) if 0 < flipped.sum() < len(flipped) else None
+            rows.append({"layer": layer, "rank": rank, "feature": int(i),
+                         "mean_delta_f": float(D[mask, i].mean()), "mean_abs_delta_f": float(np.abs(D[mask, i]).mean()),
+                         "mean_attr": float(AT[mask, i].mean()), "mean_abs_attr": float(np.abs(AT[mask, i]).mean()),
+                         "active_frac_q": float((F_q[:, i] > 0).mean()), "active_frac_p": float((F_p[:, i] > 0).mean()),
+                         "auc": auc})
+    return rows

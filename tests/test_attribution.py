@@ -129,3 +129,23 @@ def test_delta_patch_matches_a_manual_hooked_run(setup):
 
         mp = _margin(b, _inputs(b, [p.paraphrase], [img]), {Site(2): patch})[0].item()
         assert value == pytest.approx((mp - m[1]) / (m[0] - m[1]), rel=1e-6)
+
+
+def test_layer_scores_and_feature_table(setup):
+    from mechmed.attribution import feature_table, layer_scores
+
+    b, pairs = setup
+    res = attribute(b, pairs, saes={1: LinearSAE(b.d_model, 32)}, exact=True)
+    res[0].flipped, res[1].flipped, res[2].flipped = True, False, True  # force both groups
+    s = layer_scores(res, n_bootstrap=200)
+    assert s["n_layers"] == b.n_layers and s["n_flipped"] == 2
+    by_hand = np.mean([abs(res[0].layer_attr[2]), abs(res[2].layer_attr[2])])
+    assert s["scores"]["attr_flipped"]["mean"][2] == pytest.approx(by_hand)
+    lo, hi = s["scores"]["attr_flipped"]["ci"][2]
+    assert lo <= by_hand <= hi
+    rec = [res[i].patch_effect[-1] / res[i].gap for i in (0, 2)]
+    assert s["scores"]["recovery_flipped"]["mean"][-1] == pytest.approx(np.mean(rec)) == pytest.approx(1.0)
+    assert -1 <= s["spearman_attr_patch"] <= 1
+    rows = feature_table(res, top=3)
+    assert len(rows) == 3 and all(r["layer"] == 1 for r in rows)
+    assert rows[0]["mean_abs_attr"] >= rows[1]["mean_abs_attr"] >= rows[2]["mean_abs_attr"]
