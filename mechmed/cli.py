@@ -100,6 +100,49 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_sae_check(args) -> int:
+    from mechmed.fidelity import format_table, run_sae_check
+
+    res = run_sae_check(args.model, args.saes, args.layers, args.texts, args.out, threshold=args.threshold,
+                        batch_size=args.batch_size, device=args.device, ce=not args.no_ce, seed=args.seed)
+    print(format_table(res.rows))
+    print(f"written {args.out}/sae_check.json and r2_by_layer.html")
+    return 0
+
+
+def cmd_attribute(args) -> int:
+    from mechmed.attribution import run_attribute
+
+    s = run_attribute(args.model, args.data, None if args.saes == "none" else args.saes, args.out,
+                      max_pairs=args.max_pairs, exact=not args.no_exact, top_features=args.top_features,
+                      batch_size=args.batch_size, device=args.device, image_root=args.image_root, seed=args.seed,
+                      progress=True)
+    a = s["scores"]["attr_flipped" if s["n_flipped"] else "attr_all"]["mean"]
+    print(f"attributed {s['n_pairs']} pairs ({s['n_flipped']} flipped) over {s['n_layers']} layers: {args.out}")
+    print("  layer  mean |attribution|" + ("   exact |patch|" if "patch_flipped" in s["scores"] else ""))
+    for layer, v in enumerate(a):
+        extra = ""
+        if "patch_flipped" in s["scores"] and s["scores"]["patch_flipped"]["mean"][layer] is not None:
+            extra = f"   {s['scores']['patch_flipped']['mean'][layer]:.4f}"
+        print(f"  {layer:>5}  {v:.4f}{extra}")
+    if "spearman_attr_patch" in s:
+        print(f"  Spearman(attribution, exact patching) = {s['spearman_attr_patch']:.3f}")
+    return 0
+
+
+def cmd_select_layers(args) -> int:
+    from mechmed.selection import run_select_layers
+
+    overrides = {k: v for k, v in config_from_args(args).items() if k not in ("layers", "model", "method", "seed")}
+    cfg, chosen = run_select_layers(args.scores, args.out, strategy=args.strategy, width=args.width, k=args.k,
+                                    threshold=args.threshold, score=args.score, method=args.method or "lora",
+                                    model=args.model, data=args.data, saes=args.saes, seed=args.seed or 0,
+                                    overrides=overrides)
+    print(f"selected layers {list(chosen.layers)} ({chosen.strategy}, {args.score}); config: {args.out}")
+    print(f"next: mechmed train --config {args.out} --out runs/train")
+    return 0
+
+
 def cmd_demo_model(args) -> int:
     from mechmed.demo.build import ensure_demo_data, ensure_demo_model
 
@@ -216,6 +259,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", help="evaluation directory B (or its metrics.json)")
     p.add_argument("--out", default=None, help="also write the comparison as JSON here")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sae-check", help="do SAEs reconstruct the model's activations? (R² per layer, t-test)")
+    _add_model_options(p)
+    p.add_argument("--saes", default="demo", help="demo, a directory of per-layer sae-lens SAEs, or "
+                   "RELEASE:ID_TEMPLATE, e.g. gemma-scope-2-4b-it-res:layer_{L}_width_16k_l0_big")
+    p.add_argument("--layers", default="all", help="layers to check, e.g. 15-19 or all (default)")
+    p.add_argument("--texts", default="medical,general,images", help="prompt sets (default medical,general,images)")
+    p.add_argument("--threshold", type=float, default=0.95, help="R² threshold of the t-test (default 0.95)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-ce", action="store_true", help="skip CE-loss recovered (one extra forward per layer)")
+    p.add_argument("--out", default="runs/sae_check")
+    p.set_defaults(func=cmd_sae_check)
+
+    p = sub.add_parser("attribute", help="attribute paraphrase flips to layers and SAE features")
+    _add_model_options(p)
+    p.add_argument("--data", default="demo", help="pairs file, directory, or 'demo'")
+    p.add_argument("--image-root", default=None)
+    p.add_argument("--saes", default="demo", help="SAEs as for sae-check, or 'none' for layers only")
+    p.add_argument("--max-pairs", type=int, default=300, help="pairs to attribute (a seeded sample; default 300)")
+    p.add_argument("--no-exact", action="store_true", help="skip exact activation patching (L forwards per pair)")
+    p.add_argument("--top-features", type=int, default=10, help="features per layer in features.csv")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default="runs/attribute")
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("select-layers", help="pick a layer range from the scores; write a training config")
+    p.add_argument("--scores", default=None, help="layer_scores.json from mechmed attribute "
+                   "(omit to compute it from --model/--data/--saes)")
+    p.add_argument("--strategy", default="window", choices=["window", "topk", "threshold"])
+    p.add_argument("--width", type=int, default=5, help="window width (default 5)")
+    p.add_argument("--k", type=int, default=5, help="layers for --strategy topk")
+    p.add_argument("--threshold", type=float, default=None, help="score threshold for --strategy threshold")
+    p.add_argument("--score", default="attr_flipped", help="which layer score to select on (default attr_flipped)")
+    p.add_argument("--saes", default="demo", help="SAEs, when the scores are computed here")
+    p.add_argument("--data", default="demo", help="pairs, when the scores are computed here; also the config's data")
+    p.add_argument("--out", default="runs/train.yaml", help="training config to write")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_select_layers)
 
     p = sub.add_parser("train", help="train an adapter on the selected layers (consistency + accuracy loss)")
     p.add_argument("--config", default=None, help="training config YAML (from mechmed select-layers); "

@@ -109,3 +109,53 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def load_scores(path: str | Path) -> dict:
+    from mechmed.io import read_json
+
+    scores = read_json(path, "--scores")
+    if not isinstance(scores, dict) or "scores" not in scores:
+        raise MechmedError(f"--scores {path}: not a layer_scores.json written by mechmed attribute")
+    return scores
+
+
+def score_vector(scores: dict, key: str, path: str = "scores") -> list[float]:
+    table = scores["scores"]
+    if key not in table:
+        raise MechmedError(f"--score {key}: not in {path}; it has {', '.join(table)}")
+    values = table[key]["mean"]
+    if any(v is None for v in values):
+        raise MechmedError(f"--score {key}: missing for some layers in {path} (e.g. no flipped pairs); "
+                           "choose another --score such as attr_all")
+    return [float(v) for v in values]
+
+
+def run_select_layers(scores: str | None = None, out: str = "runs/train.yaml", *, strategy: str = "window",
+                      width: int = 5, k: int = 5, threshold: float | None = None, score: str = "attr_flipped",
+                      method: str = "lora", model: str | None = None, data: str = "demo",
+                      saes: str | None = "demo", attribute_out: str | None = None, seed: int = 0,
+                      overrides: dict | None = None):
+    """Select layers from a scores file (or compute it), and write a training config YAML."""
+    from mechmed import __version__
+    from mechmed.config import TrainConfig, demo_defaults
+
+    if scores is None:
+        from mechmed.attribution import run_attribute
+
+        attribute_out = attribute_out or str(Path(out).with_suffix("")) + "_attribution"
+        run_attribute(model or "demo", data, saes, attribute_out, seed=seed)
+        scores = str(Path(attribute_out) / "layer_scores.json")
+    table = load_scores(scores)
+    vec = score_vector(table, score, str(scores))
+    chosen = select(vec, strategy, width=width, k=k, threshold=threshold)
+    model = model or table.get("model", "demo")
+    base = demo_defaults() if model == "demo" else {}
+    provenance = {"scores_file": str(scores), "scores_sha256": file_sha256(scores), "score": score,
+                  **chosen.to_dict(), "mechmed_version": __version__}
+    cfg = TrainConfig.from_dict({**base, "model": model, "layers": list(chosen.layers), "method": method,
+                                 "train_data": data if data != "demo" else "demo",
+                                 "eval_data": data if data != "demo" else "demo", "seed": seed,
+                                 **(overrides or {}), "provenance": provenance}, source="select-layers")
+    cfg.save(out)
+    return cfg, chosen
