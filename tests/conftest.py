@@ -36,6 +36,25 @@ def tiny_models():
 
 
 @pytest.fixture(scope="session")
+def demo_model_dir():
+    """The embedded default model directory, from the default cache (built there on first use)."""
+    import torch
+
+    from mechmed.demo.build import ensure_demo_model
+
+    torch.set_num_threads(2)
+    return ensure_demo_model()
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(demo_model_dir):
+    """The embedded default's evaluation data directory (``pairs.jsonl``, ``train_pairs.jsonl``, images)."""
+    from mechmed.demo.build import ensure_demo_data
+
+    return ensure_demo_data()
+
+
+@pytest.fixture(scope="session")
 def tiny_bundles(tiny_models):
     from mechmed.models import bundle
 

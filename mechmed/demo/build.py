@@ -1,0 +1,212 @@
+"""Building and caching the embedded default: the demo model and its evaluation data.
+
+``ensure_demo_model()`` returns a directory that plain transformers loads
+(``AutoProcessor.from_pretrained(path)``, ``AutoModelForImageTextToText.from_pretrained(path)``;
+weights in safetensors), building it on first use (under a minute on two CPU cores).
+``ensure_demo_data()`` returns the evaluation data directory
+(:func:`mechmed.demo.dataset.write_demo_data`: ``images/``, ``pairs.jsonl``, ``train_pairs.jsonl``).
+
+Cache layout: ``$MECHMED_CACHE`` (default ``~/.cache/mechmed``) ``/demo/{model|data}-s{seed}-{key}``,
+``key`` a hash of the recipe (version, model and training configs, data settings) and the seed.
+A directory is built under a temporary name and renamed into place with its completion marker
+already inside, so a killed build never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from mechmed.demo.model import RECIPE_VERSION, DemoModelConfig
+from mechmed.demo.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+MARKER = ".complete"
+METRICS = "build_metrics.json"
+#: Evaluation data settings (arguments of ``write_demo_data``); part of the cache key.
+DATA_SETTINGS = {"n_images": 200, "size": 32, "per_question": 3}
+DATA_VERSION = "demo-data-v1"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$MECHMED_CACHE``, else ``~/.cache/mechmed``."""
+    root = cache_dir or os.environ.get("MECHMED_CACHE") or Path.home() / ".cache" / "mechmed"
+    return Path(root).expanduser()
+
+
+def _key(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def model_recipe(
+    seed: int = 0, model_config: DemoModelConfig | None = None, train_config: TrainConfig | None = None
+) -> dict:
+    """Everything that determines the demo model's weights (its cache key is a hash of this)."""
+    return {
+        "recipe": RECIPE_VERSION,
+        "seed": seed,
+        "data": data_recipe(seed),
+        "model": (model_config or DemoModelConfig()).to_dict(),
+        "train": (train_config or TrainConfig()).to_dict(),
+    }
+
+
+def data_recipe(seed: int = 0) -> dict:
+    return {"version": DATA_VERSION, "seed": seed, **DATA_SETTINGS}
+
+
+def _complete(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def _publish(tmp: Path, final: Path, replace: bool) -> Path:
+    """Rename the finished ``tmp`` onto ``final`` (replacing an incomplete one, or any if ``replace``)."""
+    if final.exists() and (replace or not _complete(final)):
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not _complete(final):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same build first: keep theirs
+    return final
+
+
+def _build_into(final: Path, build, replace: bool = False) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        build(tmp)
+        (tmp / MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n", encoding="utf-8")
+        return _publish(tmp, final, replace)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_demo_data(cache_dir: str | os.PathLike | None = None, seed: int = 0, force: bool = False) -> Path:
+    """The demo's evaluation data directory (``pairs.jsonl`` over held-out phrasings, images, ...)."""
+    from mechmed.demo.dataset import write_demo_data
+
+    recipe = data_recipe(seed)
+    final = cache_root(cache_dir) / "demo" / f"data-s{seed}-{_key(recipe)}"
+    if _complete(final) and not force:
+        return final
+    log.info("writing the demo data (seed %d) to %s", seed, final)
+
+    def build(tmp: Path) -> None:
+        write_demo_data(tmp, seed=seed, **DATA_SETTINGS)
+        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+
+    return _build_into(final, build, replace=force)
+
+
+def ensure_demo_model(cache_dir: str | os.PathLike | None = None, seed: int = 0, force: bool = False) -> Path:
+    """The demo model directory, built (data + training, under a minute on 2 cores) if not cached."""
+    recipe = model_recipe(seed)
+    final = cache_root(cache_dir) / "demo" / f"model-s{seed}-{_key(recipe)}"
+    if _complete(final) and not force:
+        return final
+    log.info("building the demo model (seed %d) in %s", seed, final)
+    return _build_into(final, lambda tmp: build_demo(tmp, seed=seed, cache_dir=cache_dir), replace=force)
+
+
+def weights_digest(model) -> str:
+    """SHA-256 over the state dict (sorted names, raw bytes): equal digests mean equal weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_demo(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    model_config: DemoModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+) -> dict:
+    """Build, train, save and evaluate a demo model in ``out_dir`` (no caching); returns its metrics,
+    also written to ``out_dir/build_metrics.json``.
+
+    Metrics: ``canonical_accuracy`` (canonical question, evaluation images), ``flip_rate`` (held-out
+    phrasing pairs; see :func:`mechmed.demo.train.evaluate_pairs`), ``yes_rate``,
+    ``blank_image_agreement``, and ``timing`` (seconds: data, training, evaluation, total build).
+    """
+    import torch
+
+    from mechmed.demo.model import build_demo_model
+    from mechmed.demo.train import evaluate_pairs, load_rows, train_demo
+    from mechmed.tiny import save
+
+    out = Path(out_dir)
+    model_config = model_config or DemoModelConfig()
+    train_config = train_config or TrainConfig()
+    t0, c0 = time.perf_counter(), time.process_time()
+    data_cached = _complete(cache_root(cache_dir) / "demo" / f"data-s{seed}-{_key(data_recipe(seed))}")
+    data_dir = ensure_demo_data(cache_dir, seed)
+    t_data = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    model, processor = build_demo_model(model_config, seed)
+    stats = train_demo(model, processor, train_config, seed)
+    t_train = time.perf_counter() - t1
+    save(model, processor, out)
+
+    t2 = time.perf_counter()
+    ev = evaluate_pairs(model, processor, load_rows(data_dir / "pairs.jsonl"), data_dir)
+    t_eval = time.perf_counter() - t2
+    metrics = {
+        "recipe_version": RECIPE_VERSION,
+        "seed": seed,
+        "class": type(model).__name__,
+        "decoder_layers": model.config.text_config.num_hidden_layers,
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "weights_sha256": weights_digest(model),
+        **ev,
+        "training": stats,
+        "data_dir": str(data_dir),
+        "model_config": model_config.to_dict(),
+        "train_config": train_config.to_dict(),
+        "timing": {
+            "data_s": t_data,
+            "data_cached": data_cached,
+            "train_s": t_train,
+            "eval_s": t_eval,
+            "build_s": t_data + t_train,
+            "total_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - c0,
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
+    (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (out / "recipe.json").write_text(
+        json.dumps(model_recipe(seed, model_config, train_config), indent=2) + "\n", encoding="utf-8"
+    )
+    log.info(
+        "demo model (seed %d): canonical accuracy %.3f, flip rate %.3f, yes-rate %.3f, blank agreement %.3f, "
+        "built in %.1fs",
+        seed,
+        ev["canonical_accuracy"],
+        ev["flip_rate"],
+        ev["yes_rate"],
+        ev["blank_image_agreement"],
+        t_data + t_train,
+    )
+    return metrics
+
+
+def read_build_metrics(model_dir: str | os.PathLike) -> dict:
+    """The ``build_metrics.json`` of a demo model directory."""
+    from mechmed.io import read_json
+
+    return read_json(Path(model_dir) / METRICS, "demo build metrics")

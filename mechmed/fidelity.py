@@ -1,0 +1,504 @@
+"""Do SAEs reconstruct a model's activations? Per-layer, per-prompt fidelity and the sae-check.
+
+Metrics, per layer and prompt set, over the positions :func:`mechmed.saes.token_mask` keeps (real
+tokens, BOS excluded; image tokens included), x the resid_post activation, x̂ = decode(encode(x)):
+
+- **R²** (explained variance) = 1 − Σ‖x − x̂‖² / Σ‖x − μ‖², μ the mean activation over the *whole
+  evaluated set* (predicting μ for every token gives exactly 0). ``r2_pooled`` sums over all tokens;
+  the per-prompt R²ᵢ sums over prompt i's tokens and uses the same global μ, and ``r2`` is their
+  mean, the quantity tested. **FVU** = 1 − R² (``fvu`` = 1 − ``r2``).
+- **L0**: mean number of nonzero latents per token. **cosine**: mean cos(x, x̂) per token.
+- **CE recovered** (``ce=True``) = (CE_zero − CE_recon) / (CE_zero − CE_clean): next-token
+  cross-entropy on the prompt tokens (image-token targets and BOS sources excluded) with the layer's
+  output left as is (clean), replaced by x̂ (recon), or set to zero (zero) at the evaluated
+  positions. 1 = the reconstruction loses nothing, 0 = as bad as deleting the layer's output.
+- **margin change** (``ce=True``, question prompts only): mean |m_spliced − m_clean| of the yes/no
+  margin (:mod:`mechmed.readout`) when x̂ replaces x at the answer position only; ``margin_flips``
+  counts sign changes.
+- **The test** (the paper's): one-sided one-sample t test of mean per-prompt R² > ``threshold``
+  (:func:`mechmed.stats.one_sample_ttest`, n = prompts); ``exceeds_threshold`` when p < ``alpha``.
+  ``r2_ci`` is the matching two-sided 95% t interval of the mean, x̄ ± t₀.₉₇₅,ₙ₋₁·s/√n (a bootstrap
+  would hold resamples × prompts values at once; the t interval keeps memory flat in n).
+
+Cost and memory. Every layer is read in *one* forward pass per batch (one hook per Site). With
+``ce=True`` each layer adds two forwards per batch (recon, zero) and, for question prompts, a third
+(the answer-position splice): ``forwards_per_batch = 1 + L·(2 or 3)``. Statistics stream: per layer
+Σ(x − c), Σ‖x − c‖², Σ‖x − x̂‖², L0 and cosine sums (c a fixed reference, the first batch's mean,
+which keeps the float64 sums well conditioned), and per prompt the same sums (Σ(x − c) as a
+float32 d_model vector, allocated once), so memory grows with prompts × layers × d_model (1000
+prompts × 34 layers × 2560 for MedGemma-4B: 350 MB), never with tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mechmed.errors import MechmedError
+from mechmed.sites import Site
+
+log = logging.getLogger(__name__)
+
+TEXT_SETS = ("medical", "general", "images")
+DEFAULT_TEXTS = "medical,general,images"
+N_IMAGE_PROMPTS = 100
+ALPHA = 0.05
+RESULT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- prompt sets
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Named prompts: plain texts, or questions with one image each (``images`` set)."""
+
+    name: str
+    texts: tuple
+    images: tuple | None = None
+
+    def __post_init__(self):
+        if not self.texts:
+            raise MechmedError(f"text set {self.name!r}: empty")
+        if self.images is not None and len(self.images) != len(self.texts):
+            raise MechmedError(f"text set {self.name!r}: {len(self.images)} images for {len(self.texts)} questions")
+
+    @property
+    def is_questions(self) -> bool:
+        return self.images is not None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def inputs(self, bundle, start: int, stop: int):
+        """The tokenised batch of prompts ``start:stop`` (left-padded)."""
+        from mechmed.readout import build_inputs
+        from mechmed.saes import text_inputs
+
+        if self.images is None:
+            return text_inputs(bundle.processor, self.texts[start:stop])
+        if not bundle.multimodal:
+            raise MechmedError(f"text set {self.name!r}: this model takes no images; drop {self.name} from --texts")
+        return build_inputs(bundle.processor, list(self.texts[start:stop]), list(self.images[start:stop]))
+
+
+def prompt_set(name: str, *, seed: int = 0, n_images: int = N_IMAGE_PROMPTS) -> PromptSet:
+    """A shipped prompt set: ``medical``, ``general`` (:mod:`mechmed.data.texts`) or ``images``
+    (``n_images`` image + question prompts over the demo's evaluation images)."""
+    from mechmed.data.texts import image_question_prompts, text_set
+
+    if name == "images":
+        images, questions = image_question_prompts(n_images, seed, split="eval")
+        return PromptSet(name, tuple(questions), tuple(images))
+    if name not in TEXT_SETS:
+        raise MechmedError(f"--texts {name}: unknown text set; choose from {', '.join(TEXT_SETS)}")
+    return PromptSet(name, tuple(text_set(name)))
+
+
+def parse_text_sets(texts: str | Sequence[str]) -> list[str]:
+    """``"medical,general,images"`` -> names, each checked (unknown names and repeats are errors)."""
+    names = [t.strip() for t in (texts.split(",") if isinstance(texts, str) else texts)]
+    names = [t for t in names if t]
+    if not names:
+        raise MechmedError(f"--texts {texts!r}: empty; choose from {', '.join(TEXT_SETS)}")
+    for t in names:
+        if t not in TEXT_SETS:
+            raise MechmedError(f"--texts {t}: unknown text set; choose from {', '.join(TEXT_SETS)}")
+    if len(set(names)) != len(names):
+        raise MechmedError(f"--texts {texts}: a text set is listed twice")
+    return names
+
+
+# ----------------------------------------------------------------------------- streaming statistics
+
+
+@dataclass
+class FidelitySummary:
+    """What :meth:`ReconstructionStats.summary` returns for one layer and prompt set."""
+
+    r2_pooled: float
+    r2_per_prompt: np.ndarray
+    l0: float
+    cosine: float
+    n_tokens: int
+    n_prompts: int
+    l0_per_prompt: np.ndarray = field(repr=False)
+
+
+class ReconstructionStats:
+    """Streaming sufficient statistics of (x, x̂) for one layer: pooled and per prompt.
+
+    Made for ``n_prompts`` prompts (its per-prompt sums are allocated once, so that a long run
+    does not fragment the heap); call :meth:`add` once per batch with the evaluated tokens'
+    activations, reconstructions, latent counts and prompt indices (0..n_prompts-1);
+    :meth:`summary` computes R² against the global mean μ at the end, per prompt via
+    Σᵢ‖x − μ‖² = Σᵢ‖x − c‖² − 2(μ − c)·Σᵢ(x − c) + nᵢ‖μ − c‖².
+    """
+
+    _SCALARS = ("n", "ssr", "sq", "l0", "cos")
+
+    def __init__(self, n_prompts: int):
+        import torch
+
+        self.n_prompts = int(n_prompts)
+        self.ref = None
+        self.n = 0
+        self.sum_xc = None
+        self.sum_sq = 0.0
+        self.ssr = 0.0
+        self.l0_sum = 0.0
+        self.cos_sum = 0.0
+        self._scalars = torch.zeros(self.n_prompts, len(self._SCALARS), dtype=torch.float64)
+        self._xc = None  # [n_prompts, d] float32 Σ(x − c) per prompt
+
+    def add(self, x, x_hat, l0, prompt_index) -> None:
+        """``x``, ``x_hat``: [tokens, d]; ``l0``: [tokens] active latents; ``prompt_index``:
+        [tokens] prompt of each token, in 0..n_prompts-1."""
+        import torch
+
+        x = x.detach().to("cpu", torch.float64)
+        xh = x_hat.detach().to("cpu", torch.float64)
+        idx = prompt_index.detach().to("cpu", torch.long)
+        if idx.numel() and int(idx.max()) >= self.n_prompts:
+            raise ValueError(f"prompt index {int(idx.max())} >= n_prompts {self.n_prompts}")
+        if self.ref is None:
+            self.ref = x.mean(0) if x.shape[0] else torch.zeros(x.shape[1], dtype=torch.float64)
+            self.sum_xc = torch.zeros_like(self.ref)
+            self._xc = torch.zeros(self.n_prompts, x.shape[1], dtype=torch.float32)
+        xc = x - self.ref
+        err = (x - xh).pow(2).sum(-1)
+        sq = xc.pow(2).sum(-1)
+        cos = torch.nn.functional.cosine_similarity(x, xh, dim=-1, eps=1e-12)
+        l0 = l0.detach().to("cpu", torch.float64)
+        self.n += int(x.shape[0])
+        self.sum_xc += xc.sum(0)
+        self.sum_sq += float(sq.sum())
+        self.ssr += float(err.sum())
+        self.l0_sum += float(l0.sum())
+        self.cos_sum += float(cos.sum())
+        self._scalars.index_add_(0, idx, torch.stack([torch.ones_like(err), err, sq, l0, cos], 1))
+        self._xc.index_add_(0, idx, xc.to(torch.float32))
+
+    def summary(self) -> FidelitySummary:
+        if self.n == 0:
+            raise MechmedError("no tokens were evaluated: every prompt is empty after dropping padding and BOS")
+        delta = (self.sum_xc / self.n).numpy()
+        dd = float(delta @ delta)
+        sst = self.sum_sq - self.n * dd
+        r2_pooled = 1.0 - self.ssr / sst if sst > 0 else float("nan")
+        p = dict(zip(self._SCALARS, self._scalars.numpy().T))
+        keep = p["n"] > 0
+        sst_p = p["sq"] - 2.0 * (self._xc.numpy().astype(np.float64) @ delta) + p["n"] * dd
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r2_p = np.where(sst_p > 0, 1.0 - p["ssr"] / sst_p, np.nan)
+            l0_p = p["l0"] / p["n"]
+        r2_p, l0_p = r2_p[keep], l0_p[keep]
+        return FidelitySummary(r2_pooled=float(r2_pooled), r2_per_prompt=r2_p, l0=self.l0_sum / self.n,
+                               cosine=self.cos_sum / self.n, n_tokens=self.n, n_prompts=int(keep.sum()),
+                               l0_per_prompt=l0_p)
+
+
+def explained_variance(x, x_hat) -> float:
+    """R² = 1 − Σ‖x − x̂‖² / Σ‖x − μ‖² over the rows of ``x`` ([tokens, d]), μ their mean."""
+    import torch
+
+    s = ReconstructionStats(1)
+    s.add(x, x_hat, torch.zeros(x.shape[0]), torch.zeros(x.shape[0], dtype=torch.long))
+    return s.summary().r2_pooled
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _sae_apply(sae, x):
+    """(x̂, active latents per token) for x [tokens, d] in the SAE's dtype."""
+    dtype = next(sae.parameters()).dtype
+    feats = sae.encode(x.to(dtype))
+    return sae.decode(feats), (feats != 0).sum(-1)
+
+
+def _ce_sums(logits, input_ids, valid):
+    """Σ next-token cross-entropy over ``valid`` [b, T-1] targets, and their count."""
+    import torch
+
+    lp = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(),
+                                           reduction="none").view(valid.shape)
+    return float((lp * valid).sum()), int(valid.sum())
+
+
+def _ce_targets(bundle, inputs, mask):
+    """[b, T-1] bool: targets scored by CE (source evaluated, target a real, non-image token)."""
+    ids = inputs["input_ids"]
+    valid = mask[:, :-1] & inputs["attention_mask"][:, 1:].bool()
+    cfg = bundle.model.config
+    for key in ("image_token_id", "image_token_index"):
+        tok = getattr(cfg, key, None)
+        if isinstance(tok, int):
+            valid = valid & (ids[:, 1:] != tok)
+    return valid
+
+
+@dataclass
+class _Interventions:
+    ce: dict = field(default_factory=lambda: {"clean": 0.0, "recon": 0.0, "zero": 0.0})
+    ce_tokens: int = 0
+    margin_delta: list = field(default_factory=list)
+    flips: int = 0
+
+    def summary(self) -> dict:
+        out: dict[str, Any] = {"ce_clean": None, "ce_recon": None, "ce_zero": None, "ce_recovered": None,
+                               "margin_change": None, "margin_flips": None}
+        if self.ce_tokens:
+            c, r, z = (self.ce[k] / self.ce_tokens for k in ("clean", "recon", "zero"))
+            out.update(ce_clean=c, ce_recon=r, ce_zero=z,
+                       ce_recovered=(z - r) / (z - c) if abs(z - c) > 1e-12 else None)
+        if self.margin_delta:
+            d = np.concatenate(self.margin_delta)
+            out.update(margin_change=float(np.abs(d).mean()), margin_flips=self.flips)
+        return out
+
+
+@dataclass
+class SetEvaluation:
+    """:func:`evaluate_saes` on one prompt set: rows (one per layer) and what it cost."""
+
+    rows: list
+    n_batches: int
+    n_forwards: int
+    n_tokens: int
+    seconds: float
+
+    @property
+    def forwards_per_batch(self) -> float:
+        return self.n_forwards / max(1, self.n_batches)
+
+
+def _row(layer: int, name: str, summ: FidelitySummary, inter: dict, threshold: float, alpha: float, sae) -> dict:
+    from scipy import stats as sps
+
+    from mechmed.saes import sae_hook_name
+    from mechmed.stats import one_sample_ttest
+
+    r2s = summ.r2_per_prompt[np.isfinite(summ.r2_per_prompt)]
+    if r2s.size == 0:
+        raise MechmedError(f"layer {layer}, text set {name}: no prompt has a defined R² (zero variance)")
+    mean = float(r2s.mean())
+    if r2s.size >= 2:
+        test = one_sample_ttest(r2s, threshold, alternative="greater")
+        half = float(sps.t.ppf(0.975, r2s.size - 1) * r2s.std(ddof=1) / math.sqrt(r2s.size))
+        p_value, t_stat, ci = test.p_value, test.statistic, [mean - half, mean + half]
+    else:
+        p_value, t_stat, ci = None, None, [mean, mean]
+    return {
+        "layer": layer, "text_set": name, "n_prompts": int(r2s.size), "n_tokens": summ.n_tokens,
+        "r2": mean, "r2_ci": ci, "r2_pooled": summ.r2_pooled, "r2_min": float(r2s.min()),
+        "fvu": 1.0 - mean, "fvu_pooled": 1.0 - summ.r2_pooled,
+        "l0": summ.l0, "cosine": summ.cosine, **inter,
+        "threshold": threshold, "t_statistic": t_stat, "p_value": p_value, "alpha": alpha,
+        "exceeds_threshold": bool(p_value is not None and p_value < alpha and mean > threshold),
+        "d_sae": int(sae.cfg.d_sae), "sae_hook": sae_hook_name(sae),
+    }
+
+
+def evaluate_saes(bundle, saes: dict, prompts: PromptSet, *, batch_size: int = 8, ce: bool = True,
+                  threshold: float = 0.95, alpha: float = ALPHA,
+                  progress: str | None = None) -> SetEvaluation:
+    """Fidelity of ``saes`` ({layer: SAE}, checked by :func:`mechmed.saes.check_sae`) on ``prompts``:
+    one row per layer (see the module docstring for every field)."""
+    import torch
+
+    from mechmed.capture import hooks
+    from mechmed.progress import progress_bar
+    from mechmed.readout import yes_no_logits
+    from mechmed.saes import token_mask
+
+    if batch_size < 1:
+        raise MechmedError(f"--batch-size {batch_size}: must be at least 1")
+    layers = sorted(saes)
+    sites = {L: Site(L) for L in layers}
+    for s in sites.values():
+        s.check(bundle.n_layers)
+    stats = {L: ReconstructionStats(len(prompts)) for L in layers}
+    inter = {L: _Interventions() for L in layers}
+    model, family = bundle.model, bundle.family
+    n_forwards = n_batches = n_tokens = 0
+    t0 = time.perf_counter()
+    starts = range(0, len(prompts), batch_size)
+
+    def forward(inputs, fns, full_logits):
+        nonlocal n_forwards
+        n_forwards += 1
+        with hooks(model, family, fns):
+            return model(**inputs, use_cache=False, logits_to_keep=0 if full_logits else 1).logits
+
+    with torch.inference_mode():
+        for start in progress_bar(starts, desc=progress, total=len(starts)):
+            inputs = prompts.inputs(bundle, start, start + batch_size).to(bundle.device)
+            mask = token_mask(inputs, bundle.tokenizer)
+            b = int(mask.shape[0])
+            rows = torch.arange(b, device=mask.device)[:, None].expand_as(mask)[mask]
+            acts: dict[int, Any] = {}
+
+            def keep(site, act, store=acts):
+                store[site.layer] = act
+
+            logits = forward(inputs, {sites[L]: keep for L in layers}, ce)
+            n_batches += 1
+            n_tokens += int(mask.sum())
+            recon_full = {}
+            for L in layers:
+                x = acts[L][mask]
+                if not torch.isfinite(x).all():
+                    bad = int(rows[(~torch.isfinite(x)).any(-1)][0]) + start
+                    raise MechmedError(f"layer {L}, text set {prompts.name}, prompt {bad}: activations contain "
+                                       "NaN/inf; check the model weights and --dtype")
+                x_hat, l0 = _sae_apply(saes[L], x)
+                stats[L].add(x, x_hat, l0, rows + start)
+                if ce:
+                    full = acts[L].clone()
+                    full[mask] = x_hat.to(full.dtype)
+                    recon_full[L] = full
+            if not ce:
+                continue
+            valid = _ce_targets(bundle, inputs, mask)
+            ids = inputs["input_ids"]
+            clean_ce, count = _ce_sums(logits, ids, valid)
+            clean_margin = None
+            if prompts.is_questions:
+                s = yes_no_logits(logits[:, -1], bundle.answers)
+                clean_margin = (s[:, 0] - s[:, 1]).float().cpu().numpy()
+            for L in layers:
+                rec = recon_full[L]
+                zero = acts[L].masked_fill(mask[..., None], 0)
+                it = inter[L]
+                it.ce_tokens += count
+                it.ce["clean"] += clean_ce
+                it.ce["recon"] += _ce_sums(forward(inputs, {sites[L]: lambda s, a, r=rec: r}, True), ids, valid)[0]
+                it.ce["zero"] += _ce_sums(forward(inputs, {sites[L]: lambda s, a, z=zero: z}, True), ids, valid)[0]
+                if clean_margin is not None:
+                    last = acts[L].clone()
+                    last[:, -1] = rec[:, -1]
+                    out = forward(inputs, {sites[L]: lambda s, a, v=last: v}, False)
+                    sc = yes_no_logits(out[:, -1], bundle.answers)
+                    m = (sc[:, 0] - sc[:, 1]).float().cpu().numpy()
+                    it.margin_delta.append(m - clean_margin)
+                    it.flips += int(np.sum(np.sign(m) != np.sign(clean_margin)))
+    seconds = time.perf_counter() - t0
+    out_rows = [_row(L, prompts.name, stats[L].summary(), inter[L].summary(), threshold, alpha, saes[L])
+                for L in layers]
+    return SetEvaluation(out_rows, n_batches, n_forwards, n_tokens, seconds)
+
+
+# ----------------------------------------------------------------------------- the sae-check
+
+
+@dataclass
+class SAECheckResult:
+    """What :func:`run_sae_check` wrote: the rows, the JSON path, the figure files."""
+
+    rows: list
+    json_path: Path
+    figures: dict
+    payload: dict
+
+    def table(self) -> str:
+        return format_table(self.rows)
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return format(v, spec)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A plain-text table of sae-check rows (for the CLI and the benchmark)."""
+    head = f"{'layer':>5} {'text_set':<8} {'n':>4} {'R2':>7} {'95% CI':>17} {'L0':>6} {'cos':>6} " \
+           f"{'CE rec':>7} {'|dm|':>6} {'p':>8} {'>thr':>5}"
+    lines = [head]
+    for r in rows:
+        ci = r.get("r2_ci") or [None, None]
+        lines.append(
+            f"{r['layer']:>5} {r['text_set']:<8} {r['n_prompts']:>4} {_fmt(r['r2'], '.4f'):>7} "
+            f"{'[' + _fmt(ci[0], '.4f') + ', ' + _fmt(ci[1], '.4f') + ']':>17} {_fmt(r['l0'], '.1f'):>6} "
+            f"{_fmt(r['cosine'], '.3f'):>6} {_fmt(r.get('ce_recovered'), '.3f'):>7} "
+            f"{_fmt(r.get('margin_change'), '.3f'):>6} {_fmt(r['p_value'], '.2g'):>8} "
+            f"{'yes' if r['exceeds_threshold'] else 'no':>5}"
+        )
+    return "\n".join(lines)
+
+
+def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", texts: str = DEFAULT_TEXTS,
+                  out: str = "runs/sae_check", threshold: float = 0.95, batch_size: int = 8, device: str = "cpu",
+                  ce: bool = True, seed: int = 0, *, dtype: str | None = None, answer_words=("yes", "no"),
+                  trust_remote_code: bool = False) -> SAECheckResult:
+    """``mechmed sae-check``: per-layer SAE fidelity on each text set, the t test against
+    ``threshold``, ``sae_check.json`` (one row per layer and text set) and ``r2_by_layer.html/.png``
+    in ``out``.
+
+    ``model`` / ``device`` / ``dtype`` / ``answer_words`` / ``trust_remote_code`` / ``seed`` are
+    :func:`mechmed.models.load_model`'s; ``saes`` and ``layers`` go to
+    :func:`mechmed.saes.resolve_saes`; ``texts`` names the prompt sets (``medical``, ``general``,
+    ``images``); ``ce=False`` skips CE recovered and the margin change (one forward per batch).
+    """
+    from mechmed.figures import r2_by_layer, save_figure
+    from mechmed.io import ensure_dir, write_json
+    from mechmed.models import load_model
+    from mechmed.saes import resolve_saes, sae_hook_name, threads_for_width, torch_threads
+
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not math.isfinite(threshold) or not threshold < 1.0:
+        raise MechmedError(f"--threshold {threshold}: give a finite number below 1, e.g. 0.95")
+    if int(batch_size) < 1:
+        raise MechmedError(f"--batch-size {batch_size}: must be at least 1")
+    names = parse_text_sets(texts)
+    out_dir = ensure_dir(out)
+    t0 = time.perf_counter()
+    bundle = load_model(model, dtype, device, answer_words=tuple(answer_words), trust_remote_code=trust_remote_code,
+                        seed=seed)
+    if "images" in names and not bundle.multimodal:
+        raise MechmedError(f"--texts {texts}: the model {model} takes no images; drop images")
+    with torch_threads(threads_for_width(bundle.d_model) if str(device) == "cpu" else None):
+        sae_map = resolve_saes(saes, bundle, layers, device=device, seed=seed)
+        load_s = time.perf_counter() - t0
+        rows, cost = [], {}
+        for name in names:
+            ps = prompt_set(name, seed=seed)
+            ev = evaluate_saes(bundle, sae_map, ps, batch_size=int(batch_size), ce=ce, threshold=threshold,
+                               progress=f"sae-check {name}")
+            rows.extend(ev.rows)
+            cost[name] = {"n_prompts": len(ps), "n_batches": ev.n_batches, "n_forwards": ev.n_forwards,
+                          "forwards_per_batch": ev.forwards_per_batch, "n_tokens": ev.n_tokens,
+                          "seconds": ev.seconds, "tokens_per_s": ev.n_tokens / ev.seconds if ev.seconds > 0 else None}
+            log.info("sae-check %s: %d prompts, %d forwards in %.1fs", name, len(ps), ev.n_forwards, ev.seconds)
+    rows.sort(key=lambda r: (names.index(r["text_set"]), r["layer"]))
+    payload = {
+        "version": RESULT_VERSION,
+        "command": "sae-check",
+        "options": {"model": model, "saes": saes, "layers": layers, "texts": texts, "out": str(out),
+                    "threshold": threshold, "batch_size": int(batch_size), "device": device, "ce": bool(ce),
+                    "seed": seed, "dtype": dtype, "answer_words": list(answer_words),
+                    "trust_remote_code": trust_remote_code},
+        "model": {"name": bundle.name, "family": bundle.family.name, "n_layers": bundle.n_layers,
+                  "d_model": bundle.d_model},
+        "saes": {str(L): {"hook_name": sae_hook_name(s), "d_sae": int(s.cfg.d_sae),
+                          "architecture": s.cfg.architecture()} for L, s in sae_map.items()},
+        "alpha": ALPHA,
+        "rows": rows,
+        "cost": cost,
+        "load_s": load_s,
+        "seconds": time.perf_counter() - t0,
+    }
+    json_path = write_json(out_dir / "sae_check.json", payload)
+    figures = save_figure(r2_by_layer(rows, threshold), out_dir / "r2_by_layer")
+    return SAECheckResult(rows, json_path, figures, payload)

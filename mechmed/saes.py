@@ -1,0 +1,782 @@
+"""Sparse autoencoders: loading them (sae-lens), checking them against a model, and training the
+embedded default's own SAEs.
+
+**Loading.** :func:`load_sae` takes one SAE spec:
+
+- a sae-lens pretrained pair, ``("gemma-scope-2-4b-it-res", "layer_17_width_16k_l0_big")`` or the
+  strings ``RELEASE:SAE_ID`` / ``RELEASE/SAE_ID`` (downloads; a clear error when offline);
+- a local sae-lens directory (``cfg.json`` + weights, as ``save_model`` writes it);
+- a raw Gemma Scope ``params.safetensors`` (JumpReLU: ``w_enc``, ``w_dec``, ``b_enc``, ``b_dec``,
+  ``threshold``, any case), or a directory holding one. It becomes a sae-lens ``JumpReLUSAE``.
+
+:func:`resolve_saes` turns the ``--saes`` option into one SAE per layer:
+
+- ``demo``: the demo model's trained SAEs (:func:`ensure_demo_saes`, built on first use);
+- ``DIR``: a directory with one SAE subdirectory per layer (``layer_3/``, ...), or one SAE directory;
+- ``RELEASE:ID_TEMPLATE`` with ``{L}`` for the layer, e.g.
+  ``gemma-scope-2-4b-it-res:layer_{L}_width_16k_l0_big``; a local path with ``{L}`` works too.
+
+:func:`check_sae` raises a :class:`~mechmed.errors.MechmedError` when an SAE does not belong to a
+Site: its ``d_in`` must be the model's width and its hook (``cfg.metadata.hook_name``, in
+TransformerLens form ``blocks.17.hook_resid_post`` or a module path ``model.layers.17``) must name
+the same layer and kind.
+
+**Positions.** SAEs are trained and evaluated on the residual stream at every real token of a
+prompt, text and image tokens alike, except padding and the BOS token (:func:`token_mask`): Gemma's
+BOS residual is an attention-sink outlier with a norm many times the others, which Gemma
+Scope also left out of training.
+
+**Training the embedded default.** :func:`ensure_demo_saes` trains one SAE per decoder layer of the
+demo model on its resid_post activations over demo prompts (image + question prompts and the demo
+corpus), with sae-lens's own classes (``BatchTopKTrainingSAE`` by default, ``TopKTrainingSAE`` /
+``JumpReLUTrainingSAE`` on request) and trainer
+(``SAETrainer``: its Adam optimiser, LR schedule, dead-latent tracking and auxiliary losses). All
+layers are trained in lockstep on the same token batches, driving each layer's ``SAETrainer``
+through its public ``step`` seam, as sae-lens's ``MultiSAETrainer`` does; ``fit()`` itself is not
+called because it draws a progress bar on the terminal and only reads activations from a
+``DataProvider`` iterator, while here the activations are already in memory. The result is saved
+as one sae-lens directory per layer (``layer_{L}/``, ``SAE.load_from_disk`` reads it), cached beside
+the demo model and keyed by its weights and the recipe (:class:`SAETrainConfig`), written to a
+temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from mechmed.errors import MechmedError
+from mechmed.sites import Site, parse_layers
+
+log = logging.getLogger(__name__)
+
+SAE_KINDS = ("topk", "batchtopk", "jumprelu")
+DEMO = "demo"
+MANIFEST = "mechmed_saes.json"
+RECIPE_VERSION = "demo-saes-v1"
+"""Bumped whenever the demo SAE recipe changes meaning: it keys the cache."""
+
+_LAYER_DIR_RE = re.compile(r"layer_(\d+)")
+_MODULE_HOOK_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.(\w+))?$")
+_MODULE_KINDS = {None: "resid_post", "": "resid_post", "mlp": "mlp_out", "post_feedforward_layernorm": "mlp_out",
+                 "self_attn": "attn_out", "post_attention_layernorm": "attn_out"}
+
+
+# ----------------------------------------------------------------------------- hook names
+
+
+def hook_site(hook_name: str | None) -> Site | None:
+    """The Site an SAE hook name refers to, or None if it names no decoder-layer site.
+
+    ``blocks.17.hook_resid_post`` -> resid_post:17; ``model.layers.17``,
+    ``model.language_model.layers.17`` (the output of decoder layer 17) -> resid_post:17;
+    ``...layers.17.mlp`` -> mlp_out:17. Other names (``blocks.17.attn.hook_z``) give None.
+    """
+    if not hook_name:
+        return None
+    name = str(hook_name).strip()
+    try:
+        if name.startswith("blocks."):
+            return Site.parse(name)
+    except MechmedError:
+        return None
+    if re.search(r"vision|visual|encoder\.", name):  # the vision tower has layers too
+        return None
+    m = _MODULE_HOOK_RE.search(re.sub(r"\.output$", "", name))
+    if m and m.group(2) in _MODULE_KINDS:
+        return Site(int(m.group(1)), _MODULE_KINDS[m.group(2)])
+    return None
+
+
+def sae_hook_name(sae) -> str | None:
+    """The hook name recorded in an SAE's metadata (``cfg.metadata.hook_name``), if any."""
+    meta = getattr(sae.cfg, "metadata", None)
+    name = getattr(meta, "hook_name", None) if meta is not None else None
+    return name or getattr(sae.cfg, "hook_name", None)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _pretrained_directory() -> dict:
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    return get_pretrained_saes_directory()
+
+
+def _release_ids(release: str) -> list[str] | None:
+    """The SAE ids of a known sae-lens release (None if the release is not in its directory)."""
+    entry = _pretrained_directory().get(release)
+    if entry is None:
+        return None
+    return list(entry.saes_map)
+
+
+def _split_pretrained(spec: str) -> tuple[str, str] | None:
+    """``RELEASE:ID`` (any release) or ``RELEASE/ID`` (a release sae-lens knows) -> (release, id)."""
+    if ":" in spec and not Path(spec).expanduser().exists():
+        release, _, sae_id = spec.partition(":")
+        if release and sae_id and "/" not in release:
+            return release, sae_id
+    if "/" in spec and not spec.startswith((".", "/", "~")):
+        release, _, sae_id = spec.partition("/")
+        if _release_ids(release) is not None:
+            return release, sae_id
+    return None
+
+
+def _load_pretrained(release: str, sae_id: str, device: str, dtype: str):
+    from sae_lens import SAE
+
+    ids = _release_ids(release)
+    if ids is not None and sae_id not in ids:
+        close = [i for i in ids if i.split("_width")[0] == sae_id.split("_width")[0]][:4] or ids[:4]
+        raise MechmedError(
+            f"--saes {release}:{sae_id}: release {release} has no SAE {sae_id!r}; "
+            f"e.g. {', '.join(close)}"
+        )
+    try:
+        return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
+    except MechmedError:
+        raise
+    except Exception as e:  # network, hub, missing cache: all reported the same way
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        if _offline():
+            raise MechmedError(
+                f"--saes {release}:{sae_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
+                f"({first}); unset HF_HUB_OFFLINE to download it, or pass a local SAE directory"
+            ) from e
+        raise MechmedError(f"--saes {release}:{sae_id}: cannot download it ({first})") from e
+
+
+def _read_raw_params(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        raw = load_file(str(path))
+    except Exception as e:
+        raise MechmedError(f"SAE file {path}: not a readable safetensors file ({e})") from e
+    by_lower = {k.lower(): v for k, v in raw.items()}
+    missing = [k for k in ("w_enc", "w_dec", "b_enc", "b_dec", "threshold") if k not in by_lower]
+    if missing:
+        raise MechmedError(
+            f"SAE file {path}: missing {', '.join(missing)}; a Gemma Scope params.safetensors holds "
+            "w_enc, w_dec, b_enc, b_dec and threshold (JumpReLU)"
+        )
+    return by_lower
+
+
+def _raw_hook_name(path: Path) -> tuple[str | None, str | None]:
+    """(TransformerLens hook name, HF hook name) of a raw Gemma Scope SAE, from the ``config.json``
+    beside it or from its directory name (``layer_17_...`` under ``resid_post``)."""
+    hf_name = None
+    cfg_path = path.parent / "config.json"
+    if cfg_path.is_file():
+        try:
+            hf_name = json.loads(cfg_path.read_text()).get("hf_hook_point_in")
+        except (json.JSONDecodeError, OSError, AttributeError):
+            hf_name = None
+    site = hook_site(hf_name)
+    if site is None:
+        text = str(path.parent)
+        hits = list(_LAYER_DIR_RE.finditer(text))
+        m = hits[-1] if hits else None
+        if m is not None and not re.search(r"attn|mlp|transcoder|clt", text):
+            site = Site(int(m.group(1)))
+    return (site.hook_name if site else None), hf_name
+
+
+def load_raw_gemma_scope(path: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32"):
+    """A sae-lens ``JumpReLUSAE`` from a Gemma Scope ``params.safetensors`` (no download)."""
+    import torch
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    path = Path(path)
+    raw = _read_raw_params(path)
+    d_in, d_sae = raw["w_enc"].shape
+    if tuple(raw["w_dec"].shape) != (d_sae, d_in):
+        raise MechmedError(
+            f"SAE file {path}: w_dec has shape {tuple(raw['w_dec'].shape)}, expected ({d_sae}, {d_in}) "
+            "for w_enc of shape ({d_in}, {d_sae})"
+        )
+    hook_name, hf_name = _raw_hook_name(path)
+    meta = {"hook_name": hook_name, "hf_hook_name": hf_name, "source": str(path)}
+    from sae_lens.saes.sae import SAEMetadata
+
+    cfg = JumpReLUSAEConfig(d_in=int(d_in), d_sae=int(d_sae), dtype=dtype, device=device,
+                            apply_b_dec_to_input=False, metadata=SAEMetadata(**meta))
+    sae = JumpReLUSAE(cfg)
+    tdtype = getattr(torch, dtype)
+    state = {"W_enc": raw["w_enc"], "W_dec": raw["w_dec"], "b_enc": raw["b_enc"], "b_dec": raw["b_dec"],
+             "threshold": raw["threshold"]}
+    sae.load_state_dict({k: v.to(device=device, dtype=tdtype) for k, v in state.items()})
+    return sae.eval()
+
+
+def load_sae(spec, *, device: str = "cpu", dtype: str = "float32"):
+    """Load one SAE: a (release, id) pair or ``RELEASE:ID``, a sae-lens directory, or a raw Gemma
+    Scope ``params.safetensors`` (or a directory holding one). Returns a sae-lens ``SAE`` in eval mode."""
+    if isinstance(spec, (tuple, list)):
+        if len(spec) != 2:
+            raise MechmedError(f"SAE spec {spec!r}: give a (release, sae_id) pair")
+        return _load_pretrained(str(spec[0]), str(spec[1]), device, dtype).eval()
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / "cfg.json").is_file():
+            from sae_lens import SAE
+
+            try:
+                return SAE.load_from_disk(str(path), device=device, dtype=dtype).eval()
+            except Exception as e:
+                raise MechmedError(f"SAE directory {path}: sae-lens cannot load it ({str(e).splitlines()[0]})") from e
+        if (path / "params.safetensors").is_file():
+            return load_raw_gemma_scope(path / "params.safetensors", device=device, dtype=dtype)
+        raise MechmedError(
+            f"SAE directory {path}: has neither cfg.json (a sae-lens SAE) nor params.safetensors "
+            "(a Gemma Scope SAE)"
+        )
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return load_raw_gemma_scope(path, device=device, dtype=dtype)
+        raise MechmedError(f"SAE file {path}: expected a params.safetensors or a sae-lens directory")
+    pair = _split_pretrained(text)
+    if pair is not None:
+        return _load_pretrained(*pair, device, dtype).eval()
+    raise MechmedError(
+        f"SAE {text!r}: no such file or directory; give a sae-lens directory, a params.safetensors, "
+        "or a pretrained RELEASE:SAE_ID (e.g. gemma-scope-2-4b-it-res:layer_17_width_16k_l0_big)"
+    )
+
+
+def check_sae(sae, bundle, site: Site) -> None:
+    """Raise unless ``sae`` reads ``site`` of ``bundle``'s model: same width, same layer and kind."""
+    site.check(bundle.n_layers)
+    d_in, width = int(sae.cfg.d_in), int(bundle.d_model)
+    hook = sae_hook_name(sae)
+    where = f"the SAE for layer {site.layer}" + (f" ({hook})" if hook else "")
+    if d_in != width:
+        raise MechmedError(
+            f"{where}: its width d_in={d_in} differs from the model's width {width}; use SAEs trained on "
+            f"this model (d_in={width}), e.g. --saes demo for the demo model or gemma-scope-2-4b-it-res "
+            "for MedGemma-4B / Gemma 3 4B"
+        )
+    sae_site = hook_site(hook)
+    if sae_site is None:
+        log.warning("%s records no decoder-layer hook name (%r); assuming it reads %s", where, hook, site)
+        return
+    if sae_site != site:
+        raise MechmedError(
+            f"{where}: it reads {sae_site.hook_name} (layer {sae_site.layer}, {sae_site.kind}) but is "
+            f"used for {site.hook_name} (layer {site.layer}, {site.kind}); pass the SAE trained on "
+            f"layer {site.layer} (e.g. layer_{site.layer}_... or a {{L}} template)"
+        )
+
+
+# ----------------------------------------------------------------------------- --saes specs
+
+
+def _layer_dirs(root: Path) -> dict[int, Path]:
+    """Per-layer SAE locations under ``root``: ``layer_{L}`` subdirectories, or any SAE subdirectory
+    whose recorded hook names a layer."""
+    out: dict[int, Path] = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        is_sae = (sub / "cfg.json").is_file() or (sub / "params.safetensors").is_file()
+        if not is_sae:
+            continue
+        m = _LAYER_DIR_RE.search(sub.name)
+        layer = int(m.group(1)) if m else None
+        if layer is None and (sub / "cfg.json").is_file():
+            try:
+                meta = json.loads((sub / "cfg.json").read_text()).get("metadata") or {}
+            except (json.JSONDecodeError, OSError):
+                meta = {}
+            site = hook_site(meta.get("hook_name"))
+            layer = site.layer if site else None
+        if layer is None:
+            continue
+        if layer in out:
+            raise MechmedError(f"--saes {root}: two SAEs for layer {layer} ({out[layer].name}, {sub.name}); keep one")
+        out[layer] = sub
+    return out
+
+
+def _template_layers(spec: str, n_layers: int) -> dict[int, Any]:
+    """Layers a ``{L}`` template covers: local paths that exist, or ids a known release lists."""
+    existing = {L: spec.format(L=L) for L in range(n_layers) if Path(spec.format(L=L)).expanduser().exists()}
+    if existing:
+        return existing
+    release, sep, template = spec.partition(":")
+    if not sep or not release or "/" in release or "{L}" in release:
+        raise MechmedError(
+            f"--saes {spec}: no path matches it for any layer, and it is not RELEASE:ID_TEMPLATE; "
+            "write e.g. gemma-scope-2-4b-it-res:layer_{L}_width_16k_l0_big"
+        )
+    ids = _release_ids(release)
+    wanted = {L: (release, template.format(L=L)) for L in range(n_layers)}
+    if ids is None:  # not a release sae-lens lists: a hub repo, try every layer asked for
+        return wanted
+    return {L: p for L, p in wanted.items() if p[1] in set(ids)}
+
+
+def sae_sources(spec: str, n_layers: int, *, cache_dir: str | None = None, seed: int = 0) -> dict[int, Any]:
+    """The ``--saes`` spec as {layer: source for :func:`load_sae`} for every layer it covers."""
+    spec = str(spec).strip()
+    if not spec:
+        raise MechmedError("--saes is empty; give demo, a directory, or RELEASE:ID_TEMPLATE")
+    if spec == DEMO:
+        root = ensure_demo_saes(cache_dir=cache_dir, seed=seed)
+        return {L: str(p) for L, p in _layer_dirs(root).items()}
+    if "{L}" in spec:
+        return _template_layers(spec, n_layers)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "cfg.json").is_file() or (path / "params.safetensors").is_file():
+            sae = load_sae(path)
+            site = hook_site(sae_hook_name(sae))
+            if site is None:
+                raise MechmedError(
+                    f"--saes {spec}: one SAE whose hook name does not say its layer; put it in a "
+                    "layer_{L} subdirectory"
+                )
+            return {site.layer: str(path)}
+        found = _layer_dirs(path)
+        if not found:
+            raise MechmedError(
+                f"--saes {spec}: no SAE subdirectories (layer_{{L}}/ with cfg.json or params.safetensors) there"
+            )
+        return {L: str(p) for L, p in found.items()}
+    if _split_pretrained(spec) is not None:
+        release, sae_id = _split_pretrained(spec)
+        sae = load_sae((release, sae_id))
+        site = hook_site(sae_hook_name(sae))
+        layer = site.layer if site else None
+        if layer is None:
+            raise MechmedError(f"--saes {spec}: its hook name does not say its layer; use a {{L}} template")
+        return {layer: (release, sae_id)}
+    raise MechmedError(
+        f"--saes {spec}: not demo, not a directory, and not RELEASE:ID_TEMPLATE "
+        "(e.g. gemma-scope-2-4b-it-res:layer_{L}_width_16k_l0_big)"
+    )
+
+
+def resolve_saes(spec: str, bundle, layers: str | Sequence[int] = "all", *, device: str | None = None,
+                 cache_dir: str | None = None, seed: int = 0) -> dict[int, Any]:
+    """Load and check one SAE per requested layer: {layer: SAE}.
+
+    ``layers="all"`` means every model layer the spec has an SAE for; listed layers (``"15-19"``)
+    must each exist in the model and have an SAE.
+    """
+    n = bundle.n_layers
+    device = str(device or bundle.device)
+    every = isinstance(layers, str) and layers.strip() == "all"
+    if not every:  # checked before any SAE is fetched or trained
+        wanted = parse_layers(layers, n) if isinstance(layers, str) else sorted({int(x) for x in layers})
+        for L in wanted:
+            Site(L).check(n)
+    sources = sae_sources(spec, n, cache_dir=cache_dir, seed=seed)
+    if every:
+        wanted = sorted(L for L in sources if 0 <= L < n)
+        if not wanted:
+            raise MechmedError(f"--saes {spec}: covers layers {sorted(sources)}, none of the model's 0..{n - 1}")
+    else:
+        missing = [L for L in wanted if L not in sources]
+        if missing:
+            have = ",".join(map(str, sorted(sources))) or "none"
+            raise MechmedError(f"--saes {spec}: no SAE for layer {missing[0]} (it has layers {have}); "
+                               "choose --layers among those")
+    saes = {}
+    for L in wanted:
+        sae = load_sae(sources[L], device=device)
+        check_sae(sae, bundle, Site(L))
+        saes[L] = sae
+    return saes
+
+
+# ----------------------------------------------------------------------------- prompts and positions
+
+
+def text_inputs(processor, texts: Sequence[str]):
+    """Tokenise plain ``texts`` into a left-padded batch that starts with BOS (when the tokenizer
+    has one), the way the model saw text in training."""
+    texts = list(texts)
+    if not texts:
+        raise MechmedError("no texts to run: the text set is empty")
+    tok = getattr(processor, "tokenizer", processor)
+    tok.padding_side = "left"
+    bos = getattr(tok, "bos_token", None) or ""
+    return tok([bos + t for t in texts], return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def token_mask(inputs, tokenizer):
+    """[batch, pos] bool: the positions SAEs read (real tokens, BOS excluded)."""
+    mask = inputs["attention_mask"].bool()
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        mask = mask & (inputs["input_ids"] != bos)
+    return mask
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    """Every number of the demo SAEs' recipe (its hash keys the cache)."""
+
+    kind: str = "batchtopk"
+    """SAE architecture: ``batchtopk`` (sae-lens BatchTopKTrainingSAE: the top k·batch latents of a
+    batch, so a hard token may use more than k; saved as a JumpReLU SAE, Gemma Scope's
+    architecture), ``topk`` (TopKTrainingSAE: exactly k per token) or ``jumprelu``
+    (JumpReLUTrainingSAE with Gemma Scope 2's quadratic L0 penalty around ``k``)."""
+    d_sae: int = 512
+    """Latents per SAE."""
+    k: int = 24
+    """Active latents per token: TopK's k, BatchTopK's mean, JumpReLU's target L0."""
+    steps: int = 1100
+    """Optimiser steps per layer (all layers step together on the same token batch)."""
+    batch_size: int = 384
+    """Tokens per step."""
+    lr: float = 1.2e-2
+    """Peak Adam learning rate."""
+    warmup_frac: float = 0.02
+    """Fraction of steps warming the learning rate up."""
+    decay_frac: float = 0.3
+    """Fraction of steps decaying it linearly to zero at the end."""
+    dead_feature_window: int = 200
+    """Steps without firing after which a latent counts as dead (TopK's auxiliary loss revives it)."""
+    n_image_prompts: int = 800
+    """Image + question prompts over the demo's training images."""
+    n_corpus_reports: int = 300
+    """Reports of the demo corpus (its definitions are always included)."""
+    oov_rates: tuple = (0.2, 0.4, 0.6)
+    """For each rate, a copy of the corpus with that fraction of words replaced by the unknown token:
+    text outside the demo's vocabulary (general English) reaches the model as mostly ``<unk>``, and
+    the SAEs must have seen such sequences to reconstruct them."""
+    holdout_frac: float = 0.1
+    """Tokens kept out of training to measure R² and L0 at the end."""
+    jumprelu_l0_coefficient: float = 1.0
+    """Weight of JumpReLU's quadratic L0 penalty."""
+
+    def __post_init__(self):
+        if self.kind not in SAE_KINDS:
+            raise MechmedError(f"SAE kind {self.kind!r}: choose one of {', '.join(SAE_KINDS)}")
+        if not 0 < self.k <= self.d_sae:
+            raise MechmedError(f"SAE training: k={self.k} must be in 1..d_sae={self.d_sae}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise MechmedError(f"SAE training: steps={self.steps}, batch_size={self.batch_size}; both must be positive")
+        if not 0 <= self.holdout_frac < 1:
+            raise MechmedError(f"SAE training: holdout_frac={self.holdout_frac} must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return {"version": RECIPE_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SAETrainConfig:
+        known = {f.name for f in fields(cls)}
+        dropped = sorted(set(d) - known - {"version"})
+        if dropped:
+            log.warning("SAE recipe: ignoring unknown keys %s", ", ".join(dropped))
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (None: leave the setting alone), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def threads_for_width(d_model: int) -> int | None:
+    """1 for models at most 256 wide (the demo, the tiny test models), else None (torch's setting):
+    such matmuls gain nothing from OpenMP threads and run many times slower when the cores are
+    shared with other processes."""
+    return 1 if int(d_model) <= 256 else None
+
+
+@dataclass
+class TrainedSAEs:
+    """SAEs trained by :func:`train_saes` (sae-lens inference SAEs, by layer) and their statistics."""
+
+    saes: dict
+    stats: dict
+
+
+def collect_activations(bundle, batches: Iterable, layers: Sequence[int]) -> dict[int, Any]:
+    """resid_post activations at :func:`token_mask` positions, all layers in one forward per batch:
+    {layer: float32 [tokens, d_model] on the CPU}."""
+    import torch
+
+    from mechmed.capture import capture
+
+    sites = [Site(L) for L in layers]
+    parts: dict[int, list] = {L: [] for L in layers}
+    for inputs in batches:
+        inputs = inputs.to(bundle.device)
+        acts, _ = capture(bundle, inputs, sites)
+        mask = token_mask(inputs, bundle.tokenizer)
+        for s in sites:
+            x = acts[s][mask].float().cpu()
+            if not torch.isfinite(x).all():
+                raise MechmedError(f"layer {s.layer}: activations contain NaN/inf; check the model weights and --dtype")
+            parts[s.layer].append(x)
+    return {L: torch.cat(v) for L, v in parts.items()}
+
+
+def _training_sae(cfg: SAETrainConfig, d_in: int, hook_name: str, model_name: str):
+    from sae_lens import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        JumpReLUTrainingSAE,
+        JumpReLUTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
+    from sae_lens.saes.sae import SAEMetadata
+
+    meta = SAEMetadata(hook_name=hook_name, model_name=model_name, prepend_bos=True, exclude_bos=True)
+    common = dict(d_in=d_in, d_sae=cfg.d_sae, normalize_activations="expected_average_only_in", metadata=meta)
+    if cfg.kind == "topk":
+        return TopKTrainingSAE(TopKTrainingSAEConfig(k=cfg.k, **common))
+    if cfg.kind == "batchtopk":
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=cfg.k, **common))
+    return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
+        jumprelu_sparsity_loss_mode="quadratic", target_l0=float(cfg.k), l0_coefficient=cfg.jumprelu_l0_coefficient,
+        **common))
+
+
+def _pooled_r2(x, x_hat) -> float:
+    """1 − Σ‖x − x̂‖² / Σ‖x − μ‖², μ the mean over all rows (float64)."""
+    x, x_hat = x.double(), x_hat.double()
+    ss_res = float((x - x_hat).pow(2).sum())
+    ss_tot = float((x - x.mean(0)).pow(2).sum())
+    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+
+
+def train_saes(acts: dict[int, Any], cfg: SAETrainConfig | None = None, *, seed: int = 0,
+               model_name: str = "", progress: str | None = None, num_threads: int | None = None) -> TrainedSAEs:
+    """Train one SAE per layer on in-memory activations ({layer: [tokens, d_in]}, same tokens in
+    every layer) with sae-lens's ``SAETrainer``; returns inference SAEs and held-out R²/L0 per layer.
+
+    ``num_threads`` (default: 1 for small SAEs, d_in·d_sae ≤ 2¹⁸, else torch's setting) applies
+    during training only: small matmuls gain nothing from OpenMP threads, and lose several-fold
+    when the cores are shared with other processes.
+    """
+    cfg = cfg or SAETrainConfig()
+    if num_threads is None and acts:
+        d_in = int(next(iter(acts.values())).shape[1])
+        num_threads = 1 if d_in * cfg.d_sae <= 1 << 18 else None
+    with torch_threads(num_threads):
+        return _train_saes(acts, cfg, seed=seed, model_name=model_name, progress=progress)
+
+
+def _train_saes(acts: dict[int, Any], cfg: SAETrainConfig, *, seed: int, model_name: str,
+                progress: str | None) -> TrainedSAEs:
+    import torch
+    from sae_lens import SAETrainer
+    from sae_lens.config import SAETrainerConfig
+
+    from mechmed.progress import progress_bar
+
+    layers = sorted(acts)
+    if not layers:
+        raise MechmedError("SAE training: no layers given")
+    n = int(acts[layers[0]].shape[0])
+    if any(int(acts[L].shape[0]) != n for L in layers):
+        raise MechmedError("SAE training: every layer needs the same tokens (equal row counts)")
+    c0 = time.process_time()
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    n_hold = int(n * cfg.holdout_frac)
+    hold, train = order[:n_hold], order[n_hold:]
+    if train.numel() < cfg.batch_size // 4:
+        raise MechmedError(f"SAE training: only {train.numel()} training tokens; give more prompts")
+    warm = max(1, int(cfg.steps * cfg.warmup_frac))
+    decay = int(cfg.steps * cfg.decay_frac)
+    tcfg = SAETrainerConfig(total_training_samples=cfg.steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
+                            lr=cfg.lr, lr_warm_up_steps=warm, lr_decay_steps=decay, lr_end=0.0,
+                            dead_feature_window=cfg.dead_feature_window,
+                            feature_sampling_window=max(cfg.steps, 1), device="cpu")
+    trainers = {}
+    t0 = time.perf_counter()
+    with torch.random.fork_rng():
+        for i, L in enumerate(layers):
+            x = acts[L]
+            d_in = int(x.shape[1])
+            torch.manual_seed(seed * 1000 + i)
+            sae = _training_sae(cfg, d_in, Site(L).hook_name, model_name)
+            tr = SAETrainer(cfg=tcfg, sae=sae, data_provider=iter(()))
+            # sae-lens's "expected_average_only_in": scale so that E‖x‖ = √d_in, folded in at the end
+            sample = x[train[: 64 * cfg.batch_size]]
+            tr.activation_scaler.scaling_factor = float(d_in**0.5 / sample.norm(dim=-1).mean())
+            with torch.no_grad():  # start the decoder bias at the mean activation (in scaled units)
+                sae.b_dec.copy_(sample.mean(0) * tr.activation_scaler.scaling_factor)
+            trainers[L] = tr
+        for _ in progress_bar(range(cfg.steps), desc=progress, total=cfg.steps):
+            idx = train[torch.randint(train.numel(), (cfg.batch_size,), generator=gen)]
+            for L, tr in trainers.items():
+                tr.maybe_reset_sparsity()
+                tr.step(acts[L][idx])
+                tr.n_training_steps += 1
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    saes, per_layer = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for L, tr in trainers.items():
+            sae = tr.sae
+            sae.fold_activation_norm_scaling_factor(tr.activation_scaler.scaling_factor)
+            tr.activation_scaler.scaling_factor = None
+            tr.set_final_sae_metadata()
+            sae.eval()
+            # the inference SAE exactly as it will be saved and reloaded (TopK's decoder norm folded in)
+            sae.save_inference_model(Path(tmp) / f"layer_{L}")
+            from sae_lens import SAE
+
+            inf = SAE.load_from_disk(str(Path(tmp) / f"layer_{L}")).eval()
+            x = acts[L][hold] if n_hold else acts[L][train[:4096]]
+            with torch.no_grad():
+                f = inf.encode(x)
+                r2 = _pooled_r2(x, inf.decode(f))
+                l0 = float((f != 0).float().sum(-1).mean())
+            saes[L] = inf
+            per_layer[L] = {"r2_heldout": r2, "l0_heldout": l0, "dead_latents": int(tr.dead_neurons.sum())}
+            log.info("SAE layer %d: held-out R² %.4f, L0 %.1f", L, r2, l0)
+    stats = {"train_s": train_s, "train_cpu_s": train_cpu_s, "n_tokens": n, "n_train_tokens": int(train.numel()),
+             "n_heldout_tokens": n_hold, "layers": per_layer}
+    return TrainedSAEs(saes, stats)
+
+
+def save_sae_set(saes: dict, path: str | os.PathLike, manifest: dict | None = None) -> Path:
+    """Write {layer: SAE} as ``layer_{L}/`` sae-lens directories (+ a manifest) under ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for L, sae in saes.items():
+        sae.save_model(str(path / f"layer_{L}"))
+    if manifest is not None:
+        from mechmed.io import write_json
+
+        write_json(path / MANIFEST, manifest)
+    return path
+
+
+# ----------------------------------------------------------------------------- the embedded default
+
+
+def demo_training_batches(bundle, cfg: SAETrainConfig, seed: int = 0, batch_size: int = 64):
+    """Input batches for the demo SAEs: image + question prompts over the demo's training images,
+    then the demo corpus."""
+    from mechmed.data.texts import image_question_prompts
+    from mechmed.demo.phrasings import corpus
+    from mechmed.readout import build_inputs
+
+    images, questions = image_question_prompts(cfg.n_image_prompts, seed, split="train")
+    for s in range(0, len(questions), batch_size):
+        yield build_inputs(bundle.processor, questions[s:s + batch_size], images[s:s + batch_size])
+    import numpy as np
+
+    texts = corpus(seed, cfg.n_corpus_reports)
+    unk = getattr(bundle.tokenizer, "unk_token", None)
+    rng = np.random.default_rng([seed, 11])
+    for rate in cfg.oov_rates if unk else ():
+        texts = texts + [" ".join(unk if rng.random() < rate else w for w in t.split())
+                         for t in corpus(seed, cfg.n_corpus_reports)]
+    for s in range(0, len(texts), batch_size):
+        yield text_inputs(bundle.processor, texts[s:s + batch_size])
+
+
+def _weights_digest(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def demo_saes_dir(model_dir: str | os.PathLike, cfg: SAETrainConfig, seed: int = 0) -> Path:
+    """Where the demo SAEs for ``model_dir`` and ``cfg`` live: beside the model, keyed by its
+    weights and the recipe."""
+    model_dir = Path(model_dir)
+    return model_dir.parent / f"{model_dir.name}-saes-{_weights_digest(model_dir)}-{cfg.digest()}-s{seed}"
+
+
+def _valid_sae_dir(path: Path, n_layers: int | None = None) -> bool:
+    if not (path / MANIFEST).is_file():
+        return False
+    layers = _layer_dirs(path)
+    return bool(layers) and (n_layers is None or sorted(layers) == list(range(n_layers)))
+
+
+def ensure_demo_saes(cache_dir: str | None = None, seed: int = 0, kind: str = "batchtopk", d_sae: int = 512,
+                     **recipe) -> Path:
+    """The demo model's SAEs (one sae-lens directory per layer), trained on first use and cached.
+
+    ``kind``, ``d_sae`` and any other :class:`SAETrainConfig` field (``k``, ``steps``, ...) form
+    the recipe; the cache is keyed by the demo model's weights and the recipe's hash, and written
+    atomically (temporary directory, then rename). Returns the directory.
+    """
+    try:
+        from mechmed.demo.build import ensure_demo_model
+    except ImportError as e:
+        raise MechmedError(
+            "--saes demo: the demo model builder (mechmed.demo.build) is not available in this install"
+        ) from e
+    cfg = replace(SAETrainConfig(), kind=kind, d_sae=d_sae, **recipe)
+    model_dir = Path(ensure_demo_model(cache_dir=cache_dir, seed=seed))
+    final = demo_saes_dir(model_dir, cfg, seed)
+    if _valid_sae_dir(final):
+        return final
+    from mechmed.models import load_model
+
+    t0 = time.perf_counter()
+    # the demo model is 64 wide: one thread is fastest, and far faster on shared cores
+    with torch_threads(1):
+        bundle = load_model(str(model_dir), local_files_only=True)
+        layers = list(range(bundle.n_layers))
+        acts = collect_activations(bundle, demo_training_batches(bundle, cfg, seed), layers)
+        collect_s = time.perf_counter() - t0
+        log.info("demo SAEs: %d tokens x %d layers collected in %.1fs", acts[0].shape[0], len(layers), collect_s)
+        trained = train_saes(acts, cfg, seed=seed, model_name=f"mechmed-demo:{model_dir.name}", num_threads=1)
+    manifest = {"recipe": cfg.to_dict(), "seed": seed, "model_dir": str(model_dir),
+                "model_weights": _weights_digest(model_dir), "collect_s": collect_s, **trained.stats}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        save_sae_set(trained.saes, tmp, manifest)
+        if final.exists() and not _valid_sae_dir(final):
+            shutil.rmtree(final)  # an incomplete directory from an older mechmed
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not _valid_sae_dir(final):  # not a concurrent build that finished first
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("demo SAEs written to %s (%.1fs in all)", final, time.perf_counter() - t0)
+    return final

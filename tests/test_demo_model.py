@@ -1,0 +1,243 @@
+"""The embedded default: built once (in the default cache, reused afterwards) and held to its bars.
+
+Bars (benchmarks/demo_build.py measures them for seeds 0, 1, 2): ≥ 6 decoder layers, canonical
+accuracy ≥ 0.80 on evaluation images, flip rate on held-out phrasing pairs in [0.15, 0.40],
+yes-rate in [0.3, 0.7], blank-image agreement far from 1 (≤ 0.75 here), build ≤ 60 s on 2 cores
+(the build's own recorded time, asserted with slack for shared machines: ≤ 90 s, or ≤ 60 s with
+MECHMED_STRICT_TIMING=1).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SEED = 0
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_model_dir) -> Path:
+    return demo_model_dir.parent.parent
+
+
+@pytest.fixture(scope="session")
+def demo_dir(demo_model_dir) -> Path:
+    return demo_model_dir
+
+
+@pytest.fixture(scope="session")
+def metrics(demo_dir) -> dict:
+    return json.loads((demo_dir / "build_metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def data_dir(demo_data_dir) -> Path:
+    return demo_data_dir
+
+
+# ----------------------------------------------------------------------------- bars
+
+
+def test_architecture(metrics):
+    assert metrics["class"] == "Gemma3ForConditionalGeneration"
+    assert metrics["decoder_layers"] >= 6
+    assert metrics["seed"] == SEED
+
+
+def test_accuracy_and_flip_rate(metrics):
+    assert metrics["canonical_accuracy"] >= 0.80, metrics
+    assert 0.15 <= metrics["flip_rate"] <= 0.40, metrics
+    # flips come from phrasing: held-out negations flip more than other rewordings
+    assert metrics["flip_rate_negated"] > metrics["flip_rate_not_negated"]
+
+
+def test_answers_are_balanced_and_use_the_image(metrics):
+    assert 0.3 <= metrics["yes_rate"] <= 0.7, metrics
+    assert metrics["blank_image_agreement"] <= 0.75, metrics
+
+
+def test_build_time(metrics):
+    t = metrics["timing"]
+    limit = 60.0 if os.environ.get("MECHMED_STRICT_TIMING") == "1" else 90.0
+    assert t["build_s"] <= limit, t
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_cache_is_reused(demo_cache, demo_dir):
+    import time
+
+    from mechmed.demo.build import MARKER, ensure_demo_model
+
+    assert (demo_dir / MARKER).is_file()
+    t0 = time.perf_counter()
+    assert ensure_demo_model(cache_dir=demo_cache, seed=SEED) == demo_dir
+    assert time.perf_counter() - t0 < 1.0
+    leftovers = [p.name for p in demo_dir.parent.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_incomplete_directory_is_not_used(tmp_path):
+    from mechmed.demo.build import MARKER, _build_into, _complete
+
+    final = tmp_path / "model-x"
+    final.mkdir()
+    (final / "half.safetensors").write_text("partial")  # a killed build's leftovers, no marker
+    assert not _complete(final)
+
+    def build(tmp):
+        (tmp / "weights").write_text("full")
+
+    assert _build_into(final, build) == final
+    assert (final / MARKER).is_file() and (final / "weights").read_text() == "full"
+    assert not (final / "half.safetensors").exists()
+
+    def failing(tmp):
+        (tmp / "weights").write_text("half")
+        raise KeyboardInterrupt
+
+    other = tmp_path / "model-y"
+    with pytest.raises(KeyboardInterrupt):
+        _build_into(other, failing)
+    assert not other.exists() and list(tmp_path.glob(".model-y*")) == []
+
+
+def test_cache_key_changes_with_seed_and_recipe():
+    from mechmed.demo.build import _key, model_recipe
+    from mechmed.demo.train import TrainConfig
+
+    assert _key(model_recipe(0)) == _key(model_recipe(0))
+    assert _key(model_recipe(0)) != _key(model_recipe(1))
+    assert _key(model_recipe(0)) != _key(model_recipe(0, train_config=TrainConfig(steps=1)))
+
+
+# ----------------------------------------------------------------------------- plain transformers
+
+
+def test_loads_with_plain_transformers(demo_dir, data_dir):
+    # The loading and running below use transformers only (no mechmed).
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    assert (demo_dir / "model.safetensors").is_file()
+    assert not list(demo_dir.glob("*.bin"))
+    processor = AutoProcessor.from_pretrained(demo_dir)
+    model = AutoModelForImageTextToText.from_pretrained(demo_dir).eval()
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    row = json.loads((data_dir / "pairs.jsonl").read_text().splitlines()[0])
+    image = Image.open(data_dir / row["image"]).convert("RGB")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(
+        text=[text], images=[[image]], return_tensors="pt", padding=True, add_special_tokens=False
+    )
+    with torch.inference_mode():
+        logits = model(**inputs).logits[0, -1]
+        generated = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    tok = processor.tokenizer
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    assert torch.isfinite(logits).all()
+    # the model answers with an answer word
+    assert int(logits.argmax()) in (yes, no)
+    assert int(generated[0, -1]) in (yes, no)
+
+    # ... and gives the same margin as mechmed's readout
+    from mechmed.readout import answer_logits, answer_token_ids, build_inputs
+
+    scores = answer_logits(model, build_inputs(processor, [row["question"]], [image]), answer_token_ids(tok))
+    assert float(scores[0, 0] - scores[0, 1]) == pytest.approx(float(logits[yes] - logits[no]), abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- tokenizer and data
+
+
+def test_tokenizer_covers_every_heldout_word():
+    from mechmed.demo.images import FINDINGS
+    from mechmed.demo.model import demo_tokenizer
+    from mechmed.demo.phrasings import heldout_phrasings, train_phrasings, vocabulary
+    from mechmed.demo.train import TrainConfig, corpus_sentences
+
+    tok = demo_tokenizer(SEED)
+    for word in ("yes", "no"):
+        assert len(tok.encode(word, add_special_tokens=False)) == 1
+    heldout = [p.text for f in FINDINGS for p in heldout_phrasings(f)]
+    ids = [i for t in heldout for i in tok.encode(t, add_special_tokens=False)]
+    assert tok.unk_token_id not in ids
+    trained_text = corpus_sentences(SEED, TrainConfig().n_corpus_reports) + [
+        p.text for f in FINDINGS for p in train_phrasings(f)
+    ]
+    assert vocabulary(heldout) <= vocabulary(trained_text)
+
+
+def test_noisy_variants_keep_the_finding_and_negation():
+    from mechmed.demo.images import FINDINGS
+    from mechmed.demo.phrasings import train_phrasings
+    from mechmed.demo.train import noisy_variants
+    from mechmed.tiny import words
+
+    phr = [[p.text for p in train_phrasings(f)] for f in FINDINGS]
+    variants = noisy_variants(phr, 8, seed=0, extra_words=["the film shows lungs"], max_ops=4)
+    assert variants == noisy_variants(phr, 8, seed=0, extra_words=["the film shows lungs"], max_ops=4)
+    flat = [t for texts in phr for t in texts]
+    for text, vs in zip(flat, variants):
+        for v in vs:
+            assert v.endswith("?")
+            assert ("absent" in words([v])) == ("absent" in words([text]))
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_weights(demo_cache, tmp_path):
+    """Two short builds with one seed: identical weights and metrics (timing aside)."""
+    from mechmed.demo.build import build_demo
+    from mechmed.demo.train import TrainConfig
+
+    short = TrainConfig(
+        n_images=128, vision_steps=10, vision_batch=32, steps=10, batch=16, lm_batch=8, noise_variants=4
+    )
+    a = build_demo(tmp_path / "a", seed=SEED, cache_dir=demo_cache, train_config=short)
+    b = build_demo(tmp_path / "b", seed=SEED, cache_dir=demo_cache, train_config=short)
+    for m in (a, b):
+        m.pop("timing")
+        m["training"] = {k: v for k, v in m["training"].items() if not k.endswith("_s")}
+    assert a == b
+    c = build_demo(tmp_path / "c", seed=SEED + 1, cache_dir=demo_cache, train_config=short)
+    assert c["weights_sha256"] != a["weights_sha256"]
+
+
+# ----------------------------------------------------------------------------- consistency fine-tune
+
+
+def test_consistency_loss_lowers_flip_rate(demo_dir, data_dir):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mechmed.demo.train import FinetuneConfig, consistency_finetune, evaluate_pairs, load_rows
+
+    processor = AutoProcessor.from_pretrained(demo_dir)
+    base = AutoModelForImageTextToText.from_pretrained(demo_dir).eval()
+    train_rows = load_rows(data_dir / "train_pairs.jsonl")
+    eval_rows = load_rows(data_dir / "pairs.jsonl")
+    results = {}
+    for name, kl in (("ce", 0.0), ("ce+kl", 1.0)):
+        torch.manual_seed(0)
+        tuned = consistency_finetune(
+            copy.deepcopy(base), processor, train_rows, data_dir, FinetuneConfig(kl_weight=kl), seed=0
+        )
+        results[name] = evaluate_pairs(tuned, processor, eval_rows, data_dir, blank=False)
+    ce, kl = results["ce"], results["ce+kl"]
+    assert ce["flip_rate"] - kl["flip_rate"] >= 0.05, (ce["flip_rate"], kl["flip_rate"])
+    # consistency with cross-entropy does not collapse to one answer
+    assert 0.25 <= kl["yes_rate"] <= 0.75
+    assert kl["canonical_accuracy"] >= 0.75
+    assert np.isfinite(kl["margin_diff"])
