@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from mechmed import __version__
 from mechmed.errors import EXIT_USAGE, MechmedError
@@ -157,12 +159,27 @@ def cmd_demo_model(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from mechmed.consistency import run_evaluate
+    from mechmed.pipeline import run_pipeline
 
-    print("building (or reusing) the embedded default model and data ...", flush=True)
-    result = run_evaluate("demo", "demo", f"{args.out}/eval", seed=args.seed, progress=True)
-    print(f"evaluated the demo model on held-out paraphrase pairs: {args.out}/eval/metrics.json")
-    print_metrics(result.metrics)
+    print(f"mechmed demo: the whole chain on the embedded default, into {args.out}", flush=True)
+    t0 = time.perf_counter()
+    res = run_pipeline(args.out, seed=args.seed, width=args.width, workers=args.workers,
+                       methods=tuple(args.methods), echo=True)
+    print(f"done in {time.perf_counter() - t0:.0f} s; open {res.out / 'report.html'}")
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from mechmed.ablate import format_table, run_ablation
+
+    res = run_ablation(args.config, args.out, progress=True, workers=args.workers)
+    print(format_table(res.rows))
+    print(f"written {args.out}/results.json, results.csv, summary.csv")
+    if args.report:
+        from mechmed.report import build_report
+
+        build_report(Path(args.out), out=Path(args.out))
+        print(f"report: {args.out}/report.html")
     return 0
 
 
@@ -314,9 +331,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="cache directory (default $MECHMED_CACHE or ~/.cache/mechmed)")
     p.set_defaults(func=cmd_demo_model)
 
+    p = sub.add_parser("ablate", help="train and evaluate a grid of layer ranges, methods and seeds")
+    p.add_argument("--config", required=True, help="ablation YAML: train (a training config), arms, methods, "
+                   "seeds, match_parameters, workers")
+    p.add_argument("--out", default="runs/ablation", help="output directory (default runs/ablation); "
+                   "finished arms are reused, interrupted ones resumed")
+    p.add_argument("--workers", type=int, default=None, help="arms trained in parallel (overrides the config)")
+    p.add_argument("--report", action="store_true", help="also write report.html / report.md there")
+    p.set_defaults(func=cmd_ablate)
+
     p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=3, help="width of the selected layer window (default 3)")
+    p.add_argument("--workers", type=int, default=2, help="ablation arms trained in parallel (default 2)")
+    p.add_argument("--methods", type=_words, default=("lora",), help="adapter methods to ablate: lora, "
+                   "spectral_moe, or both comma-separated (default lora)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -91,3 +91,16 @@ def parse_layers(text: str, n_layers: int | None = None) -> list[int]:
         for layer in layers:
             Site(layer).check(n_layers)
     return layers
+
+
+def format_layers(layers) -> str:
+    """The inverse of :func:`parse_layers`: ``[2, 3, 4]`` → ``"2-4"``, ``[1, 3]`` → ``"1,3"``, ``[]`` → ``""``."""
+    layers = sorted(int(x) for x in layers)
+    parts, i = [], 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
+            j += 1
+        parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
+        i = j + 1
+    return ",".join(parts)

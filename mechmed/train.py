@@ -294,8 +294,12 @@ def _order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, device: str = "cpu",
-          evaluate_before_after: bool = True, stop_after: int | None = None, progress: bool = False) -> TrainResult:
+          evaluate_before_after: bool = True, evaluate_before: bool = True, stop_after: int | None = None,
+          progress: bool = False) -> TrainResult:
     """Train the configured adapter and write the run directory (see docs/training.md).
+
+    ``evaluate_before=False`` skips the base model's evaluation (the ablation grid evaluates the
+    base once for all its arms); the adapted model is still evaluated when ``evaluate_before_after``.
 
     ``stop_after`` ends the run after that many optimiser steps without finishing it (as an
     interruption would; used to test resuming).
@@ -327,7 +331,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     guard_pairs = [eval_pairs[i] for i in sorted(rng.permutation(len(eval_pairs))[:cfg.guard_pairs])]
 
     before = None
-    if evaluate_before_after and accelerator.is_main_process:
+    if evaluate_before_after and evaluate_before and accelerator.is_main_process:
         before = evaluate(bundle, eval_pairs, seed=cfg.seed, batch_size=64, progress=progress)
         ensure_dir(out / "before")
         write_json(out / "before" / "metrics.json", before.metrics)
@@ -432,9 +436,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
             ensure_dir(out / "after")
             write_json(out / "after" / "metrics.json", after.metrics)
             write_jsonl(out / "after" / "pairs.jsonl", after.pairs)
-            metrics["before"] = before.metrics
             metrics["after"] = after.metrics
-            metrics["comparison"] = compare_runs(out / "before", out / "after")
+            if before is not None:
+                metrics["before"] = before.metrics
+                metrics["comparison"] = compare_runs(out / "before", out / "after")
         resolved = cfg.to_dict()
         resolved["versions"] = versions()
         import yaml

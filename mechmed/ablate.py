@@ -1,0 +1,419 @@
+"""Layer-range ablations: one grid of training arms, each trained and evaluated the same way.
+
+An arm is a layer range and a loss (see :data:`ARMS`): the mechanistically ``selected`` range (the
+training config's ``layers``, from ``mechmed select-layers``), baseline ranges of the same width
+(``early``, ``middle``, ``late``, ``random``), ``all`` layers, and two loss controls on the selected
+range: ``ce_only`` (cross-entropy, no consistency term) and ``consistency_only`` (no cross-entropy,
+which is expected to collapse to one answer). The grid is arms × methods (``lora``,
+``spectral_moe``) × seeds; ``base`` (no training) is evaluated once per seed.
+
+Every arm is a ``mechmed train`` run directory under ``OUT/arms/<arm>-<method>-s<seed>``, so the
+grid resumes: finished arms are read back, interrupted ones continue from their checkpoint.
+Arms can run in parallel processes (``workers``). The results table (``results.json``,
+``results.csv``) has, per arm and seed, the flip rate, mean |Δmargin| and canonical accuracy with
+95% intervals, the yes-rate and the guard's collapse flag, trainable parameters, and exact
+McNemar tests of the per-pair flips against the base model and against the cross-entropy-only
+control; ``summary`` pools the seeds.
+
+Configuration (YAML, all keys optional except a training config)::
+
+    train: runs/demo/train.yaml     # a training config file (or a mapping of its fields)
+    arms: [selected, early, late, all, ce_only, consistency_only]
+    methods: [lora]
+    seeds: [0]
+    match_parameters: false         # scale the LoRA rank so every arm trains ~as many parameters
+    workers: 1                      # arms trained in parallel processes
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import io
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mechmed.errors import MechmedError
+
+log = logging.getLogger(__name__)
+
+#: Arms in their display order. ``base`` is evaluated, not trained.
+ARMS = ("base", "selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only")
+#: Arms whose layers are a baseline range of the selected width (mechmed.selection.baseline).
+RANGE_ARMS = ("early", "middle", "late", "random", "all")
+DEFAULT_ARMS = ("selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only")
+RESULT_KEYS = ("arm", "method", "seed", "layers", "trainable_parameters", "flip_rate", "flip_ci", "margin_diff",
+               "margin_diff_ci", "canonical_accuracy", "accuracy_ci", "yes_rate", "collapsed", "p_vs_base",
+               "p_vs_ce_only", "n_pairs", "run_dir")
+
+
+@dataclass
+class AblationConfig:
+    """The grid: a training config and the arms, methods and seeds to cross it with."""
+
+    train: dict
+    """Fields of the training config (mechmed.config.TrainConfig); its ``layers`` are the selected range."""
+    arms: list = field(default_factory=lambda: list(DEFAULT_ARMS))
+    """Arms to train (see mechmed.ablate.ARMS); ``base`` is always evaluated."""
+    methods: list = field(default_factory=lambda: ["lora"])
+    """Adapter methods: lora, spectral_moe."""
+    seeds: list = field(default_factory=lambda: [0])
+    """Seeds (each also picks the demo model and data when the model is 'demo')."""
+    match_parameters: bool = False
+    """Scale the rank of every arm so it trains about as many parameters as the selected range."""
+    workers: int = 1
+    """Arms trained in parallel processes (each gets cores / workers torch threads)."""
+    source: str = "ablation config"
+
+    def __post_init__(self):
+        from mechmed.config import METHODS
+
+        src = self.source
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise MechmedError(f"{src}: arms: unknown {unknown}; choose from {', '.join(ARMS)}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise MechmedError(f"{src}: methods: unknown {bad}; choose from {', '.join(METHODS)}")
+        if not self.arms or not self.methods or not self.seeds:
+            raise MechmedError(f"{src}: arms, methods and seeds must each name at least one")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise MechmedError(f"{src}: seeds must be integers, got {self.seeds}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise MechmedError(f"{src}: workers must be a positive integer, got {self.workers!r}")
+        self.arms = [a for a in ARMS if a in self.arms and a != "base"]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AblationConfig:
+        """Read an ablation YAML (``train`` a config file path, relative to the YAML, or a mapping)."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise MechmedError(f"--config {path}: no such file; write an ablation YAML (see docs/ablations.md)")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise MechmedError(f"--config {path}:{where}: not valid YAML; fix the syntax") from None
+        return cls.from_dict(raw, base_dir=path.parent, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw, base_dir: str | os.PathLike = ".", source: str = "ablation config") -> AblationConfig:
+        import difflib
+        from dataclasses import fields
+
+        from mechmed.config import TrainConfig
+
+        if not isinstance(raw, dict):
+            raise MechmedError(f"{source}: expected a mapping with a 'train' key")
+        known = {f.name for f in fields(cls)} - {"source"}
+        for key in raw:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
+                raise MechmedError(f"{source}: unknown key {key!r}; {hint}")
+        if "train" not in raw:
+            raise MechmedError(f"{source}: missing 'train': a training config file (from mechmed select-layers) "
+                               "or a mapping of its fields")
+        train = raw["train"]
+        if isinstance(train, str):
+            tpath = Path(train) if Path(train).is_absolute() else Path(base_dir) / train
+            train = TrainConfig.load(tpath).to_dict()
+        elif isinstance(train, dict):
+            train = TrainConfig.from_dict(train, source=f"{source}: train").to_dict()
+        else:
+            raise MechmedError(f"{source}: train: give a config file path or a mapping")
+        train.pop("config_version", None)
+        return cls(**{**{k: v for k, v in raw.items() if k != "train"}, "train": train, "source": source})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One trained cell of the grid."""
+
+    arm: str
+    method: str
+    seed: int
+    layers: tuple
+    overrides: tuple = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}-{self.method}-s{self.seed}"
+
+
+def plan(cfg: AblationConfig, n_layers: int) -> list[Arm]:
+    """The arms to train, in display order (arm, then method, then seed)."""
+    from mechmed.selection import baseline
+
+    selected = tuple(cfg.train["layers"])
+    width = len(selected)
+    if max(selected) >= n_layers:
+        raise MechmedError(f"{cfg.source}: train.layers {list(selected)} reach past the model's {n_layers} layers "
+                           f"(0-{n_layers - 1})")
+    out = []
+    for arm in cfg.arms:
+        for method in cfg.methods:
+            for seed in cfg.seeds:
+                over: dict = {}
+                layers = baseline(arm, n_layers, width, seed=seed).layers if arm in RANGE_ARMS else selected
+                if arm == "ce_only":
+                    over["consistency_weight"] = 0.0
+                elif arm == "consistency_only":
+                    over["ce_weight"] = 0.0
+                if cfg.match_parameters and len(layers) != width:
+                    rank = max(1, round(cfg.train["rank"] * width / len(layers)))
+                    if method == "spectral_moe":
+                        n = cfg.train.get("spectral", {}).get("n_experts", 8)
+                        rank = max(n, rank - rank % n)
+                    over["rank"] = rank
+                out.append(Arm(arm, method, seed, tuple(layers), tuple(sorted(over.items()))))
+    return out
+
+
+def arm_config(cfg: AblationConfig, arm: Arm):
+    """The training config of one arm."""
+    from mechmed.config import TrainConfig
+
+    d = {**cfg.train, "layers": list(arm.layers), "method": arm.method, "seed": arm.seed, **dict(arm.overrides)}
+    d["provenance"] = {**cfg.train.get("provenance", {}), "ablation_arm": arm.name}
+    return TrainConfig.from_dict(d, source=f"{cfg.source}: arm {arm.name}")
+
+
+def _run_arm(cfg_dict: dict, run_dir: str, threads: int | None) -> dict:
+    """Train (or resume, or read back) one arm; runs in a worker process when ``workers`` > 1."""
+    import json
+
+    import torch
+
+    from mechmed.config import TrainConfig
+    from mechmed.train import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(run_dir)
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    cfg = TrainConfig.from_dict(cfg_dict, source=str(out / "config.yaml"))
+    return train(cfg, out, resume=(out / "checkpoint").exists(), evaluate_before=False).metrics
+
+
+def _read_pairs(path: Path) -> dict:
+    import json
+
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return {r["id"]: r for r in rows}
+
+
+def evaluate_base(cfg: AblationConfig, seed: int, out: Path, progress: bool = False) -> tuple[dict, dict]:
+    """Evaluate the untrained model for ``seed`` once (``OUT/base-s<seed>``); returns (metrics, pairs by id)."""
+    import json
+
+    from mechmed.consistency import evaluate
+    from mechmed.io import ensure_dir, write_json, write_jsonl
+    from mechmed.models import load_model
+    from mechmed.train import resolve_pairs
+
+    d = out / f"base-s{seed}"
+    if (d / "metrics.json").is_file() and (d / "pairs.jsonl").is_file():
+        return json.loads((d / "metrics.json").read_text(encoding="utf-8")), _read_pairs(d / "pairs.jsonl")
+    t = cfg.train
+    bundle = load_model(t["model"], answer_words=tuple(t["answer_words"]), seed=seed)
+    pairs = resolve_pairs(t["eval_data"], split="eval", image_root=t.get("image_root"), seed=seed)
+    ev = evaluate(bundle, pairs, seed=seed, batch_size=64, progress=progress)
+    ensure_dir(d)
+    write_jsonl(d / "pairs.jsonl", ev.pairs)
+    write_json(d / "metrics.json", ev.metrics)  # written last: its presence marks the base as done
+    return ev.metrics, {r["id"]: r for r in ev.pairs}
+
+
+def _mcnemar(a: dict, b: dict) -> float | None:
+    """Exact McNemar p of per-pair flips, over the pairs both evaluations share."""
+    from mechmed import stats
+
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    return float(stats.mcnemar_from_pairs([a[i]["flip"] for i in common], [b[i]["flip"] for i in common]).p_value)
+
+
+def result_row(arm: str, method: str, seed: int, layers, n_params: int, m: dict, pairs: dict,
+               base_pairs: dict | None, ce_pairs: dict | None, collapsed: bool, run_dir: str) -> dict:
+    """One row of the results table from an evaluation's metrics and per-pair rows."""
+    from mechmed import stats
+
+    n_q = m["n_questions"]
+    acc = stats.wilson_interval(m["n_correct"]["original"], n_q)
+    return {
+        "arm": arm, "method": method, "seed": seed, "layers": list(layers), "trainable_parameters": n_params,
+        "flip_rate": m["flip_rate"], "flip_ci": list(m["flip_rate_ci"]),
+        "margin_diff": m["margin_diff"], "margin_diff_ci": list(m["margin_diff_ci"]),
+        "canonical_accuracy": m["accuracy"]["original"], "accuracy_ci": [acc.low, acc.high],
+        "yes_rate": m["yes_rate"], "collapsed": bool(collapsed),
+        "p_vs_base": _mcnemar(base_pairs, pairs) if base_pairs is not None else None,
+        "p_vs_ce_only": _mcnemar(ce_pairs, pairs) if ce_pairs is not None else None,
+        "n_pairs": m["n_pairs"], "run_dir": run_dir,
+    }
+
+
+def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict) -> list[dict]:
+    """Pool each (arm, method) over seeds: Wilson intervals of pooled counts, bootstrap interval of
+    the pooled per-pair |Δmargin|, McNemar over all seeds' pairs (ids prefixed by seed)."""
+    from mechmed import stats
+
+    groups: dict = {}
+    for i, r in enumerate(rows):
+        groups.setdefault((r["arm"], r["method"]), []).append(i)
+    ce_key = {m: idx for (a, m), idx in groups.items() if a == "ce_only"}
+    out = []
+    for (arm, method), idx in groups.items():
+        pooled = {f"{rows[i]['seed']}:{k}": v for i in idx for k, v in pairs_by_row[i].items()}
+        flips = np.array([v["flip"] for v in pooled.values()])
+        deltas = np.array([v["margin_diff"] for v in pooled.values()])
+        n_pairs = sum(rows[i]["n_pairs"] for i in idx)
+        acc_k = sum(round(rows[i]["canonical_accuracy"] * _n_questions(rows[i])) for i in idx)
+        acc_n = sum(_n_questions(rows[i]) for i in idx)
+        f_ci = stats.wilson_interval(int(flips.sum()), len(flips))
+        a_ci = stats.wilson_interval(acc_k, acc_n)
+        md = stats.bootstrap_ci(deltas, n_resamples=2000, seed=0)
+        base_pool = {f"{s}:{k}": v for s, bp in base_pairs.items() for k, v in bp.items()}
+        ce = None
+        if arm != "ce_only" and method in ce_key:
+            ce = {f"{rows[i]['seed']}:{k}": v for i in ce_key[method] for k, v in pairs_by_row[i].items()}
+        out.append({
+            "arm": arm, "method": method, "seed": None, "n_seeds": len(idx),
+            "layers": rows[idx[0]]["layers"], "trainable_parameters": rows[idx[0]]["trainable_parameters"],
+            "flip_rate": float(flips.mean()), "flip_ci": [f_ci.low, f_ci.high],
+            "flip_rate_seeds": [rows[i]["flip_rate"] for i in idx],
+            "margin_diff": float(deltas.mean()), "margin_diff_ci": [md.low, md.high],
+            "canonical_accuracy": acc_k / acc_n, "accuracy_ci": [a_ci.low, a_ci.high],
+            "yes_rate": float(np.mean([rows[i]["yes_rate"] for i in idx])),
+            "collapsed": any(rows[i]["collapsed"] for i in idx),
+            "p_vs_base": None if arm == "base" else _mcnemar(base_pool, pooled),
+            "p_vs_ce_only": _mcnemar(ce, pooled) if ce else None,
+            "n_pairs": n_pairs, "run_dir": None,
+        })
+    return out
+
+
+def _n_questions(row: dict) -> int:
+    return row.get("_n_questions", 0)
+
+
+def table_csv(rows: Sequence[dict]) -> str:
+    """The results as CSV (intervals split into _lo/_hi columns, layers as 'a-b' or 'a,b,c')."""
+    from mechmed.sites import format_layers
+
+    buf = io.StringIO()
+    cols = ["arm", "method", "seed", "layers", "trainable_parameters", "flip_rate", "flip_lo", "flip_hi",
+            "margin_diff", "margin_diff_lo", "margin_diff_hi", "canonical_accuracy", "accuracy_lo", "accuracy_hi",
+            "yes_rate", "collapsed", "p_vs_base", "p_vs_ce_only", "n_pairs"]
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow([r["arm"], r["method"], "" if r["seed"] is None else r["seed"], format_layers(r["layers"]),
+                    r["trainable_parameters"], r["flip_rate"], *r["flip_ci"], r["margin_diff"], *r["margin_diff_ci"],
+                    r["canonical_accuracy"], *r["accuracy_ci"], r["yes_rate"], r["collapsed"],
+                    "" if r["p_vs_base"] is None else r["p_vs_base"],
+                    "" if r["p_vs_ce_only"] is None else r["p_vs_ce_only"], r["n_pairs"]])
+    return buf.getvalue()
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A plain-text table for the terminal."""
+    from mechmed.sites import format_layers
+
+    head = f"{'arm':<17} {'method':<12} {'layers':<9} {'params':>8}  {'flip rate':<22} {'|Δmargin|':<8} " \
+           f"{'accuracy':<8} {'yes':<5} {'p(base)':<8} {'p(ce)':<8}"
+    lines = [head, "-" * len(head)]
+
+    def p(v):
+        return "" if v is None else f"{v:.2g}"
+
+    for r in rows:
+        flip = f"{r['flip_rate']:.3f} [{r['flip_ci'][0]:.3f}, {r['flip_ci'][1]:.3f}]"
+        mark = " collapsed" if r["collapsed"] else ""
+        lines.append(f"{r['arm']:<17} {r['method']:<12} {format_layers(r['layers']):<9} {r['trainable_parameters']:>8}  "
+                     f"{flip:<22} {r['margin_diff']:<8.3f} {r['canonical_accuracy']:<8.3f} {r['yes_rate']:<5.2f} "
+                     f"{p(r['p_vs_base']):<8} {p(r['p_vs_ce_only']):<8}{mark}")
+    return "\n".join(lines)
+
+
+@dataclass
+class AblationResult:
+    out: Path
+    rows: list
+    summary: list
+    base: dict
+
+
+def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike, *, progress: bool = False,
+                 workers: int | None = None) -> AblationResult:
+    """Train and evaluate every arm of the grid, resuming what is there; write the results table."""
+    from mechmed.io import ensure_dir, write_json, write_text
+    from mechmed.models import load_model
+    from mechmed.progress import progress_bar
+
+    if not isinstance(cfg, AblationConfig):
+        cfg = AblationConfig.load(cfg)
+    out = ensure_dir(Path(out))
+    workers = workers or cfg.workers
+    t = cfg.train
+    n_layers = load_model(t["model"], answer_words=tuple(t["answer_words"]), seed=cfg.seeds[0]).n_layers
+    arms = plan(cfg, n_layers)
+    write_json(out / "ablation_config.json", {**cfg.to_dict(), "plan": [a.name for a in arms]})
+
+    base = {s: evaluate_base(cfg, s, out, progress=progress) for s in cfg.seeds}
+    jobs = {a.name: (arm_config(cfg, a).to_dict(), str(out / "arms" / a.name)) for a in arms}
+    metrics: dict = {}
+    if workers > 1:
+        import multiprocessing as mp
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_arm, d, r, threads): name for name, (d, r) in jobs.items()}
+            for fut in progress_bar(cf.as_completed(futures), desc="ablation arms" if progress else None,
+                                    total=len(futures)):
+                metrics[futures[fut]] = fut.result()
+    else:
+        for name in progress_bar(list(jobs), desc="ablation arms" if progress else None):
+            metrics[name] = _run_arm(*jobs[name], None)
+
+    rows, pairs_by_row = [], {}
+    for s in cfg.seeds:
+        bm, bp = base[s]
+        rows.append({**result_row("base", "none", s, [], 0, bm, bp, None, None, False, str(out / f"base-s{s}")),
+                     "_n_questions": bm["n_questions"]})
+        pairs_by_row[len(rows) - 1] = bp
+    arm_pairs = {a.name: _read_pairs(out / "arms" / a.name / "after" / "pairs.jsonl") for a in arms}
+    for a in arms:
+        m = metrics[a.name]
+        ce_name = Arm("ce_only", a.method, a.seed, ()).name
+        ce = arm_pairs.get(ce_name) if a.arm != "ce_only" else None
+        row = result_row(a.arm, a.method, a.seed, a.layers, m["trainable_parameters"], m["after"], arm_pairs[a.name],
+                         base[a.seed][1], ce, m["collapsed"], str(out / "arms" / a.name))
+        row["_n_questions"] = m["after"]["n_questions"]
+        rows.append(row)
+        pairs_by_row[len(rows) - 1] = arm_pairs[a.name]
+    summary = summarise(rows, pairs_by_row, {s: base[s][1] for s in cfg.seeds})
+    for r in rows + summary:
+        r.pop("_n_questions", None)
+    base_summary = next(r for r in summary if r["arm"] == "base")
+    result = {"rows": rows, "summary": summary, "base": base_summary, "config": cfg.to_dict()}
+    write_text(out / "results.csv", table_csv(rows))
+    write_text(out / "summary.csv", table_csv(summary))
+    write_json(out / "results.json", result)
+    log.info("ablation: %d arms in %s\n%s", len(arms), out, format_table(summary))
+    return AblationResult(out, rows, summary, base_summary)

@@ -1,0 +1,160 @@
+"""Ablation grid: arms, results table (checked against hand-computed statistics), resume, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats as sps
+
+from mechmed.ablate import AblationConfig, format_table, plan, run_ablation, table_csv
+from mechmed.errors import MechmedError
+
+
+def _train(ws, **kw):
+    root, ckpt = ws
+    return {"model": str(ckpt), "layers": [1], "rank": 4, "alpha": 8.0, "dropout": 0.0, "lr": 5e-3,
+            "batch_size": 4, "grad_accum": 1, "epochs": 1.0, "max_steps": 3, "eval_every": 3,
+            "checkpoint_every": 1, "guard_pairs": 8, "train_data": str(root / "train_pairs.jsonl"),
+            "eval_data": str(root / "pairs.jsonl"), **kw}
+
+
+def test_plan_places_each_arm(tiny_workspace):
+    cfg = AblationConfig(train=_train(tiny_workspace, layers=[2, 3]),
+                         arms=["consistency_only", "selected", "early", "late", "middle", "all", "ce_only", "random"],
+                         match_parameters=True)
+    arms = {a.arm: a for a in plan(cfg, n_layers=6)}
+    assert list(arms) == ["selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only"]
+    assert arms["selected"].layers == (2, 3) and arms["ce_only"].layers == (2, 3)
+    assert arms["early"].layers == (0, 1) and arms["late"].layers == (4, 5) and arms["middle"].layers == (2, 3)
+    assert arms["all"].layers == tuple(range(6)) and len(arms["random"].layers) == 2
+    assert dict(arms["ce_only"].overrides) == {"consistency_weight": 0.0}
+    assert dict(arms["consistency_only"].overrides) == {"ce_weight": 0.0}
+    # matching parameters: 6 layers at rank 4·2/6 ≈ 1 train as many LoRA weights as 2 layers at rank 4
+    assert dict(arms["all"].overrides) == {"rank": 1}
+    assert "rank" not in dict(arms["early"].overrides)
+    with pytest.raises(MechmedError, match="reach past the model's 2 layers"):
+        plan(cfg, n_layers=2)
+
+
+def _mcnemar_by_hand(a: dict, b: dict) -> float:
+    common = sorted(set(a) & set(b))
+    b01 = sum(1 for i in common if not a[i]["flip"] and b[i]["flip"])
+    b10 = sum(1 for i in common if a[i]["flip"] and not b[i]["flip"])
+    if b01 + b10 == 0:
+        return 1.0
+    return sps.binomtest(min(b01, b10), b01 + b10, 0.5).pvalue
+
+
+def _pairs(path):
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def grid(tiny_workspace, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablation")
+    cfg_file = root / "ablation.yaml"
+    cfg_file.write_text(yaml.safe_dump({"train": _train(tiny_workspace), "arms": ["selected", "all", "ce_only"],
+                                        "seeds": [0]}))
+    res = run_ablation(cfg_file, root / "out")
+    return cfg_file, root / "out", res
+
+
+def test_results_table(grid, tiny_workspace):
+    _, out, res = grid
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["arm"] for r in saved["rows"]] == ["base", "selected", "all", "ce_only"]
+    rows = {r["arm"]: r for r in saved["rows"]}
+    base_pairs = _pairs(out / "base-s0" / "pairs.jsonl")
+    for arm in ("selected", "all", "ce_only"):
+        r = rows[arm]
+        run = out / "arms" / f"{arm}-lora-s0"
+        m = json.loads((run / "after" / "metrics.json").read_text())
+        assert r["flip_rate"] == m["flip_rate"] and r["flip_ci"] == m["flip_rate_ci"]
+        flips = [p["flip"] for p in _pairs(run / "after" / "pairs.jsonl").values()]
+        assert r["flip_rate"] == pytest.approx(np.mean(flips), abs=1e-12)
+        # Wilson interval of the canonical accuracy, by hand
+        k, n = m["n_correct"]["original"], m["n_questions"]
+        z = sps.norm.ppf(0.975)
+        centre = (k / n + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * np.sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n))
+        assert r["accuracy_ci"] == pytest.approx([centre - half, centre + half], abs=1e-9)
+        assert r["p_vs_base"] == pytest.approx(_mcnemar_by_hand(base_pairs, _pairs(run / "after" / "pairs.jsonl")))
+    ce_pairs = _pairs(out / "arms" / "ce_only-lora-s0" / "after" / "pairs.jsonl")
+    sel_pairs = _pairs(out / "arms" / "selected-lora-s0" / "after" / "pairs.jsonl")
+    assert rows["selected"]["p_vs_ce_only"] == pytest.approx(_mcnemar_by_hand(ce_pairs, sel_pairs))
+    assert rows["ce_only"]["p_vs_ce_only"] is None and rows["base"]["p_vs_base"] is None
+    # LoRA weights scale with the layers: 3 layers (all) train 3× the parameters of 1 (selected)
+    assert rows["all"]["trainable_parameters"] == 3 * rows["selected"]["trainable_parameters"]
+    assert rows["base"]["trainable_parameters"] == 0
+    # the ce_only arm really trained without the consistency term
+    log = [json.loads(x) for x in (out / "arms" / "ce_only-lora-s0" / "train_log.jsonl").read_text().splitlines()]
+    cfg = yaml.safe_load((out / "arms" / "ce_only-lora-s0" / "config.yaml").read_text())
+    assert cfg["consistency_weight"] == 0.0 and all(np.isfinite(h["consistency"]) for h in log)
+    # summary of one seed = the row; CSV and terminal table carry every arm
+    summary = {r["arm"]: r for r in saved["summary"]}
+    assert summary["selected"]["flip_rate"] == pytest.approx(rows["selected"]["flip_rate"])
+    assert summary["selected"]["n_seeds"] == 1
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("arm,method,seed,layers")
+    assert table_csv(res.rows) == (out / "results.csv").read_text()
+    text = format_table(res.rows)
+    assert all(a in text for a in ("base", "selected", "all", "ce_only"))
+
+
+def test_rerun_reuses_and_interrupted_arm_resumes(grid, tmp_path):
+    from mechmed.ablate import arm_config
+    from mechmed.train import train
+
+    cfg_file, out, res = grid
+    adapter = out / "arms" / "selected-lora-s0" / "adapter" / "adapter_model.safetensors"
+    before = adapter.stat().st_mtime_ns
+    again = run_ablation(cfg_file, out)
+    assert adapter.stat().st_mtime_ns == before  # finished arms are read back, not retrained
+    assert again.rows == res.rows
+
+    # a fresh grid whose 'all' arm was interrupted after one step: it resumes to the same numbers
+    fresh = tmp_path / "out"
+    cfg = AblationConfig.load(cfg_file)
+    arm = next(a for a in plan(cfg, 3) if a.arm == "all")
+    train(arm_config(cfg, arm), fresh / "arms" / arm.name, evaluate_before=False, stop_after=1)
+    assert not (fresh / "arms" / arm.name / "metrics.json").exists()
+    resumed = run_ablation(cfg_file, fresh)
+    strip = [{k: v for k, v in r.items() if k != "run_dir"} for r in resumed.rows]
+    assert strip == [{k: v for k, v in r.items() if k != "run_dir"} for r in res.rows]
+
+
+def test_config_errors(tiny_workspace, tmp_path):
+    t = _train(tiny_workspace)
+    with pytest.raises(MechmedError, match="arms: unknown"):
+        AblationConfig(train=t, arms=["selected", "lates"])
+    with pytest.raises(MechmedError, match="methods: unknown"):
+        AblationConfig(train=t, methods=["qlora"])
+    with pytest.raises(MechmedError, match="did you mean 'seeds'"):
+        AblationConfig.from_dict({"train": t, "sedes": [0]})
+    with pytest.raises(MechmedError, match="missing 'train'"):
+        AblationConfig.from_dict({"arms": ["selected"]})
+    with pytest.raises(MechmedError, match="option layers: \\[\\] is invalid"):
+        AblationConfig.from_dict({"train": {**t, "layers": []}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(MechmedError, match="bad.yaml.*not valid YAML"):
+        AblationConfig.load(bad)
+    with pytest.raises(MechmedError, match="no such file"):
+        AblationConfig.load(tmp_path / "missing.yaml")
+
+
+def test_cli_ablate(grid, tmp_path, capsys):
+    from mechmed.cli import main
+
+    cfg_file, out, _ = grid
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert main(["ablate", "--config", str(cfg_file), "--out", str(copy)]) == 0
+    assert "selected" in capsys.readouterr().out
+    assert main(["ablate", "--config", str(tmp_path / "nope.yaml"), "--out", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.yaml" in err
