@@ -20,6 +20,9 @@ from mechmed.errors import EXIT_USAGE, MechmedError
 
 log = logging.getLogger("mechmed")
 
+#: Commands whose --out holds finished, reusable stages that a later error must not remove.
+ROLLBACK_EXEMPT = ("ablate", "demo")
+
 
 def _words(text: str) -> tuple[str, ...]:
     return tuple(w.strip() for w in text.split(","))
@@ -252,8 +255,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``mechmed CMD: error: ...``) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mechmed",
         description="Find where a medical VLM's yes/no answer flips under rewording, and fix it there.")
     parser.add_argument("--version", action="version", version=f"mechmed {__version__}")
@@ -353,14 +363,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (already printed, one line)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from contextlib import nullcontext
+
+    from mechmed.io import rollback_on_error
+
+    out = getattr(args, "out", None)
+    # a failed command leaves --out as it found it; resumable grids keep their finished stages
+    guard = rollback_on_error(out) if out and args.command not in ROLLBACK_EXEMPT else nullcontext()
     try:
-        return int(args.func(args) or 0)
+        with guard:
+            return int(args.func(args) or 0)
     except MechmedError as e:
         print(f"mechmed {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

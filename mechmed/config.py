@@ -16,6 +16,7 @@ import ast
 import difflib
 import inspect
 import logging
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 CONFIG_VERSION = 1
 METHODS = ("lora", "spectral_moe")
 CONSISTENCY_LOSSES = ("sym_kl", "js", "margin_mse")
+SPECTRAL_INITS = ("spectral", "principal", "minor", "random", "zero_b")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -40,7 +42,7 @@ class SpectralConfig:
     """Experts routed per token."""
     init: str = "spectral"
     """Expert initialisation: spectral (non-overlapping SVD segments), principal, minor, random, zero_b."""
-    scaling: str = "rule"
+    scaling: str | float = "rule"
     """'rule' for s = sqrt(3·n·η/r), or a number for a fixed scale."""
     damping: float = 1.0
     """Damping ρ of the spectral initialisation."""
@@ -48,6 +50,28 @@ class SpectralConfig:
     """η in the scaling rule: the ratio of the adapter's learning rate to full fine-tuning's."""
     balance_coef: float = 1e-3
     """Coefficient of the load-balancing auxiliary loss N·Σ f_i·P_i."""
+
+    def __post_init__(self) -> None:
+        _check(self.n_experts >= 1, "spectral.n_experts", self.n_experts, "a positive integer")
+        _check(self.top_k >= 1, "spectral.top_k", self.top_k, f"between 1 and n_experts={self.n_experts}")
+        _check(self.init in SPECTRAL_INITS, "spectral.init", self.init, f"one of {', '.join(SPECTRAL_INITS)}")
+        parse_scaling(self.scaling)
+        _check(self.damping > 0, "spectral.damping", self.damping, "a positive number")
+        _check(self.lr_ratio > 0, "spectral.lr_ratio", self.lr_ratio, "a positive number")
+        _check(self.balance_coef >= 0, "spectral.balance_coef", self.balance_coef, "a non-negative number")
+
+
+def parse_scaling(scaling) -> float | None:
+    """spectral.scaling: 'rule' -> None; a positive number (or its string) -> that number."""
+    if isinstance(scaling, str) and scaling.strip().lower() == "rule":
+        return None
+    try:
+        value = float(scaling)
+    except (TypeError, ValueError):
+        value = float("nan")
+    _check(not isinstance(scaling, bool) and math.isfinite(value) and value > 0, "spectral.scaling", scaling,
+           "'rule' or a positive number")
+    return value
 
 
 @dataclass
@@ -217,6 +241,8 @@ def _coerce(f, value, source: str):
 
     default = f.default if f.default is not MISSING else f.default_factory()
     want = type(default)
+    if str(f.type) == "str | float" and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return value
     if value is None and (default is None or "None" in str(f.type)):
         return None
     if default is None:

@@ -148,3 +148,534 @@ def r2_by_layer(rows: Sequence[dict], threshold: float | None = 0.95, *, title: 
                      zeroline=False)
     fig.update_yaxes(title="R² (mean over prompts, 95% CI)", tickformat=".3f", zeroline=False)
     return fig
+
+
+# ---------------------------------------------------------------- shared helpers
+
+ARM_ORDER = ("base", "selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only")
+ARM_LABELS = {"selected": "selected", "early": "early", "middle": "middle", "late": "late", "all": "all layers",
+              "random": "random", "ce_only": "CE only", "consistency_only": "consistency only", "base": "base"}
+METHOD_LABELS = {"lora": "LoRA", "spectral_moe": "spectral experts", "none": "base model"}
+COLLAPSE_COLOUR = "#B22222"
+SCORE_LABELS = {
+    "attr_flipped": "mean |attribution| on flipped pairs",
+    "attr_stable": "mean |attribution| on stable pairs",
+    "attr_all": "mean |attribution| on all pairs",
+    "patch_flipped": "mean |exact patch effect| on flipped pairs",
+    "recovery_flipped": "mean recovery on flipped pairs",
+    "feature_auc": "AUC of the top feature's |Δf|",
+}
+
+
+def layer_text(layers) -> str:
+    """``[2, 3, 4]`` → ``"2–4"`` (en dash), ``[1, 3]`` → ``"1, 3"``, ``[]`` → ``""``."""
+    from mechmed.sites import format_layers
+
+    return format_layers(layers).replace("-", "–").replace(",", ", ")
+
+
+def window_layers(window) -> list[int]:
+    """Layer indices from a list, a select-layers / training config (dict or object with ``layers``)."""
+    if window is None:
+        return []
+    if isinstance(window, dict):
+        window = window.get("layers", [])
+    elif hasattr(window, "layers"):
+        window = window.layers
+    return sorted({int(x) for x in window})
+
+
+def _runs(layers: Sequence[int]) -> list[tuple[int, int]]:
+    """Contiguous runs of sorted layer indices: [2, 3, 4, 7] → [(2, 4), (7, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for x in layers:
+        if runs and x == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], x)
+        else:
+            runs.append((x, x))
+    return runs
+
+
+def _err(values, cis):
+    """Plotly asymmetric error arrays from values and [lo, hi] pairs (missing ends → no bar)."""
+    plus, minus = [], []
+    for v, ci in zip(values, cis):
+        lo, hi = (ci or [None, None])[:2]
+        ok = _finite(v)
+        plus.append(hi - v if ok and _finite(hi) else 0.0)
+        minus.append(v - lo if ok and _finite(lo) else 0.0)
+    return plus, minus
+
+
+def _base_layout(fig, title: str, *, height: int = PNG_HEIGHT, width: int = PNG_WIDTH, legend_y: float = -0.16,
+                 bottom: int = 100):
+    fig.update_layout(
+        title=dict(text=title, x=0.02, font=dict(size=16)),
+        template="plotly_white", width=width, height=height, font=dict(size=13),
+        legend=dict(orientation="h", yanchor="top", y=legend_y, xanchor="center", x=0.5),
+        margin=dict(l=75, r=30, t=90, b=bottom),
+    )
+    return fig
+
+
+# ---------------------------------------------------------------- attribution
+
+def layer_profile(scores: dict, window=None, *, key: str = "attr_flipped", title: str | None = None):
+    """Per-layer attribution with 95% bootstrap CIs, the selected window shaded and labelled.
+
+    ``scores`` is :func:`mechmed.attribution.layer_scores`'s dict. Bars: ``key`` (default mean
+    |a_L| over flipped pairs) and, for contrast, the same over stable pairs; a line: the exact
+    patching effect on flipped pairs when it was run. A second panel shows the flip-prediction AUC
+    of each layer's top SAE feature when SAEs were used. ``window`` is a list of layers, or a
+    select-layers config (dict or object) whose ``layers`` are the selected range.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    table = scores.get("scores", {})
+    if key not in table:
+        from mechmed.errors import MechmedError
+
+        raise MechmedError(f"layer_profile: no score {key!r} in the scores (has {', '.join(table) or 'none'})")
+    n_layers = int(scores.get("n_layers") or len(table[key]["mean"]))
+    layers = list(range(n_layers))
+    auc = table.get("feature_auc")
+    has_auc = auc is not None and any(_finite(v) for v in auc["mean"])
+    fig = make_subplots(rows=2 if has_auc else 1, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        row_heights=[0.7, 0.3] if has_auc else None)
+    bars = [(key, PALETTE[0])]
+    if key == "attr_flipped" and "attr_stable" in table:
+        bars.append(("attr_stable", "#999999"))
+    for name, colour in bars:
+        s = table[name]
+        y = [v if _finite(v) else None for v in s["mean"]]
+        plus, minus = _err(s["mean"], s["ci"])
+        label = SCORE_LABELS.get(name, name) + f" (n={s.get('n', '?')})"
+        fig.add_trace(go.Bar(x=layers, y=y, name=label, marker_color=colour,
+                             error_y=dict(type="data", symmetric=False, array=plus, arrayminus=minus,
+                                          color="#333333", thickness=1.2, width=4),
+                             customdata=[c or [None, None] for c in s["ci"]],
+                             hovertemplate="layer %{x}<br>%{y:.3g} [%{customdata[0]:.3g}, %{customdata[1]:.3g}]"
+                                           f"<extra>{label}</extra>"), row=1, col=1)
+    if key != "patch_flipped" and "patch_flipped" in table and any(_finite(v) for v in table["patch_flipped"]["mean"]):
+        s = table["patch_flipped"]
+        plus, minus = _err(s["mean"], s["ci"])
+        fig.add_trace(go.Scatter(x=layers, y=[v if _finite(v) else None for v in s["mean"]], mode="lines+markers",
+                                 name=SCORE_LABELS["patch_flipped"] + " (ground truth)",
+                                 line=dict(color=PALETTE[5], width=2), marker=dict(size=8, symbol="diamond"),
+                                 error_y=dict(type="data", symmetric=False, array=plus, arrayminus=minus,
+                                              color=PALETTE[5], thickness=1.2, width=4)), row=1, col=1)
+    if has_auc:
+        x = [i for i, v in enumerate(auc["mean"]) if _finite(v)]
+        fig.add_trace(go.Scatter(x=x, y=[auc["mean"][i] for i in x], mode="lines+markers", name=SCORE_LABELS["feature_auc"],
+                                 line=dict(color=PALETTE[2], width=2), marker=dict(size=8),
+                                 showlegend=True), row=2, col=1)
+        fig.add_hline(y=0.5, line=dict(color="#777777", dash="dot", width=1), row=2, col=1,
+                      annotation_text="chance", annotation_position="bottom right", annotation_font_size=11)
+        fig.update_yaxes(title_text="AUC (flipped<br>vs stable)", range=[0.3, 1.02], row=2, col=1)
+    sel = window_layers(window)
+    for i, (a, b) in enumerate(_runs(sel)):
+        for row in range(1, (2 if has_auc else 1) + 1):
+            fig.add_vrect(x0=a - 0.5, x1=b + 0.5, fillcolor=PALETTE[1], opacity=0.15, line_width=0, layer="below",
+                          row=row, col=1)
+        if i == 0:
+            fig.add_annotation(x=(sel[0] + sel[-1]) / 2 if len(_runs(sel)) == 1 else (a + b) / 2, y=1.0,
+                               xref="x", yref="y domain", yanchor="bottom", showarrow=False,
+                               text=f"<b>selected layers {layer_text(sel)}</b>", font=dict(color="#8a5a00", size=12))
+    n_pairs, n_flipped = scores.get("n_pairs"), scores.get("n_flipped")
+    sub = f"{n_flipped} of {n_pairs} pairs flipped; " if n_pairs is not None else ""
+    sub += "bars: mean over pairs with 95% bootstrap CI"
+    _base_layout(fig, title or f"Where paraphrase flips are carried: attribution by layer<br><sup>{sub}</sup>",
+                 height=600 if has_auc else PNG_HEIGHT, legend_y=-0.12 if has_auc else -0.16, bottom=120)
+    fig.update_layout(barmode="group", bargap=0.25)
+    fig.update_yaxes(title_text="|Δ margin| estimate (logits)", rangemode="tozero", row=1, col=1)
+    fig.update_xaxes(tickmode="array", tickvals=layers, showgrid=False)
+    fig.update_xaxes(title_text="decoder layer (resid_post)", row=2 if has_auc else 1, col=1)
+    return fig
+
+
+def _feature_rows(results, top: int) -> list[dict]:
+    """feature_table rows from PairAttribution objects, or rows given (e.g. read back from features.csv)."""
+    results = list(results)
+    if results and not isinstance(results[0], dict):
+        from mechmed.attribution import feature_table
+
+        return feature_table(results, top=top)
+    rows = []
+    for r in results:
+        row = dict(r)
+        for k in ("layer", "rank", "feature"):
+            row[k] = int(float(row[k]))
+        for k in ("mean_delta_f", "mean_attr", "mean_abs_attr", "auc", "recovery"):
+            v = row.get(k)
+            row[k] = float(v) if v not in (None, "") else None
+        if row["rank"] < top:
+            rows.append(row)
+    return rows
+
+
+def feature_heatmap(results, top: int = 10, *, value: str = "mean_attr", title: str | None = None):
+    """Layer × feature heatmap of the top ``top`` SAE features per layer (ranked by mean |attribution|
+    over flipped pairs), coloured by the signed mean attribution a = −Δf·(∇m·W_dec) (diverging scale
+    centred at 0); each cell is labelled with the feature's index (SAE features differ per layer, so
+    the columns are ranks, not features). ``results`` are PairAttribution objects or
+    :func:`mechmed.attribution.feature_table` rows (as in ``features.csv``).
+    """
+    import plotly.graph_objects as go
+
+    rows = _feature_rows(results, top)
+    layers = sorted({r["layer"] for r in rows})
+    k = max((r["rank"] for r in rows), default=-1) + 1
+    z = [[None] * k for _ in layers]
+    text = [[""] * k for _ in layers]
+    hover = [[None] * k for _ in layers]
+    for r in rows:
+        i = layers.index(r["layer"])
+        z[i][r["rank"]] = r[value]
+        text[i][r["rank"]] = f"#{r['feature']}"
+        hover[i][r["rank"]] = [r["feature"], r.get("mean_delta_f"), r.get("auc"), r.get("recovery")]
+    vals = [abs(v) for row in z for v in row if _finite(v)]
+    zmax = max(vals) if vals else 1.0
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"top {j + 1}" for j in range(k)], y=[f"layer {layer}" for layer in layers], text=text,
+        texttemplate="%{text}", textfont=dict(size=11), customdata=hover,
+        colorscale="RdBu_r", zmid=0, zmin=-zmax, zmax=zmax, xgap=2, ygap=2,
+        colorbar=dict(title=dict(text="mean attribution<br>(logits)", side="right"), thickness=14),
+        hovertemplate=("%{y}, %{x}: feature %{customdata[0]}<br>mean attribution %{z:.3g}"
+                       "<br>mean Δf %{customdata[1]:.3g}<br>AUC %{customdata[2]:.2f}"
+                       "<br>delta-patch recovery %{customdata[3]:.2f}<extra></extra>"),
+    ))
+    _base_layout(fig, title or ("Top SAE features per layer by |attribution| on flipped pairs<br><sup>colour: "
+                                "signed mean attribution −Δf·(∇margin·W_dec): setting the feature to the question's "
+                                "value raises (red) or lowers (blue)<br>the paraphrase's yes−no margin; cell text: "
+                                "feature index</sup>"),
+                 height=max(320, 110 + 46 * len(layers)), bottom=60)
+    fig.update_yaxes(autorange="reversed", title_text="SAE layer")
+    fig.update_xaxes(title_text="feature rank within the layer", side="bottom")
+    return fig
+
+
+# ---------------------------------------------------------------- training
+
+def _smooth(values: Sequence[float], n: int) -> list[float]:
+    """Trailing moving average over ``n`` points (shorter at the start)."""
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        if len(acc) > n:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def training_curves(history: Sequence[dict], *, collapse_low: float = 0.05, collapse_high: float = 0.95,
+                    title: str | None = None):
+    """Loss components against step (top) and the guard's held-out yes-rate (bottom) with the
+    collapse bands (yes-rate ≤ ``collapse_low`` or ≥ ``collapse_high``) shaded and the first
+    collapsed check marked. ``history`` is train_log.jsonl's records."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    history = sorted(history, key=lambda h: h["step"])
+    steps = [h["step"] for h in history]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, row_heights=[0.6, 0.4])
+    window = max(1, len(history) // 20)
+    # the total last and dashed, so it stays visible where it equals one component
+    comps = [("ce", "cross-entropy", PALETTE[1], None), ("consistency", "consistency", PALETTE[2], None),
+             ("balance", "load balance", PALETTE[3], None), ("loss", "total loss", PALETTE[0], "dash")]
+    for k, label, colour, dash in comps:
+        pts = [(h["step"], h[k]) for h in history if _finite(h.get(k))]
+        if not pts:
+            continue
+        x, y = zip(*pts)
+        if window > 1:
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", line=dict(color=colour, width=1), opacity=0.3,
+                                     legendgroup=k, showlegend=False, hoverinfo="skip"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=x, y=_smooth(y, window), mode="lines", name=label, legendgroup=k,
+                                 line=dict(color=colour, width=2.2, dash=dash),
+                                 hovertemplate=f"step %{{x}}<br>{label} %{{y:.4f}}<extra></extra>"), row=1, col=1)
+    guard = [h for h in history if _finite(h.get("guard_yes_rate"))]
+    for y0, y1 in ((0, collapse_low), (collapse_high, 1)):
+        fig.add_hrect(y0=y0, y1=y1, fillcolor=COLLAPSE_COLOUR, opacity=0.15, line_width=0, layer="below", row=2, col=1,
+                      exclude_empty_subplots=False)
+    fig.add_annotation(x=0.01, y=(collapse_high + 1) / 2, xref="x domain", yref="y2", showarrow=False, xanchor="left",
+                       text=f"collapse: yes-rate ≥ {collapse_high:g}", font=dict(color=COLLAPSE_COLOUR, size=11))
+    fig.add_annotation(x=0.01, y=collapse_low / 2, xref="x domain", yref="y2", showarrow=False, xanchor="left",
+                       text=f"collapse: yes-rate ≤ {collapse_low:g}", font=dict(color=COLLAPSE_COLOUR, size=11))
+    if guard:
+        fig.add_trace(go.Scatter(x=[h["step"] for h in guard], y=[h["guard_yes_rate"] for h in guard],
+                                 mode="lines+markers", name="held-out yes-rate (guard)",
+                                 line=dict(color="#000000", width=2), marker=dict(size=7),
+                                 hovertemplate="step %{x}<br>yes-rate %{y:.3f}<extra></extra>"), row=2, col=1)
+        acc = [h for h in guard if _finite(h.get("guard_accuracy"))]
+        if acc:
+            fig.add_trace(go.Scatter(x=[h["step"] for h in acc], y=[h["guard_accuracy"] for h in acc],
+                                     mode="lines+markers", name="held-out accuracy (guard)",
+                                     line=dict(color=PALETTE[4], width=2, dash="dash"), marker=dict(size=6),
+                                     hovertemplate="step %{x}<br>accuracy %{y:.3f}<extra></extra>"), row=2, col=1)
+        first = next((h for h in guard if h.get("collapsed")), None)
+        if first is not None:
+            fig.add_trace(go.Scatter(x=[first["step"]], y=[first["guard_yes_rate"]], mode="markers",
+                                     name=f"collapse detected (step {first['step']})",
+                                     marker=dict(symbol="x", size=15, color=COLLAPSE_COLOUR, line=dict(width=1)),
+                                     hovertext=[first.get("guard_reason") or "collapsed"],
+                                     hovertemplate="step %{x}: %{hovertext}<extra></extra>"), row=2, col=1)
+            fig.add_vline(x=first["step"], line=dict(color=COLLAPSE_COLOUR, dash="dot", width=1.2))
+    else:
+        fig.add_annotation(x=0.5, y=0.5, xref="x domain", yref="y2 domain", showarrow=False,
+                           text="no guard checks in this log", font=dict(color="#777777"))
+    sub = f"{len(history)} steps logged"
+    if window > 1:
+        sub += f"; bold lines: moving average over {window} steps, faint: per step"
+    _base_layout(fig, title or f"Training: loss components and the collapse guard<br><sup>{sub}</sup>",
+                 height=620, legend_y=-0.1, bottom=120)
+    fig.update_yaxes(title_text="loss (per step)", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="held-out rate", range=[0, 1], tickformat=".0%", row=2, col=1)
+    fig.update_xaxes(title_text="optimiser step", row=2, col=1)
+    if steps:
+        fig.update_xaxes(range=[min(steps) - 0.5, max(steps) + 0.5])
+    return fig
+
+
+# ---------------------------------------------------------------- ablation
+
+def _arm_key(r: dict):
+    arm = r["arm"]
+    return (ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER), arm)
+
+
+def _split_base(rows: Sequence[dict], base: dict | None):
+    arms = [r for r in rows if r["arm"] != "base"]
+    if base is None:
+        bases = [r for r in rows if r["arm"] == "base"]
+        base = bases[0] if len(bases) == 1 else None
+    return arms, base
+
+
+def _arm_tick(arm: str, rows: Sequence[dict]) -> str:
+    layers = next((r.get("layers") for r in rows if r["arm"] == arm and r.get("layers")), None)
+    label = ARM_LABELS.get(arm, arm)
+    return f"{label}<br><span style='font-size:11px'>L{layer_text(layers)}</span>" if layers else label
+
+
+def _grouped(arms: Sequence[dict]):
+    """(arm order, method order, {(arm, method): [rows]})."""
+    groups: dict = {}
+    for r in sorted(arms, key=_arm_key):
+        groups.setdefault((r["arm"], r["method"]), []).append(r)
+    arm_names = list(dict.fromkeys(a for a, _ in groups))
+    methods = list(dict.fromkeys(m for _, m in groups))
+    return arm_names, methods, groups
+
+
+def flip_by_arm(rows: Sequence[dict], base: dict | None = None, *, title: str | None = None):
+    """Held-out flip rate (left) and mean |Δmargin| (right) per ablation arm, bars grouped by adapter
+    method with 95% CIs, the base model as a dashed reference line, collapsed arms hatched.
+
+    ``rows`` are ablation rows (``results.json``'s ``summary`` for one bar per arm and method; with
+    per-seed rows the bar is the mean over seeds and each seed is a dot). ``base`` defaults to the
+    ``arm == "base"`` row among ``rows``.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    arms, base = _split_base(rows, base)
+    arm_names, methods, groups = _grouped(arms)
+    ticks = [_arm_tick(a, arms) for a in arm_names]
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=("flip rate (share of pairs whose answer flips)", "mean |Δmargin| (logits)"))
+    panels = (("flip_rate", "flip_ci", 1), ("margin_diff", "margin_diff_ci", 2))
+    for mi, method in enumerate(methods):
+        colour = PALETTE[mi % len(PALETTE)]
+        for key, ci_key, col in panels:
+            xs, ys, plus, minus, collapsed, n_seeds = [], [], [], [], [], []
+            for arm in arm_names:
+                g = groups.get((arm, method))
+                if not g:
+                    continue
+                y = sum(r[key] for r in g) / len(g)
+                ci = g[0].get(ci_key) if len(g) == 1 else None
+                p, m = _err([y], [ci])
+                xs.append(ticks[arm_names.index(arm)])
+                ys.append(y)
+                plus += p
+                minus += m
+                collapsed.append(any(r.get("collapsed") for r in g))
+                n_seeds.append(g[0].get("n_seeds") or len(g))
+            fig.add_trace(go.Bar(
+                x=xs, y=ys, name=METHOD_LABELS.get(method, method), legendgroup=method, showlegend=col == 1,
+                marker=dict(color=colour, pattern=dict(shape=["/" if c else "" for c in collapsed],
+                                                       fgcolor=COLLAPSE_COLOUR, solidity=0.3)),
+                error_y=dict(type="data", symmetric=False, array=plus, arrayminus=minus, color="#333333",
+                             thickness=1.2, width=4),
+                customdata=list(zip(n_seeds, collapsed)),
+                hovertemplate="%{x}<br>%{y:.3f} (seeds: %{customdata[0]}, collapsed: %{customdata[1]})"
+                              f"<extra>{METHOD_LABELS.get(method, method)}</extra>"), row=1, col=col)
+            for arm in arm_names:
+                g = groups.get((arm, method)) or []
+                if len(g) > 1:
+                    fig.add_trace(go.Scatter(x=[ticks[arm_names.index(arm)]] * len(g), y=[r[key] for r in g],
+                                             mode="markers", marker=dict(color="#000000", size=5), showlegend=False,
+                                             legendgroup=method, offsetgroup=method, hoverinfo="y"), row=1, col=col)
+    if base is not None:
+        for key, ci_key, col in panels:
+            v, ci = base[key], base.get(ci_key) or [None, None]
+            if _finite(ci[0]) and _finite(ci[1]):
+                fig.add_hrect(y0=ci[0], y1=ci[1], fillcolor="#555555", opacity=0.1, line_width=0, row=1, col=col)
+            fig.add_hline(y=v, line=dict(color="#333333", dash="dash", width=1.5), row=1, col=col)
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#333333", dash="dash", width=1.5),
+                                 name=f"base model (flip rate {base['flip_rate']:.3f}, |Δmargin| "
+                                      f"{base['margin_diff']:.2f}); band: 95% CI"))
+    if any(r.get("collapsed") for r in arms):
+        fig.add_trace(go.Bar(x=[None], y=[None], name="collapsed (guard)",
+                             marker=dict(color="white", line=dict(color=COLLAPSE_COLOUR, width=1),
+                                         pattern=dict(shape="/", fgcolor=COLLAPSE_COLOUR))))
+    _base_layout(fig, title or ("Layer-range ablation: consistency after training<br><sup>lower is better; "
+                                "bars: 95% CI; dashed line and grey band: base model</sup>"),
+                 width=1000, height=520, legend_y=-0.17, bottom=110)
+    fig.update_layout(barmode="group", bargap=0.3)
+    fig.update_yaxes(rangemode="tozero")
+    fig.update_yaxes(title_text="flip rate", tickformat=".0%", row=1, col=1)
+    fig.update_yaxes(title_text="|margin(q) − margin(p)| (logits)", row=1, col=2)
+    fig.update_xaxes(tickangle=0, tickfont=dict(size=11))
+    fig.update_annotations(font_size=13, selector=dict(xref="x domain"))
+    return fig
+
+
+def _place_labels(points, x_range, y_range, plot_w: float, plot_h: float, font_px: float = 12.0):
+    """Greedy label placement: for each (x, y, text) pick the pixel offset (ax, ay) among a few
+    candidates whose label box overlaps the fewest markers and labels already placed."""
+    def px(x, y):
+        return ((x - x_range[0]) / (x_range[1] - x_range[0]) * plot_w,
+                (y_range[1] - y) / (y_range[1] - y_range[0]) * plot_h)
+
+    marks = [px(x, y) for x, y, _ in points]
+    boxes: list[tuple[float, float, float, float]] = []
+    candidates = [(dx * r, dy * r) for r in (1, 1.8, 2.6)
+                  for dx, dy in ((30, -22), (30, 22), (-30, -22), (-30, 22), (0, -30), (0, 30), (45, 0), (-45, 0))]
+    out = []
+    for (_, _, text), (mx, my) in zip(points, marks):
+        w, h = 0.6 * font_px * len(text) + 6, font_px + 6
+        best, best_cost = candidates[0], None
+        for ax, ay in candidates:
+            cx, cy = mx + ax, my + ay
+            # box anchored on the side away from the point
+            x0 = cx if ax > 0 else cx - w if ax < 0 else cx - w / 2
+            box = (x0, cy - h / 2, x0 + w, cy + h / 2)
+            cost = sum(1 for bx in boxes if not (box[2] < bx[0] or bx[2] < box[0] or box[3] < bx[1] or bx[3] < box[1]))
+            cost += sum(1 for qx, qy in marks if box[0] - 6 <= qx <= box[2] + 6 and box[1] - 6 <= qy <= box[3] + 6)
+            cost += 2 * (box[0] < 0 or box[2] > plot_w or box[1] < 0 or box[3] > plot_h)
+            cost += (abs(ax) + abs(ay)) / 1000  # prefer near
+            if best_cost is None or cost < best_cost:
+                best, best_cost = (ax, ay), cost
+                best_box = box
+        boxes.append(best_box)
+        out.append(best)
+    return out
+
+
+def tradeoff(rows: Sequence[dict], base: dict | None = None, *, title: str | None = None):
+    """Canonical accuracy against held-out flip rate, one point per arm and method (95% CIs on both
+    axes), the base model as a star; the better corner (few flips, high accuracy) is marked."""
+    import plotly.graph_objects as go
+
+    arms, base = _split_base(rows, base)
+    arm_names, methods, groups = _grouped(arms)
+    fig = go.Figure()
+    symbols = ("circle", "square", "diamond", "triangle-up", "cross")
+    labels = []  # (x, y, text, colour)
+    for mi, method in enumerate(methods):
+        colour = PALETTE[mi % len(PALETTE)]
+        pts = []
+        for arm in arm_names:
+            g = groups.get((arm, method))
+            if not g:
+                continue
+            x = sum(r["flip_rate"] for r in g) / len(g)
+            y = sum(r["canonical_accuracy"] for r in g) / len(g)
+            one = g[0] if len(g) == 1 else {}
+            pts.append((arm, x, y, one.get("flip_ci"), one.get("accuracy_ci"), any(r.get("collapsed") for r in g)))
+        if not pts:
+            continue
+        xp, xm = _err([p[1] for p in pts], [p[3] for p in pts])
+        yp, ym = _err([p[2] for p in pts], [p[4] for p in pts])
+        text = [ARM_LABELS.get(p[0], p[0]) + (" (collapsed)" if p[5] else "") for p in pts]
+        suffix = f" ({METHOD_LABELS.get(method, method)})" if len(methods) > 1 else ""
+        labels += [(p[1], p[2], t + suffix, colour) for p, t in zip(pts, text)]
+        fig.add_trace(go.Scatter(
+            x=[p[1] for p in pts], y=[p[2] for p in pts], mode="markers", name=METHOD_LABELS.get(method, method),
+            text=text, marker=dict(color=colour, size=11, symbol=symbols[mi % len(symbols)],
+                                   line=dict(color=[COLLAPSE_COLOUR if p[5] else "white" for p in pts], width=2)),
+            error_x=dict(type="data", symmetric=False, array=xp, arrayminus=xm, color=colour, thickness=1.2, width=3),
+            error_y=dict(type="data", symmetric=False, array=yp, arrayminus=ym, color=colour, thickness=1.2, width=3),
+            hovertemplate="%{text}<br>flip rate %{x:.3f}<br>accuracy %{y:.3f}<extra></extra>"))
+    if base is not None:
+        xp, xm = _err([base["flip_rate"]], [base.get("flip_ci")])
+        yp, ym = _err([base["canonical_accuracy"]], [base.get("accuracy_ci")])
+        labels.append((base["flip_rate"], base["canonical_accuracy"], "base", "#000000"))
+        fig.add_trace(go.Scatter(
+            x=[base["flip_rate"]], y=[base["canonical_accuracy"]], mode="markers", name="base model",
+            marker=dict(color="#000000", size=16, symbol="star"),
+            error_x=dict(type="data", symmetric=False, array=xp, arrayminus=xm, color="#000000", thickness=1.2),
+            error_y=dict(type="data", symmetric=False, array=yp, arrayminus=ym, color="#000000", thickness=1.2),
+            hovertemplate="base<br>flip rate %{x:.3f}<br>accuracy %{y:.3f}<extra></extra>"))
+    fig.add_annotation(x=0.01, y=0.99, xref="paper", yref="paper", xanchor="left", yanchor="top", showarrow=False,
+                       text="← better: fewer flips,<br>higher accuracy ↑", align="left",
+                       font=dict(size=12, color="#2b6e2b"), bgcolor="rgba(255,255,255,0.8)")
+    height, width = 560, PNG_WIDTH
+    _base_layout(fig, title or ("Consistency against accuracy per ablation arm<br><sup>held-out pairs; bars: 95% CI; "
+                                "upper left is better</sup>"), height=height, bottom=100)
+    if labels:
+        xs, ys = [v[0] for v in labels], [v[1] for v in labels]
+        pad_x = max(0.02, 0.2 * (max(xs) - min(xs)))
+        pad_y = max(0.02, 0.2 * (max(ys) - min(ys)))
+        x_range = [max(-0.01, min(xs) - pad_x), max(xs) + pad_x]
+        y_range = [max(0.0, min(ys) - pad_y), min(1.02, max(ys) + pad_y)]
+        fig.update_xaxes(range=x_range)
+        fig.update_yaxes(range=y_range)
+        m = fig.layout.margin
+        offsets = _place_labels([(x, y, t) for x, y, t, _ in labels], x_range, y_range,
+                                width - m.l - m.r, height - m.t - m.b)
+        for (x, y, t, colour), (ax, ay) in zip(labels, offsets):
+            fig.add_annotation(x=x, y=y, text=t, ax=ax, ay=ay, showarrow=True, arrowhead=0, arrowwidth=1,
+                               arrowcolor="#888888", font=dict(size=12, color=colour),
+                               xanchor="left" if ax > 0 else "right" if ax < 0 else "center",
+                               bgcolor="rgba(255,255,255,0.75)")
+    fig.update_xaxes(title_text="held-out flip rate (lower is better)", tickformat=".0%")
+    fig.update_yaxes(title_text="canonical accuracy (higher is better)", tickformat=".0%")
+    return fig
+
+
+def expert_utilisation(stats: dict, *, title: str | None = None):
+    """Heatmap of the fraction of tokens routed to each expert, decoder layer × expert.
+
+    ``stats`` is :func:`mechmed.spectral.expert_utilisation`'s result (its ``layers`` rows: per layer,
+    the mean over the layer's adapted modules of each expert's share of the top-k assignments).
+    Uniform use is 1/N per expert, the colour scale's midpoint.
+    """
+    import plotly.graph_objects as go
+
+    rows = stats.get("layers") or {}
+    layers = sorted(rows, key=lambda k: int(k))
+    n = int(stats.get("n_experts") or (len(rows[layers[0]]) if layers else 0))
+    z = [list(rows[k]) for k in layers]
+    uniform = 1.0 / n if n else 0.0
+    top = max([uniform * 2] + [v for row in z for v in row if _finite(v)])
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"expert {i}" for i in range(n)], y=[f"layer {int(k)}" for k in layers],
+        colorscale="RdBu_r", zmin=0.0, zmax=top, zmid=uniform,
+        colorbar=dict(title="share of<br>tokens", tickformat=".2f"),
+        text=[[f"{v:.3f}" for v in row] for row in z], texttemplate="%{text}" if n <= 16 else None,
+        hovertemplate="%{y}, %{x}<br>share %{z:.3f}<extra></extra>",
+    ))
+    k = stats.get("top_k")
+    sub = f"top-{k} of {n} experts" if k else f"{n} experts"
+    fig.update_layout(
+        title=dict(text=title or (f"Expert utilisation by layer<br><sup>{sub}; share of top-k assignments over "
+                                  f"{stats.get('tokens', '?')} tokens; uniform = {uniform:.3f}</sup>"),
+                   x=0.02, font=dict(size=16)),
+        template="plotly_white", width=PNG_WIDTH, height=max(300, 120 + 45 * len(layers)),
+        margin=dict(l=90, r=30, t=80, b=60), font=dict(size=13),
+    )
+    fig.update_yaxes(autorange="reversed")
+    return fig

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,33 @@ def ensure_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     if not os.access(path, os.W_OK):
         raise MechmedError(f"{option} {path}: directory is not writable; choose a writable path")
     return path
+
+
+@contextmanager
+def rollback_on_error(out: str | os.PathLike) -> Iterator[None]:
+    """On a :class:`MechmedError` inside the block, remove what the block added under ``out``.
+
+    Files and directories that were there before stay; so a run that fails on bad input leaves its
+    output directory as it found it (or absent), never half-written.
+    """
+    out = Path(out)
+    existed = out.exists()
+    before = {p for p in out.rglob("*")} if existed else set()
+    try:
+        yield
+    except MechmedError:
+        if not existed:
+            if out.is_dir() and not out.is_symlink():
+                shutil.rmtree(out, ignore_errors=True)
+            elif out.exists():
+                out.unlink()
+        elif out.is_dir():
+            for p in sorted(set(out.rglob("*")) - before, key=lambda q: len(q.parts), reverse=True):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        raise
 
 
 @contextmanager

@@ -145,5 +145,6 @@ def margins(bundle, questions: Sequence[str], images: Sequence | None = None, *,
     result = torch.cat(out) if out else torch.zeros(0)
     if not torch.isfinite(result).all():
         bad = int((~torch.isfinite(result)).nonzero()[0])
-        raise MechmedError(f"margin of prompt {bad} is not finite (NaN/inf): check the model weights and --dtype")
+        raise MechmedError(f"--model {bundle.name}: the margin of prompt {bad} is not finite (NaN/inf); "
+                           "check the model weights and --dtype")
     return result

@@ -343,6 +343,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         p.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     model, adapted = apply_adapter(bundle, cfg)
+    spectral = cfg.method == "spectral_moe"
+    init_deviation = None
+    if spectral:
+        from mechmed.spectral import balance_loss, init_margin_deviation
+
+        init_deviation = init_margin_deviation(model, bundle, guard_pairs)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -372,7 +378,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     for step in progress_bar(range(first, total), desc="training" if progress else None, total=total - first):
         epoch, within = divmod(step, steps_per_epoch)
         order = _order(len(train_pairs), cfg.seed, epoch)
-        sums = {"loss": 0.0, "ce": 0.0, "consistency": 0.0}
+        sums = {"loss": 0.0, "ce": 0.0, "consistency": 0.0, **({"balance": 0.0} if spectral else {})}
         for micro in range(cfg.grad_accum):
             start = (within * cfg.grad_accum + micro) * cfg.batch_size * accelerator.num_processes
             start += accelerator.process_index * cfg.batch_size
@@ -383,6 +389,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
                 yes_p = torch.tensor([p.expected_paraphrase == "yes" for p in batch], device=sq.device)
                 neg = torch.tensor([p.negated for p in batch], device=sq.device)
                 parts = pair_loss(sq.float(), sp.float(), yes_q, yes_p, neg, cfg)
+                if spectral:
+                    balance = balance_loss(model)
+                    parts.total = parts.total + cfg.spectral.balance_coef * balance
+                    sums["balance"] += float(balance.detach()) / cfg.grad_accum
             if not torch.isfinite(parts.total):
                 raise MechmedError(f"training loss is {parts.total.item()} at step {step + 1}: lower lr "
                                    f"(now {cfg.lr}) or turn off bf16")
@@ -418,6 +428,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         "collapsed": collapse is not None,
         "collapse": None if collapse is None else {"step": collapse["step"], "reason": collapse.get("guard_reason")},
     }
+    if init_deviation is not None:
+        metrics["init_margin_deviation"] = init_deviation
     if accelerator.is_main_process:
         adapter_dir = out / "adapter"
         tmp = out / "adapter.tmp"
@@ -427,6 +439,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         if adapter_dir.exists():
             shutil.rmtree(adapter_dir)
         os.replace(tmp, adapter_dir)
+        if spectral:
+            from mechmed.spectral import write_utilisation
+
+            metrics["expert_utilisation"] = write_utilisation(unwrapped, bundle, guard_pairs, out)["layers"]
         if evaluate_before_after:
             from mechmed.io import write_jsonl
 

@@ -1,0 +1,520 @@
+"""One report for a ``mechmed demo`` run (or an ablation directory): ``report.html`` and ``report.md``.
+
+:func:`build_report` reads whatever stages of the run exist (``sae_check/``, ``attribute/``,
+``train.yaml``, ``ablation/``), draws their figures, and writes
+
+- ``report.html``: one self-contained file (plotly.js inlined once) with a section per stage, the
+  headline numbers, every figure and the ablation summary table;
+- ``report.md``: the headline numbers with 95% CIs and p-values, the summary table, and links to
+  the figure files (``figures/*.png``, or ``.html`` where no PNG could be written).
+
+Missing stages are skipped with a note in both files. Every sentence with a number is computed from
+the run's files.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import html
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RANGE_ARMS = ("selected", "early", "middle", "late", "all", "random")
+
+
+# ---------------------------------------------------------------- formatting
+
+def fmt(v, digits: int = 3) -> str:
+    """A number with ``digits`` decimals, or "n/a"."""
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def fmt_ci(ci, digits: int = 3) -> str:
+    """``[lo, hi]`` with ``digits`` decimals ("" when there is no interval)."""
+    if not ci or ci[0] is None or ci[1] is None:
+        return ""
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def fmt_p(p) -> str:
+    """``p = 0.053`` / ``p < 0.001`` / ``p n/a``."""
+    if p is None:
+        return "p n/a"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}" if p < 0.01 else f"p = {p:.3f}"
+
+
+def _value_ci(row: dict, key: str, ci_key: str, digits: int = 3) -> str:
+    ci = fmt_ci(row.get(ci_key), digits)
+    return fmt(row.get(key), digits) + (f" {ci}" if ci else "")
+
+
+# ---------------------------------------------------------------- the summary table
+
+COLUMNS = ("arm", "method", "layers", "params", "seeds", "flip rate [95% CI]", "|Δmargin| [95% CI]",
+           "accuracy [95% CI]", "yes-rate", "p vs base", "p vs CE only", "collapsed")
+
+
+def _table_rows(results) -> list[list[str]]:
+    from mechmed.figures import layer_text
+
+    rows = results
+    if isinstance(results, dict):
+        rows = results.get("summary") or results.get("rows") or []
+
+    def p(v):
+        return "" if v is None else ("<0.001" if v < 0.001 else f"{v:.2g}" if v < 0.01 else f"{v:.3f}")
+
+    out = []
+    for r in rows:
+        seeds = r.get("n_seeds") or (1 if r.get("seed") is not None else "")
+        out.append([r["arm"], r["method"], layer_text(r.get("layers") or []), str(r.get("trainable_parameters", "")),
+                    str(seeds), _value_ci(r, "flip_rate", "flip_ci"), _value_ci(r, "margin_diff", "margin_diff_ci", 2),
+                    _value_ci(r, "canonical_accuracy", "accuracy_ci"), fmt(r.get("yes_rate"), 2),
+                    p(r.get("p_vs_base")), p(r.get("p_vs_ce_only")), "yes" if r.get("collapsed") else ""])
+    return out
+
+
+def summary_table(results) -> str:
+    """The ablation summary as an aligned plain-text table. ``results`` is ``results.json``'s dict
+    (its ``summary``, else its ``rows``) or a list of rows."""
+    body = _table_rows(results)
+    widths = [max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(COLUMNS)]
+    numeric = {3, 4, 8}
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    head = line(COLUMNS)
+    return "\n".join([head, "-" * len(head)] + [line(r) for r in body])
+
+
+def _markdown_table(results) -> str:
+    body = _table_rows(results)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def _html_table(results) -> str:
+    body = _table_rows(results)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    return f'<table class="summary"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+# ---------------------------------------------------------------- reading the run
+
+@dataclass
+class _Run:
+    root: Path
+    sae_check: dict | None = None
+    layer_scores: dict | None = None
+    features: list = field(default_factory=list)
+    train_cfg: dict | None = None
+    ablation_dir: Path | None = None
+    ablation: dict | None = None
+    logs: dict = field(default_factory=dict)
+    experts: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    def skip(self, what: str, why: str) -> None:
+        self.notes.append(f"{what}: {why}")
+        log.info("report: %s skipped (%s)", what, why)
+
+
+def _try(run: _Run, what: str, fn):
+    """Read one part; a missing or unreadable part becomes a note, never an exception."""
+    try:
+        return fn()
+    except Exception as e:  # a damaged part must not lose the rest of the report
+        run.skip(what, f"could not be read ({(str(e).splitlines() or [type(e).__name__])[0]})")
+        return None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def _load(run_dir: Path) -> _Run:
+    import yaml
+
+    from mechmed.io import read_json
+
+    run = _Run(run_dir)
+    p = run_dir / "sae_check" / "sae_check.json"
+    if p.is_file():
+        run.sae_check = _try(run, "SAE check", lambda: read_json(p, "SAE check"))
+    else:
+        run.skip("SAE check", f"no {p.relative_to(run_dir)}")
+    p = run_dir / "attribute" / "layer_scores.json"
+    if p.is_file():
+        run.layer_scores = _try(run, "layer attribution", lambda: read_json(p, "layer scores"))
+    else:
+        run.skip("layer attribution", f"no {p.relative_to(run_dir)}")
+    p = run_dir / "attribute" / "features.csv"
+    if p.is_file():
+        run.features = _try(run, "feature attribution",
+                            lambda: list(csv.DictReader(p.read_text(encoding="utf-8").splitlines()))) or []
+    elif run.layer_scores is not None:
+        run.skip("feature attribution", "no attribute/features.csv (attribution ran without SAEs)")
+    p = run_dir / "train.yaml"
+    if p.is_file():
+        run.train_cfg = _try(run, "layer selection", lambda: yaml.safe_load(p.read_text(encoding="utf-8")))
+    else:
+        run.skip("layer selection", "no train.yaml")
+    for d in (run_dir / "ablation", run_dir):
+        if (d / "results.json").is_file():
+            run.ablation_dir = d
+            run.ablation = _try(run, "ablation", lambda d=d: read_json(d / "results.json", "ablation results"))
+            break
+    else:
+        run.skip("ablation", "no ablation/results.json")
+    if run.ablation_dir is not None and (run.ablation_dir / "arms").is_dir():
+        for arm_dir in sorted((run.ablation_dir / "arms").iterdir()):
+            if (arm_dir / "train_log.jsonl").is_file():
+                hist = _try(run, f"training log of {arm_dir.name}", lambda a=arm_dir: _read_jsonl(a / "train_log.jsonl"))
+                if hist:
+                    run.logs[arm_dir.name] = hist
+            if (arm_dir / "expert_utilisation.json").is_file():
+                data = _try(run, f"expert utilisation of {arm_dir.name}",
+                            lambda a=arm_dir: read_json(a / "expert_utilisation.json", "expert utilisation"))
+                if data is not None:
+                    run.experts[arm_dir.name] = data
+    elif run.ablation is not None:
+        run.skip("training curves", "no ablation/arms/*/train_log.jsonl")
+    return run
+
+
+# ---------------------------------------------------------------- headlines
+
+def _selected_layers(run: _Run) -> list[int]:
+    if run.train_cfg and run.train_cfg.get("layers"):
+        return [int(x) for x in run.train_cfg["layers"]]
+    if run.ablation:
+        sel = next((r for r in run.ablation.get("summary", []) if r["arm"] == "selected"), None)
+        if sel:
+            return list(sel["layers"])
+    return []
+
+
+def _sae_headline(payload: dict) -> str:
+    rows = [r for r in payload.get("rows", []) if r.get("r2") is not None]
+    if not rows:
+        return "The SAE check has no R² values."
+    thr = payload.get("options", {}).get("threshold")
+    lo = min(rows, key=lambda r: r["r2"])
+    hi = max(rows, key=lambda r: r["r2"])
+    sets = ", ".join(dict.fromkeys(r["text_set"] for r in rows))
+    n_layers = len({r["layer"] for r in rows})
+    passed = sum(bool(r.get("exceeds_threshold")) for r in rows)
+    text = (f"The SAEs reconstruct the residual stream with R² from {lo['r2']:.4f} (layer {lo['layer']}, "
+            f"{lo['text_set']}) to {hi['r2']:.4f} (layer {hi['layer']}, {hi['text_set']}) over {n_layers} layers "
+            f"and {sets} text")
+    if thr is not None:
+        text += f"; {passed} of {len(rows)} layer × text-set rows are shown to be above R² = {thr:g} (one-sided t test)"
+    return text + "."
+
+
+def _attr_headline(scores: dict, selected: list[int]) -> str:
+    from mechmed.figures import layer_text
+
+    s = scores["scores"]["attr_flipped"]
+    means = s["mean"]
+    ok = [i for i, v in enumerate(means) if v is not None]
+    n_f, n = scores.get("n_flipped"), scores.get("n_pairs")
+    if not ok:
+        return f"{n_f} of {n} attributed pairs flipped, too few to score layers."
+    peak = max(ok, key=lambda i: means[i])
+    text = (f"{n_f} of {n} attributed pairs flipped; attribution on flipped pairs peaks at layer {peak} "
+            f"(mean |a_L| = {means[peak]:.2f} {fmt_ci(s['ci'][peak], 2)} logits")
+    stable = scores["scores"].get("attr_stable", {}).get("mean") or []
+    if peak < len(stable) and stable[peak] is not None:
+        text += f", against {stable[peak]:.2f} on stable pairs"
+    text += ")"
+    rho = scores.get("spearman_attr_patch")
+    if rho is not None:
+        text += f"; attribution and exact patching rank the layers alike (Spearman ρ = {rho:.2f})"
+    if selected:
+        text += f". The selected window is layers {layer_text(selected)}"
+    return text + "."
+
+
+def _selection_headline(cfg: dict) -> str:
+    from mechmed.figures import layer_text
+
+    prov = cfg.get("provenance") or {}
+    text = f"select-layers chose layers {layer_text(cfg.get('layers') or [])}"
+    details = []
+    if prov.get("strategy"):
+        details.append(f"strategy {prov['strategy']}")
+    for k, v in (prov.get("params") or {}).items():
+        details.append(f"{k} {v}")
+    if isinstance(prov.get("score"), (int, float)):
+        details.append(f"summed score {prov['score']:.3g}")
+    if details:
+        text += " (" + ", ".join(details) + ")"
+    text += f" for {cfg.get('method', 'lora')} training"
+    return text + "."
+
+
+def _change(before: float, after: float) -> str:
+    return "lowered" if after < before else "raised" if after > before else "left unchanged"
+
+
+def _ablation_headlines(results: dict) -> list[str]:
+    from mechmed.figures import METHOD_LABELS, layer_text
+
+    summary = results.get("summary") or results.get("rows") or []
+    base = results.get("base") or next((r for r in summary if r["arm"] == "base"), None)
+    out = []
+    methods = list(dict.fromkeys(r["method"] for r in summary if r["arm"] != "base"))
+    for method in methods:
+        label = METHOD_LABELS.get(method, method)
+        rows = {r["arm"]: r for r in summary if r["method"] == method}
+        sel = rows.get("selected")
+        seeds = (sel or {}).get("n_seeds")
+        seed_text = f", pooled over {seeds} seeds" if seeds and seeds > 1 else ""
+        if sel and base:
+            out.append(
+                f"Training the selected layers {layer_text(sel['layers'])} ({label}{seed_text}) "
+                f"{_change(base['flip_rate'], sel['flip_rate'])} the held-out flip rate from "
+                f"{_value_ci(base, 'flip_rate', 'flip_ci')} to {_value_ci(sel, 'flip_rate', 'flip_ci')} "
+                f"(McNemar {fmt_p(sel.get('p_vs_base'))}); mean |Δmargin| went from "
+                f"{_value_ci(base, 'margin_diff', 'margin_diff_ci', 2)} to "
+                f"{_value_ci(sel, 'margin_diff', 'margin_diff_ci', 2)} logits and canonical accuracy from "
+                f"{_value_ci(base, 'canonical_accuracy', 'accuracy_ci')} to "
+                f"{_value_ci(sel, 'canonical_accuracy', 'accuracy_ci')}.")
+        ranges = [rows[a] for a in RANGE_ARMS if a in rows]
+        if len(ranges) > 1:
+            best_f = min(ranges, key=lambda r: r["flip_rate"])
+            best_m = min(ranges, key=lambda r: r["margin_diff"])
+            text = (f"Among the layer ranges ({label}), {best_f['arm']} (layers {layer_text(best_f['layers'])}) "
+                    f"had the lowest flip rate, {_value_ci(best_f, 'flip_rate', 'flip_ci')}")
+            text += (", and also the lowest mean |Δmargin|" if best_m is best_f else
+                     f"; {best_m['arm']} (layers {layer_text(best_m['layers'])}) had the lowest mean |Δmargin|, "
+                     f"{_value_ci(best_m, 'margin_diff', 'margin_diff_ci', 2)} logits")
+            out.append(text + ".")
+        ce, cons = rows.get("ce_only"), rows.get("consistency_only")
+        if ce and sel:
+            out.append(f"Against CE-only training of the same layers (flip rate {_value_ci(ce, 'flip_rate', 'flip_ci')}), "
+                       f"CE + consistency gave {_value_ci(sel, 'flip_rate', 'flip_ci')} "
+                       f"(McNemar {fmt_p(sel.get('p_vs_ce_only'))}).")
+        if cons:
+            state = "collapsed" if cons.get("collapsed") else "did not collapse"
+            out.append(f"Consistency-only training {state} (held-out yes-rate {fmt(cons.get('yes_rate'), 2)}, "
+                       f"canonical accuracy {_value_ci(cons, 'canonical_accuracy', 'accuracy_ci')}).")
+    collapsed = [f"{r['arm']} ({r['method']})" for r in summary if r.get("collapsed") and r["arm"] != "consistency_only"]
+    if collapsed:
+        out.append("The collapse guard fired for " + ", ".join(collapsed) + ".")
+    return out
+
+
+# ---------------------------------------------------------------- building
+
+@dataclass
+class _Section:
+    key: str
+    title: str
+    text: list = field(default_factory=list)
+    figures: list = field(default_factory=list)
+    """(name, figure, caption)"""
+    table: str | None = None
+
+
+def _sections(run: _Run) -> list[_Section]:
+    from mechmed import figures as F
+
+    selected = _selected_layers(run)
+    out = []
+
+    def attempt(what: str, fn):
+        try:
+            return fn()
+        except Exception as e:  # one bad figure must not lose the report
+            run.skip(what, f"could not be drawn ({(str(e).splitlines() or [type(e).__name__])[0]})")
+            log.warning("report: %s failed", what, exc_info=True)
+            return None
+
+    if run.sae_check is not None:
+        sec = _Section("sae_check", "1. Do the SAEs reconstruct the model?")
+        sec.text.append(attempt("SAE headline", lambda: _sae_headline(run.sae_check)) or "")
+        fig = attempt("R² figure", lambda: F.r2_by_layer(run.sae_check.get("rows", []),
+                                                          run.sae_check.get("options", {}).get("threshold", 0.95)))
+        if fig is not None:
+            sec.figures.append(("r2_by_layer", fig, "Mean R² per layer and text set with 95% CIs; look for every "
+                                "point above the dashed threshold (filled markers pass the test)."))
+        out.append(sec)
+    if run.layer_scores is not None:
+        sec = _Section("attribute", "2. Which layers carry the flips?")
+        sec.text.append(attempt("attribution headline", lambda: _attr_headline(run.layer_scores, selected)) or "")
+        fig = attempt("layer profile", lambda: F.layer_profile(run.layer_scores, window=selected or None))
+        if fig is not None:
+            sec.figures.append(("layer_profile", fig, "Blue bars: how much each layer's residual moves the paraphrase's "
+                                "margin on flipped pairs (grey: stable pairs); the orange line is exact patching. The "
+                                "shaded band is the window chosen for training: it should sit where blue rises above "
+                                "grey."))
+        if run.features:
+            fig = attempt("feature heatmap", lambda: F.feature_heatmap(run.features))
+            if fig is not None:
+                sec.figures.append(("feature_heatmap", fig, "The SAE features with the largest attribution on flipped "
+                                    "pairs, per layer; strongly coloured cells name the features worth inspecting."))
+        out.append(sec)
+    if run.train_cfg is not None:
+        sec = _Section("select", "3. The selected layers")
+        sec.text.append(attempt("selection headline", lambda: _selection_headline(run.train_cfg)) or "")
+        out.append(sec)
+    if run.ablation is not None:
+        sec = _Section("ablation", "4. Does training those layers fix the flips?")
+        sec.text += attempt("ablation headlines", lambda: _ablation_headlines(run.ablation)) or []
+        summary = run.ablation.get("summary") or run.ablation.get("rows") or []
+        base = run.ablation.get("base")
+        sec.table = attempt("summary table", lambda: _html_table(run.ablation))
+        fig = attempt("flip-rate figure", lambda: F.flip_by_arm(summary, base))
+        if fig is not None:
+            sec.figures.append(("flip_by_arm", fig, "Flip rate and mean |Δmargin| after training each arm; bars below "
+                                "the dashed base line (outside its grey CI band) are real improvements."))
+        fig = attempt("trade-off figure", lambda: F.tradeoff(summary, base))
+        if fig is not None:
+            sec.figures.append(("tradeoff", fig, "Each arm's accuracy against its flip rate: arms up and to the left "
+                                "of the base star reduce flips without costing accuracy."))
+        out.append(sec)
+    if run.logs:
+        train = (run.ablation or {}).get("config", {}).get("train", {})
+        lo, hi = train.get("collapse_low", 0.05), train.get("collapse_high", 0.95)
+        sec = _Section("training", "5. Training curves")
+        sec.text.append("One panel per trained arm: the loss components (top) and the guard's held-out yes-rate "
+                        "(bottom). A yes-rate entering a red band means the adapter answers one word for everything.")
+        for name, hist in run.logs.items():
+            fig = attempt(f"training curves of {name}",
+                          lambda h=hist, n=name: F.training_curves(h, collapse_low=lo, collapse_high=hi,
+                                                                   title=f"Training: {n}"))
+            if fig is not None:
+                sec.figures.append((f"training_{name}", fig, f"Arm {name}."))
+        out.append(sec)
+    if run.experts:
+        sec = _Section("experts", "6. Expert utilisation")
+        draw = getattr(F, "expert_utilisation", None)
+        if draw is None:
+            run.skip("expert utilisation", "data present, but this mechmed draws no figure for it")
+        else:
+            for name, data in run.experts.items():
+                fig = attempt(f"expert utilisation of {name}", lambda d=data: draw(d))
+                if fig is not None:
+                    sec.figures.append((f"experts_{name}", fig, f"Arm {name}: how often the router picks each expert; "
+                                        "a flat profile means no expert is unused."))
+        if sec.figures:
+            out.append(sec)
+    return out
+
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1080px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+.meta{color:#666;font-size:.9em}.headline li{margin:.4em 0}
+figure{margin:1.5em 0}figcaption{color:#444;font-size:.92em;max-width:900px}
+table.summary{border-collapse:collapse;font-size:.85em;margin:1em 0}
+table.summary th,table.summary td{border:1px solid #ccc;padding:.25em .5em;text-align:left;white-space:nowrap}
+table.summary th{background:#f3f3f3}.notes{color:#8a5a00}
+"""
+
+
+def _html(title: str, meta: str, headlines: list[str], sections: list[_Section], notes: list[str]) -> str:
+    from plotly.offline import get_plotlyjs
+
+    esc = html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(title)}</title>",
+             f"<style>{_CSS}</style>", f'<script type="text/javascript">{get_plotlyjs()}</script>', "</head><body>",
+             f"<h1>{esc(title)}</h1>", f'<p class="meta">{esc(meta)}</p>']
+    if headlines:
+        parts.append('<h2>Key results</h2><ul class="headline">' + "".join(f"<li>{esc(h)}</li>" for h in headlines)
+                     + "</ul>")
+    for sec in sections:
+        parts.append(f'<section id="{sec.key}"><h2>{esc(sec.title)}</h2>')
+        parts += [f"<p>{esc(t)}</p>" for t in sec.text if t]
+        if sec.table:
+            parts.append(sec.table)
+        for name, fig, caption in sec.figures:
+            div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}",
+                              config={"displaylogo": False})
+            parts.append(f'<figure id="{esc(name)}">{div}<figcaption>{esc(caption)}</figcaption></figure>')
+        parts.append("</section>")
+    if notes:
+        parts.append('<h2>Skipped</h2><ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _markdown(title: str, meta: str, headlines: list[str], sections: list[_Section], notes: list[str],
+              files: dict, ablation: dict | None) -> str:
+    lines = [f"# {title}", "", meta, ""]
+    if headlines:
+        lines += ["## Key results", ""] + [f"- {h}" for h in headlines] + [""]
+    for sec in sections:
+        lines += [f"## {sec.title}", ""]
+        extra = [t for t in sec.text if t and t not in headlines]
+        if extra:
+            lines += extra + [""]
+        if sec.key == "ablation" and ablation is not None:
+            lines += [_markdown_table(ablation), ""]
+        for name, _, caption in sec.figures:
+            f = files.get(name) or {}
+            link = f.get("png") or f.get("html")
+            if link:
+                lines.append(f"![{name}]({link})" if f.get("png") else f"[{name}]({link})")
+                lines += [f"*{caption}*", ""]
+    if notes:
+        lines += ["## Skipped", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, png: bool = True,
+                 title: str | None = None) -> dict:
+    """Write ``report.html``, ``report.md`` and ``figures/`` into ``out`` (default ``run_dir``) from
+    whatever parts of the run exist (see the module doc).
+
+    Returns ``{"html", "md", "figures": {name: save_figure's result}, "headlines", "notes",
+    "sections"}``. ``png=False`` writes the figures as HTML only (faster; no browser needed).
+    """
+    from mechmed import __version__
+    from mechmed.errors import MechmedError
+    from mechmed.figures import save_figure
+    from mechmed.io import ensure_dir, write_text
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MechmedError(f"report: run directory {run_dir} not found; give the --out of mechmed demo or ablate")
+    out = ensure_dir(Path(out) if out is not None else run_dir)
+    run = _load(run_dir)
+    sections = _sections(run)
+    headlines: list[str] = []
+    for sec in sections:
+        if sec.key in ("sae_check", "attribute", "ablation"):
+            headlines += [t for t in sec.text if t]
+    files: dict = {}
+    for sec in sections:
+        for name, fig, _ in sec.figures:
+            try:
+                res = save_figure(fig, out / "figures" / name, png=png)
+            except OSError as e:
+                run.skip(f"figure file {name}", f"not written ({e})")
+                continue
+            files[name] = {k: (os.path.relpath(v, out) if k in ("html", "png") and v else v) for k, v in res.items()}
+    title = title or f"mechmed report: {run_dir.resolve().name}"
+    model = ((run.ablation or {}).get("config", {}).get("train", {}).get("model")
+             or (run.train_cfg or {}).get("model") or (run.layer_scores or {}).get("model"))
+    meta = (f"Run directory {run_dir}" + (f"; model {model}" if model else "")
+            + f"; mechmed {__version__}; written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. "
+            "Intervals are 95% CIs; p-values are exact McNemar tests on the same held-out pairs.")
+    html_path = write_text(out / "report.html", _html(title, meta, headlines, sections, run.notes))
+    md_path = write_text(out / "report.md", _markdown(title, meta, headlines, sections, run.notes, files,
+                                                      run.ablation))
+    return {"html": str(html_path), "md": str(md_path), "figures": files, "headlines": headlines,
+            "notes": list(run.notes), "sections": [s.key for s in sections]}
+
