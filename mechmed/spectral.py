@@ -184,7 +184,7 @@ class SpectralMoELinear(nn.Module):
     # -- routing
     def gates(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gates [..., N] with exactly k non-zero entries summing to 1, probs [..., N], top-k indices)."""
-        probs = self.router(h).float().softmax(-1)
+        probs = _softmax_last(self.router(h).float())
         if self.routing == "uniform":
             full = torch.full_like(probs, 1.0 / self.n_experts)
             return full, probs, torch.arange(self.n_experts, device=h.device).expand(*probs.shape[:-1], -1)
@@ -201,11 +201,12 @@ class SpectralMoELinear(nn.Module):
         N, r_e = self.n_experts, self.expert_rank
         # All experts as one rank-r product, unselected experts masked by their zero gate: the same
         # two matmuls as LoRA at the same total rank (a per-token gather of expert weights costs more).
-        # The compensation shares them: [A; A⁰] x, scaled, then [B, B⁰].
+        # The compensation shares them: z = [A; A⁰] x, each of its 2N blocks of r/N rows scaled by its
+        # coefficient (s·g_i for an expert, −s/N for its initial copy), then [B, B⁰] z.
         z = F.linear(h, torch.cat([self.lora_A, self.init_A]))
-        w = torch.cat([(gates * self.scale).repeat_interleave(r_e, dim=-1),
-                       z.new_full((1,), -self.comp_scale).expand(*z.shape[:-1], self.rank)], dim=-1)
-        delta = F.linear(z * w, torch.cat([self.lora_B, self.init_B], dim=1))
+        coef = torch.cat([gates * self.scale, gates.new_full((1,), -self.comp_scale).expand_as(gates)], dim=-1)
+        z = (z.unflatten(-1, (2 * N, r_e)) * coef.unsqueeze(-1)).flatten(-2)
+        delta = F.linear(z, torch.cat([self.lora_B, self.init_B], dim=1))
         if self.training and torch.is_grad_enabled() and self.routing == "topk":
             flat = probs.reshape(-1, N)
             chosen = torch.zeros_like(flat).scatter_(-1, top_i.reshape(-1, self.top_k), 1.0)
@@ -308,6 +309,14 @@ class SpectralMoEModel(nn.Module):
         write_json(path / CONFIG_FILE, {"adapter_type": ADAPTER_TYPE, "format_version": FORMAT_VERSION,
                                         **self.spectral_options, "modules": modules})
         return path
+
+
+def _softmax_last(x: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim. On the CPU, torch's kernel for a last dim under 16 entries (the
+    experts) is ~10x slower than the same softmax over a leading dim, so it runs over one there."""
+    if x.device.type == "cpu" and x.shape[-1] < 16:
+        return x.movedim(-1, 0).softmax(0).movedim(0, -1)
+    return x.softmax(-1)
 
 
 def _tensor(layer: SpectralMoELinear, key: str) -> torch.Tensor:

@@ -1,0 +1,301 @@
+"""Spectral mixture of LoRA experts on tiny real models: initialisation, routing, compensation,
+save/load, training, option errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import _build
+from mechmed.config import TrainConfig
+from mechmed.errors import MechmedError
+from mechmed.spectral import (
+    SpectralMoELinear,
+    apply_spectral_adapter,
+    balance_loss,
+    expert_utilisation,
+    init_margin_deviation,
+)
+from mechmed.train import apply_adapter, train
+
+FAMILIES_2 = ("Gemma3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+PROMPTS = ["Is there a pleural effusion?", "Is the heart normal?", "Does this image show cardiomegaly?"]
+
+
+def _linear(m=40, n=48, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(n, m, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(m, n, generator=g) / n ** 0.5)
+        if bias:
+            lin.bias.copy_(torch.randn(m, generator=g))
+    return lin.requires_grad_(False)
+
+
+def _layer(init="spectral", n_experts=4, top_k=2, rank=8, scale=3.0, damping=1.0, **kw):
+    return SpectralMoELinear(_linear(**kw), n_experts=n_experts, top_k=top_k, rank=rank, scale=scale, init=init,
+                             damping=damping, generator=torch.Generator().manual_seed(1))
+
+
+def _cfg(**kw):
+    spectral = kw.pop("spectral", {"n_experts": 4})
+    return TrainConfig(**{"layers": [1], "method": "spectral_moe", "rank": 8, "spectral": spectral, **kw})
+
+
+@pytest.mark.parametrize("init", ["spectral", "principal", "minor"])
+def test_segments_are_disjoint_svd_pieces_and_the_residual_reconstructs_w0(init):
+    N, r, s, rho = 4, 8, 3.0, 2.0
+    layer = _layer(init, n_experts=N, rank=r, scale=s, damping=rho)
+    W0 = layer.base_layer.weight.double()
+    U, S, Vh = torch.linalg.svd(W0, full_matrices=False)
+    d, r_e = min(W0.shape), r // N
+    first = {"spectral": None, "principal": 0, "minor": d - r}[init]
+    want = [(i * d // N, i * d // N + r_e) if first is None else (first + i * r_e, first + (i + 1) * r_e)
+            for i in range(N)]
+    assert layer.segments == want
+    covered = [set(range(a, b)) for a, b in layer.segments]
+    assert all(not (covered[i] & covered[j]) for i in range(N) for j in range(i + 1, N))
+    for i, (a, b) in enumerate(layer.segments):
+        B, A = (t.double() for t in layer.expert(i))
+        # s·B_i A_i is the segment's part of W0, damped by ρ
+        torch.testing.assert_close(s * B @ A, U[:, a:b] @ torch.diag(S[a:b]) @ Vh[a:b] / rho, atol=1e-6, rtol=0)
+        for j in range(i + 1, N):  # different experts span orthogonal input directions
+            assert (A @ layer.expert(j)[1].double().T).abs().max() < 1e-6
+    comp = sum(B.double() @ A.double() for B, A in (layer.expert(i) for i in range(N))) * s / N
+    torch.testing.assert_close(layer.residual_weight().double() + comp, W0, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["random", "zero_b"])
+def test_random_inits_and_zero_b(init):
+    layer = _layer(init)
+    assert layer.segments is None
+    assert layer.lora_A.abs().max() <= 1 / 48 ** 0.5
+    if init == "zero_b":
+        assert torch.count_nonzero(layer.lora_B) == 0
+        assert torch.equal(layer.residual_weight(), layer.base_layer.weight)
+    else:
+        assert layer.lora_B.abs().max() > 0
+
+
+def test_router_weights_sum_to_one_over_exactly_k_experts():
+    for k in (1, 2, 3):
+        layer = _layer(n_experts=5, top_k=k, rank=10)
+        x = torch.randn(3, 7, 48, generator=torch.Generator().manual_seed(k))
+        gates, probs, top = layer.gates(x)
+        assert gates.shape == (3, 7, 5)
+        assert torch.equal((gates > 0).sum(-1), torch.full((3, 7), k))
+        torch.testing.assert_close(gates.sum(-1), torch.ones(3, 7), atol=1e-6, rtol=0)
+        # the selected experts are the k most probable, weighted in proportion to their probability
+        kth = probs.topk(k, -1).values[..., -1:]
+        assert torch.all((gates > 0) == (probs >= kth))
+        sel = torch.where(gates > 0, probs, 0)
+        torch.testing.assert_close(gates, sel / sel.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("n_experts", [4, 8, 16, 32])
+def test_router_softmax_equals_torch_softmax_with_its_gradient(n_experts):
+    from mechmed.spectral import _softmax_last
+
+    x = torch.randn(3, 7, n_experts, generator=torch.Generator().manual_seed(n_experts), requires_grad=True)
+    g = torch.randn(3, 7, n_experts, generator=torch.Generator().manual_seed(1))
+    got = _softmax_last(x)
+    (grad,) = torch.autograd.grad((got * g).sum(), x)
+    want = torch.exp(x) / torch.exp(x).sum(-1, keepdim=True)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    # d/dx of Σ g·softmax(x) = p ⊙ (g − Σ g·p)
+    p = want.detach()
+    torch.testing.assert_close(grad, p * (g - (g * p).sum(-1, keepdim=True)), atol=1e-6, rtol=0)
+
+
+def test_layer_equals_w0_in_expectation_over_a_uniform_router():
+    """Averaging the top-k output over every k-subset (each at weight 1/k) gives W0 x + b, and so does
+    the uniform routing mode (all experts at 1/N); tolerance 1e-5 (float32, |y| ~ 1)."""
+    N, k = 4, 2
+    layer = _layer(n_experts=N, top_k=k, bias=True).eval()
+    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(3))
+    base = layer.base_layer(x)
+    resid = x @ layer.residual_weight().T + layer.base_layer.bias
+    subsets = list(itertools.combinations(range(N), k))
+    mean = sum(resid + layer.scale * sum(x @ (B @ A).T / k for B, A in (layer.expert(i) for i in sub))
+               for sub in subsets) / len(subsets)
+    with torch.no_grad():
+        torch.testing.assert_close(mean, base, atol=1e-5, rtol=0)
+        layer.routing = "uniform"
+        torch.testing.assert_close(layer(x), base, atol=1e-5, rtol=0)
+        layer.routing = "topk"
+        routed = layer(x)
+        layer.disabled = True
+        assert torch.equal(layer(x), base)
+    assert not torch.allclose(routed, base, atol=1e-3)  # one router's choice is not the expectation
+
+
+def _frozen_bundle(name):
+    from mechmed.models import bundle
+
+    b = bundle(*_build(name))
+    for p in b.model.parameters():
+        p.requires_grad_(False)
+    return b
+
+
+def _logits(model, b, prompts=PROMPTS):
+    from mechmed.readout import build_inputs
+
+    with torch.no_grad():
+        return model(**build_inputs(b.processor, prompts), logits_to_keep=1, use_cache=False).logits[:, -1]
+
+
+@pytest.mark.parametrize("name", FAMILIES_2)
+def test_adapted_model_equals_base_in_expectation_at_init(name):
+    b = _frozen_bundle(name)
+    base = _logits(b.model, b)
+    model, names = apply_adapter(b, _cfg(layers=[0, 2]))
+    with model.routing("uniform"):
+        torch.testing.assert_close(_logits(model, b), base, atol=1e-5, rtol=0)
+    with model.disable_adapter():
+        assert torch.equal(_logits(model, b), base)
+
+
+@pytest.mark.parametrize("name", FAMILIES_2)
+def test_apply_adapter_adapts_exactly_layers_times_targets(name):
+    b = _frozen_bundle(name)
+    targets = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    model, names = apply_adapter(b, _cfg(layers=[0, 2], target_modules=targets))
+    assert len(names) == 2 * len(targets) == len(model.adapter_layers())
+    assert sorted(names) == sorted(model.adapter_layers())
+    assert all(n.startswith(b.family.layers + ".0.") or n.startswith(b.family.layers + ".2.") for n in names)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rsplit(".", 2)[-2:] in (["lora_A"], ["lora_B"], ["router", "weight"])
+                             or n.endswith((".lora_A", ".lora_B", ".router.weight")) for n in trainable)
+    assert len(trainable) == 3 * len(names)
+    with pytest.raises(MechmedError, match="target_modules"):
+        apply_adapter(_frozen_bundle(name), _cfg(target_modules=["q_proj", "nonexistent_proj"]))
+
+
+@pytest.mark.parametrize("name", FAMILIES_2)
+def test_save_and_attach_adapter_round_trip_exactly(name, tmp_path):
+    from safetensors.torch import load_file
+
+    from mechmed.models import attach_adapter
+
+    b = _frozen_bundle(name)
+    model, names = apply_adapter(b, _cfg(layers=[1, 2], seed=4))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # as if trained: experts and routers moved away from their initial values
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.eval()
+    before = _logits(model, b)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {k.rsplit(".", 1)[-1] for k in saved} == {"lora_A", "lora_B", "weight", "init_A", "init_B"}
+    assert not any(k.endswith("base_layer.weight") for k in saved)  # no copy of W0
+    conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert conf["adapter_type"] == "mechmed_spectral_moe" and sorted(conf["modules"]) == sorted(names)
+
+    loaded = attach_adapter(_frozen_bundle(name), tmp_path / "adapter")
+    assert sorted(loaded.model.adapter_layers()) == sorted(names)
+    assert torch.equal(_logits(loaded.model, loaded), before)
+    for n, layer in loaded.model.adapter_layers().items():
+        assert torch.equal(layer.residual_weight(), model.adapter_layers()[n].residual_weight())
+
+
+def test_balance_loss_matches_the_formula():
+    N, k = 4, 2
+    layer = _layer(n_experts=N, top_k=k).train()
+    x = torch.randn(5, 9, 48, generator=torch.Generator().manual_seed(6))
+    layer(x)
+    got = balance_loss(layer)
+    probs = torch.softmax(x @ layer.router.weight.T, -1).reshape(-1, N)
+    top = probs.topk(k, -1).indices
+    f = torch.stack([(top == i).any(-1).float().mean() / k for i in range(N)])
+    torch.testing.assert_close(got, N * (f * probs.mean(0)).sum())
+    assert got.requires_grad
+    assert balance_loss(layer).item() == 0.0  # each value is used once
+    # perfectly balanced routing gives 1
+    layer.router.weight.data.zero_()
+    layer(x)
+    assert balance_loss(layer).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_bad_options_name_the_option():
+    cases = [({"rank": 12, "spectral": {"n_experts": 8}}, "rank"),
+             ({"spectral": {"n_experts": 4, "top_k": 5}}, "spectral.top_k"),
+             ({"spectral": {"n_experts": 4, "init": "svd"}}, "spectral.init"),
+             ({"spectral": {"n_experts": 4, "scaling": "fast"}}, "spectral.scaling"),
+             ({"spectral": {"n_experts": 4, "damping": 0.0}}, "spectral.damping")]
+    for kw, option in cases:
+        with pytest.raises(MechmedError, match=f"config option {option}"):
+            _cfg(**kw)
+    # options changed after the config was built are checked again when the adapter is applied
+    b = _frozen_bundle("Gemma3ForCausalLM")
+    for attr, value, option in (("init", "svd", "spectral.init"), ("top_k", 9, "spectral.top_k"),
+                                ("n_experts", 3, "rank")):
+        cfg = _cfg()
+        setattr(cfg.spectral, attr, value)
+        with pytest.raises(MechmedError, match=f"config option {option}"):
+            apply_spectral_adapter(b, cfg)
+    # segments must fit: 64-wide layers split into 4 segments of at most 16 directions
+    with pytest.raises(MechmedError, match="config option rank"):
+        apply_spectral_adapter(b, _cfg(rank=80))
+    cfg = TrainConfig.from_dict({"layers": [1], "method": "spectral_moe", "rank": 8,
+                                 "spectral": {"n_experts": 4, "scaling": 2}})
+    model, _ = apply_spectral_adapter(b, cfg)
+    assert {m.scale for m in model.adapter_layers().values()} == {2.0}
+
+
+def test_scaling_rule():
+    b = _frozen_bundle("Gemma3ForCausalLM")
+    model, _ = apply_spectral_adapter(b, _cfg(spectral={"n_experts": 4, "lr_ratio": 0.5}))
+    for layer in model.adapter_layers().values():
+        assert layer.scale == pytest.approx((3 * layer.in_features * 0.5 / 8) ** 0.5)
+
+
+def _train_cfg(ws, **kw):
+    root, ckpt = ws
+    base = dict(model=str(ckpt), layers=[1, 2], method="spectral_moe", rank=8, spectral={"n_experts": 4},
+                lr=5e-3, batch_size=2, grad_accum=2, max_steps=3, eval_every=3, checkpoint_every=3, guard_pairs=8,
+                train_data=str(root / "train_pairs.jsonl"), eval_data=str(root / "pairs.jsonl"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_train_spectral_moe_writes_the_adapter_and_logs_the_balance_loss(tiny_workspace, tmp_path):
+    from mechmed.consistency import load_image
+    from mechmed.data import load_pairs
+    from mechmed.figures import expert_utilisation as utilisation_figure
+    from mechmed.models import attach_adapter, load_model
+    from mechmed.readout import margins
+
+    res = train(_train_cfg(tiny_workspace), tmp_path / "run")
+    out = res.out
+    assert res.metrics["n_adapted_modules"] == 2 * 7
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all("balance" in r and r["balance"] >= 1.0 - 1e-6 for r in log)
+    dev = res.metrics["init_margin_deviation"]
+    assert dev["n_margins"] == 16 and dev["uniform_max_abs"] < 1e-4
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    stats = json.loads((out / "expert_utilisation.json").read_text())
+    assert set(stats["layers"]) == {"1", "2"} and len(stats["modules"]) == 14
+    for row in stats["modules"].values():
+        assert len(row) == 4 and sum(row) == pytest.approx(1.0)
+    assert (out / "expert_utilisation.html").is_file()
+    fig = utilisation_figure(stats)
+    assert len(fig.data[0].z) == 2 and len(fig.data[0].z[0]) == 4
+
+    # the written adapter reproduces the trained model's margins
+    root, ckpt = tiny_workspace
+    pairs = load_pairs(root / "pairs.jsonl")
+    after = [json.loads(x) for x in (out / "after" / "pairs.jsonl").read_text().splitlines()]
+    loaded = attach_adapter(load_model(str(ckpt)), out / "adapter")
+    m = margins(loaded, [p.paraphrase for p in pairs], [load_image(p.image) for p in pairs]).numpy()
+    assert m == pytest.approx([r["margin_paraphrase"] for r in after], abs=1e-5)
+    assert expert_utilisation(loaded.model, loaded, pairs[:2])["tokens"] > 0
+    deviation = init_margin_deviation(loaded.model, loaded, pairs[:2])
+    assert deviation["n_margins"] == 4
