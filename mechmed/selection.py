@@ -14,6 +14,7 @@ carries its provenance (strategy, parameters, and the score file's hash when the
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from mechmed.errors import MechmedError
 
 STRATEGIES = ("window", "topk", "threshold")
 BASELINES = ("early", "middle", "late", "all", "random")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -157,5 +160,12 @@ def run_select_layers(scores: str | None = None, out: str = "runs/train.yaml", *
                                  "train_data": data if data != "demo" else "demo",
                                  "eval_data": data if data != "demo" else "demo", "seed": seed,
                                  **(overrides or {}), "provenance": provenance}, source="select-layers")
+    if cfg.train_data == cfg.eval_data and cfg.train_data != "demo":
+        log.warning("train_data and eval_data are both %s: pass --train-data (pairs of training phrasings) and "
+                    "--eval-data (held-out phrasings) so training is judged on phrasings it never saw",
+                    cfg.train_data)
+    if cfg.model != "demo" and "demo" in (cfg.train_data, cfg.eval_data):
+        log.warning("model %s will train/evaluate on the embedded default's pairs: pass --train-data and "
+                    "--eval-data for this model's data", cfg.model)
     cfg.save(out)
     return cfg, chosen

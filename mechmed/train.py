@@ -316,6 +316,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     train_pairs = resolve_pairs(cfg.train_data, split="train", image_root=cfg.image_root, seed=cfg.seed)
     eval_pairs = resolve_pairs(cfg.eval_data, split="eval", image_root=cfg.image_root, seed=cfg.seed)
     ckpt = out / "checkpoint"
+    if resume and not ckpt.exists() and ckpt.with_name("checkpoint.old").is_dir():
+        os.replace(ckpt.with_name("checkpoint.old"), ckpt)  # killed between the two renames of a save
     if not resume and (out / "metrics.json").exists():
         raise MechmedError(f"--out {out}: holds a finished run; choose another directory or delete it")
     if resume and not ckpt.exists():

@@ -9,12 +9,10 @@ MECHMED_STRICT_TIMING=1).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -215,29 +213,40 @@ def test_same_seed_same_weights(demo_cache, tmp_path):
     assert c["weights_sha256"] != a["weights_sha256"]
 
 
-# ----------------------------------------------------------------------------- consistency fine-tune
+# ----------------------------------------------------------------------------- pair training
 
 
-def test_consistency_loss_lowers_flip_rate(demo_dir, data_dir):
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def test_negation_template_learned_on_three_findings_transfers_to_the_others(demo_dir, data_dir, tmp_path):
+    """The demo model ignores the held-out negation "Is the image free of X?" (most of its pairs flip).
+    ``mechmed train`` on that template for three findings, over the training images, fixes it for the
+    other three findings on the evaluation images: a held-out phrasing, new images, paired test."""
+    from mechmed.config import TrainConfig, demo_defaults
+    from mechmed.demo.dataset import expected_answer, load_pairs
+    from mechmed.demo.images import FINDINGS, make_images
+    from mechmed.demo.phrasings import canonical, heldout_phrasings
+    from mechmed.io import write_jsonl
+    from mechmed.train import train
 
-    from mechmed.demo.train import FinetuneConfig, consistency_finetune, evaluate_pairs, load_rows
-
-    processor = AutoProcessor.from_pretrained(demo_dir)
-    base = AutoModelForImageTextToText.from_pretrained(demo_dir).eval()
-    train_rows = load_rows(data_dir / "train_pairs.jsonl")
-    eval_rows = load_rows(data_dir / "pairs.jsonl")
-    results = {}
-    for name, kl in (("ce", 0.0), ("ce+kl", 1.0)):
-        torch.manual_seed(0)
-        tuned = consistency_finetune(
-            copy.deepcopy(base), processor, train_rows, data_dir, FinetuneConfig(kl_weight=kl), seed=0
-        )
-        results[name] = evaluate_pairs(tuned, processor, eval_rows, data_dir, blank=False)
-    ce, kl = results["ce"], results["ce+kl"]
-    assert ce["flip_rate"] - kl["flip_rate"] >= 0.05, (ce["flip_rate"], kl["flip_rate"])
-    # consistency with cross-entropy does not collapse to one answer
-    assert 0.25 <= kl["yes_rate"] <= 0.75
-    assert kl["canonical_accuracy"] >= 0.75
-    assert np.isfinite(kl["margin_diff"])
+    template = {f: next(p.text for p in heldout_phrasings(f) if p.text.startswith("Is the image free of"))
+                for f in FINDINGS}
+    trained, held = FINDINGS[0::2], FINDINGS[1::2]
+    n = json.loads((data_dir / "meta.json").read_text())["n_images"]
+    rows = [{"id": f"t{i}-{f}", "question": canonical(f), "paraphrase": template[f],
+             "answer": expected_answer(fd[f], False), "paraphrase_answer": expected_answer(fd[f], True),
+             "image": f"train_images/{i:04d}.png", "phenomenon": "negation_pattern", "question_id": f"t{i}:{f}",
+             "extra": {"finding": f, "negated": True}}
+            for i, (_, fd) in enumerate(make_images(n, SEED, 32)) for f in trained]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    evals = [r for r in load_pairs(data_dir / "pairs.jsonl") if r["paraphrase"] in {template[f] for f in held}]
+    assert len(evals) >= 100
+    write_jsonl(tmp_path / "eval.jsonl", evals)
+    cfg = TrainConfig(**{**demo_defaults(), "layers": [2, 3, 4], "train_data": str(tmp_path / "train.jsonl"),
+                         "eval_data": str(tmp_path / "eval.jsonl"), "image_root": str(data_dir),
+                         "consistency_weight": 0.0, "lr": 1e-3, "epochs": 5.0, "max_steps": 200,
+                         "eval_every": 100, "checkpoint_every": 200})
+    m = train(cfg, tmp_path / "run").metrics
+    before, after = m["before"], m["after"]
+    assert before["flip_rate"] >= 0.5  # the base model does not read this negation ...
+    assert before["flip_rate"] - after["flip_rate"] >= 0.3, (before["flip_rate"], after["flip_rate"])  # ... now it does
+    assert m["comparison"]["paired"]["mcnemar_flips"]["p_value"] < 0.001
+    assert after["accuracy"]["original"] >= before["accuracy"]["original"] - 0.1
