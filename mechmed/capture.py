@@ -437,6 +437,12 @@ def _build_bridge(bundle):
         except Exception as e:  # noqa: BLE001 - TransformerLens raises many types; the user needs one line
             first = (str(e).splitlines()[0] if str(e) else type(e).__name__).rstrip(". ")
             raise MechmedError(f"{why}: {first}; use backend='hooks' or 'nnsight'") from e
+    if family.vision_tower:
+        # TransformerLens 3.x re-implements the SigLIP encoder's attention, and its result differs from
+        # transformers' by O(1) on image tokens; mechmed's Sites are all in the decoder, so the shadow
+        # runs the model's own (unwrapped) vision tower, and image tokens enter the decoder unchanged.
+        parent, _, child = family.vision_tower.rpartition(".")
+        setattr(shadow.get_submodule(parent) if parent else shadow, child, model.get_submodule(family.vision_tower))
     names = bridge.hook_dict
     missing = [family.hook_name(Site(0, kind)) for kind in _KIND_ORDER if family.hook_name(Site(0, kind)) not in names]
     if missing:

@@ -282,3 +282,23 @@ def test_gradients_flow_when_not_detached(tiny_bundles):
     assert acts[Site(1)].requires_grad
     (grad,) = torch.autograd.grad(_margin(b, out).sum(), acts[Site(1)])
     assert grad[:, -1].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_backends_agree_on_the_trained_demo_model_with_images(demo_model_dir):
+    """On a *trained* model the image tokens carry real signal: every backend must feed the decoder the
+    same image embeddings (TransformerLens's own SigLIP wrapper does not; mechmed runs transformers')."""
+    from mechmed.models import load_model
+
+    b = load_model(str(demo_model_dir))
+    inputs = build_inputs(b.processor, ["Is there a pleural effusion?", "Is the heart enlarged?"],
+                          [make_image(0), make_image(1)])
+    sites = [s for s in _all_sites(b) if s.kind == "resid_post"]
+    ref = capture(b, inputs, sites, backend="hooks")[0]
+    assert image_token_mask(b, inputs).any()
+    real = inputs["attention_mask"].bool()  # padding positions hold kernel-dependent values
+    for backend in ("nnsight", "transformer_lens"):
+        got = capture(b, inputs, sites, backend=backend)[0]
+        for s in sites:
+            torch.testing.assert_close(got[s][real], ref[s][real], **TOL[backend], msg=f"{backend} {s}")
+    clear_backend_cache(b.model)
