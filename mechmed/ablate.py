@@ -363,8 +363,9 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
                  workers: int | None = None) -> AblationResult:
     """Train and evaluate every arm of the grid, resuming what is there; write the results table."""
     from mechmed.io import ensure_dir, write_json, write_text
-    from mechmed.models import load_model
+    from mechmed.models import cpu_threads_for, load_model
     from mechmed.progress import progress_bar
+    from mechmed.saes import torch_threads
 
     if not isinstance(cfg, AblationConfig):
         cfg = AblationConfig.load(cfg)
@@ -375,13 +376,15 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
     arms = plan(cfg, n_layers)
     write_json(out / "ablation_config.json", {**cfg.to_dict(), "plan": [a.name for a in arms]})
 
-    base = {s: evaluate_base(cfg, s, out, progress=progress) for s in cfg.seeds}
+    small = cpu_threads_for(t["model"])  # 1 for demo-sized models on the CPU, else None
+    with torch_threads(small):
+        base = {s: evaluate_base(cfg, s, out, progress=progress) for s in cfg.seeds}
     jobs = {a.name: (arm_config(cfg, a).to_dict(), str(out / "arms" / a.name)) for a in arms}
     metrics: dict = {}
     if workers > 1:
         import multiprocessing as mp
 
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = small or max(1, (os.cpu_count() or 1) // workers)
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(_run_arm, d, r, threads): name for name, (d, r) in jobs.items()}
             for fut in progress_bar(cf.as_completed(futures), desc="ablation arms" if progress else None,
@@ -389,7 +392,7 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
                 metrics[futures[fut]] = fut.result()
     else:
         for name in progress_bar(list(jobs), desc="ablation arms" if progress else None):
-            metrics[name] = _run_arm(*jobs[name], None)
+            metrics[name] = _run_arm(*jobs[name], small)
 
     rows, pairs_by_row = [], {}
     for s in cfg.seeds:

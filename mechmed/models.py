@@ -145,3 +145,26 @@ def attach_adapter(b: ModelBundle, adapter_dir: str | os.PathLike) -> ModelBundl
 
     model = PeftModel.from_pretrained(b.model, str(adapter_dir)).eval()
     return ModelBundle(model, b.processor, b.family, b.answers, f"{b.name}+{adapter_dir.name}")
+
+
+def cpu_threads_for(name_or_path: str, device: str = "cpu") -> int | None:
+    """Torch CPU threads to run ``name_or_path`` with: 1 for models as narrow as the demo (their
+    matmuls gain nothing from threads and slow down many times on shared cores), else None (leave
+    torch's setting). Reads only a local config; hub ids and unreadable paths give None."""
+    from mechmed.saes import threads_for_width
+
+    if str(device) != "cpu":
+        return None
+    if name_or_path == DEMO:
+        from mechmed.demo.model import DemoModelConfig
+
+        return threads_for_width(DemoModelConfig().hidden)
+    if not (Path(name_or_path) / "config.json").is_file():
+        return None
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name_or_path)
+        return threads_for_width(get_family(config).d_model(config))
+    except (OSError, ValueError, MechmedError):  # the command itself reports what is wrong with --model
+        return None

@@ -10,6 +10,7 @@ import torch
 from conftest import FAMILIES, QUESTIONS, make_image
 from mechmed import tiny
 from mechmed.errors import MechmedError
+from mechmed.families import get_family
 from mechmed.models import load_model, resolve_dtype
 from mechmed.readout import margins
 
@@ -72,3 +73,25 @@ def test_remote_code_is_off_by_default(saved, monkeypatch):
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", spy)
     load_model(str(saved["Gemma3ForCausalLM"]))
     assert seen["trust_remote_code"] is False
+
+
+def test_cpu_threads_follow_the_model_width(saved, tmp_path):
+    """One thread for models as narrow as the demo (read from their config), torch's own setting for
+    wide models, GPUs, hub ids and paths without a config."""
+    from transformers import AutoConfig
+
+    from mechmed.models import cpu_threads_for
+    from mechmed.saes import threads_for_width
+
+    for path in saved.values():
+        config = AutoConfig.from_pretrained(path)
+        width = get_family(config).d_model(config)
+        assert cpu_threads_for(str(path)) == threads_for_width(width) == 1
+        assert cpu_threads_for(str(path), "cuda") is None
+    wide = AutoConfig.from_pretrained(saved["Gemma3ForCausalLM"])
+    wide.hidden_size = 2560
+    wide.save_pretrained(tmp_path / "wide")
+    assert cpu_threads_for(str(tmp_path / "wide")) is None
+    assert cpu_threads_for("demo") == 1
+    assert cpu_threads_for("google/medgemma-4b-it") is None
+    assert cpu_threads_for(str(tmp_path / "missing")) is None

@@ -1,0 +1,229 @@
+"""The scripts in analyses/ on the embedded default with small limits, each checked against the
+library functions it wraps, recomputed here (or by scipy/statsmodels) rather than read back."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+pytestmark = pytest.mark.slow
+
+ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
+
+
+def _script(name: str):
+    """analyses/<name>.py as a module. Its folder goes last on sys.path (the scripts import their
+    helpers from it), so that analyses/statistics.py never hides the standard library's module."""
+    if str(ANALYSES) not in sys.path:
+        sys.path.append(str(ANALYSES))
+    spec = importlib.util.spec_from_file_location(f"analyses_{name}", ANALYSES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _pairs(path: Path) -> dict:
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def _mcnemar(a: dict, b: dict) -> float:
+    """Exact McNemar p of the per-pair flips, by scipy's binomial test."""
+    common = sorted(set(a) & set(b))
+    b01 = sum(1 for i in common if not a[i]["flip"] and b[i]["flip"])
+    b10 = sum(1 for i in common if a[i]["flip"] and not b[i]["flip"])
+    return 1.0 if b01 + b10 == 0 else sps.binomtest(min(b01, b10), b01 + b10, 0.5).pvalue
+
+
+def _ztest(k1: int, n1: int, k2: int, n2: int) -> float:
+    from statsmodels.stats.proportion import proportions_ztest
+
+    if k1 + k2 in (0, n1 + n2):
+        return 1.0
+    return float(proportions_ztest([k1, k2], [n1, n2])[1])
+
+
+def _threads(bundle):
+    """The thread count the scripts run the demo with (see mechmed.saes.threads_for_width)."""
+    from mechmed.saes import threads_for_width, torch_threads
+
+    return torch_threads(threads_for_width(bundle.d_model))
+
+
+def _figures(out: Path, *names: str) -> None:
+    for name in names:
+        assert (out / f"{name}.html").stat().st_size > 1000, name
+
+
+def test_sae_transfer(demo_model_dir, tmp_path):
+    from mechmed.fidelity import evaluate_saes, prompt_set
+    from mechmed.models import load_model
+    from mechmed.saes import resolve_saes
+
+    out = tmp_path / "sae_transfer"
+    assert _script("sae_transfer").main(["--out", str(out)]) == 0
+    saved = json.loads((out / "transfer.json").read_text())
+    table = {r["layer"]: r for r in saved["layers"]}
+    bundle = load_model("demo")
+    saes = resolve_saes("demo", bundle, "all")
+    assert sorted(table) == list(range(bundle.n_layers))
+    for name in ("medical", "general"):
+        with _threads(bundle):
+            rows = evaluate_saes(bundle, saes, prompt_set(name), ce=False, threshold=0.95).rows
+        for r in rows:
+            got = table[r["layer"]]
+            assert got[f"r2_{name}"] == pytest.approx(r["r2"], rel=1e-6)
+            assert [got[f"r2_{name}_lo"], got[f"r2_{name}_hi"]] == pytest.approx(r["r2_ci"], rel=1e-6)
+            assert got[f"p_{name}"] == pytest.approx(r["p_value"], rel=1e-4, abs=1e-12)
+            assert got[f"exceeds_{name}"] == r["exceeds_threshold"]
+        s = saved["summary"][name]
+        assert s["mean_r2"] == pytest.approx(np.mean([r["r2"] for r in rows]), rel=1e-6)
+        assert s["n_exceeding"] == sum(r["exceeds_threshold"] for r in rows)
+    for r in table.values():
+        assert r["r2_gap_medical_minus_general"] == pytest.approx(r["r2_medical"] - r["r2_general"])
+    assert [int(r["layer"]) for r in _csv(out / "transfer.csv")] == sorted(table)
+    _figures(out / "sae_check", "r2_by_layer")
+
+
+@pytest.fixture(scope="module")
+def attribution(demo_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("analyses") / "attribution_table"
+    assert _script("attribution_table").main(["--out", str(out), "--max-pairs", "24"]) == 0
+    return out
+
+
+def test_attribution_table(attribution):
+    from mechmed.attribution import attribute_batch
+    from mechmed.config import TrainConfig
+    from mechmed.consistency import resolve_data
+    from mechmed.models import load_model
+    from mechmed.saes import resolve_saes
+    from mechmed.selection import score_vector, select
+
+    out = attribution
+    scores = json.loads((out / "attribute" / "layer_scores.json").read_text())
+    table = json.loads((out / "layer_table.json").read_text())
+    assert scores["n_pairs"] == table["n_pairs"] == len(scores["pairs"]) <= 24
+    # the window is selection.select on the flipped-pair scores, and the training config holds it
+    chosen = select(score_vector(scores, "attr_flipped"), "window", width=3)
+    assert table["selection"]["layers"] == list(chosen.layers)
+    assert TrainConfig.load(out / "train.yaml").layers == list(chosen.layers)
+    # each row's score is the mean |a_L| over the flipped (or stable) pairs' per-pair attributions
+    per_pair = np.abs(np.array([p["layer_attr"] for p in scores["pairs"]]))
+    flipped = np.array([p["flipped"] for p in scores["pairs"]])
+    patch = np.abs(np.array([p["patch_effect"] for p in scores["pairs"]]))
+    for r in table["layers"]:
+        L = r["layer"]
+        assert r["selected"] == (L in chosen.layers)
+        assert r["attr_flipped"] == pytest.approx(per_pair[flipped, L].mean(), rel=1e-6)
+        assert r["attr_stable"] == pytest.approx(per_pair[~flipped, L].mean(), rel=1e-6)
+        assert r["patch_flipped"] == pytest.approx(patch[flipped, L].mean(), rel=1e-6)
+        assert r["attr_flipped_lo"] <= r["attr_flipped"] <= r["attr_flipped_hi"]
+        assert r["top_feature"] == scores["top_feature"][str(L)]
+    assert [int(r["layer"]) for r in _csv(out / "layer_table.csv")] == [r["layer"] for r in table["layers"]]
+    # the per-pair numbers themselves: the first batch (8 pairs, in file order) attributed again
+    bundle = load_model("demo")
+    by_id = {p.id: p for p in resolve_data("demo")}
+    first = scores["pairs"][:8]
+    with _threads(bundle):
+        again = attribute_batch(bundle, [by_id[p["id"]] for p in first], saes=resolve_saes("demo", bundle, "all"),
+                                exact=True)
+    for saved, r in zip(first, again):
+        assert saved["flipped"] == r.flipped and saved["m_p"] == pytest.approx(r.m_p, abs=1e-4)
+        assert saved["layer_attr"] == pytest.approx(r.layer_attr.tolist(), rel=1e-3, abs=1e-5)
+        assert saved["patch_effect"] == pytest.approx(r.patch_effect.tolist(), rel=1e-3, abs=1e-5)
+    assert (out / "attribute" / "features.csv").is_file()
+    _figures(out, "layer_profile_selected")
+    _figures(out / "attribute", "layer_profile", "feature_heatmap")
+
+
+@pytest.fixture(scope="module")
+def targeted(attribution):
+    out = attribution.parent / "targeted_vs_full"
+    argv = ["--config", str(attribution / "train.yaml"), "--out", str(out), "--train-pairs", "64",
+            "--eval-pairs", "32", "--max-steps", "4"]
+    assert _script("targeted_vs_full").main(argv) == 0
+    return out
+
+
+def test_targeted_vs_full(targeted, attribution):
+    from mechmed.config import TrainConfig
+    from mechmed.selection import baseline
+
+    out = targeted
+    selected = TrainConfig.load(attribution / "train.yaml").layers
+    results = json.loads((out / "ablation" / "results.json").read_text())
+    rows = {r["arm"]: r for r in results["rows"]}
+    assert list(rows) == ["base", "selected", "early", "all"]
+    assert rows["selected"]["layers"] == selected
+    assert rows["early"]["layers"] == list(baseline("early", 6, len(selected)).layers)
+    assert rows["all"]["layers"] == list(range(6))
+    assert all(r["n_pairs"] == 32 for r in results["rows"])
+    assert len((out / "data" / "train_pairs.jsonl").read_text().splitlines()) == 64
+    arm_pairs = {a: _pairs(out / "ablation" / "arms" / f"{a}-lora-s0" / "after" / "pairs.jsonl")
+                 for a in ("selected", "early", "all")}
+    for a, pairs in arm_pairs.items():
+        m = json.loads((out / "ablation" / "arms" / f"{a}-lora-s0" / "metrics.json").read_text())
+        assert m["steps"] == 4 and m["layers"] == rows[a]["layers"]
+        assert rows[a]["flip_rate"] == pytest.approx(np.mean([p["flip"] for p in pairs.values()]))
+    saved = json.loads((out / "targeted_vs_full.json").read_text())
+    assert [(c["a"], c["b"]) for c in saved["comparisons"]] == [("selected", "early"), ("selected", "all")]
+    for c in saved["comparisons"]:
+        a, b = arm_pairs["selected"], arm_pairs[c["b"]]
+        assert c["flip_a"] == rows["selected"]["flip_rate"] and c["flip_b"] == rows[c["b"]]["flip_rate"]
+        assert c["flip_p_mcnemar"] == pytest.approx(_mcnemar(a, b))
+        n = len(a)
+        assert c["flip_p_ztest"] == pytest.approx(_ztest(round(c["flip_a"] * n), n, round(c["flip_b"] * n), n))
+        diff = np.mean([a[i]["margin_diff"] - b[i]["margin_diff"] for i in a])
+        assert c["margin_diff_a_minus_b"] == pytest.approx(diff)
+    assert len(_csv(out / "comparison.csv")) == 2
+    _figures(out, "flip_by_arm", "tradeoff")
+
+
+def test_statistics(targeted, tmp_path):
+    """Run as a script (as the README says), on the grid targeted_vs_full.py wrote."""
+    from statsmodels.stats.proportion import proportions_ztest
+
+    results_dir = targeted / "ablation"
+    out = tmp_path / "statistics"
+    proc = subprocess.run([sys.executable, str(ANALYSES / "statistics.py"), "--results", str(results_dir),
+                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads((out / "statistics.json").read_text())
+    results = json.loads((results_dir / "results.json").read_text())
+    rows = {r["arm"]: r for r in results["rows"]}
+    base = _pairs(results_dir / "base-s0" / "pairs.jsonl")
+    base_m = json.loads((results_dir / "base-s0" / "metrics.json").read_text())
+    assert [t["b"] for t in saved["tests"]] == ["selected", "early", "all"]
+    for t in saved["tests"]:
+        run = results_dir / "arms" / f"{t['b']}-lora-s0" / "after"
+        m = json.loads((run / "metrics.json").read_text())
+        assert t["a"] == "base" and t["flip_a"] == base_m["flip_rate"] and t["flip_b"] == m["flip_rate"]
+        # paired: exact McNemar, as the ablation grid computed it and as scipy does
+        assert t["flip_p_mcnemar"] == pytest.approx(rows[t["b"]]["p_vs_base"])
+        assert t["flip_p_mcnemar"] == pytest.approx(_mcnemar(base, _pairs(run / "pairs.jsonl")))
+        # unpaired, as the paper reports: statsmodels' pooled two-proportion z test
+        assert t["flip_p_ztest"] == pytest.approx(_ztest(base_m["n_flips"], base_m["n_pairs"], m["n_flips"],
+                                                         m["n_pairs"]))
+        assert t["accuracy_p_ztest"] == pytest.approx(_ztest(
+            base_m["n_correct"]["original"], base_m["n_questions"], m["n_correct"]["original"], m["n_questions"]))
+        lo, hi = t["margin_diff_a_minus_b_ci"]
+        assert lo <= t["margin_diff_a_minus_b"] <= hi
+    # the paper's counts through the same test: 23/158 -> 7/158
+    z, p = proportions_ztest([23, 7], [158, 158])
+    assert saved["paper"]["test"]["statistic"] == pytest.approx(z)
+    assert saved["paper"]["test"]["p_value"] == pytest.approx(p)
+    assert len(_csv(out / "statistics.csv")) == len(saved["tests"])
+    _figures(out, "flip_by_arm", "tradeoff")
