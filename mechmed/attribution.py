@@ -247,13 +247,18 @@ def attribute(bundle, pairs: Sequence, *, saes: Mapping[int, object] | None = No
 
 # ---------------------------------------------------------------- layer scores
 
-SCORE_KEYS = ("attr_flipped", "attr_stable", "attr_all", "patch_flipped", "recovery_flipped", "feature_auc")
+SCORE_KEYS = ("gain_flipped", "gain_all", "attr_flipped", "attr_stable", "attr_all", "patch_flipped",
+              "recovery_flipped", "feature_auc")
 
 
 def layer_scores(results: Sequence[PairAttribution], *, n_bootstrap: int = 1000, seed: int = 0) -> dict:
     """Aggregate per-pair attributions into per-layer scores with bootstrap 95% intervals.
 
     - ``attr_flipped`` / ``attr_stable`` / ``attr_all``: mean |a_L| over flipped / stable / all pairs;
+    - ``gain_flipped`` / ``gain_all``: mean |a_L| − |a_{L−1}| (|a_{−1}| = 0): how much of the flip
+      *enters* at layer L. The residual at the answer position accumulates what earlier layers wrote,
+      so |a_L| grows with depth and a window on it always ends at the last layer; the gain peaks
+      where the flip is computed (the default score of ``select-layers``);
     - ``patch_flipped``: mean |e_L| (exact patching) over flipped pairs;
     - ``recovery_flipped``: mean e_L / (m_q − m_p) over flipped pairs;
     - ``feature_auc``: per layer with an SAE, the feature with the largest mean |Δf| on flipped
@@ -286,8 +291,10 @@ def layer_scores(results: Sequence[PairAttribution], *, n_bootstrap: int = 1000,
             cis.append([b.low, b.high] if b else [float(x[0]), float(x[0])])
         return {"mean": means, "ci": cis, "n": int(mask.sum())}
 
+    G = np.diff(A, axis=1, prepend=0.0)
     out = {"n_layers": n_layers, "n_pairs": len(results), "n_flipped": int(flipped.sum()),
-           "scores": {"attr_flipped": agg(A, flipped), "attr_stable": agg(A, ~flipped),
+           "scores": {"gain_flipped": agg(G, flipped), "gain_all": agg(G, np.ones_like(flipped)),
+                      "attr_flipped": agg(A, flipped), "attr_stable": agg(A, ~flipped),
                       "attr_all": agg(A, np.ones_like(flipped))}}
     if all(r.patch_effect is not None for r in results):
         E = np.stack([r.patch_effect for r in results])
@@ -341,7 +348,8 @@ def feature_table(results: Sequence[PairAttribution], *, top: int = 10) -> list[
 
 def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "demo", out: str = "runs/attribute",
                   *, max_pairs: int = 300, exact: bool = True, top_features: int = 10, batch_size: int = 8,
-                  device: str = "cpu", image_root=None, seed: int = 0, progress: bool = False) -> dict:
+                  device: str = "cpu", image_root=None, seed: int = 0, progress: bool = False,
+                  dtype: str | None = None, answer_words=("yes", "no"), trust_remote_code: bool = False) -> dict:
     """Attribute flips on ``data`` and write ``layer_scores.json``, ``features.csv`` and figures."""
     import csv
     import io
@@ -357,7 +365,8 @@ def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "d
         raise MechmedError(f"--data {data}: has no pairs without negation to attribute")
     rng = np.random.default_rng(seed)
     pairs = [pairs[i] for i in sorted(rng.permutation(len(pairs))[:max_pairs])]
-    bundle = load_model(model, device=device, seed=seed)
+    bundle = load_model(model, device=device, seed=seed, dtype=dtype, answer_words=tuple(answer_words),
+                        trust_remote_code=trust_remote_code)
     sae_map = None
     if saes:
         from mechmed.saes import resolve_saes

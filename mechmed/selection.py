@@ -130,12 +130,12 @@ def score_vector(scores: dict, key: str, path: str = "scores") -> list[float]:
     values = table[key]["mean"]
     if any(v is None for v in values):
         raise MechmedError(f"--score {key}: missing for some layers in {path} (e.g. no flipped pairs); "
-                           "choose another --score such as attr_all")
+                           "choose another --score such as gain_all or attr_all")
     return [float(v) for v in values]
 
 
 def run_select_layers(scores: str | None = None, out: str = "runs/train.yaml", *, strategy: str = "window",
-                      width: int = 5, k: int = 5, threshold: float | None = None, score: str = "attr_flipped",
+                      width: int = 5, k: int = 5, threshold: float | None = None, score: str = "gain_flipped",
                       method: str = "lora", model: str | None = None, data: str = "demo",
                       saes: str | None = "demo", attribute_out: str | None = None, seed: int = 0,
                       overrides: dict | None = None):

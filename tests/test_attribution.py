@@ -143,6 +143,9 @@ def test_layer_scores_and_feature_table(setup):
     assert s["scores"]["attr_flipped"]["mean"][2] == pytest.approx(by_hand)
     lo, hi = s["scores"]["attr_flipped"]["ci"][2]
     assert lo <= by_hand <= hi
+    gain = np.mean([abs(res[i].layer_attr[2]) - abs(res[i].layer_attr[1]) for i in (0, 2)])
+    assert s["scores"]["gain_flipped"]["mean"][2] == pytest.approx(gain)
+    assert s["scores"]["gain_all"]["mean"][0] == pytest.approx(np.mean([abs(r.layer_attr[0]) for r in res]))
     rec = [res[i].patch_effect[-1] / res[i].gap for i in (0, 2)]
     assert s["scores"]["recovery_flipped"]["mean"][-1] == pytest.approx(np.mean(rec)) == pytest.approx(1.0)
     assert -1 <= s["spearman_attr_patch"] <= 1
