@@ -18,7 +18,7 @@ from pathlib import Path
 
 from _common import add_saes, finish, limit, parser, run_script, save_figures, write_csv
 
-COLUMNS = ("attr_flipped", "attr_stable", "attr_all", "patch_flipped", "recovery_flipped", "feature_auc")
+COLUMNS = ("gain_flipped", "attr_flipped", "attr_stable", "attr_all", "patch_flipped", "recovery_flipped", "feature_auc")
 
 
 def layer_rows(scores: dict, selected) -> list[dict]:
@@ -51,7 +51,7 @@ def build_parser():
     p.add_argument("--image-root", default=None)
     p.add_argument("--strategy", default="window", choices=["window", "topk", "threshold"])
     p.add_argument("--width", type=int, default=None, help="window width (default: 3 on the demo, 5 otherwise)")
-    p.add_argument("--score", default="attr_flipped", help="layer score the window is chosen on")
+    p.add_argument("--score", default="gain_flipped", help="layer score the window is chosen on")
     return p
 
 

@@ -117,7 +117,7 @@ def test_attribution_table(attribution):
     table = json.loads((out / "layer_table.json").read_text())
     assert scores["n_pairs"] == table["n_pairs"] == len(scores["pairs"]) <= 24
     # the window is selection.select on the flipped-pair scores, and the training config holds it
-    chosen = select(score_vector(scores, "attr_flipped"), "window", width=3)
+    chosen = select(score_vector(scores, "gain_flipped"), "window", width=3)
     assert table["selection"]["layers"] == list(chosen.layers)
     assert TrainConfig.load(out / "train.yaml").layers == list(chosen.layers)
     # each row's score is the mean |a_L| over the flipped (or stable) pairs' per-pair attributions

@@ -240,7 +240,7 @@ def attribute_empty_dataset(ws, tmp):
 
 def _scores(tmp: Path, n_layers=3, **kw) -> str:
     body = {"model": "x", "n_layers": n_layers,
-            "scores": {"attr_flipped": {"mean": [0.1 * (i + 1) for i in range(n_layers)]}}, **kw}
+            "scores": {"gain_flipped": {"mean": [0.1 * (i + 1) for i in range(n_layers)]}}, **kw}
     (tmp / "layer_scores.json").write_text(json.dumps(body))
     return str(tmp / "layer_scores.json")
 
@@ -283,7 +283,7 @@ def unknown_score(ws, tmp):
 @case("select-layers")
 def nan_in_scores(ws, tmp):
     path = tmp / "nan.json"
-    path.write_text('{"model": "x", "scores": {"attr_flipped": {"mean": [0.1, NaN, 0.3]}}}')
+    path.write_text('{"model": "x", "scores": {"gain_flipped": {"mean": [0.1, NaN, 0.3]}}}')
     return ["select-layers", "--scores", str(path), "--width", "2", "--out", str(tmp / "out" / "t.yaml")], "layer 1"
 
 
