@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mechmed import __version__
 from mechmed.errors import EXIT_USAGE, MechmedError
+from mechmed.pipeline import DEMO_ARMS
 
 log = logging.getLogger("mechmed")
 
@@ -105,11 +106,17 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def model_options(args) -> dict:
+    """The shared model-loading options (--dtype, --answer-words, --trust-remote-code) as keywords."""
+    return {"dtype": args.dtype, "answer_words": tuple(args.answer_words), "trust_remote_code": args.trust_remote_code}
+
+
 def cmd_sae_check(args) -> int:
     from mechmed.fidelity import format_table, run_sae_check
 
     res = run_sae_check(args.model, args.saes, args.layers, args.texts, args.out, threshold=args.threshold,
-                        batch_size=args.batch_size, device=args.device, ce=not args.no_ce, seed=args.seed)
+                        batch_size=args.batch_size, device=args.device, ce=not args.no_ce, seed=args.seed,
+                        **model_options(args))
     print(format_table(res.rows))
     print(f"written {args.out}/sae_check.json and r2_by_layer.html")
     return 0
@@ -121,7 +128,7 @@ def cmd_attribute(args) -> int:
     s = run_attribute(args.model, args.data, None if args.saes == "none" else args.saes, args.out,
                       max_pairs=args.max_pairs, exact=not args.no_exact, top_features=args.top_features,
                       batch_size=args.batch_size, device=args.device, image_root=args.image_root, seed=args.seed,
-                      progress=True)
+                      progress=True, **model_options(args))
     a = s["scores"]["attr_flipped" if s["n_flipped"] else "attr_all"]["mean"]
     print(f"attributed {s['n_pairs']} pairs ({s['n_flipped']} flipped) over {s['n_layers']} layers: {args.out}")
     print("  layer  mean |attribution|" + ("   exact |patch|" if "patch_flipped" in s["scores"] else ""))
@@ -162,13 +169,24 @@ def cmd_demo_model(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import os
+    import warnings
+
+    from mechmed.ablate import ARMS
     from mechmed.pipeline import run_pipeline
 
+    unknown = [a for a in args.arms if a not in ARMS or a == "base"]
+    if unknown:
+        raise MechmedError(f"--arms: unknown {', '.join(unknown)}; choose from {', '.join(ARMS[1:])}")
+    # peft asks transformers a deprecated question on every adapter: noise the demo's reader cannot act on
+    quiet = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    os.environ["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w)  # workers
     print(f"mechmed demo: the whole chain on the embedded default, into {args.out}", flush=True)
     t0 = time.perf_counter()
-    res = run_pipeline(args.out, seed=args.seed, width=args.width, workers=args.workers,
-                       methods=tuple(args.methods), echo=True)
-    print(f"done in {time.perf_counter() - t0:.0f} s; open {res.out / 'report.html'}")
+    res = run_pipeline(args.out, seed=args.seed, width=args.width, workers=args.workers, arms=tuple(args.arms),
+                       methods=tuple(args.methods), max_pairs=args.max_pairs, echo=True)
+    print(f"done in {time.perf_counter() - t0:.0f} s; open {res.out / 'report.html'} (summary: {res.out / 'report.md'})")
     return 0
 
 
@@ -318,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=5, help="window width (default 5)")
     p.add_argument("--k", type=int, default=5, help="layers for --strategy topk")
     p.add_argument("--threshold", type=float, default=None, help="score threshold for --strategy threshold")
-    p.add_argument("--score", default="attr_flipped", help="which layer score to select on (default attr_flipped)")
+    p.add_argument("--score", default="gain_flipped", help="which layer score to select on (default gain_flipped: "
+                   "where the flip enters the residual; see layer_scores.json for the others)")
     p.add_argument("--saes", default="demo", help="SAEs, when the scores are computed here")
     p.add_argument("--data", default="demo", help="pairs, when the scores are computed here; also the config's data")
     p.add_argument("--out", default="runs/train.yaml", help="training config to write")
@@ -357,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="ablation arms trained in parallel (default 2)")
     p.add_argument("--methods", type=_words, default=("lora",), help="adapter methods to ablate: lora, "
                    "spectral_moe, or both comma-separated (default lora)")
+    p.add_argument("--arms", type=_words, default=DEMO_ARMS, help="ablation arms, comma-separated (default "
+                   f"{','.join(DEMO_ARMS)}; also middle, random)")
+    p.add_argument("--max-pairs", type=int, default=200, help="pairs to attribute (default 200)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -379,8 +401,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = getattr(args, "out", None)
     # a failed command leaves --out as it found it; resumable grids keep their finished stages
     guard = rollback_on_error(out) if out and args.command not in ROLLBACK_EXEMPT else nullcontext()
+    from mechmed.models import cpu_threads_for
+    from mechmed.saes import torch_threads
+
+    model = getattr(args, "model", None) or ("demo" if args.command == "demo" else None)
+    threads = cpu_threads_for(str(model), getattr(args, "device", "cpu")) if model else None
     try:
-        with guard:
+        with guard, torch_threads(threads):
             return int(args.func(args) or 0)
     except MechmedError as e:
         print(f"mechmed {args.command}: error: {e}", file=sys.stderr)

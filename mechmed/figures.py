@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -41,18 +43,57 @@ def browser_path() -> str | None:
         return None
 
 
-def save_figure(fig, path_without_suffix: str | os.PathLike, *, png: bool = True) -> dict:
+_SESSION = {"depth": 0, "server": False}
+
+
+@contextmanager
+def png_session():
+    """Keep one headless browser open for every PNG written inside the ``with`` block (kaleido's
+    sync server): about 0.5 s a figure instead of 2-3 s for a browser started per figure. Nested
+    blocks share the outer one; without a browser it does nothing."""
+    outer = _SESSION["depth"] == 0
+    _SESSION["depth"] += 1
+    try:
+        if outer and browser_path() is not None:
+            try:
+                import kaleido
+
+                kaleido.start_sync_server(silence_warnings=True)
+                _SESSION["server"] = True
+            except Exception as e:  # an old kaleido: fall back to a browser per figure
+                log.info("kaleido sync server not started (%s); one browser per PNG", e)
+        yield
+    finally:
+        _SESSION["depth"] -= 1
+        if outer and _SESSION["server"]:
+            _SESSION["server"] = False
+            try:
+                import kaleido
+
+                kaleido.stop_sync_server(silence_warnings=True)
+            except Exception:  # the browser is gone already
+                log.debug("kaleido sync server stop failed", exc_info=True)
+
+
+def save_figure(fig, path_without_suffix: str | os.PathLike, *, png: bool = True, shared_js: bool = False) -> dict:
     """Write ``fig`` as ``PATH.html`` (self-contained) and, when a browser is available, ``PATH.png``.
 
-    Returns ``{"html": path, "png": path or None, "png_skipped": reason or None}``. Both files
-    are written atomically.
+    With ``shared_js`` the HTML loads ``plotly.min.js`` from its own folder (written there once)
+    instead of inlining it: for folders of many figures. Returns ``{"html": path, "png": path or
+    None, "png_skipped": reason or None}``. All files are written atomically.
     """
     from mechmed.io import atomic_path, write_text
 
     base = Path(path_without_suffix)
     base.parent.mkdir(parents=True, exist_ok=True)
     html = base.with_name(base.name + ".html")
-    write_text(html, fig.to_html(include_plotlyjs=True, full_html=True))
+    if shared_js:
+        js = base.parent / "plotly.min.js"
+        if not js.is_file():
+            from plotly.offline import get_plotlyjs
+
+            write_text(js, get_plotlyjs())
+    write_text(html, fig.to_html(include_plotlyjs="directory" if shared_js else True, full_html=True))
     result = {"html": str(html), "png": None, "png_skipped": None}
     if not png:
         result["png_skipped"] = "not asked for"
@@ -66,7 +107,9 @@ def save_figure(fig, path_without_suffix: str | os.PathLike, *, png: bool = True
     try:
         width = fig.layout.width or PNG_WIDTH
         height = fig.layout.height or PNG_HEIGHT
-        data = fig.to_image(format="png", width=width, height=height, scale=PNG_SCALE)
+        with warnings.catch_warnings():  # plotly's "kopts ignored" notice under png_session
+            warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+            data = fig.to_image(format="png", width=width, height=height, scale=PNG_SCALE)
     except Exception as e:  # kaleido / browser failures must not lose the results
         reason = f"kaleido failed ({(str(e).splitlines() or [type(e).__name__])[0]})"
         log.warning("PNG skipped for %s: %s; the HTML is written", html.name, reason)
@@ -158,6 +201,8 @@ ARM_LABELS = {"selected": "selected", "early": "early", "middle": "middle", "lat
 METHOD_LABELS = {"lora": "LoRA", "spectral_moe": "spectral experts", "none": "base model"}
 COLLAPSE_COLOUR = "#B22222"
 SCORE_LABELS = {
+    "gain_flipped": "flip entering at each layer (|a_L| − |a_L−1|, flipped pairs)",
+    "gain_all": "effect entering at each layer (|a_L| − |a_L−1|, all pairs)",
     "attr_flipped": "mean |attribution| on flipped pairs",
     "attr_stable": "mean |attribution| on stable pairs",
     "attr_all": "mean |attribution| on all pairs",
@@ -345,11 +390,12 @@ def feature_heatmap(results, top: int = 10, *, value: str = "mean_attr", title: 
                        "<br>mean Δf %{customdata[1]:.3g}<br>AUC %{customdata[2]:.2f}"
                        "<br>delta-patch recovery %{customdata[3]:.2f}<extra></extra>"),
     ))
-    _base_layout(fig, title or ("Top SAE features per layer by |attribution| on flipped pairs<br><sup>colour: "
-                                "signed mean attribution −Δf·(∇margin·W_dec): setting the feature to the question's "
-                                "value raises (red) or lowers (blue)<br>the paraphrase's yes−no margin; cell text: "
-                                "feature index</sup>"),
-                 height=max(320, 110 + 46 * len(layers)), bottom=60)
+    _base_layout(fig, title or "Top SAE features per layer by |attribution| on flipped pairs",
+                 height=max(340, 140 + 46 * len(layers)), bottom=60)
+    fig.update_layout(margin=dict(t=110), title_subtitle=dict(
+        font=dict(size=12), text="colour: signed mean attribution −Δf·(∇margin·W_dec); cell text: the feature's "
+        "index<br>red: setting the feature to its value on the question raises the paraphrase's yes−no margin; "
+        "blue: lowers it"))
     fig.update_yaxes(autorange="reversed", title_text="SAE layer")
     fig.update_xaxes(title_text="feature rank within the layer", side="bottom")
     return fig
@@ -369,10 +415,13 @@ def _smooth(values: Sequence[float], n: int) -> list[float]:
 
 
 def training_curves(history: Sequence[dict], *, collapse_low: float = 0.05, collapse_high: float = 0.95,
-                    title: str | None = None):
+                    title: str | None = None, weights: dict | None = None):
     """Loss components against step (top) and the guard's held-out yes-rate (bottom) with the
     collapse bands (yes-rate ≤ ``collapse_low`` or ≥ ``collapse_high``) shaded and the first
-    collapsed check marked. ``history`` is train_log.jsonl's records."""
+    collapsed check marked. ``history`` is train_log.jsonl's records; ``title`` replaces the
+    headline (the subtitle saying how the curves are smoothed stays). ``weights`` (``{"ce": w,
+    "consistency": w}``, the training config's loss weights) marks a component with weight 0 as
+    logged but not trained on."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -383,10 +432,13 @@ def training_curves(history: Sequence[dict], *, collapse_low: float = 0.05, coll
     # the total last and dashed, so it stays visible where it equals one component
     comps = [("ce", "cross-entropy", PALETTE[1], None), ("consistency", "consistency", PALETTE[2], None),
              ("balance", "load balance", PALETTE[3], None), ("loss", "total loss", PALETTE[0], "dash")]
+    weights = weights or {}
     for k, label, colour, dash in comps:
         pts = [(h["step"], h[k]) for h in history if _finite(h.get(k))]
         if not pts:
             continue
+        if weights.get(k) == 0:
+            label += " (weight 0: logged, not trained on)"
         x, y = zip(*pts)
         if window > 1:
             fig.add_trace(go.Scatter(x=x, y=y, mode="lines", line=dict(color=colour, width=1), opacity=0.3,
@@ -427,7 +479,7 @@ def training_curves(history: Sequence[dict], *, collapse_low: float = 0.05, coll
     sub = f"{len(history)} steps logged"
     if window > 1:
         sub += f"; bold lines: moving average over {window} steps, faint: per step"
-    _base_layout(fig, title or f"Training: loss components and the collapse guard<br><sup>{sub}</sup>",
+    _base_layout(fig, f"{title or 'Training: loss components and the collapse guard'}<br><sup>{sub}</sup>",
                  height=620, legend_y=-0.1, bottom=120)
     fig.update_yaxes(title_text="loss (per step)", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="held-out rate", range=[0, 1], tickformat=".0%", row=2, col=1)
@@ -452,10 +504,26 @@ def _split_base(rows: Sequence[dict], base: dict | None):
     return arms, base
 
 
+def same_as_selected(arm: str, rows: Sequence[dict]) -> bool:
+    """Whether baseline range ``arm`` trains exactly the selected range's layers (then it repeats
+    the selected arm: e.g. ``late`` when the selection is the last layers)."""
+    if arm in ("selected", "base", "ce_only", "consistency_only"):
+        return False
+
+    def layers(name):
+        return next((list(r.get("layers") or []) for r in rows if r["arm"] == name), None)
+
+    sel = layers("selected")
+    return bool(sel) and layers(arm) == sel
+
+
 def _arm_tick(arm: str, rows: Sequence[dict]) -> str:
     layers = next((r.get("layers") for r in rows if r["arm"] == arm and r.get("layers")), None)
     label = ARM_LABELS.get(arm, arm)
-    return f"{label}<br><span style='font-size:11px'>L{layer_text(layers)}</span>" if layers else label
+    if not layers:
+        return label
+    same = " = selected" if same_as_selected(arm, rows) else ""
+    return f"{label}<br><span style='font-size:11px'>L{layer_text(layers)}{same}</span>"
 
 
 def _grouped(arms: Sequence[dict]):
@@ -619,6 +687,10 @@ def tradeoff(rows: Sequence[dict], base: dict | None = None, *, title: str | Non
             error_x=dict(type="data", symmetric=False, array=xp, arrayminus=xm, color="#000000", thickness=1.2),
             error_y=dict(type="data", symmetric=False, array=yp, arrayminus=ym, color="#000000", thickness=1.2),
             hovertemplate="base<br>flip rate %{x:.3f}<br>accuracy %{y:.3f}<extra></extra>"))
+    merged: dict = {}  # arms with identical results (e.g. the same layers trained twice) share one label
+    for x, y, t, colour in labels:
+        merged.setdefault((round(x, 9), round(y, 9), colour), [x, y, [], colour])[2].append(t)
+    labels = [(x, y, " = ".join(ts), colour) for x, y, ts, colour in merged.values()]
     fig.add_annotation(x=0.01, y=0.99, xref="paper", yref="paper", xanchor="left", yanchor="top", showarrow=False,
                        text="← better: fewer flips,<br>higher accuracy ↑", align="left",
                        font=dict(size=12, color="#2b6e2b"), bgcolor="rgba(255,255,255,0.8)")

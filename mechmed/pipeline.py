@@ -36,10 +36,82 @@ def _say(msg: str, echo: bool) -> None:
     log.info(msg)
 
 
+class _ArmWatcher:
+    """Says each ablation arm as it finishes (its ``metrics.json`` appears), while ``run_ablation``
+    trains the grid in worker processes; a thread polling the run directory."""
+
+    def __init__(self, ablation_dir: Path, total: int, echo: bool, every: float = 2.0):
+        import threading
+
+        self.dir, self.total, self.echo, self.every = ablation_dir, total, echo, every
+        self.seen = set(self._finished())
+        self.t0 = time.perf_counter()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _finished(self) -> list[Path]:
+        return sorted(self.dir.glob("base-s*/metrics.json")) + sorted(self.dir.glob("arms/*/metrics.json"))
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every):
+            self.poll()
+
+    def poll(self) -> None:
+        import json
+
+        for path in self._finished():
+            if path in self.seen:
+                continue
+            try:
+                m = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # still being written: next poll
+                continue
+            self.seen.add(path)
+            name = path.parent.name
+            if name.startswith("base-"):
+                _say(f"[ablation] base model evaluated: flip rate {m['flip_rate']:.3f}, "
+                     f"accuracy {m['accuracy']['original']:.3f}", self.echo)
+                continue
+            done = sum(1 for p in self.seen if p.parent.parent.name == "arms")
+            after = m.get("after") or {}
+            detail = (f": flip rate {after['flip_rate']:.3f}, accuracy {after['accuracy']['original']:.3f}"
+                      if "flip_rate" in after else "")
+            flag = " (collapsed)" if m.get("collapsed") else ""
+            _say(f"[ablation] arm {done}/{self.total} {name} finished at {time.perf_counter() - self.t0:.0f} s"
+                 f"{detail}{flag}", self.echo)
+
+    def __enter__(self):
+        n = sum(1 for p in self.seen if p.parent.parent.name == "arms")
+        if n:
+            _say(f"[ablation] reusing {n} finished arm(s)", self.echo)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        if exc[0] is None:
+            self.poll()
+
+
 def run_pipeline(out: str | os.PathLike = "runs/demo", *, model: str = "demo", data: str = "demo",
                  saes: str = "demo", seed: int = 0, width: int = 3, arms=DEMO_ARMS, methods=("lora",),
                  seeds=None, workers: int = 2, max_pairs: int = 200, echo: bool = False) -> PipelineResult:
-    """Run every stage into ``out`` (see module doc); ``echo`` prints one line per stage."""
+    """Run every stage into ``out`` (see module doc); ``echo`` prints a line per stage and per
+    finished ablation arm."""
+    from mechmed.figures import png_session
+    from mechmed.io import ensure_dir
+    from mechmed.models import cpu_threads_for
+    from mechmed.saes import torch_threads
+
+    out = ensure_dir(Path(out))
+    # one headless browser for every PNG the stages write; one torch thread for demo-sized models
+    with png_session(), torch_threads(cpu_threads_for(model)):
+        return _run(out, model=model, data=data, saes=saes, seed=seed, width=width, arms=arms, methods=methods,
+                    seeds=seeds, workers=workers, max_pairs=max_pairs, echo=echo)
+
+
+def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, workers, max_pairs, echo) -> PipelineResult:
     from mechmed.ablate import AblationConfig, run_ablation
     from mechmed.attribution import run_attribute
     from mechmed.config import TrainConfig
@@ -47,7 +119,6 @@ def run_pipeline(out: str | os.PathLike = "runs/demo", *, model: str = "demo", d
     from mechmed.io import ensure_dir
     from mechmed.selection import run_select_layers
 
-    out = ensure_dir(Path(out))
     res = PipelineResult(out)
 
     def stage(name: str, done: bool, fn):
@@ -61,7 +132,9 @@ def run_pipeline(out: str | os.PathLike = "runs/demo", *, model: str = "demo", d
             _say(f"[{name}] done in {res.stages[name]:.1f} s", echo)
 
     if model == "demo":
-        from mechmed.demo.build import ensure_demo_data, ensure_demo_model, read_build_metrics
+        from mechmed.demo.build import cache_root, ensure_demo_data, ensure_demo_model, read_build_metrics
+
+        _say(f"[model] the demo model and data (cached under {cache_root()}; a first run builds them)", echo)
 
         def build():
             path = ensure_demo_model(seed=seed)
@@ -78,9 +151,20 @@ def run_pipeline(out: str | os.PathLike = "runs/demo", *, model: str = "demo", d
           lambda: run_attribute(model, data, saes, str(out / "attribute"), max_pairs=max_pairs, seed=seed,
                                 progress=echo))
     cfg_path = out / "train.yaml"
-    stage("select_layers", cfg_path.is_file(),
-          lambda: run_select_layers(str(out / "attribute" / "layer_scores.json"), str(cfg_path), width=width,
-                                    model=model, data=data, saes=saes, seed=seed))
+
+    def select():
+        import json
+
+        scores = out / "attribute" / "layer_scores.json"
+        table = json.loads(scores.read_text(encoding="utf-8"))
+        extra = {}  # select-layers' default score, unless no pair flipped
+        if not table.get("n_flipped"):
+            extra["score"] = next(k for k in ("gain_all", "attr_all") if k in table["scores"])
+            _say(f"[select_layers] no attributed pair flipped: selecting on {extra['score']} (all pairs)", echo)
+        run_select_layers(str(scores), str(cfg_path), width=width, model=model, data=data, saes=saes, seed=seed,
+                          **extra)
+
+    stage("select_layers", cfg_path.is_file(), select)
     train_cfg = TrainConfig.load(cfg_path)
     res.selected = list(train_cfg.layers)
     _say(f"[select_layers] selected layers {res.selected} ({cfg_path})", echo)
@@ -89,15 +173,20 @@ def run_pipeline(out: str | os.PathLike = "runs/demo", *, model: str = "demo", d
                         source=str(cfg_path))
     result = None
 
+    n_arms = len(ab.arms) * len(ab.methods) * len(ab.seeds)
+    _say(f"[ablation] base model, then {n_arms} arms ({', '.join(ab.arms)} × {', '.join(ab.methods)} × "
+         f"seed {', '.join(map(str, ab.seeds))}), {workers} in parallel", echo)
+
     def ablate():
         nonlocal result
-        result = run_ablation(ab, out / "ablation", progress=echo)
+        with _ArmWatcher(ensure_dir(out / "ablation"), n_arms, echo):
+            result = run_ablation(ab, out / "ablation", progress=echo)
 
     stage("ablation", False, ablate)
     if echo:
-        from mechmed.ablate import format_table
+        from mechmed.report import summary_table
 
-        print(format_table(result.summary), flush=True)
+        print(summary_table(result.summary), flush=True)
 
     def report():
         from mechmed.report import build_report
@@ -105,5 +194,10 @@ def run_pipeline(out: str | os.PathLike = "runs/demo", *, model: str = "demo", d
         res.report = build_report(out)
 
     stage("report", False, report)
+    skipped = {f["png_skipped"] for f in res.report.get("figures", {}).values() if f.get("png_skipped")}
+    if skipped:
+        _say(f"[report] PNGs not written ({'; '.join(sorted(skipped))}); report.html has every figure", echo)
+    if res.report.get("notes"):
+        _say(f"[report] skipped: {'; '.join(res.report['notes'])}", echo)
     _say(f"report: {out / 'report.html'}", echo)
     return res

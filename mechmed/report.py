@@ -14,6 +14,7 @@ the run's files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import html
@@ -96,7 +97,7 @@ def summary_table(results) -> str:
 
 def _markdown_table(results) -> str:
     body = _table_rows(results)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
     return "\n".join(lines)
 
@@ -120,6 +121,8 @@ class _Run:
     ablation_dir: Path | None = None
     ablation: dict | None = None
     logs: dict = field(default_factory=dict)
+    arm_cfgs: dict = field(default_factory=dict)
+    """Each trained arm's training config (``arms/<name>/config.yaml``), by arm directory name."""
     experts: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
@@ -139,6 +142,16 @@ def _try(run: _Run, what: str, fn):
 
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def _arm_dirs(ablation_dir: Path) -> list[Path]:
+    """The arm directories in the grid's display order (``ablation_config.json``'s plan), others after."""
+    dirs = {d.name: d for d in (ablation_dir / "arms").iterdir() if d.is_dir()}
+    plan = []
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        plan = json.loads((ablation_dir / "ablation_config.json").read_text(encoding="utf-8")).get("plan") or []
+    order = [n for n in plan if n in dirs] + sorted(n for n in dirs if n not in plan)
+    return [dirs[n] for n in order]
 
 
 def _load(run_dir: Path) -> _Run:
@@ -176,7 +189,11 @@ def _load(run_dir: Path) -> _Run:
     else:
         run.skip("ablation", "no ablation/results.json")
     if run.ablation_dir is not None and (run.ablation_dir / "arms").is_dir():
-        for arm_dir in sorted((run.ablation_dir / "arms").iterdir()):
+        for arm_dir in _arm_dirs(run.ablation_dir):
+            if (arm_dir / "config.yaml").is_file():
+                run.arm_cfgs[arm_dir.name] = _try(run, f"training config of {arm_dir.name}",
+                                                  lambda a=arm_dir: yaml.safe_load((a / "config.yaml").read_text(
+                                                      encoding="utf-8"))) or {}
             if (arm_dir / "train_log.jsonl").is_file():
                 hist = _try(run, f"training log of {arm_dir.name}", lambda a=arm_dir: _read_jsonl(a / "train_log.jsonl"))
                 if hist:
@@ -210,46 +227,50 @@ def _sae_headline(payload: dict) -> str:
     thr = payload.get("options", {}).get("threshold")
     lo = min(rows, key=lambda r: r["r2"])
     hi = max(rows, key=lambda r: r["r2"])
-    sets = ", ".join(dict.fromkeys(r["text_set"] for r in rows))
+    from mechmed.figures import TEXT_SET_LABELS
+
+    names = [TEXT_SET_LABELS.get(t, t) for t in dict.fromkeys(r["text_set"] for r in rows)]
+    sets = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
     n_layers = len({r["layer"] for r in rows})
     passed = sum(bool(r.get("exceeds_threshold")) for r in rows)
     text = (f"The SAEs reconstruct the residual stream with R² from {lo['r2']:.4f} (layer {lo['layer']}, "
             f"{lo['text_set']}) to {hi['r2']:.4f} (layer {hi['layer']}, {hi['text_set']}) over {n_layers} layers "
-            f"and {sets} text")
+            f"and {sets} prompts")
     if thr is not None:
         text += f"; {passed} of {len(rows)} layer × text-set rows are shown to be above R² = {thr:g} (one-sided t test)"
     return text + "."
 
 
 def _attr_headline(scores: dict, selected: list[int]) -> str:
-    from mechmed.figures import layer_text
-
-    s = scores["scores"]["attr_flipped"]
+    n_f, n = scores.get("n_flipped"), scores.get("n_pairs")
+    table = scores["scores"]
+    key = "attr_flipped" if any(v is not None for v in table["attr_flipped"]["mean"]) else "attr_all"
+    s = table.get(key) or {"mean": [], "ci": []}
     means = s["mean"]
     ok = [i for i, v in enumerate(means) if v is not None]
-    n_f, n = scores.get("n_flipped"), scores.get("n_pairs")
     if not ok:
         return f"{n_f} of {n} attributed pairs flipped, too few to score layers."
     peak = max(ok, key=lambda i: means[i])
-    text = (f"{n_f} of {n} attributed pairs flipped; attribution on flipped pairs peaks at layer {peak} "
+    on = "flipped pairs" if key == "attr_flipped" else "all pairs (none flipped)"
+    text = (f"{n_f} of {n} attributed pairs flipped; attribution on {on} peaks at layer {peak} "
             f"(mean |a_L| = {means[peak]:.2f} {fmt_ci(s['ci'][peak], 2)} logits")
-    stable = scores["scores"].get("attr_stable", {}).get("mean") or []
-    if peak < len(stable) and stable[peak] is not None:
+    stable = table.get("attr_stable", {}).get("mean") or []
+    if key == "attr_flipped" and peak < len(stable) and stable[peak] is not None:
         text += f", against {stable[peak]:.2f} on stable pairs"
     text += ")"
     rho = scores.get("spearman_attr_patch")
     if rho is not None:
-        text += f"; attribution and exact patching rank the layers alike (Spearman ρ = {rho:.2f})"
+        how = "alike" if rho >= 0.8 else "similarly" if rho >= 0.5 else "differently"
+        text += f"; attribution and exact patching rank the layers {how} (Spearman ρ = {rho:.2f})"
     if selected:
-        text += f". The selected window is layers {layer_text(selected)}"
+        text += f". The selected window is {layers_phrase(selected)}"
     return text + "."
 
 
 def _selection_headline(cfg: dict) -> str:
-    from mechmed.figures import layer_text
 
     prov = cfg.get("provenance") or {}
-    text = f"select-layers chose layers {layer_text(cfg.get('layers') or [])}"
+    text = f"select-layers chose {layers_phrase(cfg.get('layers') or [])}"
     details = []
     if prov.get("strategy"):
         details.append(f"strategy {prov['strategy']}")
@@ -259,8 +280,18 @@ def _selection_headline(cfg: dict) -> str:
         details.append(f"summed score {prov['score']:.3g}")
     if details:
         text += " (" + ", ".join(details) + ")"
-    text += f" for {cfg.get('method', 'lora')} training"
+    from mechmed.figures import METHOD_LABELS
+
+    method = cfg.get("method", "lora")
+    text += f" for {METHOD_LABELS.get(method, method)} training"
     return text + "."
+
+
+def layers_phrase(layers) -> str:
+    """``[3, 4, 5]`` → ``"layers 3–5"``, ``[2]`` → ``"layer 2"``."""
+    from mechmed.figures import layer_text
+
+    return f"layer{'s' if len(layers) > 1 else ''} {layer_text(layers)}"
 
 
 def _change(before: float, after: float) -> str:
@@ -268,6 +299,7 @@ def _change(before: float, after: float) -> str:
 
 
 def _ablation_headlines(results: dict) -> list[str]:
+    from mechmed import figures as F
     from mechmed.figures import METHOD_LABELS, layer_text
 
     summary = results.get("summary") or results.get("rows") or []
@@ -281,10 +313,11 @@ def _ablation_headlines(results: dict) -> list[str]:
         seeds = (sel or {}).get("n_seeds")
         seed_text = f", pooled over {seeds} seeds" if seeds and seeds > 1 else ""
         if sel and base:
+            b, a = _value_ci(base, 'flip_rate', 'flip_ci'), _value_ci(sel, 'flip_rate', 'flip_ci')
+            change = (f"left the held-out flip rate at {a}" if base["flip_rate"] == sel["flip_rate"] else
+                      f"{_change(base['flip_rate'], sel['flip_rate'])} the held-out flip rate from {b} to {a}")
             out.append(
-                f"Training the selected layers {layer_text(sel['layers'])} ({label}{seed_text}) "
-                f"{_change(base['flip_rate'], sel['flip_rate'])} the held-out flip rate from "
-                f"{_value_ci(base, 'flip_rate', 'flip_ci')} to {_value_ci(sel, 'flip_rate', 'flip_ci')} "
+                f"Training the selected {layers_phrase(sel['layers'])} ({label}{seed_text}) {change} "
                 f"(McNemar {fmt_p(sel.get('p_vs_base'))}); mean |Δmargin| went from "
                 f"{_value_ci(base, 'margin_diff', 'margin_diff_ci', 2)} to "
                 f"{_value_ci(sel, 'margin_diff', 'margin_diff_ci', 2)} logits and canonical accuracy from "
@@ -294,12 +327,21 @@ def _ablation_headlines(results: dict) -> list[str]:
         if len(ranges) > 1:
             best_f = min(ranges, key=lambda r: r["flip_rate"])
             best_m = min(ranges, key=lambda r: r["margin_diff"])
-            text = (f"Among the layer ranges ({label}), {best_f['arm']} (layers {layer_text(best_f['layers'])}) "
-                    f"had the lowest flip rate, {_value_ci(best_f, 'flip_rate', 'flip_ci')}")
+            def name(r):
+                return f"{F.ARM_LABELS.get(r['arm'], r['arm'])} range ({layers_phrase(r['layers'])})"
+
+            text = (f"Among the layer ranges ({label}), the {name(best_f)} had the lowest flip rate, "
+                    f"{_value_ci(best_f, 'flip_rate', 'flip_ci')}")
             text += (", and also the lowest mean |Δmargin|" if best_m is best_f else
-                     f"; {best_m['arm']} (layers {layer_text(best_m['layers'])}) had the lowest mean |Δmargin|, "
+                     f"; the {name(best_m)} had the lowest mean |Δmargin|, "
                      f"{_value_ci(best_m, 'margin_diff', 'margin_diff_ci', 2)} logits")
             out.append(text + ".")
+        repeats = [a for a in RANGE_ARMS if a in rows and F.same_as_selected(a, list(rows.values()))]
+        if repeats and sel:
+            many = len(repeats) > 1
+            out.append(f"The {' and '.join(repeats)} range{'s are' if many else ' is'} the selected layers "
+                       f"{layer_text(sel['layers'])} themselves ({label}), so {'those rows repeat' if many else 'its row repeats'} "
+                       "the selected arm; only the other ranges test whether the selection matters.")
         ce, cons = rows.get("ce_only"), rows.get("consistency_only")
         if ce and sel:
             out.append(f"Against CE-only training of the same layers (flip rate {_value_ci(ce, 'flip_rate', 'flip_ci')}), "
@@ -353,7 +395,12 @@ def _sections(run: _Run) -> list[_Section]:
     if run.layer_scores is not None:
         sec = _Section("attribute", "2. Which layers carry the flips?")
         sec.text.append(attempt("attribution headline", lambda: _attr_headline(run.layer_scores, selected)) or "")
-        fig = attempt("layer profile", lambda: F.layer_profile(run.layer_scores, window=selected or None))
+        key = "attr_flipped" if run.layer_scores.get("n_flipped") else "attr_all"  # no flips: nothing to split
+        chosen_on = ((run.train_cfg or {}).get("provenance") or {}).get("score_key")
+        table = run.layer_scores.get("scores", {})
+        if chosen_on in table and any(v is not None for v in table[chosen_on]["mean"]):
+            key = chosen_on  # draw the score the window was chosen on, so the window sits on its peak
+        fig = attempt("layer profile", lambda: F.layer_profile(run.layer_scores, window=selected or None, key=key))
         if fig is not None:
             sec.figures.append(("layer_profile", fig, "Blue bars: how much each layer's residual moves the paraphrase's "
                                 "margin on flipped pairs (grey: stable pairs); the orange line is exact patching. The "
@@ -391,11 +438,14 @@ def _sections(run: _Run) -> list[_Section]:
         sec.text.append("One panel per trained arm: the loss components (top) and the guard's held-out yes-rate "
                         "(bottom). A yes-rate entering a red band means the adapter answers one word for everything.")
         for name, hist in run.logs.items():
+            cfg = run.arm_cfgs.get(name) or {}
+            title, caption = _arm_title(name, cfg)
+            weights = {k: cfg.get(f"{k}_weight") for k in ("ce", "consistency")}
             fig = attempt(f"training curves of {name}",
-                          lambda h=hist, n=name: F.training_curves(h, collapse_low=lo, collapse_high=hi,
-                                                                   title=f"Training: {n}"))
+                          lambda h=hist, t=title, w=weights: F.training_curves(h, collapse_low=lo, collapse_high=hi,
+                                                                               title=t, weights=w))
             if fig is not None:
-                sec.figures.append((f"training_{name}", fig, f"Arm {name}."))
+                sec.figures.append((f"training_{name}", fig, caption))
         out.append(sec)
     if run.experts:
         sec = _Section("experts", "6. Expert utilisation")
@@ -411,6 +461,25 @@ def _sections(run: _Run) -> list[_Section]:
         if sec.figures:
             out.append(sec)
     return out
+
+
+def _arm_title(name: str, cfg: dict) -> tuple[str, str]:
+    """(figure title, caption) for one trained arm from its directory name and training config."""
+    from mechmed.figures import ARM_LABELS, METHOD_LABELS, layer_text
+
+    arm = (cfg.get("provenance") or {}).get("ablation_arm", name).rsplit("-", 2)[0]
+    label = ARM_LABELS.get(arm, arm)
+    method = METHOD_LABELS.get(cfg.get("method"), cfg.get("method") or "")
+    layers = layer_text(cfg.get("layers") or [])
+    bits = [b for b in (method, f"layers {layers}" if layers else "",
+                        f"seed {cfg['seed']}" if cfg.get("seed") is not None else "") if b]
+    title = f"Training: {label}" + (f" ({', '.join(bits)})" if bits else "")
+    loss = []
+    for key, what in (("ce_weight", "cross-entropy"), ("consistency_weight", "consistency")):
+        if cfg.get(key) is not None:
+            loss.append(f"{what} × {cfg[key]:g}")
+    caption = f"Arm {name}" + (f": loss = {' + '.join(loss)}" if loss else "") + "."
+    return title, caption
 
 
 _CSS = """
@@ -482,9 +551,11 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     Returns ``{"html", "md", "figures": {name: save_figure's result}, "headlines", "notes",
     "sections"}``. ``png=False`` writes the figures as HTML only (faster; no browser needed).
     """
+    from contextlib import nullcontext
+
     from mechmed import __version__
     from mechmed.errors import MechmedError
-    from mechmed.figures import save_figure
+    from mechmed.figures import png_session, save_figure
     from mechmed.io import ensure_dir, write_text
 
     run_dir = Path(run_dir)
@@ -498,14 +569,16 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         if sec.key in ("sae_check", "attribute", "ablation"):
             headlines += [t for t in sec.text if t]
     files: dict = {}
-    for sec in sections:
-        for name, fig, _ in sec.figures:
-            try:
-                res = save_figure(fig, out / "figures" / name, png=png)
-            except OSError as e:
-                run.skip(f"figure file {name}", f"not written ({e})")
-                continue
-            files[name] = {k: (os.path.relpath(v, out) if k in ("html", "png") and v else v) for k, v in res.items()}
+    with png_session() if png else nullcontext():
+        for sec in sections:
+            for name, fig, _ in sec.figures:
+                try:
+                    res = save_figure(fig, out / "figures" / name, png=png, shared_js=True)
+                except OSError as e:
+                    run.skip(f"figure file {name}", f"not written ({e})")
+                    continue
+                files[name] = {k: (os.path.relpath(v, out) if k in ("html", "png") and v else v)
+                               for k, v in res.items()}
     title = title or f"mechmed report: {run_dir.resolve().name}"
     model = ((run.ablation or {}).get("config", {}).get("train", {}).get("model")
              or (run.train_cfg or {}).get("model") or (run.layer_scores or {}).get("model"))

@@ -154,7 +154,7 @@ def run_select_layers(scores: str | None = None, out: str = "runs/train.yaml", *
     chosen = select(vec, strategy, width=width, k=k, threshold=threshold)
     model = model or table.get("model", "demo")
     base = demo_defaults() if model == "demo" else {}
-    provenance = {"scores_file": str(scores), "scores_sha256": file_sha256(scores), "score": score,
+    provenance = {"scores_file": str(scores), "scores_sha256": file_sha256(scores), "score_key": score,
                   **chosen.to_dict(), "mechmed_version": __version__}
     cfg = TrainConfig.from_dict({**base, "model": model, "layers": list(chosen.layers), "method": method,
                                  "train_data": data if data != "demo" else "demo",

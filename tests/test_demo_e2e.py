@@ -1,0 +1,85 @@
+"""``mechmed demo`` end to end on the cached demo model, with a reduced grid (two arms, 40 attributed
+pairs): the command a new user runs first, its progress lines, its report, and a rerun that reuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mechmed import figures as F
+
+pytestmark = pytest.mark.slow
+
+ARMS = ("selected", "consistency_only")
+
+
+def _demo(out, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MECHMED_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "mechmed.cli", "demo", "--out", str(out), "--arms", ",".join(ARMS),
+           "--max-pairs", "40", "--workers", "2"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_model_dir, demo_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    proc = _demo(out)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out, proc
+
+
+def test_demo_progress_lines(demo_run):
+    out, proc = demo_run
+    lines = proc.stdout.splitlines()
+    first = {stage: next((i for i, x in enumerate(lines) if x.startswith(f"[{stage}]")), None)
+             for stage in ("model", "sae_check", "attribute", "select_layers", "ablation", "report")}
+    assert None not in first.values(), proc.stdout
+    assert list(first.values()) == sorted(first.values()), "stages reported out of order"
+    for stage in ("sae_check", "attribute", "ablation", "report"):
+        assert any(x.startswith(f"[{stage}] done in ") for x in lines), stage
+    assert any(x.startswith("[ablation] base model evaluated: flip rate ") for x in lines)
+    arm_lines = [x for x in lines if x.startswith("[ablation] arm ")]
+    assert sorted(x.split()[2] for x in arm_lines) == [f"{i}/{len(ARMS)}" for i in range(1, len(ARMS) + 1)]
+    assert {x.split()[3] for x in arm_lines} == {f"{a}-lora-s0" for a in ARMS}
+    assert lines[-1].startswith("done in ") and str(out / "report.html") in lines[-1]
+    # the terminal summary table: a header, a rule, base and one row per arm
+    head = next(i for i, x in enumerate(lines) if x.startswith("arm ") and "flip rate [95% CI]" in x)
+    assert set(lines[head + 1]) == {"-"}
+    assert [lines[head + 2 + i].split()[0] for i in range(len(ARMS) + 1)] == ["base", *ARMS]
+    assert "FutureWarning" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_report_and_results(demo_run):
+    out, _ = demo_run
+    res = json.loads((out / "ablation" / "results.json").read_text())
+    assert [r["arm"] for r in res["summary"]] == ["base", *ARMS]
+    md = (out / "report.md").read_text(encoding="utf-8")
+    page = (out / "report.html").read_text(encoding="utf-8")
+    sel = next(r for r in res["summary"] if r["arm"] == "selected")
+    flip = f"{sel['flip_rate']:.3f} [{sel['flip_ci'][0]:.3f}, {sel['flip_ci'][1]:.3f}]"
+    assert flip in md and flip in page
+    assert "## Skipped" not in md, md.split("## Skipped")[-1]
+    names = ["r2_by_layer", "layer_profile", "feature_heatmap", "flip_by_arm", "tradeoff",
+             *(f"training_{a}-lora-s0" for a in ARMS)]
+    for name in names:
+        assert (out / "figures" / f"{name}.html").is_file(), name
+        assert f'id="fig-{name}"' in page
+        if F.browser_path() is not None:
+            assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+            assert f"(figures/{name}.png)" in md
+    layers = json.loads((out / "attribute" / "layer_scores.json").read_text())["n_layers"]
+    assert all(0 <= x < layers for x in sel["layers"])
+
+
+def test_demo_rerun_reuses_finished_stages(demo_run):
+    out, _ = demo_run
+    proc = _demo(out, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for stage in ("sae_check", "attribute", "select_layers"):
+        assert f"[{stage}] reusing {out}" in proc.stdout
+    assert f"[ablation] reusing {len(ARMS)} finished arm(s)" in proc.stdout
+    assert "[ablation] arm " not in proc.stdout

@@ -1,0 +1,250 @@
+"""The report from a real small run: every stage run by its own function on the tiny Gemma 3 VLM
+(random SAEs, a three-arm ablation of a few steps), then checked against the files it came from."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+
+import pytest
+import yaml
+
+from mechmed import figures as F
+from mechmed.report import build_report, layers_phrase, summary_table
+
+
+def _random_saes(root, d_model: int, n_layers: int):
+    """Untrained TopK SAEs per layer, saved as sae-lens directories (a real, poor reconstruction)."""
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from mechmed.sites import Site
+
+    for layer in range(n_layers):
+        torch.manual_seed(layer)
+        sae = TopKSAE(TopKSAEConfig(d_in=d_model, d_sae=32, k=4,
+                                    metadata=SAEMetadata(hook_name=Site(layer).hook_name))).eval()
+        sae.save_model(str(root / f"layer_{layer}"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_workspace, tmp_path_factory):
+    """sae_check/ → attribute/ → train.yaml → ablation/, the way mechmed demo lays them out."""
+    import torch
+
+    from mechmed.ablate import AblationConfig, run_ablation
+    from mechmed.attribution import run_attribute
+    from mechmed.fidelity import run_sae_check
+    from mechmed.models import load_model
+    from mechmed.selection import run_select_layers
+
+    torch.set_num_threads(1)
+    ws, ckpt = tiny_workspace
+    root = tmp_path_factory.mktemp("report_run")
+    bundle = load_model(str(ckpt))
+    saes = _random_saes(root / "saes", bundle.d_model, bundle.n_layers)
+    run = root / "run"
+    tiny = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "lr": 5e-3, "batch_size": 4, "grad_accum": 1, "epochs": 1.0,
+            "max_steps": 3, "eval_every": 3, "checkpoint_every": 3, "guard_pairs": 8,
+            "train_data": str(ws / "train_pairs.jsonl"), "eval_data": str(ws / "pairs.jsonl")}
+    with F.png_session():  # the stages' own PNGs share one browser
+        run_sae_check(model=str(ckpt), saes=str(saes), layers="all", texts="medical,images",
+                      out=str(run / "sae_check"), batch_size=16, ce=False)
+        run_attribute(str(ckpt), str(ws / "pairs.jsonl"), str(saes), str(run / "attribute"), max_pairs=8,
+                      batch_size=4)
+        scores = run / "attribute" / "layer_scores.json"
+        table = json.loads(scores.read_text())
+        extra = {} if table["n_flipped"] else {"score": next(k for k in ("gain_all", "attr_all") if k in table["scores"])}
+        cfg, _ = run_select_layers(str(scores), str(run / "train.yaml"), width=1, model=str(ckpt),
+                                   data=str(ws / "pairs.jsonl"), saes=None, overrides=tiny, **extra)
+        train = {k: v for k, v in cfg.to_dict().items() if k != "config_version"}
+        run_ablation(AblationConfig(train=train, arms=["selected", "late", "ce_only", "consistency_only"]),
+                     run / "ablation")
+    torch.set_num_threads(2)
+    return run
+
+
+@pytest.fixture(scope="module")
+def report(run_dir):
+    return build_report(run_dir, png=False)
+
+
+def _results(run_dir) -> dict:
+    return json.loads((run_dir / "ablation" / "results.json").read_text())
+
+
+def _md(run_dir) -> str:
+    return (run_dir / "report.md").read_text(encoding="utf-8")
+
+
+def _ci(v, ci, d):
+    return f"{v:.{d}f} [{ci[0]:.{d}f}, {ci[1]:.{d}f}]"
+
+
+def test_markdown_table_is_results_json(run_dir, report):
+    res = _results(run_dir)
+    md = _md(run_dir)
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    head, body = table[0], table[1:]
+    cols = [c.strip() for c in re.split(r"(?<!\\)\|", head)[1:-1]]
+    assert len(body) == len(res["summary"])
+    for line, row in zip(body, res["summary"]):
+        cells = dict(zip(cols, (c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1])))
+        assert (cells["arm"], cells["method"]) == (row["arm"], row["method"])
+        assert cells["layers"] == F.layer_text(row["layers"])
+        assert cells["params"] == str(row["trainable_parameters"])
+        assert cells["flip rate [95% CI]"] == _ci(row["flip_rate"], row["flip_ci"], 3)
+        assert cells["\\|Δmargin\\| [95% CI]"] == _ci(row["margin_diff"], row["margin_diff_ci"], 2)
+        assert cells["accuracy [95% CI]"] == _ci(row["canonical_accuracy"], row["accuracy_ci"], 3)
+        assert cells["yes-rate"] == f"{row['yes_rate']:.2f}"
+        assert cells["collapsed"] == ("yes" if row["collapsed"] else "")
+        for key, col in (("p_vs_base", "p vs base"), ("p_vs_ce_only", "p vs CE only")):
+            p = row[key]
+            if p is None:
+                assert cells[col] == ""
+            else:
+                assert float(cells[col].lstrip("<")) == pytest.approx(p, rel=0.01, abs=1e-3)
+    # the terminal table: the same rows, aligned
+    lines = summary_table(res).splitlines()
+    assert len(lines) == len(res["summary"]) + 2 and len({len(x) for x in lines[:2]}) == 1
+    for line, row in zip(lines[2:], res["summary"]):
+        assert line.split()[:2] == [row["arm"], row["method"]] and _ci(row["flip_rate"], row["flip_ci"], 3) in line
+
+
+def _source_numbers(run_dir) -> set[str]:
+    """Every number in the run's files, formatted as the report may print it."""
+    values: list[float] = []
+
+    def walk(x):
+        if isinstance(x, bool):
+            return
+        if isinstance(x, (int, float)):
+            values.append(float(x))
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    for p in ("sae_check/sae_check.json", "attribute/layer_scores.json", "ablation/results.json"):
+        walk(json.loads((run_dir / p).read_text()))
+    walk(yaml.safe_load((run_dir / "train.yaml").read_text()))
+    out = set()
+    for v in values:
+        out |= {f"{v:.{d}f}" for d in (2, 3, 4)} | {f"{v:g}", f"{v:.2g}", f"{v:.3g}"}
+    return out
+
+
+def test_every_headline_number_comes_from_the_run(run_dir, report):
+    known = _source_numbers(run_dir)
+    md = _md(run_dir)
+    key = md.split("## Key results", 1)[1].split("\n## ", 1)[0]
+    numbers = re.findall(r"(?<![\w.#])-?\d+\.\d+", key)
+    assert numbers, key
+    stray = [n for n in numbers if n not in known]
+    assert not stray, f"numbers in the key results that no run file holds: {stray}"
+    # and the headline sentences say what the files say
+    res, scores = _results(run_dir), json.loads((run_dir / "attribute" / "layer_scores.json").read_text())
+    base, sel = res["base"], next(r for r in res["summary"] if r["arm"] == "selected")
+    before, after = _ci(base["flip_rate"], base["flip_ci"], 3), _ci(sel["flip_rate"], sel["flip_ci"], 3)
+    assert (f"from {before} to {after}" if before != after else f"left the held-out flip rate at {after}") in key
+    assert f"{scores['n_flipped']} of {scores['n_pairs']} attributed pairs flipped" in key
+    rows = json.loads((run_dir / "sae_check" / "sae_check.json").read_text())["rows"]
+    assert f"R² from {min(r['r2'] for r in rows):.4f}" in key and f"to {max(r['r2'] for r in rows):.4f}" in key
+    cons = next(r for r in res["summary"] if r["arm"] == "consistency_only")
+    assert ("Consistency-only training collapsed" if cons["collapsed"] else "did not collapse") in key
+    late = next(r for r in res["summary"] if r["arm"] == "late")
+    assert ("The late range is the selected layers" in key) == (late["layers"] == sel["layers"])
+    selected = yaml.safe_load((run_dir / "train.yaml").read_text())["layers"]
+    assert f"select-layers chose {layers_phrase(selected)}" in md
+    assert report["sections"] == ["sae_check", "attribute", "select", "ablation", "training"]
+    assert report["headlines"] and all(h in md for h in report["headlines"])
+
+
+def test_html_is_one_offline_file(run_dir, report):
+    from plotly.offline import get_plotlyjs
+
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert page.count(get_plotlyjs()) == 1
+    assert not re.search(r"<script[^>]*\bsrc=", page) and not re.search(r"<link[^>]*\bhref=", page)
+    names = list(report["figures"])
+    assert {"r2_by_layer", "layer_profile", "feature_heatmap", "flip_by_arm", "tradeoff"} <= set(names)
+    for name in names:
+        assert f'id="fig-{name}"' in page
+    assert page.split(get_plotlyjs(), 1)[1].count("Plotly.newPlot(") == len(names)
+    for h in report["headlines"]:
+        assert html.escape(h) in page
+    # training curves follow the grid's order, titled from each arm's config
+    plan = json.loads((run_dir / "ablation" / "ablation_config.json").read_text())["plan"]
+    assert [n for n in names if n.startswith("training_")] == [f"training_{a}" for a in plan]
+    cons = yaml.safe_load((run_dir / "ablation" / "arms" / "consistency_only-lora-s0" / "config.yaml").read_text())
+    assert cons["ce_weight"] == 0
+    assert "cross-entropy × 0 + consistency × 1" in page
+
+
+def test_missing_stages_are_skipped_with_a_note(run_dir, tmp_path):
+    only_ablation = tmp_path / "a"
+    shutil.copytree(run_dir / "ablation", only_ablation / "ablation")
+    r = build_report(only_ablation, png=False)
+    assert r["sections"] == ["ablation", "training"]
+    md = _md(only_ablation)
+    skipped = md.split("## Skipped", 1)[1]
+    for note in ("SAE check: no sae_check/sae_check.json", "layer attribution: no attribute/layer_scores.json",
+                 "layer selection: no train.yaml"):
+        assert note in skipped and note in r["notes"]
+    assert "Skipped" in (only_ablation / "report.html").read_text(encoding="utf-8")
+    # the selected range is read from the results when train.yaml is missing
+    sel = next(r for r in _results(run_dir)["summary"] if r["arm"] == "selected")
+    assert f"Training the selected {layers_phrase(sel['layers'])}" in md
+
+    no_ablation = tmp_path / "b"
+    for part in ("sae_check", "attribute"):
+        shutil.copytree(run_dir / part, no_ablation / part)
+    (no_ablation / "attribute" / "features.csv").unlink()
+    r = build_report(no_ablation, png=False)
+    assert r["sections"] == ["sae_check", "attribute"]
+    assert "ablation: no ablation/results.json" in r["notes"]
+    assert any(n.startswith("feature attribution: no attribute/features.csv") for n in r["notes"])
+    assert "feature_heatmap" not in r["figures"]
+    assert not any(line.startswith("| arm") for line in _md(no_ablation).splitlines())
+
+    damaged = tmp_path / "c"
+    shutil.copytree(run_dir / "ablation", damaged / "ablation")
+    (damaged / "ablation" / "results.json").write_text("{not json")
+    r = build_report(damaged, png=False)
+    assert any(n.startswith("ablation: could not be read") for n in r["notes"])
+    assert "ablation" not in r["sections"]
+
+
+def test_report_of_an_ablation_directory(run_dir, tmp_path):
+    """``mechmed ablate --report``: the ablation directory itself is the run."""
+    r = build_report(run_dir / "ablation", out=tmp_path, png=False)
+    assert "ablation" in r["sections"] and (tmp_path / "report.html").is_file()
+    assert (tmp_path / "figures" / "flip_by_arm.html").is_file()
+
+
+def test_png_figures_linked_from_markdown(run_dir, tmp_path):
+    if F.browser_path() is None:
+        pytest.skip("no Chrome/Chromium for kaleido")
+    r = build_report(run_dir, out=tmp_path)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == len(r["figures"])
+    for link in links:
+        assert (tmp_path / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_config_names_the_score_the_window_was_chosen_on(run_dir):
+    from mechmed.config import TrainConfig
+    from mechmed.selection import score_vector, select
+
+    cfg = TrainConfig.load(run_dir / "train.yaml")
+    key = cfg.provenance["score_key"]
+    scores = json.loads((run_dir / "attribute" / "layer_scores.json").read_text())
+    assert key in scores["scores"]
+    assert list(select(score_vector(scores, key), "window", width=1).layers) == cfg.layers
