@@ -109,3 +109,20 @@ def tiny_workspace(tmp_path_factory, tiny_models):
                                "question_id": f"q{i}"})
     (root / "train_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_rows))
     return root, ckpt
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny models' matmuls are too small to gain from threads, and lose badly on shared cores
+    (function-scoped, so that it applies after the session fixtures set their thread count)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_bundles):
+    return tiny_bundles["Gemma3ForConditionalGeneration"]

@@ -36,18 +36,8 @@ def _raw_params(d_in=D, d_sae=16, upper=False, seed=0):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models' matmuls are too small to gain from threads, and lose badly on shared cores
-    (function-scoped, so that it applies after the session fixtures set their thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def vlm(tiny_bundles):
-    return tiny_bundles["Gemma3ForConditionalGeneration"]
 
 
 # ----------------------------------------------------------------------------- hook names
