@@ -144,7 +144,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.spectral, dict):
             self.spectral = _build(SpectralConfig, self.spectral, "spectral")
-        self.layers = [int(x) for x in self.layers]
+        try:
+            self.layers = [int(x) for x in self.layers]
+        except (TypeError, ValueError):
+            _check(False, "layers", self.layers, "a list of decoder layer indices (integers)")
         self.target_modules = list(self.target_modules)
         self.answer_words = list(self.answer_words)
         _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mechmed.cli import main
@@ -299,6 +299,8 @@ _values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(all
 @given(st.dictionaries(st.sampled_from(["layers", "rank", "lr", "method", "consistency", "epochs", "seed",
                                         "target_modules", "answer_words", "spectral", "ce_weight", "rnak",
                                         "config_version", "bf16", "max_steps"]), _values, max_size=6))
+@example({"layers": [""]})  # once crashed int() conversion with a ValueError
+@example({"layers": [None, 1]})
 def test_any_training_config_is_valid_or_a_clear_error(body):
     from mechmed.config import TrainConfig
 
