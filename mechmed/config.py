@@ -74,6 +74,10 @@ def parse_scaling(scaling) -> float | None:
     return value
 
 
+#: Rank when the config gives none: LoRA's per layer, spectral experts' total over the experts.
+DEFAULT_RANK = {"lora": 16, "spectral_moe": 32}
+
+
 @dataclass
 class TrainConfig:
     """Everything ``mechmed train`` needs; select-layers writes it, train runs it unchanged."""
@@ -86,8 +90,8 @@ class TrainConfig:
     """Adapter: lora or spectral_moe."""
     target_modules: list = field(default_factory=lambda: list(DEFAULT_TARGETS))
     """Linear modules inside each selected decoder layer to adapt."""
-    rank: int = 16
-    """LoRA rank (for spectral_moe: the total rank over all experts)."""
+    rank: int | None = None
+    """LoRA rank (default 16); for spectral_moe the total rank over all experts (default 32, r/N each)."""
     alpha: float = 32.0
     """LoRA alpha (scale alpha/rank)."""
     dropout: float = 0.05
@@ -144,6 +148,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.spectral, dict):
             self.spectral = _build(SpectralConfig, self.spectral, "spectral")
+        if self.rank is None:
+            self.rank = DEFAULT_RANK.get(self.method, DEFAULT_RANK["lora"])
         try:
             self.layers = [int(x) for x in self.layers]
         except (TypeError, ValueError):

@@ -65,3 +65,16 @@ def test_every_field_is_documented():
 
     assert {f.name for f in fields(TrainConfig)} == set(docs)
     assert all(len(v) > 10 for v in docs.values())
+
+
+def test_rank_default_depends_on_the_method():
+    """LoRA's rank per layer defaults to 16; spectral experts share a total rank of 32 (r/N each);
+    an explicit rank wins, and the resolved rank is what the saved config holds."""
+    from mechmed.config import DEFAULT_RANK
+
+    assert TrainConfig(layers=[0]).rank == DEFAULT_RANK["lora"] == 16
+    spectral = TrainConfig(layers=[0], method="spectral_moe")
+    assert spectral.rank == DEFAULT_RANK["spectral_moe"] == 32
+    assert spectral.rank // spectral.spectral.n_experts == 4
+    assert TrainConfig(layers=[0], method="spectral_moe", rank=16).rank == 16
+    assert TrainConfig.from_dict(spectral.to_dict()).rank == 32
