@@ -302,7 +302,15 @@ def layer_profile(scores: dict, window=None, *, key: str = "attr_flipped", title
                              customdata=[c or [None, None] for c in s["ci"]],
                              hovertemplate="layer %{x}<br>%{y:.3g} [%{customdata[0]:.3g}, %{customdata[1]:.3g}]"
                                            f"<extra>{label}</extra>"), row=1, col=1)
-    if key != "patch_flipped" and "patch_flipped" in table and any(_finite(v) for v in table["patch_flipped"]["mean"]):
+    if key.startswith("gain") and "patch_flipped" in table and all(_finite(v) for v in table["patch_flipped"]["mean"]):
+        # the same difference of exact patching: the gain's ground truth (no interval: the CIs are per layer)
+        e = table["patch_flipped"]["mean"]
+        fig.add_trace(go.Scatter(x=layers, y=[v - (e[i - 1] if i else 0.0) for i, v in enumerate(e)], mode="lines+markers",
+                                 name="exact patching, |e_L| − |e_L−1| (ground truth)",
+                                 line=dict(color=PALETTE[5], width=2), marker=dict(size=8, symbol="diamond")),
+                      row=1, col=1)
+    elif (key != "patch_flipped" and "patch_flipped" in table
+          and any(_finite(v) for v in table["patch_flipped"]["mean"])):
         s = table["patch_flipped"]
         plus, minus = _err(s["mean"], s["ci"])
         fig.add_trace(go.Scatter(x=layers, y=[v if _finite(v) else None for v in s["mean"]], mode="lines+markers",

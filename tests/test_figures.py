@@ -85,6 +85,14 @@ def test_layer_profile_error_bars_and_window(scores):
     assert any(t.name and "AUC" in t.name for t in fig.data)
 
 
+def test_layer_profile_of_the_gain_draws_the_gain_of_exact_patching(scores):
+    fig = F.layer_profile(scores, window=[1, 2], key="gain_flipped")
+    np.testing.assert_allclose(np.asarray(fig.data[0].y, float), scores["scores"]["gain_flipped"]["mean"])
+    exact = next(t for t in fig.data if "exact patching" in (t.name or ""))
+    e = np.asarray(scores["scores"]["patch_flipped"]["mean"], float)
+    np.testing.assert_allclose(np.asarray(exact.y, float), np.diff(e, prepend=0.0))
+
+
 def test_layer_profile_window_forms(scores):
     gaps = F.layer_profile(scores, window={"layers": [1, 3, 4], "method": "lora"})
     spans = sorted({(sh.x0, sh.x1) for sh in gaps.layout.shapes if sh.type == "rect"})
