@@ -85,6 +85,40 @@ def runners(b, inputs):
     return {"bare": lambda: bare(), "bare_control": lambda: bare(), **{n: backend(n) for n in CONDITIONS[2:]}}, sites
 
 
+def interleaved(fns: dict, rounds: int, warmup: int, calls: int = 1) -> dict:
+    """Seconds per call of each function, ``rounds`` samples each: after ``warmup`` calls of every
+    function, each round runs all of them in a rotated order (reversed every other round), so drift
+    in the machine's speed falls on every condition alike."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order[::-1] if r % 2 else order:
+            t = time.perf_counter()
+            for _ in range(calls):
+                fns[name]()
+            times[name].append((time.perf_counter() - t) / calls)
+    return times
+
+
+def summary(times: dict, reference: str) -> dict:
+    """Medians, quartiles and ratios to ``reference``, the ratio taken within each round."""
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        paired = [t / r for t, r in zip(ts, times[reference])]
+        qr = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+        out[name] = {"median_s": statistics.median(ts), "p25_s": q[0], "p75_s": q[2], "min_s": min(ts),
+                     "max_s": max(ts), "n": len(ts), "ratio": statistics.median(paired),
+                     "ratio_p25": qr[0], "ratio_p75": qr[2],
+                     "ratio_of_medians": statistics.median(ts) / statistics.median(times[reference]),
+                     "ratio_of_mins": min(ts) / min(times[reference]), "times_s": ts}
+    return out
+
+
 def measure(b, inputs, rounds: int, warmup: int, calls: int = 1) -> dict:
     import torch
 
@@ -103,29 +137,8 @@ def measure(b, inputs, rounds: int, warmup: int, calls: int = 1) -> dict:
         acts = run[name]().acts
         for s in sites:
             torch.testing.assert_close(acts[s][real], ref[s][real], atol=1e-3, rtol=1e-3)
-    for _ in range(warmup):
-        for name in CONDITIONS:
-            run[name]()
-    times = {name: [] for name in CONDITIONS}
-    for r in range(rounds):
-        order = CONDITIONS[r % len(CONDITIONS):] + CONDITIONS[:r % len(CONDITIONS)]
-        if r % 2:
-            order = order[::-1]
-        for name in order:
-            fn = run[name]
-            t = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.perf_counter() - t) / calls)
-    out = {}
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-        paired = [t / bare for t, bare in zip(ts, times["bare"])]
-        out[name] = {"median_s": statistics.median(ts), "p25_s": q[0], "p75_s": q[2], "min_s": min(ts),
-                     "max_s": max(ts), "n": len(ts), "ratio": statistics.median(paired),
-                     "ratio_of_medians": statistics.median(ts) / statistics.median(times["bare"]),
-                     "ratio_of_mins": min(ts) / min(times["bare"]),
-                     "times_s": ts}
+    times = interleaved({name: run[name] for name in CONDITIONS}, rounds, warmup, calls)
+    out = summary(times, "bare")
     return {"conditions": out, "wrapper_build_s": build_s, "sites": len(sites), "calls_per_sample": calls,
             "rounds": rounds, "warmup": warmup,
             "tokens": list(inputs["input_ids"].shape)}

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from capture_overhead import machine  # noqa: E402
+from capture_overhead import interleaved, machine, summary  # noqa: E402
 
 REFERENCE = "lora_selected"
 BAR = 1.5
@@ -105,20 +104,6 @@ def make_step(overrides: dict, batch: int, seed: int = 0):
     return step, memory
 
 
-def summary(times: dict, reference: str) -> dict:
-    out = {}
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=4)
-        paired = [t / r for t, r in zip(ts, times[reference])]
-        qr = statistics.quantiles(paired, n=4)
-        out[name] = {"median_s": statistics.median(ts), "p25_s": q[0], "p75_s": q[2], "min_s": min(ts),
-                     "max_s": max(ts), "n": len(ts), "ratio": statistics.median(paired),
-                     "ratio_p25": qr[0], "ratio_p75": qr[2],
-                     "ratio_of_medians": statistics.median(ts) / statistics.median(times[reference]),
-                     "ratio_of_mins": min(ts) / min(times[reference]), "times_s": ts}
-    return out
-
-
 def measure(rank: int, selected: list[int], batch: int, rounds: int, warmup: int, calls: int) -> dict:
     from mechmed.models import load_model
 
@@ -127,18 +112,7 @@ def measure(rank: int, selected: list[int], batch: int, rounds: int, warmup: int
     steps, memory = {}, {}
     for name, overrides in conds.items():
         steps[name], memory[name] = make_step(overrides, batch)
-    names = list(conds)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order[::-1] if r % 2 else order:
-            t = time.perf_counter()
-            for _ in range(calls):
-                steps[name]()
-            times[name].append((time.perf_counter() - t) / calls)
+    times = interleaved(steps, rounds, warmup, calls)
     return {"rank": rank, "selected_layers": selected, "n_layers": n_layers, "batch_pairs": batch,
             "conditions": summary(times, REFERENCE), "memory": memory, "configs": conds,
             "rounds": rounds, "warmup": warmup, "calls_per_sample": calls}

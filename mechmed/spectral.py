@@ -258,15 +258,8 @@ class SpectralMoEModel(nn.Module):
     @contextmanager
     def disable_adapter(self):
         """The base model: every adapted layer returns W0 x + b exactly."""
-        layers = list(self.adapter_layers().values())
-        before = [m.disabled for m in layers]
-        try:
-            for m in layers:
-                m.disabled = True
+        with self._set_on_layers("disabled", True):
             yield self
-        finally:
-            for m, b in zip(layers, before):
-                m.disabled = b
 
     @contextmanager
     def routing(self, mode: str):
@@ -274,15 +267,21 @@ class SpectralMoEModel(nn.Module):
         uniform router's top-k choice)."""
         if mode not in ROUTINGS:
             raise MechmedError(f"routing {mode!r}: use one of {', '.join(ROUTINGS)}")
+        with self._set_on_layers("routing", mode):
+            yield self
+
+    @contextmanager
+    def _set_on_layers(self, attr: str, value):
+        """Set ``attr`` on every adapted layer for the block; restore each layer's own value after."""
         layers = list(self.adapter_layers().values())
-        before = [m.routing for m in layers]
+        before = [getattr(m, attr) for m in layers]
         try:
             for m in layers:
-                m.routing = mode
-            yield self
+                setattr(m, attr, value)
+            yield
         finally:
             for m, b in zip(layers, before):
-                m.routing = b
+                setattr(m, attr, b)
 
     def unload(self) -> nn.Module:
         """Put the original linear layers back and return the wrapped model."""
