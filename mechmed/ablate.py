@@ -363,7 +363,7 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
                  workers: int | None = None) -> AblationResult:
     """Train and evaluate every arm of the grid, resuming what is there; write the results table."""
     from mechmed.io import ensure_dir, write_json, write_text
-    from mechmed.models import cpu_threads_for, load_model
+    from mechmed.models import cpu_threads_for, model_config
     from mechmed.progress import progress_bar
     from mechmed.saes import torch_threads
 
@@ -372,7 +372,8 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
     out = ensure_dir(Path(out))
     workers = workers or cfg.workers
     t = cfg.train
-    n_layers = load_model(t["model"], answer_words=tuple(t["answer_words"]), seed=cfg.seeds[0]).n_layers
+    _, config, family, _ = model_config(t["model"], seed=cfg.seeds[0])  # the layer count needs no weights
+    n_layers = family.n_layers(config)
     arms = plan(cfg, n_layers)
     write_json(out / "ablation_config.json", {**cfg.to_dict(), "plan": [a.name for a in arms]})
 

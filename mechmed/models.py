@@ -91,11 +91,11 @@ def load_processor(path: str, family: ArchitectureMap, **kw):
                                   transformers.AutoTokenizer.from_pretrained(path, **kw))
 
 
-def load_model(name_or_path: str = DEMO, dtype: str | None = None, device: str = "cpu", *,
-               answer_words=("yes", "no"), local_files_only: bool | None = None,
-               trust_remote_code: bool = False, revision: str | None = None,
-               cache_dir: str | None = None, seed: int = 0) -> ModelBundle:
-    """Load a model by hub id, local path, or ``"demo"`` (the embedded default)."""
+def model_config(name_or_path: str = DEMO, *, local_files_only: bool | None = None,
+                 trust_remote_code: bool = False, revision: str | None = None, cache_dir: str | None = None,
+                 seed: int = 0):
+    """``(path, config, family, load kwargs)`` of a hub id, local path or ``"demo"``, reading only the
+    config (so a layer count costs no weights)."""
     import transformers
 
     name = str(name_or_path)
@@ -114,7 +114,20 @@ def load_model(name_or_path: str = DEMO, dtype: str | None = None, device: str =
     except (OSError, ValueError) as e:
         hint = "check the id or path" + ("" if offline else "; gated models need `hf auth login`")
         raise MechmedError(f"--model {name}: cannot load its config ({str(e).splitlines()[0]}); {hint}") from e
-    family = get_family(config)
+    return path, config, get_family(config), kw
+
+
+def load_model(name_or_path: str = DEMO, dtype: str | None = None, device: str = "cpu", *,
+               answer_words=("yes", "no"), local_files_only: bool | None = None,
+               trust_remote_code: bool = False, revision: str | None = None,
+               cache_dir: str | None = None, seed: int = 0) -> ModelBundle:
+    """Load a model by hub id, local path, or ``"demo"`` (the embedded default)."""
+    import transformers
+
+    name = str(name_or_path)
+    path, config, family, kw = model_config(name, local_files_only=local_files_only,
+                                            trust_remote_code=trust_remote_code, revision=revision,
+                                            cache_dir=cache_dir, seed=seed)
     torch_dtype = resolve_dtype(dtype, device)
     auto = getattr(transformers, family.auto_class)
     transformers.utils.logging.disable_progress_bar()  # library code does not draw on the terminal
