@@ -464,14 +464,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
 
         write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
-        write_json(out / "metrics.json", metrics)
         _curve_figure(history, out)
+        write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
     return TrainResult(out, metrics, history)
 
 
 def _curve_figure(history: list, out: Path) -> None:
-    try:
-        from mechmed.figures import save_figure, training_curves
-    except ImportError:
-        return
+    from mechmed.figures import save_figure, training_curves
+
     save_figure(training_curves(history), out / "training_curves")
