@@ -3,8 +3,8 @@
 An arm is a layer range and a loss (see :data:`ARMS`): the mechanistically ``selected`` range (the
 training config's ``layers``, from ``mechmed select-layers``), baseline ranges of the same width
 (``early``, ``middle``, ``late``, ``random``), ``all`` layers, and two loss controls on the selected
-range: ``ce_only`` (cross-entropy, no consistency term) and ``consistency_only`` (no cross-entropy,
-which is expected to collapse to one answer). The grid is arms × methods (``lora``,
+range: ``ce_only`` (cross-entropy, no consistency term) and ``consistency_only`` (the seed paper's
+symmetric KL and no cross-entropy, which it found to collapse to one answer). The grid is arms × methods (``lora``,
 ``spectral_moe``) × seeds; ``base`` (no training) is evaluated once per seed.
 
 Every arm is a ``mechmed train`` run directory under ``OUT/arms/<arm>-<method>-s<seed>``, so the
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 ARMS = ("base", "selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only")
 #: Arms whose layers are a baseline range of the selected width (mechmed.selection.baseline).
 RANGE_ARMS = ("early", "middle", "late", "random", "all")
+#: The consistency loss of the ``consistency_only`` arm, whatever the training config's: the seed
+#: paper's symmetric KL, whose collapse without cross-entropy is the finding this arm tests.
+CONSISTENCY_ONLY_LOSS = "sym_kl"
 DEFAULT_ARMS = ("selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only")
 RESULT_KEYS = ("arm", "method", "seed", "layers", "trainable_parameters", "flip_rate", "flip_ci", "margin_diff",
                "margin_diff_ci", "canonical_accuracy", "accuracy_ci", "yes_rate", "collapsed", "p_vs_base",
@@ -171,8 +174,8 @@ def plan(cfg: AblationConfig, n_layers: int) -> list[Arm]:
                 layers = baseline(arm, n_layers, width, seed=seed).layers if arm in RANGE_ARMS else selected
                 if arm == "ce_only":
                     over["consistency_weight"] = 0.0
-                elif arm == "consistency_only":
-                    over["ce_weight"] = 0.0
+                elif arm == "consistency_only":  # the paper's pure-consistency control: its symmetric KL
+                    over.update(ce_weight=0.0, consistency=CONSISTENCY_ONLY_LOSS)
                 if cfg.match_parameters and len(layers) != width:
                     rank = max(1, round(cfg.train["rank"] * width / len(layers)))
                     if method == "spectral_moe":
@@ -207,24 +210,49 @@ def _run_arm(cfg_dict: dict, run_dir: str, threads: int | None) -> dict:
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     cfg = TrainConfig.from_dict(cfg_dict, source=str(out / "config.yaml"))
-    return train(cfg, out, resume=(out / "checkpoint").exists(), evaluate_before=False).metrics
+    return train(cfg, out, resume=(out / "checkpoint").exists(), evaluate_before=False, png=False).metrics
 
 
 def _read_pairs(path: Path) -> dict:
+    """Per-pair rows of an evaluation by id: those its headline flip rate is over."""
     import json
 
+    from mechmed.consistency import headline_rows
+
     rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return {r["id"]: r for r in rows}
+    return {r["id"]: r for r in headline_rows(rows)}
+
+
+def _set_stats(pairs: dict, base: dict | None) -> dict:
+    """Flip rate with its Wilson interval over one evaluation set, and McNemar against the base's."""
+    from mechmed import stats
+
+    flips = [bool(v["flip"]) for v in pairs.values()]
+    ci = stats.wilson_interval(sum(flips), len(flips))
+    return {"n_pairs": len(flips), "flip_rate": sum(flips) / len(flips), "flip_ci": [ci.low, ci.high],
+            "p_vs_base": None if base is None else _mcnemar(base, pairs)}
+
+
+def _by_phenomenon(pairs: dict) -> dict:
+    """Flip rate per phenomenon over per-pair rows."""
+    groups: dict = {}
+    for v in pairs.values():
+        groups.setdefault(v.get("phenomenon") or "other", []).append(bool(v["flip"]))
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+def _pool(pairs_by_row: dict, rows: Sequence[dict], idx) -> dict:
+    """Per-pair rows of several seeds in one dict (ids prefixed by the seed)."""
+    return {f"{rows[i]['seed']}:{k}": v for i in idx for k, v in pairs_by_row[i].items()}
 
 
 def evaluate_base(cfg: AblationConfig, seed: int, out: Path, progress: bool = False) -> tuple[dict, dict]:
-    """Evaluate the untrained model for ``seed`` once (``OUT/base-s<seed>``); returns (metrics, pairs by id)."""
+    """Evaluate the untrained model for ``seed`` once (``OUT/base-s<seed>``, the extra evaluation sets in
+    its subdirectories); returns (metrics, pairs by id) of the main set."""
     import json
 
-    from mechmed.consistency import evaluate
-    from mechmed.io import ensure_dir, write_json, write_jsonl
     from mechmed.models import load_model
-    from mechmed.train import resolve_pairs
+    from mechmed.train import evaluate_sets, resolve_pairs
 
     d = out / f"base-s{seed}"
     if (d / "metrics.json").is_file() and (d / "pairs.jsonl").is_file():
@@ -232,11 +260,11 @@ def evaluate_base(cfg: AblationConfig, seed: int, out: Path, progress: bool = Fa
     t = cfg.train
     bundle = load_model(t["model"], answer_words=tuple(t["answer_words"]), seed=seed)
     pairs = resolve_pairs(t["eval_data"], split="eval", image_root=t.get("image_root"), seed=seed)
-    ev = evaluate(bundle, pairs, seed=seed, batch_size=64, progress=progress)
-    ensure_dir(d)
-    write_jsonl(d / "pairs.jsonl", ev.pairs)
-    write_json(d / "metrics.json", ev.metrics)  # written last: its presence marks the base as done
-    return ev.metrics, {r["id"]: r for r in ev.pairs}
+    extra = {name: resolve_pairs(data, split="eval", image_root=t.get("image_root"), seed=seed)
+             for name, data in (t.get("extra_eval") or {}).items()}
+    # the main set's metrics.json is written last: its presence marks the base as done
+    evaluate_sets(bundle, pairs, extra, d, seed=seed, progress=progress)
+    return json.loads((d / "metrics.json").read_text(encoding="utf-8")), _read_pairs(d / "pairs.jsonl")
 
 
 def _mcnemar(a: dict, b: dict) -> float | None:
@@ -268,9 +296,11 @@ def result_row(arm: str, method: str, seed: int, layers, n_params: int, m: dict,
     }
 
 
-def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict) -> list[dict]:
+def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_by_row: dict | None = None) -> list[dict]:
     """Pool each (arm, method) over seeds: Wilson intervals of pooled counts, bootstrap interval of
-    the pooled per-pair |Δmargin|, McNemar over all seeds' pairs (ids prefixed by seed)."""
+    the pooled per-pair |Δmargin|, McNemar over all seeds' pairs (ids prefixed by seed); the same
+    flip-rate statistics for each extra evaluation set (``sets_by_row``: row index -> set name ->
+    pairs by id), and the pooled flip rate per phenomenon."""
     from mechmed import stats
 
     groups: dict = {}
@@ -279,7 +309,7 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict) -> lis
     ce_key = {m: idx for (a, m), idx in groups.items() if a == "ce_only"}
     out = []
     for (arm, method), idx in groups.items():
-        pooled = {f"{rows[i]['seed']}:{k}": v for i in idx for k, v in pairs_by_row[i].items()}
+        pooled = _pool(pairs_by_row, rows, idx)
         flips = np.array([v["flip"] for v in pooled.values()])
         deltas = np.array([v["margin_diff"] for v in pooled.values()])
         n_pairs = sum(rows[i]["n_pairs"] for i in idx)
@@ -291,7 +321,16 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict) -> lis
         base_pool = {f"{s}:{k}": v for s, bp in base_pairs.items() for k, v in bp.items()}
         ce = None
         if arm != "ce_only" and method in ce_key:
-            ce = {f"{rows[i]['seed']}:{k}": v for i in ce_key[method] for k, v in pairs_by_row[i].items()}
+            ce = _pool(pairs_by_row, rows, ce_key[method])
+        sets = {}
+        if sets_by_row:
+            base_idx = groups.get(("base", "none"), [])
+            for name in sets_by_row[idx[0]]:
+                pooled_set = _pool({i: sets_by_row[i][name] for i in idx}, rows, idx)
+                base_set = None
+                if arm != "base" and all(name in sets_by_row[i] for i in base_idx):
+                    base_set = _pool({i: sets_by_row[i][name] for i in base_idx}, rows, base_idx)
+                sets[name] = _set_stats(pooled_set, base_set)
         out.append({
             "arm": arm, "method": method, "seed": None, "n_seeds": len(idx),
             "layers": rows[idx[0]]["layers"], "trainable_parameters": rows[idx[0]]["trainable_parameters"],
@@ -303,7 +342,7 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict) -> lis
             "collapsed": any(rows[i]["collapsed"] for i in idx),
             "p_vs_base": None if arm == "base" else _mcnemar(base_pool, pooled),
             "p_vs_ce_only": _mcnemar(ce, pooled) if ce else None,
-            "n_pairs": n_pairs, "run_dir": None,
+            "n_pairs": n_pairs, "run_dir": None, "sets": sets, "by_phenomenon": _by_phenomenon(pooled),
         })
     return out
 
@@ -411,7 +450,16 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
         row["_n_questions"] = m["after"]["n_questions"]
         rows.append(row)
         pairs_by_row[len(rows) - 1] = arm_pairs[a.name]
-    summary = summarise(rows, pairs_by_row, {s: base[s][1] for s in cfg.seeds})
+    eval_dirs = [Path(r["run_dir"]) / ("" if r["arm"] == "base" else "after") for r in rows]
+    names = list(t.get("extra_eval") or {})
+    sets_by_row = {i: {n: _read_pairs(d / n / "pairs.jsonl") for n in names if (d / n / "pairs.jsonl").is_file()}
+                   for i, d in enumerate(eval_dirs)}
+    base_row = {r["seed"]: i for i, r in enumerate(rows) if r["arm"] == "base"}
+    for i, r in enumerate(rows):
+        base_sets = None if r["arm"] == "base" else sets_by_row[base_row[r["seed"]]]
+        r["sets"] = {n: _set_stats(p, (base_sets or {}).get(n)) for n, p in sets_by_row[i].items()}
+        r["by_phenomenon"] = _by_phenomenon(pairs_by_row[i])
+    summary = summarise(rows, pairs_by_row, {s: base[s][1] for s in cfg.seeds}, sets_by_row)
     for r in rows + summary:
         r.pop("_n_questions", None)
     base_summary = next(r for r in summary if r["arm"] == "base")

@@ -57,7 +57,10 @@ def print_metrics(m: dict, out=sys.stdout) -> None:
         ("pairs / questions", f"{m['n_pairs']} / {m['n_questions']}"),
         ("accuracy (original)", _fmt(m["accuracy"]["original"])),
         ("accuracy (paraphrase)", _fmt(m["accuracy"]["paraphrase"])),
-        ("flip rate", f"{_fmt(m['flip_rate'])} {_fmt(m['flip_rate_ci'])} ({m['n_flips']}/{m['n_pairs']})"),
+        ("flip rate" + (" (negation set)" if m.get("headline") == "negation" else ""),
+         f"{_fmt(m['flip_rate'])} {_fmt(m['flip_rate_ci'])} ({m['n_flips']}/{m['n_pairs']})"),
+        *([("negation-set flip rate", f"{_fmt(n['flip_rate'])} {_fmt(n['flip_rate_ci'])} "
+                                      f"({n['n_flips']}/{n['n_pairs']})")] if (n := m.get("negation")) else []),
         ("question flip rate", _fmt(m["question_flip_rate"])),
         ("mean |Δmargin|", f"{_fmt(m['margin_diff'])} {_fmt(m['margin_diff_ci'])}"),
         ("AUC", _fmt(m["auc"])),
@@ -100,6 +103,14 @@ def cmd_compare(args) -> int:
         bs = res["paired"]["margin_diff_bootstrap"]
         print(f"paired ({res['paired']['n_common_pairs']} pairs): McNemar p = {mc['p_value']:.4f}; "
               f"|Δmargin| A−B = {bs['estimate']:.3f} [{bs['low']:.3f}, {bs['high']:.3f}], p = {bs['p_value']:.4f}")
+    if res.get("negation"):
+        neg = res["negation"]
+        r, t = neg["flip_rate"], neg["flip_rate"]["test"]
+        line = (f"{'negation flip rate':<20} A {r['a']['estimate']:.3f} -> B {r['b']['estimate']:.3f}   "
+                f"z = {t['statistic']:.2f}, p = {t['p_value']:.4f}")
+        if neg["paired"]:
+            line += f"; McNemar p = {neg['paired']['mcnemar_flips']['p_value']:.4f}"
+        print(line)
     if args.out:
         write_json(args.out, res)
         print(f"written {args.out}")
@@ -220,6 +231,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=docs[f.name])
         elif isinstance(default, list):
             p.add_argument(flag, dest=f.name, default=None, metavar="A,B,...", help=docs[f.name])
+        elif "dict" in str(f.type):
+            p.add_argument(flag, dest=f.name, default=None, metavar="NAME=DATA,...", help=docs[f.name])
         else:
             kind = type(default) if default is not None else (int if "int" in str(f.type) else str)
             p.add_argument(flag, dest=f.name, default=None, type=kind, help=docs[f.name])
@@ -241,6 +254,11 @@ def config_from_args(args) -> dict:
             value = parse_layers(value)
         elif isinstance(value, str) and f.name in ("target_modules", "answer_words"):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif f.name == "extra_eval":
+            items = [v.strip() for v in value.split(",") if v.strip() and v.strip().lower() != "none"]
+            if any("=" not in v for v in items):
+                raise MechmedError(f"--extra-eval {value}: give NAME=DATA pairs, e.g. unseen=demo:unseen, or none")
+            value = dict(v.split("=", 1) for v in items)
         out[f.name] = value
     return out
 
@@ -290,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="paraphrase consistency of a model on a pair set (metrics.json)")
     _add_model_options(p)
-    p.add_argument("--data", default="demo", help="pairs file (.jsonl/.csv), directory with pairs.jsonl, or 'demo'")
+    p.add_argument("--data", default="demo", help="pairs file (.jsonl/.csv), directory with pairs.jsonl, 'demo' "
+                   "(the demo's held-out pairs) or demo:unseen / demo:negation / demo:train")
     p.add_argument("--image-root", default=None, help="resolve image paths under this directory")
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     p.add_argument("--adapter", default=None, help="peft adapter directory to evaluate on the base model")

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_VERSION = 1
 METHODS = ("lora", "spectral_moe")
-CONSISTENCY_LOSSES = ("sym_kl", "js", "margin_mse")
+CONSISTENCY_LOSSES = ("teacher_kl", "sym_kl", "js", "margin_mse")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 SPECTRAL_INITS = ("spectral", "principal", "minor", "random", "zero_b")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -74,6 +75,10 @@ def parse_scaling(scaling) -> float | None:
     return value
 
 
+#: The evaluation sets reported beside the demo's main one (see mechmed.demo.dataset).
+DEMO_EXTRA_EVAL = {"unseen": "demo:unseen", "negation": "demo:negation"}
+
+
 #: Rank when the config gives none: LoRA's per layer, spectral experts' total over the experts.
 DEFAULT_RANK = {"lora": 16, "spectral_moe": 32}
 
@@ -100,16 +105,23 @@ class TrainConfig:
     """Training pairs (two phrasings of one question on one image): a pairs file, or 'demo'."""
     eval_data: str = "demo"
     """Held-out pairs for the guard and the before/after evaluation: a pairs file, or 'demo'."""
+    extra_eval: dict | None = None
+    """Further evaluation sets reported beside eval_data, as name: pairs file or demo set (e.g. unseen:
+    demo:unseen); default: the demo's unseen and negation sets when eval_data is 'demo', else none."""
     image_root: str | None = None
     """Directory under which image paths of both data files are resolved."""
     ce_weight: float = 1.0
     """Weight of the cross-entropy on the answer token (both phrasings); 0 = pure consistency."""
     consistency_weight: float = 1.0
     """λ, the weight of the consistency term."""
-    consistency: str = "sym_kl"
-    """Consistency between the two phrasings' yes/no distributions: sym_kl, js or margin_mse."""
+    consistency: str = "teacher_kl"
+    """Consistency between the two phrasings' yes/no distributions: teacher_kl (the paraphrase's pulled toward
+    the original question's, stop-gradient), sym_kl (the seed paper's symmetric KL), js or margin_mse."""
     lr: float = 2e-4
     """Learning rate (AdamW)."""
+    lr_schedule: str = "constant"
+    """Learning rate over the run: constant, linear (decay to 0 at the last step, as transformers' Trainer) or
+    cosine."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     batch_size: int = 1
@@ -154,6 +166,12 @@ class TrainConfig:
             self.layers = [int(x) for x in self.layers]
         except (TypeError, ValueError):
             _check(False, "layers", self.layers, "a list of decoder layer indices (integers)")
+        if self.extra_eval is None:
+            self.extra_eval = dict(DEMO_EXTRA_EVAL) if self.eval_data == "demo" else {}
+        _check(isinstance(self.extra_eval, dict) and all(isinstance(k, str) and isinstance(v, str) and k and v
+                                                         and k != "main" and "/" not in k
+                                                         for k, v in self.extra_eval.items()),
+               "extra_eval", self.extra_eval, "a mapping of set name: pairs file (or demo:unseen)")
         self.target_modules = list(self.target_modules)
         self.answer_words = list(self.answer_words)
         _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
@@ -170,6 +188,7 @@ class TrainConfig:
         _check(self.ce_weight + self.consistency_weight > 0, "ce_weight/consistency_weight",
                (self.ce_weight, self.consistency_weight), "not both zero")
         _check(self.lr > 0, "lr", self.lr, "positive")
+        _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {', '.join(LR_SCHEDULES)}")
         _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size/grad_accum",
                (self.batch_size, self.grad_accum), "at least 1")
         _check(self.epochs > 0 or (self.max_steps or 0) > 0, "epochs", self.epochs, "positive")
@@ -282,6 +301,8 @@ def field_docs(cls=TrainConfig) -> dict[str, str]:
 
 
 def demo_defaults() -> dict:
-    """Values that suit the embedded default (64-wide, trained on CPU in seconds)."""
-    return {"rank": 8, "alpha": 16.0, "dropout": 0.0, "lr": 3e-3, "batch_size": 16, "grad_accum": 1,
-            "epochs": 1.0, "max_steps": 120, "eval_every": 40, "checkpoint_every": 40, "guard_pairs": 200}
+    """Values that suit the embedded default (64-wide, trained on CPU in seconds): one epoch of its
+    training pairs, and the consistency weight measured best there (docs/training.md)."""
+    return {"rank": 8, "alpha": 16.0, "dropout": 0.0, "lr": 3e-3, "batch_size": 32, "grad_accum": 1,
+            "epochs": 1.0, "max_steps": None, "consistency_weight": 2.0, "eval_every": 40, "checkpoint_every": 40,
+            "guard_pairs": 200}

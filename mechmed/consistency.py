@@ -6,6 +6,12 @@ Definitions (one place; docs/metrics.md repeats them):
 - For a pair (question q, paraphrase p), s = −1 if the paraphrase is negated (its expected answer
   is the opposite of the question's), else +1.
 - flip: sign(m_q) ≠ sign(s · m_p), i.e. the two answers are not related as the labels are.
+- Negation apart: a pair whose paraphrase inverts the answer (negated, or phenomenon
+  ``negation_pattern``) is an operator, not a paraphrase. The headline metrics (``flip_rate``,
+  ``n_flips``, ``n_pairs``, ``margin_diff``, paraphrase accuracy, ``question_flip_rate``) are over
+  the meaning-preserving pairs; ``negation`` holds the same over the negation set, and ``all``
+  over every pair. A data set with only negation pairs reports them as its headline
+  (``headline == "negation"``).
 - flip_rate: flips / pairs, with a Wilson 95% interval.
 - question_flip_rate: a question (all pairs sharing ``question_id``) flips if any of its pairs flips.
 - margin_diff: mean |m_q − s · m_p| over pairs, with a bootstrap 95% interval.
@@ -21,7 +27,6 @@ Definitions (one place; docs/metrics.md repeats them):
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -85,6 +90,18 @@ def pair_margins(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 1
     return m_q, m_p, keys, m_unique, images
 
 
+def _set_metrics(flips: np.ndarray, delta: np.ndarray, correct_p: np.ndarray, seed: int, n_bootstrap: int) -> dict:
+    """Flip rate (Wilson interval), |Δmargin| (bootstrap interval) and paraphrase accuracy of one set."""
+    from mechmed import stats
+
+    n, k = len(flips), int(flips.sum())
+    ci = stats.wilson_interval(k, n)
+    md = stats.bootstrap_ci(delta, n_resamples=n_bootstrap, seed=seed)
+    return {"n_pairs": n, "n_flips": k, "flip_rate": k / n, "flip_rate_ci": [ci.low, ci.high],
+            "margin_diff": float(delta.mean()), "margin_diff_ci": [md.low, md.high],
+            "accuracy_paraphrase": float(correct_p.mean()), "n_correct_paraphrase": int(correct_p.sum())}
+
+
 def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, seed: int = 0,
              controls: bool = True, n_bootstrap: int = 2000, progress: bool = False) -> Evaluation:
     """Run both phrasings of every pair and compute the consistency metrics (see module doc)."""
@@ -100,6 +117,8 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
     flips = (yes_q != yes_p) ^ (sign < 0)
     delta = np.abs(m_q - sign * m_p)
     correct_p = yes_p == np.array([p.expected_paraphrase == "yes" for p in pairs])
+    negation = np.array([p.in_negation_set for p in pairs])
+    headline = ~negation if (~negation).any() else negation
 
     answer_by_key = {}
     for p in pairs:
@@ -108,32 +127,34 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
     yes_unique = m_unique > 0
     label_p = np.array([p.expected_paraphrase == "yes" for p in pairs])
 
-    groups: dict[str, bool] = defaultdict(bool)
-    for p, f in zip(pairs, flips):
-        groups[p.group] |= bool(f)
+    groups: dict[str, bool] = {}
+    for p, f, h in zip(pairs, flips, headline):
+        if h:
+            groups[p.group] = groups.get(p.group, False) | bool(f)
 
-    n, k = len(pairs), int(flips.sum())
-    flip_ci = stats.wilson_interval(k, n)
-    md = stats.bootstrap_ci(delta, n_resamples=n_bootstrap, seed=seed)
-    qflips = sum(groups.values())
+    head = _set_metrics(flips[headline], delta[headline], correct_p[headline], seed, n_bootstrap)
     metrics = {
         "model": bundle.name,
-        "n_pairs": n,
+        "headline": "meaning_preserving" if (~negation).any() else "negation",
+        "n_pairs": head["n_pairs"],
         "n_questions": len(keys),
         "n_question_groups": len(groups),
-        "accuracy": {"original": float((yes_unique == label_q).mean()), "paraphrase": float(correct_p.mean())},
-        "n_correct": {"original": int((yes_unique == label_q).sum()), "paraphrase": int(correct_p.sum())},
-        "n_flips": k,
-        "flip_rate": k / n,
-        "flip_rate_ci": [flip_ci.low, flip_ci.high],
-        "question_flip_rate": qflips / len(groups),
-        "margin_diff": float(delta.mean()),
-        "margin_diff_ci": [md.low, md.high],
+        "accuracy": {"original": float((yes_unique == label_q).mean()), "paraphrase": head["accuracy_paraphrase"]},
+        "n_correct": {"original": int((yes_unique == label_q).sum()), "paraphrase": head["n_correct_paraphrase"]},
+        "n_flips": head["n_flips"],
+        "flip_rate": head["flip_rate"],
+        "flip_rate_ci": head["flip_rate_ci"],
+        "question_flip_rate": sum(groups.values()) / len(groups),
+        "margin_diff": head["margin_diff"],
+        "margin_diff_ci": head["margin_diff_ci"],
+        "negation": (_set_metrics(flips[negation], delta[negation], correct_p[negation], seed, n_bootstrap)
+                     if negation.any() and (~negation).any() else None),
+        "all": {"n_pairs": len(pairs), "n_flips": int(flips.sum()), "flip_rate": float(flips.mean())},
         "auc": stats.auc(m_unique, label_q),
-        "auc_paraphrase": stats.auc(m_p, label_p),
-        "yes_rate": float(np.concatenate([yes_unique, yes_p]).mean()),
+        "auc_paraphrase": stats.auc(m_p[headline], label_p[headline]),
+        "yes_rate": float(np.concatenate([yes_unique, yes_p[headline]]).mean()),
         "yes_rate_original": float(yes_unique.mean()),
-        "label_yes_rate": float(label_q.mean()),
+        "label_yes_rate": float(np.concatenate([label_q, label_p[headline]]).mean()),
         "by_phenomenon": {},
     }
     for ph in sorted({p.phenomenon for p in pairs}):
@@ -161,20 +182,34 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
 
     rows = [{
         "id": p.id, "question_id": p.question_id, "phenomenon": p.phenomenon, "answer": p.answer,
-        "paraphrase_answer": p.expected_paraphrase, "margin_question": float(mq), "margin_paraphrase": float(mp),
-        "margin_diff": float(d), "flip": bool(f), "correct_paraphrase": bool(c),
-    } for p, mq, mp, d, f, c in zip(pairs, m_q, m_p, delta, flips, correct_p)]
+        "paraphrase_answer": p.expected_paraphrase, "negation_set": bool(n), "margin_question": float(mq),
+        "margin_paraphrase": float(mp), "margin_diff": float(d), "flip": bool(f), "correct_paraphrase": bool(c),
+    } for p, mq, mp, d, f, c, n in zip(pairs, m_q, m_p, delta, flips, correct_p, negation)]
     return Evaluation(metrics, rows)
 
 
+def headline_rows(rows: Sequence[dict]) -> list[dict]:
+    """The per-pair rows (of :func:`evaluate`) that its headline metrics are over: the
+    meaning-preserving pairs, or every pair when all are in the negation set."""
+    kept = [r for r in rows if not r.get("negation_set")]
+    return kept or list(rows)
+
+
 def resolve_data(data: str, *, image_root=None, columns=None, seed: int = 0, cache_dir=None):
-    """``demo`` (the embedded default's held-out pairs), a JSONL/CSV file, or a directory."""
+    """``demo`` (the embedded default's evaluation pairs), ``demo:<set>`` (one of its sets: ``eval``,
+    ``train``, ``unseen``, ``negation``; see :mod:`mechmed.demo.dataset`), a JSONL/CSV file, or a
+    directory."""
     from mechmed.data import load_pairs
 
-    if data == "demo":
+    if data == "demo" or data.startswith("demo:"):
         from mechmed.demo.build import ensure_demo_data
+        from mechmed.demo.dataset import PAIR_FILES
 
-        return load_pairs(ensure_demo_data(cache_dir=cache_dir, seed=seed) / "pairs.jsonl")
+        name = data.partition(":")[2] or "eval"
+        if name not in PAIR_FILES:
+            raise MechmedError(f"--data {data}: the demo has no set {name!r}; use "
+                               + ", ".join(f"demo:{k}" for k in PAIR_FILES))
+        return load_pairs(ensure_demo_data(cache_dir=cache_dir, seed=seed) / PAIR_FILES[name])
     return load_pairs(data, image_root=image_root, columns=columns)
 
 
@@ -231,7 +266,8 @@ def compare_runs(a, b) -> dict:
 
     Flip rates and accuracies: two-proportion z-tests (independent samples, as the seed paper
     reports). When both runs share pair ids: exact McNemar on paired flips and a paired bootstrap
-    of |Δmargin|.
+    of |Δmargin|. All of these are over the headline (meaning-preserving) pairs; ``negation``
+    repeats the flip-rate tests over the negation set when both runs have one.
     """
     from mechmed import stats
 
@@ -248,18 +284,34 @@ def compare_runs(a, b) -> dict:
             mb["n_correct"]["paraphrase"], mb["n_pairs"]),
         "margin_diff": {"a": ma.get("margin_diff"), "b": mb.get("margin_diff")},
         "paired": None,
+        "negation": None,
     }
+    out["paired"] = _paired(headline_rows(ra), headline_rows(rb))
+    if ma.get("negation") and mb.get("negation"):
+        na, nb = ma["negation"], mb["negation"]
+        out["negation"] = {
+            "flip_rate": stats.compare_proportions("negation_flip_rate", na["n_flips"], na["n_pairs"],
+                                                   nb["n_flips"], nb["n_pairs"]),
+            "paired": _paired([r for r in ra if r.get("negation_set")], [r for r in rb if r.get("negation_set")]),
+        }
+    return out
+
+
+def _paired(ra: Sequence[dict], rb: Sequence[dict]) -> dict | None:
+    """Exact McNemar on the flips and a paired bootstrap of |Δmargin| over the pair ids both share."""
+    from mechmed import stats
+
     ia = {r["id"]: r for r in ra}
     ib = {r["id"]: r for r in rb}
     common = [i for i in ia if i in ib]
-    if common:
-        fa = np.array([ia[i]["flip"] for i in common], bool)
-        fb = np.array([ib[i]["flip"] for i in common], bool)
-        da = np.array([ia[i]["margin_diff"] for i in common], float)
-        db = np.array([ib[i]["margin_diff"] for i in common], float)
-        out["paired"] = {
-            "n_common_pairs": len(common),
-            "mcnemar_flips": stats.mcnemar_from_pairs(fa, fb).to_dict(),
-            "margin_diff_bootstrap": stats.paired_bootstrap(da, db).to_dict(),
-        }
-    return out
+    if not common:
+        return None
+    fa = np.array([ia[i]["flip"] for i in common], bool)
+    fb = np.array([ib[i]["flip"] for i in common], bool)
+    da = np.array([ia[i]["margin_diff"] for i in common], float)
+    db = np.array([ib[i]["margin_diff"] for i in common], float)
+    return {
+        "n_common_pairs": len(common),
+        "mcnemar_flips": stats.mcnemar_from_pairs(fa, fb).to_dict(),
+        "margin_diff_bootstrap": stats.paired_bootstrap(da, db).to_dict(),
+    }

@@ -618,6 +618,55 @@ def flip_by_arm(rows: Sequence[dict], base: dict | None = None, *, title: str | 
     return fig
 
 
+PHENOMENON_LABELS = {"syntactic_restructuring": "syntactic", "lexical_substitution": "lexical",
+                     "negation_pattern": "negation", "formality": "formality", "scope": "scope",
+                     "specificity": "specificity"}
+SET_LABELS = {"unseen": "unseen wrappers", "negation": "negation set"}
+
+
+def flip_heatmap(rows: Sequence[dict], *, title: str | None = None):
+    """Flip rate of the base model and of every arm (rows of the map), by phenomenon of the main
+    evaluation set and for each extra evaluation set (columns), the value written in each cell.
+
+    ``rows`` are ablation rows with ``by_phenomenon`` (phenomenon -> flip rate) and ``sets`` (name ->
+    {flip_rate, ...}), as ``results.json``'s ``summary`` holds them.
+    """
+    import plotly.graph_objects as go
+
+    rows = sorted(rows, key=_arm_key)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["arm"] != "base"))
+    phenomena = list(dict.fromkeys(k for r in rows for k in (r.get("by_phenomenon") or {})))
+    sets = list(dict.fromkeys(k for r in rows for k in (r.get("sets") or {})))
+    cols = ["all (main set)"] + [PHENOMENON_LABELS.get(k, k) for k in phenomena] + [SET_LABELS.get(k, k) for k in sets]
+    z, labels = [], []
+    for r in rows:
+        label = ARM_LABELS.get(r["arm"], r["arm"])
+        if len(methods) > 1 and r["arm"] != "base":
+            label += f" ({METHOD_LABELS.get(r['method'], r['method'])})"
+        if r.get("layers"):
+            label += f" · L{layer_text(r['layers'])}"
+        if r.get("collapsed"):
+            label += " (collapsed)"
+        labels.append(label)
+        z.append([r.get("flip_rate")] + [(r.get("by_phenomenon") or {}).get(k) for k in phenomena]
+                 + [((r.get("sets") or {}).get(k) or {}).get("flip_rate") for k in sets])
+    text = [["" if v is None else f"{v:.2f}" for v in line] for line in z]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=cols, y=labels, text=text, texttemplate="%{text}", textfont=dict(size=12),
+        colorscale="YlOrRd", zmin=0, zmax=max([v for line in z for v in line if v is not None] + [0.01]),
+        colorbar=dict(title=dict(text="flip rate", side="right"), tickformat=".0%"), xgap=2, ygap=2,
+        hovertemplate="%{y}<br>%{x}: %{z:.3f}<extra></extra>"))
+    if sets:
+        fig.add_vline(x=len(cols) - len(sets) - 0.5, line=dict(color="#333333", width=2))
+    _base_layout(fig, title or ("Flip rate by phenomenon and evaluation set<br><sup>rows: base model and each "
+                                "trained arm; left of the line: the main evaluation set, right: the sets reported "
+                                "beside it; lighter is better</sup>"),
+                 width=max(760, 110 * len(cols) + 260), height=max(360, 44 * len(rows) + 190), bottom=60)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(side="top", tickangle=0)
+    return fig
+
+
 def _place_labels(points, x_range, y_range, plot_w: float, plot_h: float, font_px: float = 12.0):
     """Greedy label placement: for each (x, y, text) pick the pixel offset (ax, ay) among a few
     candidates whose label box overlaps the fewest markers and labels already placed."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-#: Arms the demo ablates (the issue's minimum set plus the random range of the same width).
+#: Arms the demo ablates: the selected range, early, late and all layers, and the two loss controls.
 DEMO_ARMS = ("selected", "early", "late", "all", "ce_only", "consistency_only")
 
 

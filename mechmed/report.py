@@ -61,12 +61,14 @@ COLUMNS = ("arm", "method", "layers", "params", "seeds", "flip rate [95% CI]", "
            "accuracy [95% CI]", "yes-rate", "p vs base", "p vs CE only", "collapsed")
 
 
-def _table_rows(results) -> list[list[str]]:
-    from mechmed.figures import layer_text
+def _table_rows(results) -> tuple[list[str], list[list[str]]]:
+    """(column names, cells): :data:`COLUMNS`, then a flip-rate column per extra evaluation set."""
+    from mechmed.figures import SET_LABELS, layer_text
 
     rows = results
     if isinstance(results, dict):
         rows = results.get("summary") or results.get("rows") or []
+    sets = list(dict.fromkeys(k for r in rows for k in (r.get("sets") or {})))
 
     def p(v):
         return "" if v is None else ("<0.001" if v < 0.001 else f"{v:.2g}" if v < 0.01 else f"{v:.3f}")
@@ -77,34 +79,35 @@ def _table_rows(results) -> list[list[str]]:
         out.append([r["arm"], r["method"], layer_text(r.get("layers") or []), str(r.get("trainable_parameters", "")),
                     str(seeds), _value_ci(r, "flip_rate", "flip_ci"), _value_ci(r, "margin_diff", "margin_diff_ci", 2),
                     _value_ci(r, "canonical_accuracy", "accuracy_ci"), fmt(r.get("yes_rate"), 2),
-                    p(r.get("p_vs_base")), p(r.get("p_vs_ce_only")), "yes" if r.get("collapsed") else ""])
-    return out
+                    p(r.get("p_vs_base")), p(r.get("p_vs_ce_only")), "yes" if r.get("collapsed") else ""]
+                   + [fmt(((r.get("sets") or {}).get(k) or {}).get("flip_rate")) for k in sets])
+    return [*COLUMNS, *(f"flip: {SET_LABELS.get(k, k)}" for k in sets)], out
 
 
 def summary_table(results) -> str:
     """The ablation summary as an aligned plain-text table. ``results`` is ``results.json``'s dict
     (its ``summary``, else its ``rows``) or a list of rows."""
-    body = _table_rows(results)
-    widths = [max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(COLUMNS)]
+    cols, body = _table_rows(results)
+    widths = [max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(cols)]
     numeric = {3, 4, 8}
 
     def line(cells):
         return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    head = line(COLUMNS)
+    head = line(cols)
     return "\n".join([head, "-" * len(head)] + [line(r) for r in body])
 
 
 def _markdown_table(results) -> str:
-    body = _table_rows(results)
-    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    cols, body = _table_rows(results)
+    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
     return "\n".join(lines)
 
 
 def _html_table(results) -> str:
-    body = _table_rows(results)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    cols, body = _table_rows(results)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
     return f'<table class="summary"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
 
@@ -298,12 +301,48 @@ def _change(before: float, after: float) -> str:
     return "lowered" if after < before else "raised" if after > before else "left unchanged"
 
 
+def signed_change(before: float, after: float) -> str:
+    """``"−0.108, −45% relative"``: the signed difference and the relative change."""
+    diff = after - before
+    text = f"{diff:+.3f}".replace("-", "−")
+    if before:
+        text += f", {100 * diff / before:+.0f}% relative".replace("-", "−")
+    return text
+
+
+def _loss_name(train: dict, arm: str) -> str:
+    from mechmed.ablate import CONSISTENCY_ONLY_LOSS
+
+    name = CONSISTENCY_ONLY_LOSS if arm == "consistency_only" else train.get("consistency", "")
+    return LOSS_LABELS.get(name, name)
+
+
+#: How each consistency loss is named in sentences.
+LOSS_LABELS = {"teacher_kl": "teacher_kl, a KL toward the original question's stop-gradient answer",
+               "sym_kl": "sym_kl, the seed paper's symmetric KL", "js": "js, the Jensen-Shannon divergence",
+               "margin_mse": "margin_mse, the squared margin difference"}
+
+
+def _verdict(what: str, base: dict, arm: dict, p_key: str = "p_vs_base") -> str:
+    """"<what> lowered the <…> flip rate from A [CI] to B [CI] (−x, −y% relative; McNemar p = …)"."""
+    if base["flip_rate"] == arm["flip_rate"]:
+        return f"{what} left the flip rate at {_value_ci(arm, 'flip_rate', 'flip_ci')} (McNemar {fmt_p(arm.get(p_key))})"
+    return (f"{what} {_change(base['flip_rate'], arm['flip_rate'])} the flip rate from "
+            f"{_value_ci(base, 'flip_rate', 'flip_ci')} to {_value_ci(arm, 'flip_rate', 'flip_ci')} "
+            f"({signed_change(base['flip_rate'], arm['flip_rate'])}; McNemar {fmt_p(arm.get(p_key))})")
+
+
+def _per_seed(results: dict, arm: str, method: str, key: str = "flip_rate") -> dict:
+    return {r["seed"]: r for r in results.get("rows") or [] if r["arm"] == arm and r["method"] == method}
+
+
 def _ablation_headlines(results: dict) -> list[str]:
     from mechmed import figures as F
     from mechmed.figures import METHOD_LABELS, layer_text
 
     summary = results.get("summary") or results.get("rows") or []
     base = results.get("base") or next((r for r in summary if r["arm"] == "base"), None)
+    train = (results.get("config") or {}).get("train") or {}
     out = []
     methods = list(dict.fromkeys(r["method"] for r in summary if r["arm"] != "base"))
     for method in methods:
@@ -312,21 +351,28 @@ def _ablation_headlines(results: dict) -> list[str]:
         sel = rows.get("selected")
         seeds = (sel or {}).get("n_seeds")
         seed_text = f", pooled over {seeds} seeds" if seeds and seeds > 1 else ""
+        loss = f"CE + {_loss_name(train, 'selected')}" if train.get("consistency_weight", 1) else "CE only"
         if sel and base:
-            b, a = _value_ci(base, 'flip_rate', 'flip_ci'), _value_ci(sel, 'flip_rate', 'flip_ci')
-            change = (f"left the held-out flip rate at {a}" if base["flip_rate"] == sel["flip_rate"] else
-                      f"{_change(base['flip_rate'], sel['flip_rate'])} the held-out flip rate from {b} to {a}")
-            out.append(
-                f"Training the selected {layers_phrase(sel['layers'])} ({label}{seed_text}) {change} "
-                f"(McNemar {fmt_p(sel.get('p_vs_base'))}); mean |Δmargin| went from "
-                f"{_value_ci(base, 'margin_diff', 'margin_diff_ci', 2)} to "
-                f"{_value_ci(sel, 'margin_diff', 'margin_diff_ci', 2)} logits and canonical accuracy from "
-                f"{_value_ci(base, 'canonical_accuracy', 'accuracy_ci')} to "
-                f"{_value_ci(sel, 'canonical_accuracy', 'accuracy_ci')}.")
+            text = (_verdict(f"Training the selected {layers_phrase(sel['layers'])} ({label}{seed_text}; {loss})",
+                             base, sel) + " on the held-out meaning-preserving pairs")
+            per_seed, base_seed = _per_seed(results, "selected", method), _per_seed(results, "base", "none")
+            if len(per_seed) > 1:
+                text += "; per seed " + ", ".join(
+                    f"{base_seed[s]['flip_rate']:.3f} → {r['flip_rate']:.3f}" for s, r in sorted(per_seed.items())
+                    if s in base_seed)
+            out.append(text + f". Mean |Δmargin| went from {_value_ci(base, 'margin_diff', 'margin_diff_ci', 2)} to "
+                       f"{_value_ci(sel, 'margin_diff', 'margin_diff_ci', 2)} logits and canonical accuracy from "
+                       f"{_value_ci(base, 'canonical_accuracy', 'accuracy_ci')} to "
+                       f"{_value_ci(sel, 'canonical_accuracy', 'accuracy_ci')}.")
+        ce, cons = rows.get("ce_only"), rows.get("consistency_only")
+        if ce and sel:
+            out.append(_verdict(f"Against CE-only training of the same layers, adding the consistency term "
+                                f"({_loss_name(train, 'selected')})", ce, sel, "p_vs_ce_only") + ".")
         ranges = [rows[a] for a in RANGE_ARMS if a in rows]
         if len(ranges) > 1:
             best_f = min(ranges, key=lambda r: r["flip_rate"])
             best_m = min(ranges, key=lambda r: r["margin_diff"])
+
             def name(r):
                 return f"{F.ARM_LABELS.get(r['arm'], r['arm'])} range ({layers_phrase(r['layers'])})"
 
@@ -342,15 +388,31 @@ def _ablation_headlines(results: dict) -> list[str]:
             out.append(f"The {' and '.join(repeats)} range{'s are' if many else ' is'} the selected layers "
                        f"{layer_text(sel['layers'])} themselves ({label}), so {'those rows repeat' if many else 'its row repeats'} "
                        "the selected arm; only the other ranges test whether the selection matters.")
-        ce, cons = rows.get("ce_only"), rows.get("consistency_only")
-        if ce and sel:
-            out.append(f"Against CE-only training of the same layers (flip rate {_value_ci(ce, 'flip_rate', 'flip_ci')}), "
-                       f"CE + consistency gave {_value_ci(sel, 'flip_rate', 'flip_ci')} "
-                       f"(McNemar {fmt_p(sel.get('p_vs_ce_only'))}).")
         if cons:
-            state = "collapsed" if cons.get("collapsed") else "did not collapse"
-            out.append(f"Consistency-only training {state} (held-out yes-rate {fmt(cons.get('yes_rate'), 2)}, "
-                       f"canonical accuracy {_value_ci(cons, 'canonical_accuracy', 'accuracy_ci')}).")
+            seeds = _per_seed(results, "consistency_only", method)
+            what = f"Consistency-only training ({_loss_name(train, 'consistency_only')}; no cross-entropy)"
+            if len(seeds) > 1:
+                fell = [f"{s} (yes-rate {r['yes_rate']:.2f})" for s, r in sorted(seeds.items()) if r.get("collapsed")]
+                held = [str(s) for s, r in sorted(seeds.items()) if not r.get("collapsed")]
+                parts = ([f"collapsed in seed{'s' if len(fell) > 1 else ''} {', '.join(fell)}"] if fell else []) + \
+                        ([f"did not collapse in seed{'s' if len(held) > 1 else ''} {', '.join(held)}"] if held else [])
+                state = " and ".join(parts)
+            else:
+                state = "collapsed" if cons.get("collapsed") else "did not collapse"
+            out.append(f"{what} {state} (held-out yes-rate {fmt(cons.get('yes_rate'), 2)}, canonical accuracy "
+                       f"{_value_ci(cons, 'canonical_accuracy', 'accuracy_ci')}, flip rate "
+                       f"{_value_ci(cons, 'flip_rate', 'flip_ci')}).")
+        if sel and base and sel.get("sets"):
+            parts = []
+            for name, st in sel["sets"].items():
+                b = (base.get("sets") or {}).get(name)
+                if b:
+                    parts.append(f"on the {F.SET_LABELS.get(name, name)} from {_value_ci(b, 'flip_rate', 'flip_ci')} "
+                                 f"to {_value_ci(st, 'flip_rate', 'flip_ci')} ({signed_change(b['flip_rate'], st['flip_rate'])}; "
+                                 f"McNemar {fmt_p(st.get('p_vs_base'))})")
+            if parts:
+                out.append(f"Beside the main set, training the selected layers ({label}) moved the flip rate "
+                           + "; ".join(parts) + ".")
     collapsed = [f"{r['arm']} ({r['method']})" for r in summary if r.get("collapsed") and r["arm"] != "consistency_only"]
     if collapsed:
         out.append("The collapse guard fired for " + ", ".join(collapsed) + ".")
@@ -426,6 +488,14 @@ def _sections(run: _Run) -> list[_Section]:
         if fig is not None:
             sec.figures.append(("flip_by_arm", fig, "Flip rate and mean |Δmargin| after training each arm; bars below "
                                 "the dashed base line (outside its grey CI band) are real improvements."))
+        if any(r.get("by_phenomenon") for r in summary):
+            fig = attempt("phenomenon figure", lambda: F.flip_heatmap(summary))
+            if fig is not None:
+                sec.figures.append(("flip_heatmap", fig, "Flip rate of the base model (top row) and of each trained "
+                                    "arm, by phenomenon of the held-out pairs (left of the line) and on the sets "
+                                    "reported beside them (right: wrappers never fine-tuned, and answer-inverting "
+                                    "negations). Read each column down from the base row: lighter cells mean fewer "
+                                    "flips."))
         fig = attempt("trade-off figure", lambda: F.tradeoff(summary, base))
         if fig is not None:
             sec.figures.append(("tradeoff", fig, "Each arm's accuracy against its flip rate: arms up and to the left "

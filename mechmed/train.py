@@ -9,6 +9,8 @@ distributions π = softmax([yes score, no score]) at the answer position:
 where π̃_p is π_p with yes and no swapped for a negated paraphrase (so agreement means the same
 thing), and C is one of
 
+- ``teacher_kl``: KL(sg(π_q) ‖ π̃_p), sg = stop-gradient: the paraphrase's answer is pulled toward
+  the original question's, which itself moves only through the cross-entropy
 - ``sym_kl``: KL(π_q ‖ π̃_p) + KL(π̃_p ‖ π_q)
 - ``js``: ½ KL(π_q ‖ m) + ½ KL(π̃_p ‖ m), m = ½ (π_q + π̃_p)
 - ``margin_mse``: (m_q − s·m_p)², m the margin, s = −1 for a negated paraphrase.
@@ -56,7 +58,10 @@ def pair_loss(scores_q, scores_p, yes_q, yes_p, negated, cfg: TrainConfig) -> Lo
     tp = (~yes_p).long()
     ce = 0.5 * (F.nll_loss(logp_q, tq) + F.nll_loss(logp_p, tp))
     aligned_p = torch.where(negated[:, None], logp_p.flip(-1), logp_p)
-    if cfg.consistency == "sym_kl":
+    if cfg.consistency == "teacher_kl":
+        teacher = logp_q.detach()
+        cons = (teacher.exp() * (teacher - aligned_p)).sum(-1).mean()
+    elif cfg.consistency == "sym_kl":
         pq, pp = logp_q.exp(), aligned_p.exp()
         cons = ((pq * (logp_q - aligned_p)).sum(-1) + (pp * (aligned_p - logp_q)).sum(-1)).mean()
     elif cfg.consistency == "js":
@@ -113,15 +118,13 @@ def adapted_modules(model) -> list[str]:
 
 
 def resolve_pairs(data: str, *, split: str, image_root=None, seed: int = 0):
-    """'demo' -> the embedded default's training (train_pairs.jsonl) or held-out (pairs.jsonl) pairs."""
-    from mechmed.data import load_pairs
+    """'demo' -> the embedded default's training (``demo:train``) or evaluation (``demo:eval``) pairs;
+    anything else as :func:`mechmed.consistency.resolve_data` reads it."""
+    from mechmed.consistency import resolve_data
 
     if data == "demo":
-        from mechmed.demo.build import ensure_demo_data
-
-        root = ensure_demo_data(seed=seed)
-        return load_pairs(root / ("train_pairs.jsonl" if split == "train" else "pairs.jsonl"))
-    return load_pairs(data, image_root=image_root)
+        data = "demo:train" if split == "train" else "demo:eval"
+    return resolve_data(data, image_root=image_root, seed=seed)
 
 
 def _git_hash() -> str | None:
@@ -289,17 +292,32 @@ class TrainResult:
     log: list
 
 
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of ``total``, as a fraction of the peak:
+    ``linear`` falls from 1 to 0 at step ``total`` (transformers' default schedule), ``cosine`` along
+    half a cosine, ``constant`` stays 1. A pure function of the step, so a resumed run follows it exactly."""
+    t = step / max(1, total)
+    if schedule == "linear":
+        return 1.0 - t
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    return 1.0
+
+
 def _order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, device: str = "cpu",
           evaluate_before_after: bool = True, evaluate_before: bool = True, stop_after: int | None = None,
-          progress: bool = False) -> TrainResult:
+          progress: bool = False, png: bool = True) -> TrainResult:
     """Train the configured adapter and write the run directory (see docs/training.md).
 
     ``evaluate_before=False`` skips the base model's evaluation (the ablation grid evaluates the
     base once for all its arms); the adapted model is still evaluated when ``evaluate_before_after``.
+
+    ``png=False`` writes the training-curve figure as HTML only (the ablation grid does: its report
+    draws every arm's curves again, and a browser per worker process costs seconds).
 
     ``stop_after`` ends the run after that many optimiser steps without finishing it (as an
     interruption would; used to test resuming).
@@ -307,7 +325,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     import torch
     from accelerate import Accelerator
 
-    from mechmed.consistency import compare_runs, evaluate
+    from mechmed.consistency import compare_runs
     from mechmed.io import ensure_dir, write_json, write_text
     from mechmed.models import load_model
     from mechmed.progress import progress_bar
@@ -315,6 +333,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     out = Path(out)
     train_pairs = resolve_pairs(cfg.train_data, split="train", image_root=cfg.image_root, seed=cfg.seed)
     eval_pairs = resolve_pairs(cfg.eval_data, split="eval", image_root=cfg.image_root, seed=cfg.seed)
+    extra_pairs = {name: resolve_pairs(data, split="eval", image_root=cfg.image_root, seed=cfg.seed)
+                   for name, data in cfg.extra_eval.items()}
     ckpt = out / "checkpoint"
     if resume and not ckpt.exists() and ckpt.with_name("checkpoint.old").is_dir():
         os.replace(ckpt.with_name("checkpoint.old"), ckpt)  # killed between the two renames of a save
@@ -334,12 +354,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
 
     before = None
     if evaluate_before_after and evaluate_before and accelerator.is_main_process:
-        before = evaluate(bundle, eval_pairs, seed=cfg.seed, batch_size=64, progress=progress)
-        ensure_dir(out / "before")
-        write_json(out / "before" / "metrics.json", before.metrics)
-        from mechmed.io import write_jsonl
-
-        write_jsonl(out / "before" / "pairs.jsonl", before.pairs)
+        before = evaluate_sets(bundle, eval_pairs, extra_pairs, out / "before", seed=cfg.seed, progress=progress)
 
     for p in bundle.model.parameters():
         p.requires_grad_(False)
@@ -401,6 +416,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
             accelerator.backward(parts.total / cfg.grad_accum)
             for k, v in (("loss", parts.total), ("ce", parts.ce), ("consistency", parts.consistency)):
                 sums[k] += float(v.detach()) / cfg.grad_accum
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, step, total)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step + 1, "epoch": epoch, **sums}
@@ -446,30 +463,47 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
 
             metrics["expert_utilisation"] = write_utilisation(unwrapped, bundle, guard_pairs, out)["layers"]
         if evaluate_before_after:
-            from mechmed.io import write_jsonl
-
-            after = evaluate(bundle.__class__(unwrapped, bundle.processor, bundle.family, bundle.answers,
-                                              bundle.name + "+adapter"), eval_pairs, seed=cfg.seed, batch_size=64,
-                             progress=progress)
-            ensure_dir(out / "after")
-            write_json(out / "after" / "metrics.json", after.metrics)
-            write_jsonl(out / "after" / "pairs.jsonl", after.pairs)
-            metrics["after"] = after.metrics
+            adapted_bundle = bundle.__class__(unwrapped, bundle.processor, bundle.family, bundle.answers,
+                                              bundle.name + "+adapter")
+            after = evaluate_sets(adapted_bundle, eval_pairs, extra_pairs, out / "after", seed=cfg.seed,
+                                  progress=progress)
+            metrics["after"] = after["main"]
+            metrics["after_sets"] = {k: v for k, v in after.items() if k != "main"}
             if before is not None:
-                metrics["before"] = before.metrics
+                metrics["before"] = before["main"]
+                metrics["before_sets"] = {k: v for k, v in before.items() if k != "main"}
                 metrics["comparison"] = compare_runs(out / "before", out / "after")
+                metrics["comparison_sets"] = {k: compare_runs(out / "before" / k, out / "after" / k)
+                                              for k in extra_pairs}
         resolved = cfg.to_dict()
         resolved["versions"] = versions()
         import yaml
 
         write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
-        _curve_figure(history, out)
+        _curve_figure(history, out, png=png)
         write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
     return TrainResult(out, metrics, history)
 
 
-def _curve_figure(history: list, out: Path) -> None:
+def evaluate_sets(bundle, main, extra: dict, out: Path, *, seed: int = 0, progress: bool = False) -> dict:
+    """Evaluate the main pair set into ``out`` and each named extra set into ``out/<name>`` (``metrics.json``
+    and ``pairs.jsonl`` each; the image controls only on the main set, which is written last); returns
+    name ("main" for the main set) -> metrics."""
+    from mechmed.consistency import evaluate
+    from mechmed.io import ensure_dir, write_json, write_jsonl
+
+    out_metrics = {}
+    for name, pairs in {**extra, "main": main}.items():  # main last: its metrics.json marks the whole as done
+        d = ensure_dir(out if name == "main" else out / name)
+        ev = evaluate(bundle, pairs, seed=seed, batch_size=64, controls=name == "main", progress=progress)
+        write_jsonl(d / "pairs.jsonl", ev.pairs)
+        write_json(d / "metrics.json", ev.metrics)
+        out_metrics[name] = ev.metrics
+    return out_metrics
+
+
+def _curve_figure(history: list, out: Path, png: bool = True) -> None:
     from mechmed.figures import save_figure, training_curves
 
-    save_figure(training_curves(history), out / "training_curves")
+    save_figure(training_curves(history), out / "training_curves", png=png)

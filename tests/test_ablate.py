@@ -32,7 +32,8 @@ def test_plan_places_each_arm(tiny_workspace):
     assert arms["early"].layers == (0, 1) and arms["late"].layers == (4, 5) and arms["middle"].layers == (2, 3)
     assert arms["all"].layers == tuple(range(6)) and len(arms["random"].layers) == 2
     assert dict(arms["ce_only"].overrides) == {"consistency_weight": 0.0}
-    assert dict(arms["consistency_only"].overrides) == {"ce_weight": 0.0}
+    # the paper's pure-consistency control: its symmetric KL, whatever the selected arm's loss
+    assert dict(arms["consistency_only"].overrides) == {"ce_weight": 0.0, "consistency": "sym_kl"}
     # matching parameters: 6 layers at rank 4·2/6 ≈ 1 train as many LoRA weights as 2 layers at rank 4
     assert dict(arms["all"].overrides) == {"rank": 1}
     assert "rank" not in dict(arms["early"].overrides)
@@ -56,9 +57,14 @@ def _pairs(path):
 @pytest.fixture(scope="module")
 def grid(tiny_workspace, tmp_path_factory):
     root = tmp_path_factory.mktemp("ablation")
+    # an extra evaluation set reported beside the main one: the negated training pairs
+    rows = [json.loads(x) for x in (tiny_workspace[0] / "train_pairs.jsonl").read_text().splitlines()]
+    neg = root / "negation.jsonl"
+    neg.write_text("".join(json.dumps({**r, "image": str(tiny_workspace[0] / r["image"])}) + "\n"
+                           for r in rows if r["phenomenon"] == "negation_pattern"))
     cfg_file = root / "ablation.yaml"
-    cfg_file.write_text(yaml.safe_dump({"train": _train(tiny_workspace), "arms": ["selected", "all", "ce_only"],
-                                        "seeds": [0]}))
+    cfg_file.write_text(yaml.safe_dump({"train": _train(tiny_workspace, extra_eval={"negation": str(neg)}),
+                                        "arms": ["selected", "all", "ce_only"], "seeds": [0]}))
     res = run_ablation(cfg_file, root / "out")
     return cfg_file, root / "out", res
 
@@ -83,6 +89,12 @@ def test_results_table(grid, tiny_workspace):
         half = z / (1 + z * z / n) * np.sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n))
         assert r["accuracy_ci"] == pytest.approx([centre - half, centre + half], abs=1e-9)
         assert r["p_vs_base"] == pytest.approx(_mcnemar_by_hand(base_pairs, _pairs(run / "after" / "pairs.jsonl")))
+        # the extra set: its own flips, tested against the base's on the same pairs
+        neg, base_neg = _pairs(run / "after" / "negation" / "pairs.jsonl"), _pairs(out / "base-s0" / "negation" / "pairs.jsonl")
+        assert len(neg) == 4 and all(p["negation_set"] for p in neg.values())
+        assert r["sets"]["negation"]["flip_rate"] == pytest.approx(np.mean([p["flip"] for p in neg.values()]))
+        assert r["sets"]["negation"]["p_vs_base"] == pytest.approx(_mcnemar_by_hand(base_neg, neg))
+        assert r["by_phenomenon"] == {"lexical_substitution": pytest.approx(np.mean(flips))}
     ce_pairs = _pairs(out / "arms" / "ce_only-lora-s0" / "after" / "pairs.jsonl")
     sel_pairs = _pairs(out / "arms" / "selected-lora-s0" / "after" / "pairs.jsonl")
     assert rows["selected"]["p_vs_ce_only"] == pytest.approx(_mcnemar_by_hand(ce_pairs, sel_pairs))
@@ -98,6 +110,7 @@ def test_results_table(grid, tiny_workspace):
     summary = {r["arm"]: r for r in saved["summary"]}
     assert summary["selected"]["flip_rate"] == pytest.approx(rows["selected"]["flip_rate"])
     assert summary["selected"]["n_seeds"] == 1
+    assert summary["selected"]["sets"]["negation"] == pytest.approx(rows["selected"]["sets"]["negation"])
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 5 and csv_lines[0].startswith("arm,method,seed,layers")
     assert table_csv(res.rows) == (out / "results.csv").read_text()

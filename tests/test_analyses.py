@@ -227,3 +227,33 @@ def test_statistics(targeted, tmp_path):
     assert saved["paper"]["test"]["p_value"] == pytest.approx(p)
     assert len(_csv(out / "statistics.csv")) == len(saved["tests"])
     _figures(out, "flip_by_arm", "tradeoff")
+
+
+def test_consistency_losses(tmp_path):
+    """Each loss trains its own arm on the same pairs; the table's flip rates are those the per-pair files
+    give, and the losses differ only in their consistency term (the configs the arms ran with)."""
+    import yaml
+
+    out = tmp_path / "losses"
+    argv = ["--out", str(out), "--seeds", "0", "--losses", "teacher_kl:2,sym_kl", "--train-pairs", "64",
+            "--eval-pairs", "32", "--max-steps", "3", "--workers", "1"]
+    assert _script("consistency_losses").main(argv) == 0
+    saved = json.loads((out / "consistency_losses.json").read_text())
+    runs = {r["run"]: r for r in saved["rows"]}
+    # an item without a weight takes the config's (the demo's 2)
+    assert list(runs) == ["base (no training)", "CE + 2 × teacher_kl", "CE only", "sym_kl only (no CE)",
+                          "CE + 2 × sym_kl"]
+    where = {"CE + 2 × teacher_kl": ("teacher_kl-w2", "selected"), "CE only": ("teacher_kl-w2", "ce_only"),
+             "sym_kl only (no CE)": ("teacher_kl-w2", "consistency_only"),
+             "CE + 2 × sym_kl": ("sym_kl-w2", "selected")}
+    for name, (loss, arm) in where.items():
+        run = out / loss / "arms" / f"{arm}-lora-s0"
+        flips = [p["flip"] for p in _pairs(run / "after" / "pairs.jsonl").values()]
+        assert runs[name]["flip_rate"] == pytest.approx(np.mean(flips))
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        expected = {"selected": (1.0, 2.0, loss.split("-")[0]), "ce_only": (1.0, 0.0, "teacher_kl"),
+                    "consistency_only": (0.0, 2.0, "sym_kl")}[arm]
+        assert (cfg["ce_weight"], cfg["consistency_weight"], cfg["consistency"]) == expected
+        assert cfg["max_steps"] == 3 and cfg["layers"] == [1, 2, 3]
+    assert len(_csv(out / "losses.csv")) == 5
+    assert (out / "losses.md").read_text().count("\n") == 2 + 5

@@ -59,6 +59,17 @@ def missing_data_file(ws, tmp):
 
 
 @case("evaluate")
+def unknown_demo_set(ws, tmp):
+    return _evaluate(ws, tmp, "demo:heldout"), "demo:heldout: the demo has no set 'heldout'; use demo:eval"
+
+
+@case("train")
+def extra_eval_without_a_name(ws, tmp):
+    return ["train", "--model", str(ws[1]), "--layers", "1", "--train-data", _pairs(ws), "--eval-data", _pairs(ws),
+            "--extra-eval", "demo:unseen", "--out", str(tmp / "out")], "--extra-eval demo:unseen: give NAME=DATA"
+
+
+@case("evaluate")
 def unreadable_data_directory(ws, tmp):
     (tmp / "empty_dir").mkdir()
     return _evaluate(ws, tmp, str(tmp / "empty_dir")), "empty_dir"

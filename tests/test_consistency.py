@@ -48,18 +48,25 @@ def test_metrics_match_hand_computation(tiny_bundles, pairs):
     mp = margins(b, [p.paraphrase for p in pairs], imgs, batch_size=7).numpy()
     s = np.array([-1 if p.paraphrase_answer != p.answer else 1 for p in pairs])
     flips = np.sign(mq) != np.sign(s * mp)
-    assert m["n_pairs"] == len(pairs) and m["n_questions"] == 12
-    assert m["n_flips"] == int(flips.sum())
-    assert m["flip_rate"] == pytest.approx(flips.mean())
-    assert m["margin_diff"] == pytest.approx(np.abs(mq - s * mp).mean(), abs=1e-5)
+    neg = s < 0  # the negated pairs are the negation set: reported apart from the headline
+    keep = ~neg
+    assert m["headline"] == "meaning_preserving" and m["n_questions"] == 12
+    assert m["n_pairs"] == int(keep.sum()) and m["all"]["n_pairs"] == len(pairs)
+    assert m["n_flips"] == int(flips[keep].sum()) and m["all"]["n_flips"] == int(flips.sum())
+    assert m["flip_rate"] == pytest.approx(flips[keep].mean())
+    assert m["negation"]["n_pairs"] == int(neg.sum())
+    assert m["negation"]["flip_rate"] == pytest.approx(flips[neg].mean())
+    assert m["negation"]["margin_diff"] == pytest.approx(np.abs(mq - s * mp)[neg].mean(), abs=1e-5)
+    assert m["margin_diff"] == pytest.approx(np.abs(mq - s * mp)[keep].mean(), abs=1e-5)
     lo, hi = m["margin_diff_ci"]
     assert lo <= m["margin_diff"] <= hi
     exp_p = np.array([p.paraphrase_answer == "yes" for p in pairs])
-    assert m["accuracy"]["paraphrase"] == pytest.approx(((mp > 0) == exp_p).mean())
-    # question flip: any pair of the question flips
+    assert m["accuracy"]["paraphrase"] == pytest.approx(((mp > 0) == exp_p)[keep].mean())
+    # question flip: any meaning-preserving pair of the question flips
     groups = {}
-    for p, f in zip(pairs, flips):
-        groups[p.question_id] = groups.get(p.question_id, False) or bool(f)
+    for p, f, k in zip(pairs, flips, keep):
+        if k:
+            groups[p.question_id] = groups.get(p.question_id, False) or bool(f)
     assert m["question_flip_rate"] == pytest.approx(np.mean(list(groups.values())))
     # AUC over unique questions against scipy's Mann-Whitney U
     # (from the margins evaluate used: near-tied margins of a random tiny model can reorder by 1e-7
@@ -70,9 +77,11 @@ def test_metrics_match_hand_computation(tiny_bundles, pairs):
     labels = np.array([v[1] for v in uq.values()])
     u = sps.mannwhitneyu(scores[labels], scores[~labels]).statistic
     assert m["auc"] == pytest.approx(u / (labels.sum() * (~labels).sum()), abs=1e-9)
-    assert m["yes_rate"] == pytest.approx(np.concatenate([[v > 0 for v in scores], mp > 0]).mean())
+    assert m["yes_rate"] == pytest.approx(np.concatenate([[v > 0 for v in scores], mp[keep] > 0]).mean())
     assert 0 <= m["blank_image_agreement"] <= 1 and 0 <= m["swap_sensitivity"] <= 1
     assert set(m["by_phenomenon"]) == {"negation_pattern", "lexical_substitution"}
+    assert m["by_phenomenon"]["negation_pattern"]["flip_rate"] == pytest.approx(flips[neg].mean())
+    assert [r["negation_set"] for r in res.pairs] == list(neg)
     row = res.pairs[0]
     assert row["margin_question"] == pytest.approx(float(mq[0]), abs=1e-5)
 
@@ -88,3 +97,15 @@ def test_blank_image_agreement_is_one_for_an_image_blind_model(tiny_bundles, pai
 def test_empty_dataset_is_an_error(tiny_bundles):
     with pytest.raises(MechmedError, match="no pairs"):
         evaluate(tiny_bundles["Gemma3ForCausalLM"], [])
+
+
+def test_negation_only_data_is_its_own_headline(tiny_bundles, pairs):
+    """A file of negation pairs alone (the demo's negation_pairs.jsonl) reports them as its headline."""
+    b = tiny_bundles["Gemma3ForConditionalGeneration"]
+    neg = [p for p in pairs if p.in_negation_set]
+    m = evaluate(b, neg, batch_size=4, n_bootstrap=100, controls=False).metrics
+    assert m["headline"] == "negation" and m["negation"] is None and m["n_pairs"] == len(neg)
+    # PSF-Med's negation_pattern counts as the negation set even when its answer is not inverted
+    kept = ParaphrasePair("x", "Is there a pleural effusion?", "Is there no effusion?", "yes",
+                          phenomenon="negation_pattern")
+    assert kept.in_negation_set and not kept.negated

@@ -7,18 +7,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mechmed.data.records import PHENOMENA, ParaphrasePair
-from mechmed.demo.dataset import EVAL_SEED_OFFSET, Example, make_examples, make_pairs, write_demo_data
+from mechmed.demo.dataset import EVAL_SEED_OFFSET, PAIR_FILES, make_pairs, write_demo_data
 from mechmed.demo.images import FINDINGS, contact_sheet, make_images, render, sample_findings
 from mechmed.demo.phrasings import (
     ANSWER_WORDS,
+    TERMS,
+    WRAPPERS,
+    base_phrasings,
     canonical,
+    combination_split,
     corpus,
-    heldout_phrasings,
+    paraphrases,
     questions,
-    train_phrasings,
     vocabulary,
+    wrappers,
 )
 
 SIZE = 32
@@ -152,31 +157,54 @@ def test_contact_sheet_written(tmp_path):
 
 
 @pytest.mark.parametrize("finding", FINDINGS)
-def test_phrasing_lists(finding):
-    qs = questions(finding)
-    assert qs[0].phenomenon == "canonical" and qs[0].split == "train" and not qs[0].negated
-    assert qs[0].text == canonical(finding) and train_phrasings(finding)[0] == qs[0]
-    assert 2 <= len(train_phrasings(finding)) - 1 <= 4
-    assert 6 <= len(heldout_phrasings(finding)) <= 10
-    assert sum(p.negated for p in train_phrasings(finding)) <= 1
-    assert sum(p.negated for p in heldout_phrasings(finding)) >= 1
-    assert all(p.phenomenon in PHENOMENA for p in qs[1:])
-    assert all(p.text.endswith("?") and p.split in ("train", "heldout") for p in qs)
-    assert len({p.text for p in qs}) == len(qs)
+def test_base_phrasings(finding):
+    qs = base_phrasings(finding)
+    assert qs[0].phenomenon == "canonical" and qs[0].split == "base" and not qs[0].negated
+    assert qs[0].text == canonical(finding) == f"Is there {TERMS[finding][0]}?"
+    assert 2 <= len(qs) - 1 <= 4 and sum(p.negated for p in qs) <= 1
+    assert all(p.phenomenon in PHENOMENA or p.phenomenon == "canonical" for p in qs)
+    assert questions(finding)[: len(qs)] == qs and len({p.text for p in questions(finding)}) == len(questions(finding))
 
 
-def test_heldout_texts_differ_from_training_texts():
-    train = {p.text.lower() for f in FINDINGS for p in train_phrasings(f)}
-    held = {p.text.lower() for f in FINDINGS for p in heldout_phrasings(f)}
-    assert not train & held
+def test_wrappers_are_shared_and_grouped_by_phenomenon():
+    shared, unseen, negation = wrappers("shared"), wrappers("unseen"), wrappers("negation")
+    assert len(shared) + len(unseen) + len(negation) == len(WRAPPERS) == len({w.template for w in WRAPPERS})
+    assert all(w.template.count("{}") == 1 and w.template.endswith("?") for w in WRAPPERS)
+    by_ph: dict = {}
+    for w in shared:
+        by_ph.setdefault(w.phenomenon, []).append(w)
+    # every meaning-preserving phenomenon has enough shared wrappers that none is learned as one template,
+    # and at least one unseen wrapper
+    assert set(by_ph) == {"syntactic_restructuring", "formality", "scope", "specificity", "lexical_substitution"}
+    assert all(len(ws) >= 4 for ws in by_ph.values())
+    assert {w.phenomenon for w in unseen} == set(by_ph)
+    assert negation and all(w.negated and w.phenomenon == "negation_pattern" for w in negation)
+    assert not any(w.negated for w in shared + unseen)
+    assert all(len(TERMS[f]) >= 3 for f in FINDINGS)
 
 
-def test_heldout_words_are_in_corpus_or_training():
-    held = vocabulary(p.text for f in FINDINGS for p in heldout_phrasings(f))
-    known = vocabulary(corpus(0)) | vocabulary(p.text for f in FINDINGS for p in train_phrasings(f))
-    assert held <= known, sorted(held - known)
-    # the corpus alone covers them too: each held-out word is seen outside a question
-    assert held - {"does", "do"} <= vocabulary(corpus(0)) | {"does", "do"}
+def test_checkerboard_split():
+    """Each shared wrapper is fine-tuned with half the findings and evaluated with the others; each finding
+    has fine-tuning and evaluation wrappers of every phenomenon."""
+    for w in wrappers("shared"):
+        sides = [combination_split(w, f) for f in FINDINGS]
+        assert sides.count("train") == sides.count("eval") == len(FINDINGS) // 2
+    for f in FINDINGS:
+        for split in ("train", "eval"):
+            assert {p.phenomenon for p in paraphrases(f, split)} == set(
+                w.phenomenon for w in wrappers("shared"))
+        assert {combination_split(w, f) for w in wrappers("unseen")} == {"unseen"}
+    # base phrasings are in no paraphrase set
+    base = {p.text.lower() for f in FINDINGS for p in base_phrasings(f)}
+    assert not base & {p.text.lower() for f in FINDINGS for p in paraphrases(f)}
+
+
+def test_every_question_word_is_in_the_corpus_or_base_phrasings():
+    asked = vocabulary(p.text for f in FINDINGS for p in questions(f))
+    known = vocabulary(corpus(0)) | vocabulary(p.text for f in FINDINGS for p in base_phrasings(f))
+    assert asked <= known, sorted(asked - known)
+    # the corpus alone covers the paraphrases' words too: each is seen outside a question
+    assert vocabulary(p.text for f in FINDINGS for p in paraphrases(f)) <= vocabulary(corpus(0))
 
 
 def test_corpus_has_no_questions_or_answers():
@@ -202,35 +230,25 @@ def test_vocabulary_splitter():
 # ---------------------------------------------------------------------------------- examples, pairs
 
 
-def test_make_examples_answers_follow_negation():
-    imgs = make_images(40, 5)
-    for which in ("train", "heldout", "canonical"):
-        ex = make_examples(imgs, which, 0)
-        assert len(ex) == 40 * len(FINDINGS) and all(isinstance(e, Example) for e in ex)
-        for e in ex:
-            assert e.answer == ("yes" if e.findings[e.finding] != e.negated else "no")
-            assert e.split == ("heldout" if which == "heldout" else "train")
-        if which == "canonical":
-            assert all(e.question == canonical(e.finding) for e in ex)
-    ex = make_examples(imgs, "train", 0, findings_per_image=2)
-    assert len(ex) == 80
-    assert len(make_examples(imgs[:2], "heldout", 0, all_phrasings=True)) == 2 * sum(
-        len(heldout_phrasings(f)) for f in FINDINGS
-    )
-
-
 def test_make_pairs_balanced_and_negation_flips():
-    rows = make_pairs(make_images(60, 9), "heldout", 9, "t")
+    rows = make_pairs(make_images(60, 9), "negation", 9, "t", per_question=2)
     answers = [r["answer"] for r in rows]
     assert 0.4 <= answers.count("yes") / len(answers) <= 0.65
     for r in rows:
         p = ParaphrasePair(**{**r, "image": Path(r["image"])})
-        held = {q.text: q for q in heldout_phrasings(r["extra"]["finding"])}
-        assert p.paraphrase in held and p.question == canonical(r["extra"]["finding"])
-        assert p.negated == held[p.paraphrase].negated
-        assert p.question_id == f"t-{Path(r['image']).stem}:{r['extra']['finding']}"
-    assert any(r["answer"] != r["paraphrase_answer"] for r in rows)
+        f = r["extra"]["finding"]
+        assert p.question == canonical(f) and p.negated and p.in_negation_set
+        assert p.paraphrase in {q.text for q in paraphrases(f, "negation")}
+        assert p.question_id == f"t-{Path(r['image']).stem}:{f}"
     assert len({r["id"] for r in rows}) == len(rows)
+    for split in ("train", "eval", "unseen"):
+        for r in make_pairs(make_images(20, 9), split, 9, "t"):
+            p = ParaphrasePair(**{**r, "image": Path(r["image"])})
+            assert not p.negated and r["extra"]["split"] == split
+            assert p.paraphrase == next(w for w in WRAPPERS if w.template == r["extra"]["wrapper"]).fill(
+                r["extra"]["term"])
+    with pytest.raises(ValueError, match="split"):
+        make_pairs(make_images(2, 9), "heldout", 9, "t")
 
 
 def test_write_demo_data(tmp_path):
@@ -248,19 +266,52 @@ def test_write_demo_data(tmp_path):
         meta["seed"] == 3 and meta["eval_seed"] == 3 + EVAL_SEED_OFFSET and meta["findings"] == list(FINDINGS)
     )
     # evaluation images are not training images
-    from PIL import Image
-
     ev = np.asarray(Image.open(a / "images/0000.png"))
     assert np.array_equal(ev, make_images(1, 3 + EVAL_SEED_OFFSET)[0][0])
     assert not np.array_equal(ev, make_images(1, 3)[0][0])
 
-    for name, split in (("pairs.jsonl", "heldout"), ("train_pairs.jsonl", "train")):
+    for split, name in PAIR_FILES.items():
+        assert Path(name) in files
         lines = (a / name).read_text().splitlines()
         assert lines and meta["counts"][name.split(".")[0]]["pairs"] == len(lines)
         for line in lines:
             row = json.loads(line)
             p = ParaphrasePair(**{**row, "image": Path(row["image"])})
             assert not p.image.is_absolute() and (a / p.image).is_file()
+            assert p.image.parts[0] == ("train_images" if split == "train" else "images")
             assert p.source == "demo" and p.extra["split"] == split and p.answer in ANSWER_WORDS
+            assert p.extra["negated"] == (split == "negation") and p.phenomenon in PHENOMENA
+            assert p.paraphrase.lower() == p.extra["wrapper"].format(p.extra["term"]).lower()
             flipped = {"yes": "no", "no": "yes"}[p.answer]
             assert p.paraphrase_answer == (flipped if p.extra["negated"] else p.answer)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_no_evaluation_pair_shares_an_image_or_a_wrapper_finding_combination_with_training(tmp_path):
+    """The PSF-Med split, on the demo's own data settings: evaluation pairs (main, unseen and negation sets)
+    are on other images and other (wrapper, finding) combinations than the fine-tuning pairs."""
+    from mechmed.demo.build import DATA_SETTINGS
+    from mechmed.demo.images import make_images as images
+
+    root = write_demo_data(tmp_path / "d", seed=0, **DATA_SETTINGS)
+    train = _rows(root / PAIR_FILES["train"])
+    train_images = {np.asarray(Image.open(root / r["image"])).tobytes() for r in train}
+    train_combos = {(r["extra"]["wrapper"], r["extra"]["finding"]) for r in train}
+    for split in ("eval", "unseen", "negation"):
+        rows = _rows(root / PAIR_FILES[split])
+        assert len(rows) >= 500
+        assert not {(r["extra"]["wrapper"], r["extra"]["finding"]) for r in rows} & train_combos
+        assert not {r["image"] for r in rows} & {r["image"] for r in train}
+        # and not the same pixels under another name
+        assert not {np.asarray(Image.open(root / r["image"])).tobytes() for r in rows} & train_images
+    # the main evaluation set spans every shared wrapper and every term, as the training set does
+    ev = _rows(root / PAIR_FILES["eval"])
+    for rows in (train, ev):
+        assert {r["extra"]["wrapper"] for r in rows} == {w.template for w in wrappers("shared")}
+        assert {(r["extra"]["finding"], r["extra"]["term"]) for r in rows} == {
+            (f, t) for f in FINDINGS for t in TERMS[f]}
+    assert images(1, 0)[0][0].shape == (DATA_SETTINGS["size"],) * 2
+

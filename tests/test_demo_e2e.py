@@ -63,7 +63,14 @@ def test_demo_report_and_results(demo_run):
     flip = f"{sel['flip_rate']:.3f} [{sel['flip_ci'][0]:.3f}, {sel['flip_ci'][1]:.3f}]"
     assert flip in md and flip in page
     assert "## Skipped" not in md, md.split("## Skipped")[-1]
-    names = ["r2_by_layer", "layer_profile", "feature_heatmap", "flip_by_arm", "tradeoff",
+    # the demo's result, on its fair split: fine-tuning lowers the held-out flip rate, pure consistency collapses
+    base, cons = res["base"], next(r for r in res["summary"] if r["arm"] == "consistency_only")
+    assert sel["flip_rate"] < base["flip_rate"] and sel["p_vs_base"] < 0.001, (sel, base)
+    assert cons["collapsed"] and cons["yes_rate"] > 0.95
+    assert set(sel["sets"]) == {"unseen", "negation"} and set(base["sets"]) == {"unseen", "negation"}
+    assert base["sets"]["negation"]["flip_rate"] > base["flip_rate"]  # negation is reported apart: it flips most
+    assert "Beside the main set, training the selected layers" in md
+    names = ["r2_by_layer", "layer_profile", "feature_heatmap", "flip_by_arm", "flip_heatmap", "tradeoff",
              *(f"training_{a}-lora-s0" for a in ARMS)]
     for name in names:
         assert (out / "figures" / f"{name}.html").is_file(), name

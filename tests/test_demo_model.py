@@ -1,7 +1,7 @@
 """The embedded default: built once (in the default cache, reused afterwards) and held to its bars.
 
 Bars (benchmarks/demo_build.py measures them for seeds 0, 1, 2): ≥ 6 decoder layers, canonical
-accuracy ≥ 0.80 on evaluation images, flip rate on held-out phrasing pairs in [0.15, 0.40],
+accuracy ≥ 0.85 on evaluation images, flip rate on the held-out meaning-preserving pairs in [0.15, 0.40],
 yes-rate in [0.3, 0.7], blank-image agreement far from 1 (≤ 0.75 here), build ≤ 60 s on 2 cores
 (the build's own recorded time, asserted with slack for shared machines: ≤ 90 s, or ≤ 60 s with
 MECHMED_STRICT_TIMING=1).
@@ -50,10 +50,12 @@ def test_architecture(metrics):
 
 
 def test_accuracy_and_flip_rate(metrics):
-    assert metrics["canonical_accuracy"] >= 0.80, metrics
+    assert metrics["canonical_accuracy"] >= 0.85, metrics
     assert 0.15 <= metrics["flip_rate"] <= 0.40, metrics
-    # flips come from phrasing: held-out negations flip more than other rewordings
-    assert metrics["flip_rate_negated"] > metrics["flip_rate_not_negated"]
+    assert metrics["flip_rate_negated"] is None  # the main evaluation set is meaning-preserving only
+    assert 0.10 <= metrics["flip_rate_unseen"] <= 0.45, metrics
+    # flips come from phrasing: the answer-inverting negations, which the model was never taught, flip most
+    assert metrics["flip_rate_negation"] > max(0.5, metrics["flip_rate"])
 
 
 def test_answers_are_balanced_and_use_the_image(metrics):
@@ -158,31 +160,31 @@ def test_loads_with_plain_transformers(demo_dir, data_dir):
 # ----------------------------------------------------------------------------- tokenizer and data
 
 
-def test_tokenizer_covers_every_heldout_word():
+def test_tokenizer_covers_every_paraphrase_word():
     from mechmed.demo.images import FINDINGS
     from mechmed.demo.model import demo_tokenizer
-    from mechmed.demo.phrasings import heldout_phrasings, train_phrasings, vocabulary
+    from mechmed.demo.phrasings import base_phrasings, paraphrases, vocabulary
     from mechmed.demo.train import TrainConfig, corpus_sentences
 
     tok = demo_tokenizer(SEED)
     for word in ("yes", "no"):
         assert len(tok.encode(word, add_special_tokens=False)) == 1
-    heldout = [p.text for f in FINDINGS for p in heldout_phrasings(f)]
-    ids = [i for t in heldout for i in tok.encode(t, add_special_tokens=False)]
+    asked = [p.text for f in FINDINGS for p in paraphrases(f)]
+    ids = [i for t in asked for i in tok.encode(t, add_special_tokens=False)]
     assert tok.unk_token_id not in ids
     trained_text = corpus_sentences(SEED, TrainConfig().n_corpus_reports) + [
-        p.text for f in FINDINGS for p in train_phrasings(f)
+        p.text for f in FINDINGS for p in base_phrasings(f)
     ]
-    assert vocabulary(heldout) <= vocabulary(trained_text)
+    assert vocabulary(asked) <= vocabulary(trained_text)
 
 
 def test_noisy_variants_keep_the_finding_and_negation():
     from mechmed.demo.images import FINDINGS
-    from mechmed.demo.phrasings import train_phrasings
+    from mechmed.demo.phrasings import base_phrasings
     from mechmed.demo.train import noisy_variants
     from mechmed.tiny import words
 
-    phr = [[p.text for p in train_phrasings(f)] for f in FINDINGS]
+    phr = [[p.text for p in base_phrasings(f)] for f in FINDINGS]
     variants = noisy_variants(phr, 8, seed=0, extra_words=["the film shows lungs"], max_ops=4)
     assert variants == noisy_variants(phr, 8, seed=0, extra_words=["the film shows lungs"], max_ops=4)
     flat = [t for texts in phr for t in texts]
@@ -217,31 +219,31 @@ def test_same_seed_same_weights(demo_cache, tmp_path):
 
 
 def test_negation_template_learned_on_three_findings_transfers_to_the_others(demo_dir, data_dir, tmp_path):
-    """The demo model ignores the held-out negation "Is the image free of X?" (most of its pairs flip).
+    """The demo model ignores the negation "Is the image free of X?" (most of its pairs flip).
     ``mechmed train`` on that template for three findings, over the training images, fixes it for the
-    other three findings on the evaluation images: a held-out phrasing, new images, paired test."""
+    other three findings on the evaluation images: a new operator, new images, paired test."""
     from mechmed.config import TrainConfig, demo_defaults
-    from mechmed.demo.dataset import expected_answer, load_pairs
+    from mechmed.demo.dataset import EVAL_SEED_OFFSET, expected_answer
     from mechmed.demo.images import FINDINGS, make_images
-    from mechmed.demo.phrasings import canonical, heldout_phrasings
+    from mechmed.demo.phrasings import TERMS, canonical, wrappers
     from mechmed.io import write_jsonl
     from mechmed.train import train
 
-    template = {f: next(p.text for p in heldout_phrasings(f) if p.text.startswith("Is the image free of"))
-                for f in FINDINGS}
+    wrapper = next(w for w in wrappers("negation") if w.template.startswith("Is the image free of"))
     trained, held = FINDINGS[0::2], FINDINGS[1::2]
     n = json.loads((data_dir / "meta.json").read_text())["n_images"]
-    rows = [{"id": f"t{i}-{f}", "question": canonical(f), "paraphrase": template[f],
-             "answer": expected_answer(fd[f], False), "paraphrase_answer": expected_answer(fd[f], True),
-             "image": f"train_images/{i:04d}.png", "phenomenon": "negation_pattern", "question_id": f"t{i}:{f}",
-             "extra": {"finding": f, "negated": True}}
-            for i, (_, fd) in enumerate(make_images(n, SEED, 32)) for f in trained]
-    write_jsonl(tmp_path / "train.jsonl", rows)
-    evals = [r for r in load_pairs(data_dir / "pairs.jsonl") if r["paraphrase"] in {template[f] for f in held}]
-    assert len(evals) >= 100
-    write_jsonl(tmp_path / "eval.jsonl", evals)
+
+    def rows(findings, seed, folder):
+        return [{"id": f"{folder}{i}-{f}", "question": canonical(f), "paraphrase": wrapper.fill(TERMS[f][0]),
+                 "answer": expected_answer(fd[f], False), "paraphrase_answer": expected_answer(fd[f], True),
+                 "image": f"{folder}/{i:04d}.png", "phenomenon": "negation_pattern", "question_id": f"{folder}{i}:{f}",
+                 "extra": {"finding": f, "negated": True}}
+                for i, (_, fd) in enumerate(make_images(n, seed, 32)) for f in findings]
+
+    write_jsonl(tmp_path / "train.jsonl", rows(trained, SEED, "train_images"))
+    write_jsonl(tmp_path / "eval.jsonl", rows(held, SEED + EVAL_SEED_OFFSET, "images"))
     cfg = TrainConfig(**{**demo_defaults(), "layers": [2, 3, 4], "train_data": str(tmp_path / "train.jsonl"),
-                         "eval_data": str(tmp_path / "eval.jsonl"), "image_root": str(data_dir),
+                         "eval_data": str(tmp_path / "eval.jsonl"), "image_root": str(data_dir), "batch_size": 16,
                          "consistency_weight": 0.0, "lr": 1e-3, "epochs": 5.0, "max_steps": 200,
                          "eval_every": 100, "checkpoint_every": 200})
     m = train(cfg, tmp_path / "run").metrics

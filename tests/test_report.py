@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from mechmed import figures as F
-from mechmed.report import build_report, layers_phrase, summary_table
+from mechmed.report import LOSS_LABELS, build_report, layers_phrase, summary_table
 
 
 def _random_saes(root, d_model: int, n_layers: int):
@@ -133,6 +133,10 @@ def _source_numbers(run_dir) -> set[str]:
 
     for p in ("sae_check/sae_check.json", "attribute/layer_scores.json", "ablation/results.json"):
         walk(json.loads((run_dir / p).read_text()))
+    # the signed changes the verdicts state: each arm's flip rate against the base's and CE-only's
+    summary = json.loads((run_dir / "ablation" / "results.json").read_text())["summary"]
+    refs = [r["flip_rate"] for r in summary if r["arm"] in ("base", "ce_only")]
+    values += [abs(r["flip_rate"] - ref) for r in summary for ref in refs]
     walk(yaml.safe_load((run_dir / "train.yaml").read_text()))
     out = set()
     for v in values:
@@ -152,12 +156,17 @@ def test_every_headline_number_comes_from_the_run(run_dir, report):
     res, scores = _results(run_dir), json.loads((run_dir / "attribute" / "layer_scores.json").read_text())
     base, sel = res["base"], next(r for r in res["summary"] if r["arm"] == "selected")
     before, after = _ci(base["flip_rate"], base["flip_ci"], 3), _ci(sel["flip_rate"], sel["flip_ci"], 3)
-    assert (f"from {before} to {after}" if before != after else f"left the held-out flip rate at {after}") in key
+    assert (f"from {before} to {after}" if before != after else f"left the flip rate at {after}") in key
+    if before != after:  # the signed change and the relative change, by hand
+        diff = sel["flip_rate"] - base["flip_rate"]
+        rel = f", {100 * diff / base['flip_rate']:+.0f}% relative" if base["flip_rate"] else ""
+        assert f"({diff:+.3f}{rel}; McNemar".replace("-", "−") in key
     assert f"{scores['n_flipped']} of {scores['n_pairs']} attributed pairs flipped" in key
     rows = json.loads((run_dir / "sae_check" / "sae_check.json").read_text())["rows"]
     assert f"R² from {min(r['r2'] for r in rows):.4f}" in key and f"to {max(r['r2'] for r in rows):.4f}" in key
     cons = next(r for r in res["summary"] if r["arm"] == "consistency_only")
-    assert ("Consistency-only training collapsed" if cons["collapsed"] else "did not collapse") in key
+    assert (f"Consistency-only training ({LOSS_LABELS['sym_kl']}; no cross-entropy) "
+            + ("collapsed" if cons["collapsed"] else "did not collapse")) in key
     late = next(r for r in res["summary"] if r["arm"] == "late")
     assert ("The late range is the selected layers" in key) == (late["layers"] == sel["layers"])
     selected = yaml.safe_load((run_dir / "train.yaml").read_text())["layers"]

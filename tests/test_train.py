@@ -32,6 +32,7 @@ def test_losses_match_hand_formulas():
     kl = lambda a, b: (a * np.log(a / b)).sum(-1)  # noqa: E731
     m = 0.5 * (pq + pp_aligned)
     expected = {
+        "teacher_kl": kl(pq, pp_aligned).mean(),
         "sym_kl": (kl(pq, pp_aligned) + kl(pp_aligned, pq)).mean(),
         "js": (0.5 * kl(pq, m) + 0.5 * kl(pp_aligned, m)).mean(),
         "margin_mse": (((sq[:, 0] - sq[:, 1]) - torch.where(neg, -1.0, 1.0) * (sp[:, 0] - sp[:, 1])) ** 2).mean().item(),
@@ -45,6 +46,38 @@ def test_losses_match_hand_formulas():
         assert parts.ce.item() == pytest.approx(ce, rel=1e-5)
         assert parts.consistency.item() == pytest.approx(value, rel=1e-5)
         assert parts.total.item() == pytest.approx(ce + 0.5 * value, rel=1e-5)
+
+
+def test_teacher_kl_moves_only_the_paraphrase():
+    """The stop-gradient KL pulls the paraphrase's answer toward the original question's: its gradient
+    reaches the paraphrase's scores only, and by scipy's KL the paraphrase moves toward the question."""
+    from scipy.special import rel_entr
+
+    g = torch.Generator().manual_seed(1)
+    sq = torch.randn(4, 2, generator=g, requires_grad=True)
+    sp = torch.randn(4, 2, generator=g, requires_grad=True)
+    yq = torch.tensor([True, False, True, False])
+    neg = torch.tensor([False, True, False, False])
+    parts = pair_loss(sq, sp, yq, yq ^ neg, neg, _cfg(consistency="teacher_kl", ce_weight=0.0))
+    parts.total.backward()
+    assert torch.count_nonzero(sq.grad) == 0 and torch.count_nonzero(sp.grad) > 0
+    pq = torch.softmax(sq.detach(), -1).numpy()
+    aligned = lambda s: np.where(neg.numpy()[:, None], s[:, ::-1], s)  # noqa: E731
+    before = rel_entr(pq, aligned(torch.softmax(sp.detach(), -1).numpy())).sum(-1)
+    after = rel_entr(pq, aligned(torch.softmax(sp.detach() - 0.5 * sp.grad, -1).numpy())).sum(-1)
+    assert parts.consistency.item() == pytest.approx(before.mean(), rel=1e-5)
+    assert np.all(after < before)
+
+
+def test_lr_schedules():
+    from mechmed.train import lr_factor
+
+    assert [lr_factor("constant", s, 4) for s in range(4)] == [1.0] * 4
+    assert [lr_factor("linear", s, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    cosine = [float(np.cos(np.pi * s / 8) ** 2) for s in range(4)]  # ½(1 + cos πt) = cos²(πt/2)
+    assert [lr_factor("cosine", s, 4) for s in range(4)] == pytest.approx(cosine, abs=1e-12)
+    with pytest.raises(MechmedError, match="lr_schedule"):
+        _cfg(lr_schedule="step")
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -46,6 +46,12 @@ class ParaphrasePair:
         return self.expected_paraphrase != self.answer
 
     @property
+    def in_negation_set(self) -> bool:
+        """True for an answer-inverting pair (negated, or PSF-Med's ``negation_pattern``): such pairs
+        are reported as their own set, apart from the meaning-preserving paraphrases."""
+        return self.negated or self.phenomenon == "negation_pattern"
+
+    @property
     def group(self) -> str:
         """The question this pair belongs to (``question_id``, else image + question)."""
         return self.question_id or f"{self.image}::{self.question}"

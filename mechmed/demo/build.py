@@ -4,7 +4,8 @@
 (``AutoProcessor.from_pretrained(path)``, ``AutoModelForImageTextToText.from_pretrained(path)``;
 weights in safetensors), building it on first use (under a minute on two CPU cores).
 ``ensure_demo_data()`` returns the evaluation data directory
-(:func:`mechmed.demo.dataset.write_demo_data`: ``images/``, ``pairs.jsonl``, ``train_pairs.jsonl``).
+(:func:`mechmed.demo.dataset.write_demo_data`: ``images/``, ``pairs.jsonl``, ``train_pairs.jsonl``,
+``unseen_pairs.jsonl``, ``negation_pairs.jsonl``).
 
 Cache layout: ``$MECHMED_CACHE`` (default ``~/.cache/mechmed``) ``/demo/{model|data}-s{seed}-{key}``,
 ``key`` a hash of the recipe (version, model and training configs, data settings) and the seed.
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 MARKER = ".complete"
 METRICS = "build_metrics.json"
 #: Evaluation data settings (arguments of ``write_demo_data``); part of the cache key.
-DATA_SETTINGS = {"n_images": 200, "size": 32, "per_question": 3}
-DATA_VERSION = "demo-data-v1"
+DATA_SETTINGS = {"n_images": 200, "size": 32}
+DATA_VERSION = "demo-data-v2"
 #: Torch threads the build trains with, whatever the caller's setting: training reduces in an order
 #: that depends on the thread count, so the same seed gives the same weights only at a fixed count
 #: (2 is also the fastest on the two-core machines the build is sized for).
@@ -63,7 +64,9 @@ def model_recipe(
 
 
 def data_recipe(seed: int = 0) -> dict:
-    return {"version": DATA_VERSION, "seed": seed, **DATA_SETTINGS}
+    from mechmed.demo.dataset import PER_QUESTION
+
+    return {"version": DATA_VERSION, "seed": seed, **DATA_SETTINGS, "per_question": PER_QUESTION}
 
 
 def _complete(path: Path) -> bool:
@@ -96,7 +99,8 @@ def _build_into(final: Path, build, replace: bool = False) -> Path:
 
 
 def ensure_demo_data(cache_dir: str | os.PathLike | None = None, seed: int = 0, force: bool = False) -> Path:
-    """The demo's evaluation data directory (``pairs.jsonl`` over held-out phrasings, images, ...)."""
+    """The demo's data directory (:func:`mechmed.demo.dataset.write_demo_data`: ``pairs.jsonl``,
+    ``train_pairs.jsonl``, ``unseen_pairs.jsonl``, ``negation_pairs.jsonl``, images)."""
     from mechmed.demo.dataset import write_demo_data
 
     recipe = data_recipe(seed)
@@ -142,12 +146,14 @@ def build_demo(
     """Build, train, save and evaluate a demo model in ``out_dir`` (no caching); returns its metrics,
     also written to ``out_dir/build_metrics.json``.
 
-    Metrics: ``canonical_accuracy`` (canonical question, evaluation images), ``flip_rate`` (held-out
-    phrasing pairs; see :func:`mechmed.demo.train.evaluate_pairs`), ``yes_rate``,
+    Metrics: ``canonical_accuracy`` (canonical question, evaluation images), ``flip_rate`` (the held-out
+    pairs of ``pairs.jsonl``; see :func:`mechmed.demo.train.evaluate_pairs`), ``flip_rate_unseen`` and
+    ``flip_rate_negation`` (the unseen-wrapper and negation sets), ``yes_rate``,
     ``blank_image_agreement``, and ``timing`` (seconds: data, training, evaluation, total build).
     """
     import torch
 
+    from mechmed.demo.dataset import PAIR_FILES
     from mechmed.demo.model import build_demo_model
     from mechmed.demo.train import evaluate_pairs, load_rows, train_demo
     from mechmed.saes import torch_threads
@@ -169,7 +175,10 @@ def build_demo(
     save(model, processor, out)
 
     t2 = time.perf_counter()
-    ev = evaluate_pairs(model, processor, load_rows(data_dir / "pairs.jsonl"), data_dir)
+    ev = evaluate_pairs(model, processor, load_rows(data_dir / PAIR_FILES["eval"]), data_dir)
+    for name in ("unseen", "negation"):
+        other = evaluate_pairs(model, processor, load_rows(data_dir / PAIR_FILES[name]), data_dir, blank=False)
+        ev[f"flip_rate_{name}"] = other["flip_rate"]
     t_eval = time.perf_counter() - t2
     metrics = {
         "recipe_version": RECIPE_VERSION,

@@ -1,10 +1,19 @@
-"""Question items and PSF-Med-style paraphrase pairs over the synthetic images.
+"""PSF-Med-style paraphrase pairs over the synthetic images: the embedded default's data set.
 
-Seeds: the model trains on ``make_images(n, seed)``; the evaluation data that
-:func:`write_demo_data` writes comes from ``make_images(n, seed + EVAL_SEED_OFFSET)``, so the
-evaluation images are never training images. The pairs' expected answers follow negation: a
-negated phrasing ("Is the image free of pleural effusion?") expects the opposite of the
-canonical answer.
+Every pair asks the canonical question ("Is there a pleural effusion?") against one compositional
+paraphrase (a wrapper filled with a term, :mod:`mechmed.demo.phrasings`) about the same image.
+The pairs are split the way PSF-Med's are:
+
+* ``train_pairs.jsonl``: fine-tuning combinations (``split == "train"``) on training images;
+* ``pairs.jsonl``: the other (wrapper, finding) combinations (``"eval"``) on evaluation images,
+  the default evaluation set;
+* ``unseen_pairs.jsonl``: wrappers never fine-tuned with any finding, on the evaluation images;
+* ``negation_pairs.jsonl``: answer-inverting wrappers on the evaluation images, whose expected
+  answer is the opposite of the canonical question's.
+
+No evaluation pair shares an image or a (wrapper, finding) combination with a training pair.
+Seeds: the model trains on ``make_images(n, seed)``; the evaluation images come from
+``make_images(n, seed + EVAL_SEED_OFFSET)``.
 """
 
 from __future__ import annotations
@@ -12,105 +21,28 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from mechmed.demo.images import FINDINGS, contact_sheet, make_images
-from mechmed.demo.phrasings import Phrasing, canonical, heldout_phrasings, questions, train_phrasings
+from mechmed.demo.phrasings import TERMS, WRAPPERS, base_phrasings, canonical, paraphrases
 from mechmed.io import atomic_path, ensure_dir, write_json, write_jsonl
 
 EVAL_SEED_OFFSET = 10_000
-PHRASING_SETS = ("train", "heldout", "canonical")
-
-
-@dataclass(frozen=True)
-class Example:
-    """One image, one question about one finding, and its expected answer."""
-
-    image: np.ndarray
-    findings: dict
-    finding: str
-    question: str
-    answer: str  # "yes" or "no"
-    phenomenon: str
-    split: str
-    negated: bool
+#: The file each set of pairs is written to; ``train`` pairs use the training images, the others
+#: the evaluation images.
+PAIR_FILES = {"eval": "pairs.jsonl", "unseen": "unseen_pairs.jsonl", "negation": "negation_pairs.jsonl",
+              "train": "train_pairs.jsonl"}
+#: Pairs per asked question in each set (default of :func:`write_demo_data`).
+PER_QUESTION = {"eval": 3, "unseen": 1, "negation": 1, "train": 4}
 
 
 def expected_answer(present: bool, negated: bool) -> str:
     """``"yes"`` when the finding is present, flipped for a negated phrasing."""
     return "yes" if present != negated else "no"
-
-
-def _as_rng(rng: np.random.Generator | int) -> np.random.Generator:
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-
-
-def _phrasings(finding: str, which: str) -> list[Phrasing]:
-    if which == "train":
-        return train_phrasings(finding)
-    if which == "heldout":
-        return heldout_phrasings(finding)
-    if which == "canonical":
-        return train_phrasings(finding)[:1]
-    raise ValueError(f"phrasings={which!r}; use one of {PHRASING_SETS}")
-
-
-def make_examples(
-    images: Sequence[tuple[np.ndarray, dict[str, bool]]],
-    phrasings: str = "train",
-    rng: np.random.Generator | int = 0,
-    *,
-    findings_per_image: int | None = None,
-    canonical_weight: float = 0.5,
-    all_phrasings: bool = False,
-) -> list[Example]:
-    """Question items over ``images`` (pairs from :func:`~mechmed.demo.images.make_images`).
-
-    For each image, each finding (or ``findings_per_image`` of them, sampled) is asked once in one
-    phrasing from the set ``phrasings``: ``"canonical"`` asks the canonical question; ``"train"``
-    asks it with probability ``canonical_weight`` and otherwise a training paraphrase chosen
-    uniformly; ``"heldout"`` asks a held-out phrasing chosen uniformly. With ``all_phrasings`` every
-    phrasing of the set is asked instead. The answer takes negation into account.
-    """
-    if phrasings not in PHRASING_SETS:
-        raise ValueError(f"phrasings={phrasings!r}; use one of {PHRASING_SETS}")
-    if findings_per_image is not None and not 1 <= findings_per_image <= len(FINDINGS):
-        raise ValueError(f"findings_per_image={findings_per_image}; use 1..{len(FINDINGS)} or None")
-    rng = _as_rng(rng)
-    out: list[Example] = []
-    for image, findings in images:
-        chosen: Sequence[str] = FINDINGS
-        if findings_per_image is not None:
-            idx = np.sort(rng.choice(len(FINDINGS), size=findings_per_image, replace=False))
-            chosen = [FINDINGS[i] for i in idx]
-        for f in chosen:
-            options = _phrasings(f, phrasings)
-            if all_phrasings:
-                picked = options
-            elif phrasings == "train" and len(options) > 1:
-                use_canon = rng.random() < canonical_weight
-                picked = [options[0] if use_canon else options[1 + int(rng.integers(len(options) - 1))]]
-            else:
-                picked = [options[int(rng.integers(len(options)))]]
-            present = bool(findings.get(f, False))
-            for p in picked:
-                out.append(
-                    Example(
-                        image=image,
-                        findings=dict(findings),
-                        finding=f,
-                        question=p.text,
-                        answer=expected_answer(present, p.negated),
-                        phenomenon=p.phenomenon,
-                        split=p.split,
-                        negated=p.negated,
-                    )
-                )
-    return out
 
 
 def make_pairs(
@@ -127,16 +59,19 @@ def make_pairs(
     path (``"images/0007.png"``) or an array (then the path is ``images/{index:04d}.png``, the layout
     :func:`write_demo_data` writes). Per image, every present finding is asked and as many absent
     ones, sampled (at least one), so ``answer`` is roughly balanced. Each asked finding gets
-    ``per_question`` pairs: the canonical question against a different phrasing of ``split``
-    (``"train"`` or ``"heldout"``, never the canonical one), sampled without replacement.
-    ``question_id`` is ``f"{image_id}:{finding}"`` with ``image_id = f"{id_prefix}-{stem}"``;
-    ``id`` adds the phrasing's index in :func:`~mechmed.demo.phrasings.questions`.
+    ``per_question`` pairs: the canonical question against paraphrases of ``split`` (``"train"``,
+    ``"eval"``, ``"unseen"`` or ``"negation"``), sampled without replacement. ``question_id`` is
+    ``f"{image_id}:{finding}"`` with ``image_id = f"{id_prefix}-{stem}"``; ``id`` adds the
+    wrapper's index in :data:`~mechmed.demo.phrasings.WRAPPERS` and the term's index. ``extra``
+    records the finding, the wrapper, the term, the split and whether the paraphrase is negated.
     """
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split={split!r}; use 'train' or 'heldout'")
+    if split not in PAIR_FILES:
+        raise ValueError(f"split={split!r}; use one of {', '.join(PAIR_FILES)}")
     if per_question < 1:
         raise ValueError(f"per_question={per_question}; use 1 or more")
     rng = np.random.default_rng(seed)
+    options = {f: paraphrases(f, split) for f in FINDINGS}
+    wrapper_index = {w.template: i for i, w in enumerate(WRAPPERS)}
     rows: list[dict] = []
     for i, (image, findings) in enumerate(images_with_findings):
         path = Path(f"images/{i:04d}.png") if isinstance(image, np.ndarray) else Path(image)
@@ -147,15 +82,13 @@ def make_pairs(
         neg_idx = sorted(rng.choice(len(absent), size=n_neg, replace=False).tolist()) if n_neg else []
         asked = sorted(present + [absent[j] for j in neg_idx], key=FINDINGS.index)
         for f in asked:
-            all_q = questions(f)
-            options = [k for k, p in enumerate(all_q) if p.split == split and p.phenomenon != "canonical"]
-            ks = sorted(rng.choice(options, size=min(per_question, len(options)), replace=False).tolist())
+            ks = sorted(rng.choice(len(options[f]), size=min(per_question, len(options[f])), replace=False).tolist())
             answer = expected_answer(bool(findings.get(f)), False)
             for k in ks:
-                p = all_q[k]
+                p = options[f][k]
                 rows.append(
                     {
-                        "id": f"{image_id}-{f}-{k:02d}",
+                        "id": f"{image_id}-{f}-{wrapper_index[p.wrapper]:02d}{p.term}",
                         "question": canonical(f),
                         "paraphrase": p.text,
                         "answer": answer,
@@ -164,7 +97,8 @@ def make_pairs(
                         "phenomenon": p.phenomenon,
                         "source": "demo",
                         "question_id": f"{image_id}:{f}",
-                        "extra": {"finding": f, "negated": p.negated, "split": p.split},
+                        "extra": {"finding": f, "wrapper": p.wrapper, "term": TERMS[f][p.term],
+                                  "split": p.split, "negated": p.negated},
                     }
                 )
     return rows
@@ -186,24 +120,26 @@ def _summary(rows: list[dict]) -> dict:
 
 
 def write_demo_data(
-    out_dir: str | Path, *, n_images: int = 200, seed: int = 0, size: int = 32, per_question: int = 3
+    out_dir: str | Path, *, n_images: int = 200, seed: int = 0, size: int = 32, per_question: dict | None = None
 ) -> Path:
     """Write the embedded default's data set under ``out_dir`` and return ``out_dir``.
 
     * ``images/NNNN.png``: evaluation images, ``make_images(n_images, seed + 10_000, size)``.
-    * ``pairs.jsonl``: held-out phrasing pairs over those images (the evaluation set).
+    * ``pairs.jsonl``, ``unseen_pairs.jsonl``, ``negation_pairs.jsonl``: the evaluation,
+      unseen-wrapper and negation pairs over those images (see the module doc).
     * ``train_images/NNNN.png``: training images, ``make_images(n_images, seed, size)`` (the first
       ``n_images`` of the stream the model trains on).
-    * ``train_pairs.jsonl``: training-phrasing pairs over the training images (for consistency
-      fine-tuning).
+    * ``train_pairs.jsonl``: fine-tuning pairs over the training images.
     * ``contact_sheet.png``: the first 48 evaluation images with their findings.
-    * ``meta.json``: seeds, counts, findings and every phrasing.
+    * ``meta.json``: seeds, counts, findings, every wrapper and term, and the base phrasings.
 
+    ``per_question`` maps a set to its pairs per asked question (default :data:`PER_QUESTION`).
     Image paths in the JSON lines are relative to ``out_dir``. Files are written atomically and
     are byte-identical for the same arguments.
     """
     if n_images < 1:
         raise ValueError(f"n_images={n_images}; use 1 or more")
+    per_question = {**PER_QUESTION, **(per_question or {})}
     out = ensure_dir(out_dir, "out_dir")
     eval_seed = seed + EVAL_SEED_OFFSET
     sets = {}
@@ -215,10 +151,13 @@ def write_demo_data(
             _write_png(out / rel, img)
             refs.append((rel, findings))
         sets[name] = (samples, refs)
-    pairs = make_pairs(sets["eval"][1], "heldout", eval_seed, "eval", per_question=per_question)
-    train_pairs = make_pairs(sets["train"][1], "train", seed, "train", per_question=per_question)
-    write_jsonl(out / "pairs.jsonl", pairs)
-    write_jsonl(out / "train_pairs.jsonl", train_pairs)
+    counts = {}
+    for k, (split, filename) in enumerate(PAIR_FILES.items()):
+        images, s = (sets["train"][1], seed) if split == "train" else (sets["eval"][1], eval_seed)
+        rows = make_pairs(images, split, [s, k], "train" if split == "train" else "eval",
+                          per_question=per_question[split])
+        write_jsonl(out / filename, rows)
+        counts[filename.split(".")[0]] = _summary(rows)
     contact_sheet(sets["eval"][0][:48], out / "contact_sheet.png")
     meta = {
         "generator": "mechmed.demo.dataset.write_demo_data",
@@ -233,8 +172,11 @@ def write_demo_data(
             name: {f: sum(bool(fd[f]) for _, fd in sets[name][1]) for f in FINDINGS}
             for name in ("eval", "train")
         },
-        "counts": {"pairs": _summary(pairs), "train_pairs": _summary(train_pairs)},
-        "phrasings": {f: [asdict(p) for p in questions(f)] for f in FINDINGS},
+        "counts": counts,
+        "files": dict(PAIR_FILES),
+        "wrappers": [asdict(w) for w in WRAPPERS],
+        "terms": {f: list(TERMS[f]) for f in FINDINGS},
+        "base_phrasings": {f: [asdict(p) for p in base_phrasings(f)] for f in FINDINGS},
     }
     write_json(out / "meta.json", meta)
     return out

@@ -6,7 +6,7 @@ projector, and a Gemma 3 decoder. Only the sizes differ (MedGemma-4B: 34 layers,
 256 image tokens; the demo: 6 layers, hidden 64, 4 image tokens on 32 x 32 images).
 
 The tokenizer is word-level (:func:`mechmed.tiny.gemma_tokenizer`) over every text the model ever
-sees: the demo corpus, every phrasing of every finding (held-out ones included, so that no
+sees: the demo corpus, every phrasing of every finding (paraphrases included, so that no
 evaluation word is ``<unk>``) and the answer words, so ``yes`` and ``no`` are single tokens.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from mechmed.errors import MechmedError
 
 #: Bumped whenever the recipe (architecture, tokenizer texts, training) changes: it keys the cache.
-RECIPE_VERSION = "demo-v2"
+RECIPE_VERSION = "demo-v3"
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,31 @@
 """Question phrasings for the six synthetic findings, and a text corpus that uses their words.
 
-For each finding, :func:`questions` lists one canonical question and its paraphrases, grouped by
-the PSF-Med phenomena (``lexical_substitution``, ``syntactic_restructuring``, ``formality``,
-``scope``, ``specificity``, ``negation_pattern``). The embedded model trains mostly on the
-canonical phrasing and a few training paraphrases (``split == "train"``); the held-out phrasings
-(``split == "heldout"``) use other verbs, nouns and word order and make up the evaluation set, so the
-model is paraphrase-sensitive on them. A negated phrasing (``negated=True``) asks the opposite
-question: its expected answer is the opposite of the canonical one. Negations are held out except
-one per finding in training ("Is X absent?"), whose flipped answer is unambiguous.
+Two kinds of phrasing, kept apart:
 
-:func:`corpus` is report-like and definitional text that contains every word of every held-out
-phrasing, never as a question with an answer, so a held-out word has a trained embedding and the
-model's sensitivity comes from phrasing rather than from unseen words.
+* **Base phrasings** (:func:`base_phrasings`): the canonical question ("Is there a pleural
+  effusion?") and three fixed rewordings per finding. The embedded model's answers are trained on
+  these alone, so it stays narrow and paraphrase-sensitive.
+* **Compositional paraphrases**, as PSF-Med builds them: a *wrapper* (a question frame such as
+  ``"Does this radiograph demonstrate {}?"``, grouped by PSF-Med phenomenon) filled with a *term*
+  for the finding (``"fluid in the pleural space"``). Wrappers are shared by all findings, each
+  phenomenon has several, and each finding has several terms (:data:`TERMS`).
+
+The wrappers come in three pools (:data:`WRAPPERS`):
+
+``shared``
+    Meaning-preserving wrappers of every phenomenon. Their (wrapper, finding) combinations are
+    split like a checkerboard (:func:`combination_split`): half are for fine-tuning
+    (``"train"``), the other half for evaluation (``"eval"``), so an evaluation pair's wrapper was
+    fine-tuned on other findings, its finding with other wrappers, never the two together.
+``unseen``
+    Meaning-preserving wrappers never fine-tuned with any finding: the hard case, reported beside.
+``negation``
+    Answer-inverting wrappers ("Is the image free of {}?"): an operator, not a paraphrase, so their
+    pairs form their own set, with the opposite expected answer.
+
+:func:`corpus` is report-like and definitional text that contains every word of every phrasing,
+never as a question with an answer, so every word has a trained embedding and the model's
+sensitivity comes from phrasing rather than from unseen words.
 """
 
 from __future__ import annotations
@@ -25,7 +39,16 @@ import numpy as np
 from mechmed.demo.images import FINDINGS
 
 ANSWER_WORDS = ("yes", "no")
-SPLITS = ("train", "heldout")
+#: The sets a phrasing belongs to: ``base`` (the model's own training phrasings), ``train`` and
+#: ``eval`` (the two halves of the shared wrappers' combinations), ``unseen`` and ``negation``.
+SPLITS = ("base", "train", "eval", "unseen", "negation")
+POOLS = ("shared", "unseen", "negation")
+
+_CANON = "canonical"
+_LEX, _SYN, _FORM = "lexical_substitution", "syntactic_restructuring", "formality"
+_SCOPE, _SPEC, _NEG = "scope", "specificity", "negation_pattern"
+#: The meaning-preserving phenomena of the shared and unseen wrappers.
+PHENOMENA = (_SYN, _FORM, _SCOPE, _SPEC, _LEX)
 
 
 @dataclass(frozen=True)
@@ -35,131 +58,181 @@ class Phrasing:
     text: str
     phenomenon: str
     negated: bool
-    split: str  # "train" or "heldout"
+    split: str  # one of SPLITS
+    wrapper: str = ""  # the wrapper template ("" for base phrasings)
+    term: int = -1  # index into TERMS[finding] (-1 for base phrasings)
 
 
-def _p(text: str, phenomenon: str, split: str = "heldout", negated: bool = False) -> Phrasing:
-    return Phrasing(text=text, phenomenon=phenomenon, negated=negated, split=split)
+@dataclass(frozen=True)
+class Wrapper:
+    """A question frame with one ``{}`` for a finding's term."""
+
+    template: str
+    phenomenon: str
+    pool: str  # one of POOLS
+
+    @property
+    def negated(self) -> bool:
+        return self.pool == "negation"
+
+    def fill(self, term: str) -> str:
+        text = self.template.format(term)
+        return text[0].upper() + text[1:]
 
 
-_CANON = "canonical"
-_LEX, _SYN, _FORM = "lexical_substitution", "syntactic_restructuring", "formality"
-_SCOPE, _SPEC, _NEG = "scope", "specificity", "negation_pattern"
+#: Terms per finding (noun phrases that fit every wrapper); index 0 is the canonical question's.
+TERMS: dict[str, tuple[str, ...]] = {
+    "effusion": ("a pleural effusion", "pleural fluid", "fluid in the pleural space", "fluid around the lungs"),
+    "cardiomegaly": ("cardiomegaly", "an enlarged heart", "a widened cardiac silhouette", "enlargement of the heart"),
+    "pneumothorax": ("a pneumothorax", "a collapsed lung", "air in the pleural space", "a dropped lung"),
+    "nodule": ("a pulmonary nodule", "a lung nodule", "a round density in the lung", "a spot on the lung"),
+    "consolidation": ("consolidation", "airspace consolidation", "lobar opacification", "a focal airspace opacity"),
+    "edema": ("pulmonary edema", "pulmonary congestion", "pulmonary oedema", "bilateral perihilar haziness"),
+}
 
-# Index 0 is the canonical phrasing; then training paraphrases; then held-out ones.
-_QUESTIONS: dict[str, tuple[Phrasing, ...]] = {
+
+def _w(template: str, phenomenon: str, pool: str = "shared") -> Wrapper:
+    return Wrapper(template, phenomenon, pool)
+
+
+WRAPPERS: tuple[Wrapper, ...] = (
+    # syntactic restructuring
+    _w("Can {} be seen on this film?", _SYN),
+    _w("Does this radiograph demonstrate {}?", _SYN),
+    _w("Is {} seen on this image?", _SYN),
+    _w("Is {} present on this radiograph?", _SYN),
+    _w("Has {} been found on this image?", _SYN),
+    _w("On this film, is {} seen?", _SYN, "unseen"),
+    # formality
+    _w("Would you say this patient has {}?", _FORM),
+    _w("Do you see {} here?", _FORM),
+    _w("Any sign of {} on this one?", _FORM),
+    _w("Can you spot {} on this picture?", _FORM),
+    _w("Could there be {} here?", _FORM),
+    _w("Do you think there is {} here?", _FORM, "unseen"),
+    # scope
+    _w("Is there {} on either side?", _SCOPE),
+    _w("Is there {} anywhere in the chest?", _SCOPE),
+    _w("Is there {} on the left or the right?", _SCOPE),
+    _w("Is there {} in this whole chest?", _SCOPE),
+    _w("Is there {} at either lung base or apex?", _SCOPE),
+    _w("Is there {} somewhere on this image?", _SCOPE, "unseen"),
+    # specificity
+    _w("Is {} visible on this chest radiograph?", _SPEC),
+    _w("Is there radiographic evidence of {}?", _SPEC),
+    _w("Does this frontal chest film show {}?", _SPEC),
+    _w("Is {} clearly present on this frontal view?", _SPEC),
+    _w("Is there evidence of {} on this frontal view?", _SPEC),
+    _w("Is {} visible on this frontal radiograph of the chest?", _SPEC, "unseen"),
+    # lexical substitution (of the frame's words)
+    _w("Does the film show {}?", _LEX),
+    _w("Does the x-ray show {}?", _LEX),
+    _w("Does the picture display {}?", _LEX),
+    _w("Is {} shown on the scan?", _LEX),
+    _w("Does the study reveal {}?", _LEX),
+    _w("Is {} depicted in the study?", _LEX, "unseen"),
+    # negation: answer-inverting, its own set
+    _w("Is the image free of {}?", _NEG, "negation"),
+    _w("Can {} be excluded?", _NEG, "negation"),
+    _w("Is {} ruled out on this film?", _NEG, "negation"),
+    _w("Is this film negative for {}?", _NEG, "negation"),
+)
+
+
+def _p(text: str, phenomenon: str, negated: bool = False) -> Phrasing:
+    return Phrasing(text=text, phenomenon=phenomenon, negated=negated, split="base")
+
+
+# The model's own training phrasings; index 0 is the canonical question ("Is there {TERMS[f][0]}?").
+_BASE: dict[str, tuple[Phrasing, ...]] = {
     "effusion": (
-        _p("Is there a pleural effusion?", _CANON, "train"),
-        _p("Is pleural fluid present?", _LEX, "train"),
-        _p("Does the image show a pleural effusion?", _SYN, "train"),
-        _p("Is pleural effusion absent?", _NEG, "train", negated=True),
-        _p("Is there fluid in the pleural space?", _LEX),
-        _p("Does this radiograph demonstrate a pleural effusion?", _SYN),
-        _p("Can a pleural effusion be seen on this film?", _SYN),
-        _p("Can you see any fluid around the lungs here?", _FORM),
-        _p("Would you say this patient has a pleural effusion?", _FORM),
-        _p("Is there an effusion at either lung base?", _SCOPE),
-        _p("Is either costophrenic angle blunted by fluid?", _SPEC),
-        _p("Is the image free of pleural effusion?", _NEG, negated=True),
-        _p("Can a pleural effusion be excluded?", _NEG, negated=True),
+        _p("Is there a pleural effusion?", _CANON),
+        _p("Is pleural fluid present?", _LEX),
+        _p("Does the image show a pleural effusion?", _SYN),
+        _p("Is pleural effusion absent?", _NEG, negated=True),
     ),
     "cardiomegaly": (
-        _p("Is there cardiomegaly?", _CANON, "train"),
-        _p("Is the heart enlarged?", _LEX, "train"),
-        _p("Does the image show cardiomegaly?", _SYN, "train"),
-        _p("Is cardiomegaly absent?", _NEG, "train", negated=True),
-        _p("Is the cardiac silhouette widened?", _LEX),
-        _p("Does this radiograph demonstrate enlargement of the heart?", _SYN),
-        _p("Can cardiomegaly be seen on this film?", _SYN),
-        _p("Does the heart look big to you?", _FORM),
-        _p("Is the heart wider than half of the chest?", _SPEC),
-        _p("Is the cardiothoracic ratio increased?", _SPEC),
-        _p("Is the image free of cardiomegaly?", _NEG, negated=True),
-        _p("Is the heart size normal?", _NEG, negated=True),
+        _p("Is there cardiomegaly?", _CANON),
+        _p("Is the heart enlarged?", _LEX),
+        _p("Does the image show cardiomegaly?", _SYN),
+        _p("Is cardiomegaly absent?", _NEG, negated=True),
     ),
     "pneumothorax": (
-        _p("Is there a pneumothorax?", _CANON, "train"),
-        _p("Is there a collapsed lung?", _LEX, "train"),
-        _p("Does the image show a pneumothorax?", _SYN, "train"),
-        _p("Is pneumothorax absent?", _NEG, "train", negated=True),
-        _p("Is there air in the pleural space?", _LEX),
-        _p("Does this radiograph demonstrate a pneumothorax?", _SYN),
-        _p("Can a pneumothorax be seen on this film?", _SYN),
-        _p("Any sign of a dropped lung on this one?", _FORM),
-        _p("Is a visceral pleural line visible with no lung markings beyond it?", _SPEC),
-        _p("Is there a pneumothorax on either side?", _SCOPE),
-        _p("Is the image free of pneumothorax?", _NEG, negated=True),
-        _p("Are both lungs fully expanded?", _NEG, negated=True),
+        _p("Is there a pneumothorax?", _CANON),
+        _p("Is there a collapsed lung?", _LEX),
+        _p("Does the image show a pneumothorax?", _SYN),
+        _p("Is pneumothorax absent?", _NEG, negated=True),
     ),
     "nodule": (
-        _p("Is there a pulmonary nodule?", _CANON, "train"),
-        _p("Is there a lung nodule?", _LEX, "train"),
-        _p("Does the image show a pulmonary nodule?", _SYN, "train"),
-        _p("Is a pulmonary nodule absent?", _NEG, "train", negated=True),
-        _p("Is there a round density in the lung?", _LEX),
-        _p("Does this radiograph demonstrate a pulmonary nodule?", _SYN),
-        _p("Can a nodule be seen on this film?", _SYN),
-        _p("Do you see a spot on the lung here?", _FORM),
-        _p("Is there a well-circumscribed nodule in the lung parenchyma?", _SPEC),
-        _p("Is there a nodule in either lung?", _SCOPE),
-        _p("Is the image free of pulmonary nodules?", _NEG, negated=True),
-        _p("Are the lungs clear of any nodule?", _NEG, negated=True),
+        _p("Is there a pulmonary nodule?", _CANON),
+        _p("Is there a lung nodule?", _LEX),
+        _p("Does the image show a pulmonary nodule?", _SYN),
+        _p("Is a pulmonary nodule absent?", _NEG, negated=True),
     ),
     "consolidation": (
-        _p("Is there consolidation?", _CANON, "train"),
-        _p("Is there airspace consolidation?", _LEX, "train"),
-        _p("Does the image show consolidation?", _SYN, "train"),
-        _p("Is consolidation absent?", _NEG, "train", negated=True),
-        _p("Is there lobar opacification?", _LEX),
-        _p("Does this radiograph demonstrate consolidation?", _SYN),
-        _p("Can consolidation be seen on this film?", _SYN),
-        _p("Do you see a patchy white area in one of the lobes?", _FORM),
-        _p("Is there a focal airspace opacity confined to one lobe?", _SPEC),
-        _p("Is there consolidation in any lobe?", _SCOPE),
-        _p("Is the image free of consolidation?", _NEG, negated=True),
-        _p("Are all lobes clear of consolidation?", _NEG, negated=True),
+        _p("Is there consolidation?", _CANON),
+        _p("Is there airspace consolidation?", _LEX),
+        _p("Does the image show consolidation?", _SYN),
+        _p("Is consolidation absent?", _NEG, negated=True),
     ),
     "edema": (
-        _p("Is there pulmonary edema?", _CANON, "train"),
-        _p("Is there pulmonary congestion?", _LEX, "train"),
-        _p("Does the image show pulmonary edema?", _SYN, "train"),
-        _p("Is pulmonary edema absent?", _NEG, "train", negated=True),
-        _p("Is there pulmonary oedema?", _LEX),
-        _p("Does this radiograph demonstrate pulmonary edema?", _SYN),
-        _p("Can pulmonary edema be seen on this film?", _SYN),
-        _p("Do the lungs look wet to you?", _FORM),
-        _p("Is there bilateral perihilar haziness?", _SPEC),
-        _p("Is there edema throughout both lungs?", _SCOPE),
-        _p("Is the image free of pulmonary edema?", _NEG, negated=True),
-        _p("Can pulmonary edema be excluded?", _NEG, negated=True),
+        _p("Is there pulmonary edema?", _CANON),
+        _p("Is there pulmonary congestion?", _LEX),
+        _p("Does the image show pulmonary edema?", _SYN),
+        _p("Is pulmonary edema absent?", _NEG, negated=True),
     ),
 }
 
 
 def _check(finding: str) -> str:
-    if finding not in _QUESTIONS:
+    if finding not in _BASE:
         raise ValueError(f"unknown finding {finding!r}; use one of {FINDINGS}")
     return finding
 
 
-def questions(finding: str) -> list[Phrasing]:
-    """All phrasings of ``finding``'s question: index 0 is the canonical one."""
-    return list(_QUESTIONS[_check(finding)])
-
-
 def canonical(finding: str) -> str:
     """The canonical question, e.g. ``"Is there a pleural effusion?"``."""
-    return _QUESTIONS[_check(finding)][0].text
+    return _BASE[_check(finding)][0].text
 
 
-def train_phrasings(finding: str) -> list[Phrasing]:
-    """The phrasings the model trains on (the canonical one first)."""
-    return [p for p in questions(finding) if p.split == "train"]
+def base_phrasings(finding: str) -> list[Phrasing]:
+    """The phrasings the embedded model's answers are trained on (the canonical one first)."""
+    return list(_BASE[_check(finding)])
 
 
-def heldout_phrasings(finding: str) -> list[Phrasing]:
-    """The phrasings the model never trains on: the evaluation paraphrases."""
-    return [p for p in questions(finding) if p.split == "heldout"]
+def wrappers(pool: str) -> list[Wrapper]:
+    """The wrappers of one pool (``shared``, ``unseen`` or ``negation``), in a fixed order."""
+    if pool not in POOLS:
+        raise ValueError(f"pool {pool!r}; use one of {POOLS}")
+    return [w for w in WRAPPERS if w.pool == pool]
+
+
+def combination_split(wrapper: Wrapper, finding: str) -> str:
+    """``"train"`` or ``"eval"`` for a shared wrapper with ``finding``; the pool name otherwise.
+
+    A checkerboard over (wrapper's index within its phenomenon, finding's index): every shared
+    wrapper is fine-tuned on half the findings and evaluated on the other half, and every finding
+    gets wrappers of every phenomenon on both sides.
+    """
+    if wrapper.pool != "shared":
+        return wrapper.pool
+    same = [w for w in WRAPPERS if w.pool == "shared" and w.phenomenon == wrapper.phenomenon]
+    return "train" if (same.index(wrapper) + FINDINGS.index(_check(finding))) % 2 == 0 else "eval"
+
+
+def paraphrases(finding: str, split: str | None = None) -> list[Phrasing]:
+    """Every wrapper × term paraphrase of ``finding`` (of one split of :data:`SPLITS`, or all)."""
+    out = []
+    for w in WRAPPERS:
+        s = combination_split(w, finding)
+        if split is None or s == split:
+            out += [Phrasing(w.fill(t), w.phenomenon, w.negated, s, w.template, k) for k, t in enumerate(TERMS[finding])]
+    return out
+
+
+def questions(finding: str) -> list[Phrasing]:
+    """Every question about ``finding``: the base phrasings (canonical first), then the paraphrases."""
+    return [*base_phrasings(finding), *paraphrases(finding)]
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -241,6 +314,12 @@ _GENERAL = (
     "Each lung has an upper lobe and a lower lobe in these images.",
     "Radiographs demonstrate dense tissue as white and air as dark.",
     "Small findings do not always show on a chest film, and a normal film does not exclude every finding.",
+    "A radiographic study of the chest is also called a chest scan or a chest picture.",
+    "The study may reveal findings anywhere in the chest, and the film can display them clearly.",
+    "A finding that has been found on one image may be depicted somewhere else on another image.",
+    "Radiologists often think a finding could be present when the evidence is weak.",
+    "A film that is negative for a finding shows no evidence of it, and the finding is ruled out.",
+    "The whole chest is shown on a frontal view.",
 )
 
 _HEADERS = (

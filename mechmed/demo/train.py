@@ -12,11 +12,13 @@ Recipe (:class:`TrainConfig` holds every number):
      evaluation builds them). Questions are the canonical phrasing most of the time and
      otherwise one of the few training paraphrases; present and absent findings are drawn 50/50,
      so the answers are balanced.
-   * *language modelling* on the demo corpus (report-like text that contains every held-out
-     word), so held-out words have trained embeddings and the model's sensitivity to held-out
-     phrasings comes from their phrasing, not from untrained embeddings.
+   * *language modelling* on the demo corpus (report-like text that contains every word of every
+     paraphrase), so paraphrase words have trained embeddings and the model's sensitivity to
+     paraphrases comes from their phrasing, not from untrained embeddings.
 
-The held-out phrasings are never trained on. Everything is seeded (``torch.manual_seed`` and a
+Answers are trained on the base phrasings alone (:func:`mechmed.demo.phrasings.base_phrasings`);
+no wrapper paraphrase is ever asked in training, which leaves them to the fine-tuning and
+evaluation sets. Everything is seeded (``torch.manual_seed`` and a
 seeded ``torch.Generator`` for the data order), so one seed gives the same weights on one machine.
 """
 
@@ -124,6 +126,13 @@ def pixel_values(processor, images: Sequence, chunk: int = 256):
     return torch.cat(out)
 
 
+def _no_cache(mask_fn) -> dict:
+    """The "no KV cache" argument of a transformers mask builder (``cache`` since 5.2x, ``past_key_values`` before)."""
+    import inspect
+
+    return {"cache": None} if "cache" in inspect.signature(mask_fn).parameters else {"past_key_values": None}
+
+
 @dataclass
 class _Prompts:
     """Tokenised prompts for a fixed list of questions, padded to a common (left-padded) length."""
@@ -168,7 +177,7 @@ class _Prompts:
                 config=model.config.get_text_config(),
                 inputs_embeds=embeds,
                 attention_mask=self.attention_mask,
-                past_key_values=None,
+                **_no_cache(create_masks_for_vision_model),
                 position_ids=None,
                 block_sequence_ids=get_block_sequence_ids_for_mask(self.token_type_ids, device=embeds.device),
             )
@@ -298,7 +307,7 @@ class _Corpus:
                 config=model.config.get_text_config(),
                 inputs_embeds=embeds,
                 attention_mask=self.attention_mask,
-                past_key_values=None,
+                **_no_cache(create_masks_for_generate),
             )
         except (ImportError, TypeError, ValueError) as e:  # depends on the transformers version
             log.info("attention masks are built per batch (%s)", e)
@@ -359,7 +368,7 @@ def noisy_variants(
     (1 to ``max_ops`` operations) drops a frame word, inserts a noise word (a frame word or one of
     ``extra_words`` that is no finding's own word and no negation cue), or swaps two neighbouring
     words; it never touches the negation word. It teaches the model to key on the finding's words
-    wherever they stand, while the held-out phrasings stay unseen.
+    wherever they stand, while the wrapper paraphrases stay unseen.
     """
     from mechmed.tiny import words
 
@@ -440,9 +449,9 @@ class _AnswerTable:
     @classmethod
     def build(cls, processor, cfg: TrainConfig, seed: int, corpus_texts: Sequence[str]) -> _AnswerTable:
         from mechmed.demo.images import FINDINGS
-        from mechmed.demo.phrasings import train_phrasings
+        from mechmed.demo.phrasings import base_phrasings
 
-        phr = [train_phrasings(f) for f in FINDINGS]
+        phr = [base_phrasings(f) for f in FINDINGS]
         variants = noisy_variants(
             [[p.text for p in ps] for ps in phr],
             cfg.noise_variants,
