@@ -223,6 +223,22 @@ def _read_pairs(path: Path) -> dict:
     return {r["id"]: r for r in headline_rows(rows)}
 
 
+def evaluation_sets(eval_dir: Path, names: Sequence[str]) -> dict:
+    """The per-pair rows (by id) of each extra evaluation set written under ``eval_dir/<name>/``, and,
+    when the main set mixes negation pairs into meaning-preserving ones (as PSF-Med does) and no extra
+    set is called ``negation``, the main set's negation pairs as the ``negation`` set."""
+    import json
+
+    out = {n: _read_pairs(eval_dir / n / "pairs.jsonl") for n in names if (eval_dir / n / "pairs.jsonl").is_file()}
+    main = eval_dir / "pairs.jsonl"
+    if "negation" not in out and main.is_file():
+        rows = [json.loads(x) for x in main.read_text(encoding="utf-8").splitlines() if x.strip()]
+        neg = {r["id"]: r for r in rows if r.get("negation_set")}
+        if neg and len(neg) < len(rows):
+            out["negation"] = neg
+    return out
+
+
 def _set_stats(pairs: dict, base: dict | None) -> dict:
     """Flip rate with its Wilson interval over one evaluation set, and McNemar against the base's."""
     from mechmed import stats
@@ -452,8 +468,7 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
         pairs_by_row[len(rows) - 1] = arm_pairs[a.name]
     eval_dirs = [Path(r["run_dir"]) / ("" if r["arm"] == "base" else "after") for r in rows]
     names = list(t.get("extra_eval") or {})
-    sets_by_row = {i: {n: _read_pairs(d / n / "pairs.jsonl") for n in names if (d / n / "pairs.jsonl").is_file()}
-                   for i, d in enumerate(eval_dirs)}
+    sets_by_row = {i: evaluation_sets(d, names) for i, d in enumerate(eval_dirs)}
     base_row = {r["seed"]: i for i, r in enumerate(rows) if r["arm"] == "base"}
     for i, r in enumerate(rows):
         base_sets = None if r["arm"] == "base" else sets_by_row[base_row[r["seed"]]]

@@ -171,3 +171,22 @@ def test_cli_ablate(grid, tmp_path, capsys):
     assert main(["ablate", "--config", str(tmp_path / "nope.yaml"), "--out", str(copy)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nope.yaml" in err
+
+
+def test_negation_pairs_of_a_mixed_main_set_are_their_own_set(tmp_path):
+    """PSF-Med mixes negation_pattern pairs into one file: the grid reports them as the negation set,
+    beside a headline over the rest; a set of negations alone, or an extra set of that name, is left as is."""
+    from mechmed.ablate import evaluation_sets
+
+    def write(d, rows):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    rows = [{"id": str(i), "flip": i % 2 == 0, "negation_set": i < 3, "phenomenon": "x"} for i in range(8)]
+    write(tmp_path / "mixed", rows)
+    sets = evaluation_sets(tmp_path / "mixed", [])
+    assert set(sets) == {"negation"} and sorted(sets["negation"]) == ["0", "1", "2"]
+    write(tmp_path / "only", rows[:3])
+    assert evaluation_sets(tmp_path / "only", []) == {}
+    write(tmp_path / "mixed" / "negation", rows[5:])
+    assert sorted(evaluation_sets(tmp_path / "mixed", ["negation"])["negation"]) == ["5", "6", "7"]
