@@ -244,6 +244,8 @@ def _set_stats(pairs: dict, base: dict | None) -> dict:
     from mechmed import stats
 
     flips = [bool(v["flip"]) for v in pairs.values()]
+    if not flips:
+        return {"n_pairs": 0, "flip_rate": None, "flip_ci": [None, None], "p_vs_base": None}
     ci = stats.wilson_interval(sum(flips), len(flips))
     return {"n_pairs": len(flips), "flip_rate": sum(flips) / len(flips), "flip_ci": [ci.low, ci.high],
             "p_vs_base": None if base is None else _mcnemar(base, pairs)}
@@ -341,7 +343,7 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
         sets = {}
         if sets_by_row:
             base_idx = groups.get(("base", "none"), [])
-            for name in sets_by_row[idx[0]]:
+            for name in [n for n in sets_by_row[idx[0]] if all(n in sets_by_row[i] for i in idx)]:
                 pooled_set = _pool({i: sets_by_row[i][name] for i in idx}, rows, idx)
                 base_set = None
                 if arm != "base" and all(name in sets_by_row[i] for i in base_idx):

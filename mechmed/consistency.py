@@ -63,8 +63,13 @@ def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.roll(perm, 1)[np.argsort(perm)]  # each i goes to a different j
 
 
-def pair_margins(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, progress: bool = False):
+def pair_margins(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, progress: bool = False,
+                 question_margins: dict | None = None):
     """Margins of each unique (image, question) and of each pair's paraphrase.
+
+    ``question_margins`` ((image, question) -> margin) holds margins already computed with this
+    model, e.g. by another pair set over the same images and questions: those are not run again, and
+    the new ones are added to it.
 
     Returns (m_q per pair, m_p per pair, unique keys, unique margins, images by key).
     """
@@ -80,9 +85,14 @@ def pair_margins(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 1
                 images[p.image] = load_image(p.image)
     keys = list(dict.fromkeys((p.image, p.question) for p in pairs))
     index = {k: i for i, k in enumerate(keys)}
-    q_imgs = [images[k[0]] for k in keys] if use_images else None
-    m_unique = margins(bundle, [k[1] for k in keys], q_imgs, batch_size=batch_size,
-                       progress="questions" if progress else None).numpy()
+    known = {} if question_margins is None else question_margins
+    todo = [k for k in keys if k not in known]
+    if todo:
+        q_imgs = [images[k[0]] for k in todo] if use_images else None
+        new = margins(bundle, [k[1] for k in todo], q_imgs, batch_size=batch_size,
+                      progress="questions" if progress else None).numpy()
+        known.update(zip(todo, new.tolist()))
+    m_unique = np.array([known[k] for k in keys], dtype=np.float32)
     p_imgs = [images[p.image] for p in pairs] if use_images else None
     m_p = margins(bundle, [p.paraphrase for p in pairs], p_imgs, batch_size=batch_size,
                   progress="paraphrases" if progress else None).numpy()
@@ -103,15 +113,18 @@ def _set_metrics(flips: np.ndarray, delta: np.ndarray, correct_p: np.ndarray, se
 
 
 def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, seed: int = 0,
-             controls: bool = True, n_bootstrap: int = 2000, progress: bool = False) -> Evaluation:
-    """Run both phrasings of every pair and compute the consistency metrics (see module doc)."""
+             controls: bool = True, n_bootstrap: int = 2000, progress: bool = False,
+             question_margins: dict | None = None) -> Evaluation:
+    """Run both phrasings of every pair and compute the consistency metrics (see module doc).
+    ``question_margins``: as :func:`pair_margins` (share it between sets over the same questions)."""
     from mechmed import stats
     from mechmed.readout import gray_like, margins
 
     pairs = list(pairs)
     if not pairs:
         raise MechmedError("the dataset has no pairs: nothing to evaluate")
-    m_q, m_p, keys, m_unique, images = pair_margins(bundle, pairs, batch_size=batch_size, progress=progress)
+    m_q, m_p, keys, m_unique, images = pair_margins(bundle, pairs, batch_size=batch_size, progress=progress,
+                                                    question_margins=question_margins)
     sign = np.array([-1.0 if p.negated else 1.0 for p in pairs])
     yes_q, yes_p = m_q > 0, m_p > 0
     flips = (yes_q != yes_p) ^ (sign < 0)
@@ -273,6 +286,9 @@ def compare_runs(a, b) -> dict:
 
     ma, ra = _read_run(a)
     mb, rb = _read_run(b)
+    if ma.get("headline", "meaning_preserving") != mb.get("headline", "meaning_preserving"):
+        raise MechmedError(f"compare {a} {b}: one reports its meaning-preserving pairs, the other its negation "
+                           "set; compare evaluations of the same kind of pairs")
     out = {
         "a": str(a), "b": str(b),
         "flip_rate": stats.compare_proportions("flip_rate", ma["n_flips"], ma["n_pairs"], mb["n_flips"], mb["n_pairs"]),

@@ -332,7 +332,7 @@ def _verdict(what: str, base: dict, arm: dict, p_key: str = "p_vs_base") -> str:
             f"({signed_change(base['flip_rate'], arm['flip_rate'])}; McNemar {fmt_p(arm.get(p_key))})")
 
 
-def _per_seed(results: dict, arm: str, method: str, key: str = "flip_rate") -> dict:
+def _per_seed(results: dict, arm: str, method: str) -> dict:
     return {r["seed"]: r for r in results.get("rows") or [] if r["arm"] == arm and r["method"] == method}
 
 
@@ -351,7 +351,9 @@ def _ablation_headlines(results: dict) -> list[str]:
         sel = rows.get("selected")
         seeds = (sel or {}).get("n_seeds")
         seed_text = f", pooled over {seeds} seeds" if seeds and seeds > 1 else ""
-        loss = f"CE + {_loss_name(train, 'selected')}" if train.get("consistency_weight", 1) else "CE only"
+        weight = train.get("consistency_weight", 1)
+        loss = (f"CE + {'' if weight == 1 else f'{weight:g} × '}{_loss_name(train, 'selected')}" if weight
+                else "CE only")
         if sel and base:
             text = (_verdict(f"Training the selected {layers_phrase(sel['layers'])} ({label}{seed_text}; {loss})",
                              base, sel) + " on the held-out meaning-preserving pairs")

@@ -383,6 +383,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     log_path = out / "train_log.jsonl"
     if resume and ckpt.exists():
         state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer)
+        if state.get("total", total) != total:
+            raise MechmedError(f"--resume {out}: the checkpoint was written for a run of {state['total']} steps, "
+                               f"this config makes {total}; resume with the config that wrote it")
         step = state["step"]
         history = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.exists() else []
         history = [h for h in history if h["step"] <= step]
@@ -493,10 +496,12 @@ def evaluate_sets(bundle, main, extra: dict, out: Path, *, seed: int = 0, progre
     from mechmed.consistency import evaluate
     from mechmed.io import ensure_dir, write_json, write_jsonl
 
-    out_metrics = {}
+    out_metrics: dict = {}
+    shared: dict = {}  # the sets ask the same questions about the same images: run each once
     for name, pairs in {**extra, "main": main}.items():  # main last: its metrics.json marks the whole as done
         d = ensure_dir(out if name == "main" else out / name)
-        ev = evaluate(bundle, pairs, seed=seed, batch_size=64, controls=name == "main", progress=progress)
+        ev = evaluate(bundle, pairs, seed=seed, batch_size=64, controls=name == "main", progress=progress,
+                      question_margins=shared)
         write_jsonl(d / "pairs.jsonl", ev.pairs)
         write_json(d / "metrics.json", ev.metrics)
         out_metrics[name] = ev.metrics

@@ -78,3 +78,14 @@ def test_rank_default_depends_on_the_method():
     assert spectral.rank // spectral.spectral.n_experts == 4
     assert TrainConfig(layers=[0], method="spectral_moe", rank=16).rank == 16
     assert TrainConfig.from_dict(spectral.to_dict()).rank == 32
+
+
+def test_extra_eval_defaults_and_names():
+    from mechmed.config import DEMO_EXTRA_EVAL
+
+    assert TrainConfig(layers=[1]).extra_eval == DEMO_EXTRA_EVAL  # eval_data 'demo': its unseen and negation sets
+    assert TrainConfig(layers=[1], eval_data="pairs.jsonl").extra_eval == {}
+    assert TrainConfig(layers=[1], extra_eval={" neg ": " n.jsonl "}).extra_eval == {"neg": "n.jsonl"}
+    for bad in ({"..": "x.jsonl"}, {"main": "x.jsonl"}, {"a/b": "x.jsonl"}, {"ok": ""}, ["x.jsonl"]):
+        with pytest.raises(MechmedError, match="extra_eval"):
+            TrainConfig(layers=[1], extra_eval=bad)

@@ -109,3 +109,19 @@ def test_negation_only_data_is_its_own_headline(tiny_bundles, pairs):
     kept = ParaphrasePair("x", "Is there a pleural effusion?", "Is there no effusion?", "yes",
                           phenomenon="negation_pattern")
     assert kept.in_negation_set and not kept.negated
+
+
+def test_sets_over_the_same_questions_share_their_margins(tiny_bundles, pairs):
+    """Question margins computed for one set are reused by the next, with the same metrics as alone."""
+    b = tiny_bundles["Gemma3ForConditionalGeneration"]
+    first, second = pairs[::2], pairs[1::2]
+    keys = [{(p.image, p.question) for p in half} for half in (first, second)]
+    assert keys[0] & keys[1]  # the two sets share questions about the same images
+    shared: dict = {}
+    evaluate(b, first, batch_size=4, n_bootstrap=100, controls=False, question_margins=shared)
+    assert set(shared) == keys[0]
+    reused = evaluate(b, second, batch_size=4, n_bootstrap=100, controls=False, question_margins=shared).metrics
+    alone = evaluate(b, second, batch_size=4, n_bootstrap=100, controls=False).metrics
+    assert set(shared) == keys[0] | keys[1]
+    assert reused["n_flips"] == alone["n_flips"] and reused["flip_rate"] == alone["flip_rate"]
+    assert reused["margin_diff"] == pytest.approx(alone["margin_diff"], abs=1e-5)
