@@ -383,9 +383,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     log_path = out / "train_log.jsonl"
     if resume and ckpt.exists():
         state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer)
-        if state.get("total", total) != total:
+        if cfg.lr_schedule != "constant" and state.get("total", total) != total:  # the schedule follows total
             raise MechmedError(f"--resume {out}: the checkpoint was written for a run of {state['total']} steps, "
-                               f"this config makes {total}; resume with the config that wrote it")
+                               f"this config makes {total} (lr_schedule {cfg.lr_schedule} depends on it); resume "
+                               "with the config that wrote it")
         step = state["step"]
         history = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.exists() else []
         history = [h for h in history if h["step"] <= step]

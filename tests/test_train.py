@@ -135,10 +135,11 @@ def test_train_writes_a_complete_run_and_the_adapter_reloads(tiny_workspace, tmp
     assert len(res.log) == 6 and all(np.isfinite(h["loss"]) for h in res.log)
 
 
-def test_resume_after_interruption_is_identical(tiny_workspace, tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_resume_after_interruption_is_identical(tiny_workspace, tmp_path, schedule):
     from safetensors.torch import load_file
 
-    cfg = _train_cfg(tiny_workspace, eval_every=0)
+    cfg = _train_cfg(tiny_workspace, eval_every=0, lr_schedule=schedule)
     full = train(cfg, tmp_path / "full", evaluate_before_after=False)
     part = train(cfg, tmp_path / "part", evaluate_before_after=False, stop_after=3)  # checkpoint at step 2
     assert part.metrics == {"interrupted_at": 3}
@@ -149,6 +150,11 @@ def test_resume_after_interruption_is_identical(tiny_workspace, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [h["loss"] for h in full.log] == [h["loss"] for h in resumed.log]
+    if schedule == "linear":  # a decaying schedule depends on the step count: another count is refused
+        train(cfg, tmp_path / "cut", evaluate_before_after=False, stop_after=2)
+        longer = _train_cfg(tiny_workspace, eval_every=0, lr_schedule=schedule, epochs=cfg.epochs + 1)
+        with pytest.raises(MechmedError, match="lr_schedule linear depends on it"):
+            train(longer, tmp_path / "cut", evaluate_before_after=False, resume=True)
 
 
 def test_finished_run_is_not_overwritten(tiny_workspace, tmp_path):
