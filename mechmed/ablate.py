@@ -215,24 +215,26 @@ def _run_arm(cfg_dict: dict, run_dir: str, threads: int | None) -> dict:
 
 def _read_pairs(path: Path) -> dict:
     """Per-pair rows of an evaluation by id: those its headline flip rate is over."""
-    import json
-
     from mechmed.consistency import headline_rows
 
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return {r["id"]: r for r in headline_rows(rows)}
+    return {r["id"]: r for r in headline_rows(_rows(path))}
+
+
+def _rows(path: Path) -> list[dict]:
+    """The per-pair rows of an evaluation's ``pairs.jsonl``."""
+    import json
+
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def evaluation_sets(eval_dir: Path, names: Sequence[str]) -> dict:
     """The per-pair rows (by id) of each extra evaluation set written under ``eval_dir/<name>/``, and,
     when the main set mixes negation pairs into meaning-preserving ones (as PSF-Med does) and no extra
     set is called ``negation``, the main set's negation pairs as the ``negation`` set."""
-    import json
-
     out = {n: _read_pairs(eval_dir / n / "pairs.jsonl") for n in names if (eval_dir / n / "pairs.jsonl").is_file()}
     main = eval_dir / "pairs.jsonl"
     if "negation" not in out and main.is_file():
-        rows = [json.loads(x) for x in main.read_text(encoding="utf-8").splitlines() if x.strip()]
+        rows = _rows(main)
         neg = {r["id"]: r for r in rows if r.get("negation_set")}
         if neg and len(neg) < len(rows):
             out["negation"] = neg
