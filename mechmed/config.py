@@ -45,9 +45,9 @@ class SpectralConfig:
     init: str = "spectral"
     """Expert initialisation: spectral (non-overlapping SVD segments), principal, minor, random, zero_b."""
     scaling: str | float = "rule"
-    """'rule' for s = sqrt(3·n·η/r), or a number for a fixed scale."""
+    """'rule' for s = sqrt(3·n·η/(r/N)) (r/N the rank of one expert), or a number for a fixed scale."""
     damping: float = 1.0
-    """Damping ρ of the spectral initialisation."""
+    """Damping ρ of the SVD initialisations: the initial experts hold 1/ρ of their singular directions."""
     lr_ratio: float = 1.0
     """η in the scaling rule: the ratio of the adapter's learning rate to full fine-tuning's."""
     balance_coef: float = 1e-3
@@ -213,6 +213,7 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise MechmedError(f"{source}: the top level must be a mapping of option: value")
         d = dict(d)
+        d.pop("versions", None)  # recorded by mechmed train in a run's config.yaml: a record, not an option
         version = d.pop("config_version", CONFIG_VERSION)
         if not isinstance(version, int):
             raise MechmedError(f"{source}: config_version {version!r} must be an integer")

@@ -143,17 +143,18 @@ def load_model(name_or_path: str = DEMO, dtype: str | None = None, device: str =
 
 
 def attach_adapter(b: ModelBundle, adapter_dir: str | os.PathLike) -> ModelBundle:
-    """Load an adapter directory onto the bundle's model (for evaluation): a peft adapter, or a
-    spectral mixture of experts (``adapter_type: mechmed_spectral_moe``, :mod:`mechmed.spectral`)."""
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise MechmedError(f"--adapter {adapter_dir}: no adapter_config.json there; give a directory written by "
-                           "save_pretrained / mechmed train")
-    from mechmed.spectral import is_spectral_adapter, load_spectral_adapter
+    """Load an adapter directory onto the bundle's model (for evaluation): a peft adapter
+    (``adapter_config.json``), or a spectral mixture of experts (``spectral_config.json``,
+    :mod:`mechmed.spectral`)."""
+    from mechmed.spectral import CONFIG_FILE, is_spectral_adapter, load_spectral_adapter
 
+    adapter_dir = Path(adapter_dir)
     if is_spectral_adapter(adapter_dir):
         model = load_spectral_adapter(b.model, adapter_dir)
         return ModelBundle(model, b.processor, b.family, b.answers, f"{b.name}+{adapter_dir.name}")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise MechmedError(f"--adapter {adapter_dir}: neither adapter_config.json (peft) nor {CONFIG_FILE} "
+                           "(spectral experts) there; give a directory written by save_pretrained / mechmed train")
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(b.model, str(adapter_dir)).eval()

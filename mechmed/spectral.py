@@ -1,35 +1,38 @@
 """Spectral mixture of LoRA experts (``method: spectral_moe``) on exactly the selected decoder layers.
 
 Each adapted linear layer ``y = W0 x + b`` (W0: [m, n]) gets N experts of rank r/N (r = ``rank``,
-the total rank), a linear router on the layer's input, and a frozen residual compensation:
+the total rank) and a linear router on the layer's input; each routed expert contributes its change
+since initialisation:
 
-    y = W0 x + b − (s/N) Σ_i B⁰_i A⁰_i x + s Σ_{i ∈ topk(x)} g_i(x) B_i A_i x
+    y = W0 x + b + s Σ_{i ∈ topk(x)} g_i(x) (B_i A_i − B⁰_i A⁰_i) x
 
 - **Router**: p = softmax(R x) over the N experts; the k largest are kept and renormalised,
   g_i = p_i / Σ_{j ∈ topk} p_j (exactly k non-zero weights summing to 1).
-- **Spectral initialisation** (``init: spectral``): with W0 = U S Vᵀ and d = min(m, n), expert i takes
-  the singular directions [⌊i·d/N⌋, ⌊i·d/N⌋ + r/N) (non-overlapping segments spread over the
-  spectrum): B_i = U_i S_i^½ / √(s·ρ), A_i = S_i^½ V_iᵀ / √(s·ρ), so s·B_i A_i = U_i S_i V_iᵀ / ρ.
-  ``principal`` splits the top r directions among the experts, ``minor`` the bottom r; ``random``
-  draws A and B Kaiming-uniform; ``zero_b`` draws A and sets B = 0 (plain LoRA's start).
-- **Residual compensation**: the frozen weight is W0 − (s/N) Σ_i B⁰_i A⁰_i (B⁰, A⁰ the initial
-  experts). A uniformly random top-k subset selects each expert with probability k/N at weight
-  1/k, so E[s Σ_{topk} g_i B⁰_i A⁰_i] = (s/N) Σ_i B⁰_i A⁰_i: the adapted layer equals W0 in
-  expectation over a uniform router at initialisation. ``routing("uniform")`` evaluates that
-  expectation exactly (all experts at weight 1/N); :func:`init_margin_deviation` measures how far
-  the initial model with its actual (random) router is from the base model on yes/no margins.
-  W0 itself is never changed: the compensation is applied as the rank-r product of the saved
-  initial factors, so disabling the adapter gives the base model back bit for bit, and loading
-  rebuilds the residual from the loaded W0 and the saved factors (no copy of W0 is saved).
-- **Scaling**: s = √(3·n·η / r) (``scaling: rule``; n the layer's input width, η = ``lr_ratio``),
-  or a fixed number.
+- **Spectral initialisation** (``init: spectral``, GOAT's): with W0 = U S Vᵀ and d = min(m, n),
+  expert i takes the singular directions [i·⌊d/N⌋, i·⌊d/N⌋ + r/N) (non-overlapping segments spread
+  over the spectrum): B_i = U_i S_i^½ / √(s·ρ), A_i = S_i^½ V_iᵀ / √(s·ρ), so
+  s·B_i A_i = U_i S_i V_iᵀ / ρ. ``principal`` splits the top r directions among the experts,
+  ``minor`` the bottom r; ``random`` draws A and B Kaiming-uniform; ``zero_b`` draws A and sets
+  B = 0 (plain LoRA's start).
+- **Compensation, routed**: B⁰_i, A⁰_i are expert i's factors at initialisation (saved, frozen).
+  Each routed expert subtracts its own initial product at its own gate, so at initialisation the
+  layer is W0 exactly, whatever the router, the initialisation or ρ (GOAT instead subtracts
+  s·Σ_i B⁰_i A⁰_i from W0 once, which cancels the experts only when every gate is 1). The gradients
+  of the experts are GOAT's; the router's is taken through the change (B_i A_i − B⁰_i A⁰_i) x, so
+  routing starts to matter as the experts move. W0 itself is never changed: disabling the adapter
+  gives the base model back bit for bit, and loading needs only the saved factors.
+- **Scaling**: s = √(3·n·η / (r/N)) (``scaling: rule``; n the layer's input width, η = ``lr_ratio``,
+  r/N the rank of one expert, as GOAT), or a fixed number.
 - **Load balancing**: per adapted layer N·Σ_i f_i·P_i, f_i the fraction of top-k assignments that
   went to expert i (Σ f = 1), P_i the mean router probability; :func:`balance_loss` averages it
   over the adapted layers (1.0 when perfectly balanced) and training adds ``balance_coef`` times it.
 
-Saved as a directory: ``adapter_config.json`` (``adapter_type: mechmed_spectral_moe``, the options
-and each module's scale and segments) and ``adapter_model.safetensors`` (experts, routers and initial
-factors, float32). :func:`mechmed.models.attach_adapter` recognises it.
+Saved as a directory: ``spectral_config.json`` (``adapter_type: mechmed_spectral_moe``, the options
+and each module's scale and segments), ``adapter_model.safetensors`` (experts, routers and initial
+factors, float32) and a README naming the loader. It is not a peft adapter (peft finds no
+``adapter_config.json`` there); :func:`mechmed.models.attach_adapter` loads it. Adapters written
+before the routed compensation (format 1, ``adapter_config.json``) load with the compensation they
+were trained with: −(s/N) Σ_i B⁰_i A⁰_i x for every token.
 """
 
 from __future__ import annotations
@@ -53,10 +56,18 @@ from mechmed.errors import MechmedError
 log = logging.getLogger(__name__)
 
 ADAPTER_TYPE = "mechmed_spectral_moe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ROUTINGS = ("topk", "uniform")
-CONFIG_FILE = "adapter_config.json"
+CONFIG_FILE = "spectral_config.json"
+#: Format 1 (compensation −(s/N)·Σ B⁰A⁰ for every token) was written under peft's file name.
+LEGACY_CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+README = """# mechmed spectral mixture-of-LoRA-experts adapter
+
+Not a peft adapter. Load it onto the base model it was trained on with
+`mechmed.models.attach_adapter(bundle, this_directory)`, or `mechmed evaluate --adapter this_directory`.
+Files: `spectral_config.json` (options, scales, SVD segments), `adapter_model.safetensors`.
+"""
 _SAVED = ("lora_A", "lora_B", "router.weight", "init_A", "init_B")
 
 
@@ -82,9 +93,9 @@ def check_options(n_experts: int, top_k: int, rank: int, init: str, scaling, dam
     return parse_scaling(scaling)
 
 
-def rule_scale(in_features: int, rank: int, lr_ratio: float) -> float:
-    """s = √(3·n·η / r)."""
-    return math.sqrt(3.0 * in_features * lr_ratio / rank)
+def rule_scale(in_features: int, expert_rank: int, lr_ratio: float) -> float:
+    """s = √(3·n·η / r_e), r_e = rank / n_experts the rank of one expert (GOAT's rule)."""
+    return math.sqrt(3.0 * in_features * lr_ratio / expert_rank)
 
 
 def segments(init: str, d: int, rank: int, n_experts: int) -> list[tuple[int, int]]:
@@ -96,7 +107,7 @@ def segments(init: str, d: int, rank: int, n_experts: int) -> list[tuple[int, in
                 f"config option rank: {rank} is too large for spectral init on a layer with min(in, out) = {d}: "
                 f"each of the {n_experts} experts needs rank/n_experts <= {d // n_experts}; lower rank or "
                 "spectral.n_experts, or use init principal")
-        return [(i * d // n_experts, i * d // n_experts + r_e) for i in range(n_experts)]
+        return [(i * (d // n_experts), i * (d // n_experts) + r_e) for i in range(n_experts)]
     if rank > d:
         raise MechmedError(f"config option rank: {rank} exceeds min(in, out) = {d} of an adapted layer; lower it")
     first = 0 if init == "principal" else d - rank
@@ -106,11 +117,12 @@ def segments(init: str, d: int, rank: int, n_experts: int) -> list[tuple[int, in
 # ---------------------------------------------------------------- the layer
 
 class SpectralMoELinear(nn.Module):
-    """A frozen ``nn.Linear`` plus N routed low-rank experts and the frozen residual compensation.
+    """A frozen ``nn.Linear`` plus N routed low-rank experts, each compensated by its initial product.
 
     Parameters (float32): ``lora_A`` [r, n] and ``lora_B`` [m, r] (expert i owns rows / columns
     i·r/N … (i+1)·r/N), ``router.weight`` [N, n]. Buffers: ``init_A``, ``init_B`` (the experts at
-    initialisation, for the compensation).
+    initialisation, for the compensation). ``compensation``: ``routed`` (each routed expert
+    subtracts its initial product at its gate) or ``mean`` (format-1 adapters: −(s/N)·Σ B⁰A⁰).
     """
 
     def __init__(self, base_layer: nn.Linear, *, n_experts: int, top_k: int, rank: int, scale: float,
@@ -135,6 +147,7 @@ class SpectralMoELinear(nn.Module):
         self.register_buffer("init_B", torch.zeros(m, rank, device=device), persistent=False)
         self.segments: list[tuple[int, int]] | None = None
         self.routing = "topk"
+        self.compensation = "routed"
         self.disabled = False
         self._balance = None
         self._counts = None
@@ -167,15 +180,6 @@ class SpectralMoELinear(nn.Module):
             self.init_A.copy_(self.lora_A)
             self.init_B.copy_(self.lora_B)
 
-    @property
-    def comp_scale(self) -> float:
-        return self.scale / self.n_experts
-
-    def residual_weight(self) -> torch.Tensor:
-        """The frozen weight the adapter acts on: W0 − (s/N) Σ_i B⁰_i A⁰_i (float32)."""
-        W0 = self.base_layer.weight.detach().float()
-        return W0 - self.comp_scale * (self.init_B @ self.init_A)
-
     def expert(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B_i [m, r/N], A_i [r/N, n]) of expert i."""
         sl = slice(i * self.expert_rank, (i + 1) * self.expert_rank)
@@ -202,9 +206,11 @@ class SpectralMoELinear(nn.Module):
         # All experts as one rank-r product, unselected experts masked by their zero gate: the same
         # two matmuls as LoRA at the same total rank (a per-token gather of expert weights costs more).
         # The compensation shares them: z = [A; A⁰] x, each of its 2N blocks of r/N rows scaled by its
-        # coefficient (s·g_i for an expert, −s/N for its initial copy), then [B, B⁰] z.
+        # coefficient (s·g_i for an expert, −s·g_i for its initial copy), then [B, B⁰] z.
         z = F.linear(h, torch.cat([self.lora_A, self.init_A]))
-        coef = torch.cat([gates * self.scale, gates.new_full((1,), -self.comp_scale).expand_as(gates)], dim=-1)
+        comp = -gates * self.scale if self.compensation == "routed" else \
+            gates.new_full((1,), -self.scale / self.n_experts).expand_as(gates)
+        coef = torch.cat([gates * self.scale, comp], dim=-1)
         z = (z.unflatten(-1, (2 * N, r_e)) * coef.unsqueeze(-1)).flatten(-2)
         delta = F.linear(z, torch.cat([self.lora_B, self.init_B], dim=1))
         if self.training and torch.is_grad_enabled() and self.routing == "topk":
@@ -291,10 +297,10 @@ class SpectralMoEModel(nn.Module):
         return self.base_model
 
     def save_pretrained(self, path: str | os.PathLike, **_) -> Path:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (no base weights)."""
+        """Write ``spectral_config.json``, ``adapter_model.safetensors`` (no base weights) and a README."""
         from safetensors.torch import save_file
 
-        from mechmed.io import ensure_dir, write_json
+        from mechmed.io import ensure_dir, write_json, write_text
 
         path = ensure_dir(Path(path))
         layers = self.adapter_layers()
@@ -307,6 +313,7 @@ class SpectralMoEModel(nn.Module):
                           "segments": m.segments} for name, m in layers.items()}
         write_json(path / CONFIG_FILE, {"adapter_type": ADAPTER_TYPE, "format_version": FORMAT_VERSION,
                                         **self.spectral_options, "modules": modules})
+        write_text(path / "README.md", README)
         return path
 
 
@@ -322,14 +329,23 @@ def _tensor(layer: SpectralMoELinear, key: str) -> torch.Tensor:
     return layer.get_buffer(key) if key.startswith("init_") else layer.get_parameter(key)
 
 
+def spectral_config_file(adapter_dir: str | os.PathLike) -> Path | None:
+    """The config file of the spectral adapter in ``adapter_dir`` (``spectral_config.json``, or a
+    format-1 ``adapter_config.json`` whose ``adapter_type`` says so); None when it is not one."""
+    for name in (CONFIG_FILE, LEGACY_CONFIG_FILE):
+        p = Path(adapter_dir) / name
+        if not p.is_file():
+            continue
+        try:
+            if json.loads(p.read_text()).get("adapter_type") == ADAPTER_TYPE:
+                return p
+        except (ValueError, AttributeError):
+            pass
+    return None
+
+
 def is_spectral_adapter(adapter_dir: str | os.PathLike) -> bool:
-    p = Path(adapter_dir) / CONFIG_FILE
-    if not p.is_file():
-        return False
-    try:
-        return json.loads(p.read_text()).get("adapter_type") == ADAPTER_TYPE
-    except (ValueError, AttributeError):
-        return False
+    return spectral_config_file(adapter_dir) is not None
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -373,7 +389,7 @@ def apply_spectral_adapter(bundle, cfg):
     generator = torch.Generator().manual_seed(int(cfg.seed))
     for name in names:
         base = model.get_submodule(name)
-        scale = fixed if fixed is not None else rule_scale(base.in_features, cfg.rank, sp.lr_ratio)
+        scale = fixed if fixed is not None else rule_scale(base.in_features, cfg.rank // sp.n_experts, sp.lr_ratio)
         _replace(model, name, SpectralMoELinear(base, n_experts=sp.n_experts, top_k=sp.top_k, rank=cfg.rank,
                                                 scale=scale, init=sp.init, damping=sp.damping, generator=generator))
     options = {"n_experts": sp.n_experts, "top_k": sp.top_k, "rank": cfg.rank, "init": sp.init,
@@ -387,7 +403,13 @@ def load_spectral_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> S
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
-    conf = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    config_file = spectral_config_file(adapter_dir)
+    if config_file is None:
+        raise MechmedError(f"--adapter {adapter_dir}: no {CONFIG_FILE} with adapter_type {ADAPTER_TYPE} there"
+                           + ("; it is a peft adapter: load it with mechmed.models.attach_adapter or "
+                              "peft.PeftModel.from_pretrained" if (adapter_dir / LEGACY_CONFIG_FILE).is_file() else
+                              "; give a directory written by mechmed train with method spectral_moe"))
+    conf = json.loads(config_file.read_text())
     if conf.get("format_version", 0) > FORMAT_VERSION:
         raise MechmedError(f"--adapter {adapter_dir}: written by a newer mechmed (format "
                            f"{conf['format_version']}); upgrade mechmed")
@@ -409,6 +431,7 @@ def load_spectral_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> S
         layer = SpectralMoELinear(base, n_experts=conf["n_experts"], top_k=conf["top_k"], rank=conf["rank"],
                                   scale=meta["scale"], init="load", damping=conf.get("damping", 1.0))
         layer.init = conf["init"]
+        layer.compensation = "routed" if conf.get("format_version", 1) >= 2 else "mean"
         layer.segments = [tuple(s) for s in meta["segments"]] if meta.get("segments") else None
         with torch.no_grad():
             for key in _SAVED:
@@ -491,11 +514,11 @@ def expert_utilisation(model, bundle, pairs, *, batch_size: int = 16) -> dict:
 
 
 def init_margin_deviation(model, bundle, pairs, *, batch_size: int = 16) -> dict:
-    """How far the freshly initialised adapted model's yes/no margins are from the base model's.
+    """How far the adapted model's yes/no margins are from the base model's (at initialisation: zero up
+    to float rounding, by the routed compensation).
 
-    Over both phrasings of ``pairs``: ``max_abs`` and ``mean_abs`` of (adapted − base) margins with
-    the initial router (top-k), and ``uniform_max_abs`` with the uniform router (the expectation
-    over routing, zero up to float rounding by construction); ``base_mean_abs_margin`` for scale.
+    Over both phrasings of ``pairs`` with the model's router (top-k): ``max_abs`` and ``mean_abs`` of
+    (adapted − base) margins, ``sign_changes`` (answers that differ), ``base_mean_abs_margin`` for scale.
     """
     import numpy as np
 
@@ -512,13 +535,10 @@ def init_margin_deviation(model, bundle, pairs, *, batch_size: int = 16) -> dict
         with model.disable_adapter():
             base = run()
         routed = run()
-        with model.routing("uniform"):
-            uniform = run()
     finally:
         model.train(was_training)
-    d, du = np.abs(routed - base), np.abs(uniform - base)
+    d = np.abs(routed - base)
     return {"n_margins": int(base.size), "max_abs": float(d.max()), "mean_abs": float(d.mean()),
-            "uniform_max_abs": float(du.max()), "uniform_mean_abs": float(du.mean()),
             "base_mean_abs_margin": float(np.abs(base).mean()),
             "sign_changes": int((np.sign(routed) != np.sign(base)).sum())}
 

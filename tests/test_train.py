@@ -119,6 +119,8 @@ def test_train_writes_a_complete_run_and_the_adapter_reloads(tiny_workspace, tmp
     assert m["steps"] == 6 and m["n_adapted_modules"] == 14
     assert m["comparison"]["flip_rate"]["test"]["p_value"] is not None
     assert "versions" in (out / "config.yaml").read_text()
+    # a run's config.yaml reproduces the run's config (its recorded versions are not options)
+    assert TrainConfig.load(out / "config.yaml").to_dict() == cfg.to_dict()
     assert not list(out.glob("*.tmp"))
     # plain peft loading gives the margins the run evaluated
     base = load_model(str(tiny_workspace[1]))
