@@ -46,7 +46,7 @@ class SpectralConfig:
     """Expert initialisation: spectral (non-overlapping SVD segments), principal, minor, random, zero_b."""
     scaling: str | float = "rule"
     """'rule' for s = sqrt(3·n·η/(r/N)) (r/N the rank of one expert), or a number for a fixed scale."""
-    damping: float = 1.0
+    damping: float = 10.0
     """Damping ρ of the SVD initialisations: the initial experts hold 1/ρ of their singular directions."""
     lr_ratio: float = 1.0
     """η in the scaling rule: the ratio of the adapter's learning rate to full fine-tuning's."""

@@ -73,7 +73,7 @@ _SAVED = ("lora_A", "lora_B", "router.weight", "init_A", "init_B")
 
 # ---------------------------------------------------------------- options
 
-def check_options(n_experts: int, top_k: int, rank: int, init: str, scaling, damping: float = 1.0,
+def check_options(n_experts: int, top_k: int, rank: int, init: str, scaling, damping: float = 10.0,
                   lr_ratio: float = 1.0) -> float | None:
     """Validate the spectral options; returns the fixed scale (None for the rule)."""
     if not isinstance(n_experts, int) or n_experts < 1:
@@ -126,7 +126,7 @@ class SpectralMoELinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Linear, *, n_experts: int, top_k: int, rank: int, scale: float,
-                 init: str = "spectral", damping: float = 1.0, generator: torch.Generator | None = None):
+                 init: str = "spectral", damping: float = 10.0, generator: torch.Generator | None = None):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise MechmedError(f"spectral_moe adapts nn.Linear layers only, not {type(base_layer).__name__}; "
