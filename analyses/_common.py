@@ -53,7 +53,7 @@ def threads(args) -> Iterator[None]:
     """Run the block with mechmed's CPU thread rule for the model's width (one thread for models as
     small as the demo, whose matmuls run many times slower on threads that share their cores)."""
     from mechmed.models import cpu_threads_for
-    from mechmed.saes import torch_threads
+    from mechmed.runtime import torch_threads
 
     with torch_threads(cpu_threads_for(args.model, args.device)):
         yield

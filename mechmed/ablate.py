@@ -199,18 +199,16 @@ def _run_arm(cfg_dict: dict, run_dir: str, threads: int | None) -> dict:
     """Train (or resume, or read back) one arm; runs in a worker process when ``workers`` > 1."""
     import json
 
-    import torch
-
     from mechmed.config import TrainConfig
+    from mechmed.runtime import torch_threads
     from mechmed.train import train
 
-    if threads:
-        torch.set_num_threads(threads)
     out = Path(run_dir)
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     cfg = TrainConfig.from_dict(cfg_dict, source=str(out / "config.yaml"))
-    return train(cfg, out, resume=(out / "checkpoint").exists(), evaluate_before=False, png=False).metrics
+    with torch_threads(threads):  # restored: in-process arms run in the caller's process
+        return train(cfg, out, resume=(out / "checkpoint").exists(), evaluate_before=False, png=False).metrics
 
 
 def _read_pairs(path: Path) -> dict:
@@ -424,7 +422,7 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
     from mechmed.io import ensure_dir, write_json, write_text
     from mechmed.models import cpu_threads_for, model_config
     from mechmed.progress import progress_bar
-    from mechmed.saes import torch_threads
+    from mechmed.runtime import torch_threads
 
     if not isinstance(cfg, AblationConfig):
         cfg = AblationConfig.load(cfg)

@@ -421,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a failed command leaves --out as it found it; resumable grids keep their finished stages
     guard = rollback_on_error(out) if out and args.command not in ROLLBACK_EXEMPT else nullcontext()
     from mechmed.models import cpu_threads_for
-    from mechmed.saes import torch_threads
+    from mechmed.runtime import torch_threads
 
     model = getattr(args, "model", None) or ("demo" if args.command == "demo" else None)
     threads = cpu_threads_for(str(model), getattr(args, "device", "cpu")) if model else None

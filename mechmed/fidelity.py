@@ -451,7 +451,8 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
     from mechmed.figures import r2_by_layer, save_figure
     from mechmed.io import ensure_dir, write_json
     from mechmed.models import load_model
-    from mechmed.saes import resolve_saes, sae_hook_name, threads_for_width, torch_threads
+    from mechmed.runtime import threads_for_width, torch_threads
+    from mechmed.saes import resolve_saes, sae_hook_name
 
     try:
         threshold = float(threshold)

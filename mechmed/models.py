@@ -69,9 +69,9 @@ def resolve_dtype(dtype: str | None, device: str):
 
 
 def _offline(local_files_only: bool | None) -> bool:
-    if local_files_only is not None:
-        return local_files_only
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    from mechmed.runtime import hub_offline
+
+    return hub_offline() if local_files_only is None else local_files_only
 
 
 def load_processor(path: str, family: ArchitectureMap, **kw):
@@ -165,7 +165,7 @@ def cpu_threads_for(name_or_path: str, device: str = "cpu") -> int | None:
     """Torch CPU threads to run ``name_or_path`` with: 1 for models as narrow as the demo (their
     matmuls gain nothing from threads and slow down many times on shared cores), else None (leave
     torch's setting). Reads only a local config; hub ids and unreadable paths give None."""
-    from mechmed.saes import threads_for_width
+    from mechmed.runtime import threads_for_width
 
     if str(device) != "cpu":
         return None

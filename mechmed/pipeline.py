@@ -102,7 +102,7 @@ def run_pipeline(out: str | os.PathLike = "runs/demo", *, model: str = "demo", d
     from mechmed.figures import png_session
     from mechmed.io import ensure_dir
     from mechmed.models import cpu_threads_for
-    from mechmed.saes import torch_threads
+    from mechmed.runtime import torch_threads
 
     out = ensure_dir(Path(out))
     # one headless browser for every PNG the stages write; one torch thread for demo-sized models

@@ -50,13 +50,13 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from mechmed.errors import MechmedError
+from mechmed.runtime import hub_offline, torch_threads
 from mechmed.sites import Site, parse_layers
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,6 @@ def sae_hook_name(sae) -> str | None:
 # ----------------------------------------------------------------------------- loading
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-
-
 def _pretrained_directory() -> dict:
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
@@ -156,7 +152,7 @@ def _load_pretrained(release: str, sae_id: str, device: str, dtype: str):
         raise
     except Exception as e:  # network, hub, missing cache: all reported the same way
         first = (str(e).splitlines() or [type(e).__name__])[0]
-        if _offline():
+        if hub_offline():
             raise MechmedError(
                 f"--saes {release}:{sae_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
                 f"({first}); unset HF_HUB_OFFLINE to download it, or pass a local SAE directory"
@@ -496,27 +492,6 @@ class SAETrainConfig:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch threads (None: leave the setting alone), restored after."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def threads_for_width(d_model: int) -> int | None:
-    """1 for models at most 256 wide (the demo, the tiny test models), else None (torch's setting):
-    such matmuls gain nothing from OpenMP threads and run many times slower when the cores are
-    shared with other processes."""
-    return 1 if int(d_model) <= 256 else None
 
 
 @dataclass

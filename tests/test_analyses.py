@@ -56,8 +56,8 @@ def _ztest(k1: int, n1: int, k2: int, n2: int) -> float:
 
 
 def _threads(bundle):
-    """The thread count the scripts run the demo with (see mechmed.saes.threads_for_width)."""
-    from mechmed.saes import threads_for_width, torch_threads
+    """The thread count the scripts run the demo with (see mechmed.runtime.threads_for_width)."""
+    from mechmed.runtime import threads_for_width, torch_threads
 
     return torch_threads(threads_for_width(bundle.d_model))
 

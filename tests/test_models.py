@@ -81,7 +81,7 @@ def test_cpu_threads_follow_the_model_width(saved, tmp_path):
     from transformers import AutoConfig
 
     from mechmed.models import cpu_threads_for
-    from mechmed.saes import threads_for_width
+    from mechmed.runtime import threads_for_width
 
     for path in saved.values():
         config = AutoConfig.from_pretrained(path)

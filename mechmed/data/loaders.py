@@ -530,10 +530,6 @@ def write_pairs(pairs: Iterable[ParaphrasePair], path: str | os.PathLike) -> Pat
 # PSF-Med
 
 
-def _env_offline() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in _TRUE_WORDS for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 @contextmanager
 def _offline(enabled: bool) -> Iterator[None]:
     """Force ``datasets``/``huggingface_hub`` offline for the block (they read the variable at import)."""
@@ -628,7 +624,9 @@ def load_psf_med(
         base = Path.cwd()
     else:
         base = _image_base(image_root, Path.cwd())
-    offline = bool(local_files_only) or _env_offline()
+    from mechmed.runtime import hub_offline
+
+    offline = bool(local_files_only) or hub_offline(datasets=True)
 
     import datasets
 

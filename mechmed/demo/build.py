@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mechmed.demo.model import RECIPE_VERSION, DemoModelConfig
 from mechmed.demo.train import TrainConfig
+from mechmed.runtime import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,6 @@ DATA_VERSION = "demo-data-v2"
 #: that depends on the thread count, so the same seed gives the same weights only at a fixed count
 #: (2 is also the fastest on the two-core machines the build is sized for).
 BUILD_THREADS = 2
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$MECHMED_CACHE``, else ``~/.cache/mechmed``."""
-    root = cache_dir or os.environ.get("MECHMED_CACHE") or Path.home() / ".cache" / "mechmed"
-    return Path(root).expanduser()
 
 
 def _key(obj: dict) -> str:
@@ -156,7 +151,7 @@ def build_demo(
     from mechmed.demo.dataset import PAIR_FILES
     from mechmed.demo.model import build_demo_model
     from mechmed.demo.train import evaluate_pairs, load_rows, train_demo
-    from mechmed.saes import torch_threads
+    from mechmed.runtime import torch_threads
     from mechmed.tiny import save
 
     out = Path(out_dir)
