@@ -167,10 +167,11 @@ def cmd_select_layers(args) -> int:
 
 
 def cmd_demo_model(args) -> int:
-    from mechmed.demo.build import ensure_demo_data, ensure_demo_model
+    from mechmed.sources import get
 
-    path = ensure_demo_model(cache_dir=args.cache_dir, seed=args.seed, force=args.force)
-    data = ensure_demo_data(cache_dir=args.cache_dir, seed=args.seed)
+    demo = get("demo")
+    path = demo.model_dir(cache_dir=args.cache_dir, seed=args.seed, force=args.force)
+    data = demo.data_dir(cache_dir=args.cache_dir, seed=args.seed)
     print(f"demo model: {path}")
     print(f"demo data:  {data}")
     metrics = path / "build_metrics.json"
@@ -264,7 +265,8 @@ def config_from_args(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from mechmed.config import TrainConfig, demo_defaults
+    from mechmed.config import TrainConfig
+    from mechmed.sources import train_defaults
     from mechmed.train import train
 
     given = config_from_args(args)
@@ -274,7 +276,7 @@ def cmd_train(args) -> int:
     else:
         if "layers" not in given:
             raise MechmedError("train: give --config FILE (from mechmed select-layers) or --layers, e.g. --layers 2-4")
-        base = demo_defaults() if given.get("model", "demo") == "demo" else {}
+        base = train_defaults(given.get("model", "demo"))
     cfg = TrainConfig.from_dict({**base, **given}, source=args.config or "command line")
     result = train(cfg, args.out, resume=args.resume, device=args.device, progress=True)
     m = result.metrics
@@ -329,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saes", default="demo", help="demo, a directory of per-layer sae-lens SAEs, or "
                    "RELEASE:ID_TEMPLATE, e.g. gemma-scope-2-4b-it-res:layer_{L}_width_16k_l0_big")
     p.add_argument("--layers", default="all", help="layers to check, e.g. 15-19 or all (default)")
-    p.add_argument("--texts", default="medical,general,images", help="prompt sets (default medical,general,images)")
+    p.add_argument("--texts", default=None, help="prompt sets: medical, general, images (default medical,general, "
+                   "plus images for a model that ships image prompts, as the demo does)")
     p.add_argument("--threshold", type=float, default=0.95, help="R² threshold of the t-test (default 0.95)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-ce", action="store_true", help="skip CE-loss recovered (one extra forward per layer)")

@@ -76,8 +76,6 @@ def parse_scaling(scaling) -> float | None:
     return value
 
 
-#: The evaluation sets reported beside the demo's main one (see mechmed.demo.dataset).
-DEMO_EXTRA_EVAL = {"unseen": "demo:unseen", "negation": "demo:negation"}
 
 
 #: Rank when the config gives none: LoRA's per layer, spectral experts' total over the experts.
@@ -167,7 +165,9 @@ class TrainConfig:
         except (TypeError, ValueError):
             _check(False, "layers", self.layers, "a list of decoder layer indices (integers)")
         if self.extra_eval is None:
-            self.extra_eval = dict(DEMO_EXTRA_EVAL) if self.eval_data in ("demo", "demo:eval") else {}
+            from mechmed.sources import extra_eval
+
+            self.extra_eval = extra_eval(self.eval_data)
         _check(isinstance(self.extra_eval, dict) and all(isinstance(v, str) and v.strip()
                                                          for v in self.extra_eval.values()),
                "extra_eval", self.extra_eval, "a mapping of set name: pairs file (or demo:unseen)")
@@ -305,9 +305,7 @@ def field_docs(cls=TrainConfig) -> dict[str, str]:
 
 
 def demo_defaults() -> dict:
-    """Values that suit the embedded default (64-wide, trained on CPU in seconds): one epoch of its
-    training pairs, and the consistency weight under which every measured seed lowered its flip rate
-    by at least 40% (docs/training.md)."""
-    return {"rank": 8, "alpha": 16.0, "dropout": 0.0, "lr": 3e-3, "batch_size": 32, "grad_accum": 1,
-            "epochs": 1.0, "max_steps": None, "consistency_weight": 2.0, "eval_every": 40, "checkpoint_every": 40,
-            "guard_pairs": 200}
+    """Training values that suit the embedded default (:data:`mechmed.demo.source.TRAIN_DEFAULTS`)."""
+    from mechmed.sources import train_defaults
+
+    return train_defaults("demo")

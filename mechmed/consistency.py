@@ -208,21 +208,16 @@ def headline_rows(rows: Sequence[dict]) -> list[dict]:
     return kept or list(rows)
 
 
-def resolve_data(data: str, *, image_root=None, columns=None, seed: int = 0, cache_dir=None):
-    """``demo`` (the embedded default's evaluation pairs), ``demo:<set>`` (one of its sets: ``eval``,
-    ``train``, ``unseen``, ``negation``; see :mod:`mechmed.demo.dataset`), a JSONL/CSV file, or a
-    directory."""
+def resolve_data(data: str, *, image_root=None, columns=None, seed: int = 0, cache_dir=None, split: str = "eval"):
+    """A source's pairs by name (:func:`mechmed.sources.pairs_file`: ``demo`` is the embedded
+    default's ``split`` set, ``demo:<set>`` one of its sets: ``eval``, ``train``, ``unseen``,
+    ``negation``), a JSONL/CSV file, or a directory."""
     from mechmed.data import load_pairs
+    from mechmed.sources import pairs_file
 
-    if data == "demo" or data.startswith("demo:"):
-        from mechmed.demo.build import ensure_demo_data
-        from mechmed.demo.dataset import PAIR_FILES
-
-        name = data.partition(":")[2] or "eval"
-        if name not in PAIR_FILES:
-            raise MechmedError(f"--data {data}: the demo has no set {name!r}; use "
-                               + ", ".join(f"demo:{k}" for k in PAIR_FILES))
-        return load_pairs(ensure_demo_data(cache_dir=cache_dir, seed=seed) / PAIR_FILES[name])
+    path = pairs_file(data, split=split, cache_dir=cache_dir, seed=seed)
+    if path is not None:
+        return load_pairs(path)
     return load_pairs(data, image_root=image_root, columns=columns)
 
 

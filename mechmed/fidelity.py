@@ -47,7 +47,8 @@ from mechmed.sites import Site
 log = logging.getLogger(__name__)
 
 TEXT_SETS = ("medical", "general", "images")
-DEFAULT_TEXTS = "medical,general,images"
+DEFAULT_TEXTS = "medical,general"
+"""The prompt sets every model is checked on; ``images`` joins them for a source that ships images."""
 N_IMAGE_PROMPTS = 100
 ALPHA = 0.05
 RESULT_VERSION = 1
@@ -89,13 +90,26 @@ class PromptSet:
         return build_inputs(bundle.processor, list(self.texts[start:stop]), list(self.images[start:stop]))
 
 
-def prompt_set(name: str, *, seed: int = 0, n_images: int = N_IMAGE_PROMPTS) -> PromptSet:
+def default_texts(model: str) -> str:
+    """:data:`DEFAULT_TEXTS`, plus ``images`` when ``model`` is a source that ships image prompts."""
+    from mechmed.sources import image_prompts
+
+    return DEFAULT_TEXTS + (",images" if image_prompts(model) is not None else "")
+
+
+def prompt_set(name: str, *, seed: int = 0, n_images: int = N_IMAGE_PROMPTS, model: str = "demo") -> PromptSet:
     """A shipped prompt set: ``medical``, ``general`` (:mod:`mechmed.data.texts`) or ``images``
-    (``n_images`` image + question prompts over the demo's evaluation images)."""
-    from mechmed.data.texts import image_question_prompts, text_set
+    (``n_images`` image + question prompts over the evaluation images of the source ``model``,
+    :data:`mechmed.sources.Source.image_prompts`; the embedded default's by default)."""
+    from mechmed.data.texts import text_set
+    from mechmed.sources import image_prompts
 
     if name == "images":
-        images, questions = image_question_prompts(n_images, seed, split="eval")
+        build = image_prompts(model)
+        if build is None:
+            raise MechmedError(f"--texts images: {model} ships no image prompts (the demo does); use --texts "
+                               f"{DEFAULT_TEXTS}")
+        images, questions = build(n_images, seed, split="eval")
         return PromptSet(name, tuple(questions), tuple(images))
     if name not in TEXT_SETS:
         raise MechmedError(f"--texts {name}: unknown text set; choose from {', '.join(TEXT_SETS)}")
@@ -435,7 +449,7 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", texts: str = DEFAULT_TEXTS,
+def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", texts: str | None = None,
                   out: str = "runs/sae_check", threshold: float = 0.95, batch_size: int = 8, device: str = "cpu",
                   ce: bool = True, seed: int = 0, *, dtype: str | None = None, answer_words=("yes", "no"),
                   trust_remote_code: bool = False) -> SAECheckResult:
@@ -446,7 +460,7 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
     ``model`` / ``device`` / ``dtype`` / ``answer_words`` / ``trust_remote_code`` / ``seed`` are
     :func:`mechmed.models.load_model`'s; ``saes`` and ``layers`` go to
     :func:`mechmed.saes.resolve_saes`; ``texts`` names the prompt sets (``medical``, ``general``,
-    ``images``); ``ce=False`` skips CE recovered and the margin change (one forward per batch).
+    ``images``; default :func:`default_texts`); ``ce=False`` skips CE recovered and the margin change (one forward per batch).
     """
     from mechmed.figures import r2_by_layer, save_figure
     from mechmed.io import ensure_dir, write_json
@@ -462,7 +476,10 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
         raise MechmedError(f"--threshold {threshold}: give a finite number below 1, e.g. 0.95")
     if int(batch_size) < 1:
         raise MechmedError(f"--batch-size {batch_size}: must be at least 1")
+    texts = default_texts(model) if texts is None else texts
     names = parse_text_sets(texts)
+    if "images" in names:
+        prompt_set("images", n_images=1, model=model)  # a model without image prompts fails before loading
     out_dir = ensure_dir(out)
     t0 = time.perf_counter()
     bundle = load_model(model, dtype, device, answer_words=tuple(answer_words), trust_remote_code=trust_remote_code,
@@ -474,7 +491,7 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
         load_s = time.perf_counter() - t0
         rows, cost = [], {}
         for name in names:
-            ps = prompt_set(name, seed=seed)
+            ps = prompt_set(name, seed=seed, model=model)
             ev = evaluate_saes(bundle, sae_map, ps, batch_size=int(batch_size), ce=ce, threshold=threshold,
                                progress=f"sae-check {name}")
             rows.extend(ev.rows)

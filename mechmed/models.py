@@ -16,7 +16,6 @@ from mechmed.errors import MechmedError
 from mechmed.families import ArchitectureMap, get_family
 from mechmed.readout import AnswerTokens, answer_token_ids
 
-DEMO = "demo"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -91,18 +90,19 @@ def load_processor(path: str, family: ArchitectureMap, **kw):
                                   transformers.AutoTokenizer.from_pretrained(path, **kw))
 
 
-def model_config(name_or_path: str = DEMO, *, local_files_only: bool | None = None,
+def model_config(name_or_path: str = "demo", *, local_files_only: bool | None = None,
                  trust_remote_code: bool = False, revision: str | None = None, cache_dir: str | None = None,
                  seed: int = 0):
     """``(path, config, family, load kwargs)`` of a hub id, local path or ``"demo"``, reading only the
     config (so a layer count costs no weights)."""
     import transformers
 
-    name = str(name_or_path)
-    if name == DEMO:
-        from mechmed.demo.build import ensure_demo_model
+    from mechmed.sources import model_dir
 
-        path, offline = str(ensure_demo_model(cache_dir=cache_dir, seed=seed)), True
+    name = str(name_or_path)
+    built = model_dir(name, cache_dir=cache_dir, seed=seed)
+    if built is not None:  # a named source (the embedded default): its own cached checkpoint
+        path, offline = str(built), True
     else:
         path, offline = name, _offline(local_files_only)
         if (name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1) and not Path(name).expanduser().exists():
@@ -117,7 +117,7 @@ def model_config(name_or_path: str = DEMO, *, local_files_only: bool | None = No
     return path, config, get_family(config), kw
 
 
-def load_model(name_or_path: str = DEMO, dtype: str | None = None, device: str = "cpu", *,
+def load_model(name_or_path: str = "demo", dtype: str | None = None, device: str = "cpu", *,
                answer_words=("yes", "no"), local_files_only: bool | None = None,
                trust_remote_code: bool = False, revision: str | None = None,
                cache_dir: str | None = None, seed: int = 0) -> ModelBundle:
@@ -166,13 +166,13 @@ def cpu_threads_for(name_or_path: str, device: str = "cpu") -> int | None:
     matmuls gain nothing from threads and slow down many times on shared cores), else None (leave
     torch's setting). Reads only a local config; hub ids and unreadable paths give None."""
     from mechmed.runtime import threads_for_width
+    from mechmed.sources import get
 
     if str(device) != "cpu":
         return None
-    if name_or_path == DEMO:
-        from mechmed.demo.model import DemoModelConfig
-
-        return threads_for_width(DemoModelConfig().hidden)
+    source = get(name_or_path) if ":" not in str(name_or_path) else None
+    if source is not None:
+        return threads_for_width(source.d_model)
     if not (Path(name_or_path) / "config.json").is_file():
         return None
     try:

@@ -117,7 +117,9 @@ def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, wor
     from mechmed.config import TrainConfig
     from mechmed.fidelity import run_sae_check
     from mechmed.io import ensure_dir
+    from mechmed.runtime import cache_root
     from mechmed.selection import run_select_layers
+    from mechmed.sources import get
 
     res = PipelineResult(out)
 
@@ -131,17 +133,15 @@ def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, wor
         if not done:
             _say(f"[{name}] done in {res.stages[name]:.1f} s", echo)
 
-    if model == "demo":
-        from mechmed.demo.build import cache_root, ensure_demo_data, ensure_demo_model, read_build_metrics
-
-        _say(f"[model] the demo model and data (cached under {cache_root()}; a first run builds them)", echo)
+    source = get(model) if ":" not in str(model) else None
+    if source is not None:
+        _say(f"[model] the {source.name} model and data (cached under {cache_root()}; a first run builds them)", echo)
 
         def build():
-            path = ensure_demo_model(seed=seed)
-            ensure_demo_data(seed=seed)
-            m = read_build_metrics(path)
-            _say(f"[model] demo model {path.name}: canonical accuracy {m['canonical_accuracy']:.3f}, "
-                 f"held-out flip rate {m['flip_rate']:.3f}", echo)
+            path = source.model_dir(seed=seed)
+            source.data_dir(seed=seed)
+            if source.describe is not None:
+                _say(f"[model] {source.describe(path)}", echo)
 
         stage("model", False, build)
 

@@ -11,7 +11,8 @@ embedded default's own SAEs.
 
 :func:`resolve_saes` turns the ``--saes`` option into one SAE per layer:
 
-- ``demo``: the demo model's trained SAEs (:func:`ensure_demo_saes`, built on first use);
+- a source's SAEs by name (``demo``: the demo model's, trained on first use by
+  :func:`mechmed.demo.saes.ensure_demo_saes`; :mod:`mechmed.sources`);
 - ``DIR``: a directory with one SAE subdirectory per layer (``layer_3/``, ...), or one SAE directory;
 - ``RELEASE:ID_TEMPLATE`` with ``{L}`` for the layer, e.g.
   ``gemma-scope-2-4b-it-res:layer_{L}_width_16k_l0_big``; a local path with ``{L}`` works too.
@@ -26,7 +27,8 @@ prompt, text and image tokens alike, except padding and the BOS token (:func:`to
 BOS residual is an attention-sink outlier with a norm many times the others, which Gemma
 Scope also left out of training.
 
-**Training the embedded default.** :func:`ensure_demo_saes` trains one SAE per decoder layer of the
+**Training.** :func:`train_saes` trains one SAE per layer; the embedded default's SAEs
+(:func:`mechmed.demo.saes.ensure_demo_saes`) are one SAE per decoder layer of the
 demo model on its resid_post activations over demo prompts (image + question prompts and the demo
 corpus), with sae-lens's own classes (``BatchTopKTrainingSAE`` by default, ``TopKTrainingSAE`` /
 ``JumpReLUTrainingSAE`` on request) and trainer
@@ -47,11 +49,10 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +63,9 @@ from mechmed.sites import Site, parse_layers
 log = logging.getLogger(__name__)
 
 SAE_KINDS = ("topk", "batchtopk", "jumprelu")
-DEMO = "demo"
 MANIFEST = "mechmed_saes.json"
-RECIPE_VERSION = "demo-saes-v1"
-"""Bumped whenever the demo SAE recipe changes meaning: it keys the cache."""
+SAE_RECIPE_VERSION = "demo-saes-v1"
+"""Bumped whenever the SAE training recipe changes meaning: it keys the demo's SAE cache."""
 
 _LAYER_DIR_RE = re.compile(r"layer_(\d+)")
 _MODULE_HOOK_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.(\w+))?$")
@@ -335,8 +335,10 @@ def sae_sources(spec: str, n_layers: int, *, cache_dir: str | None = None, seed:
     spec = str(spec).strip()
     if not spec:
         raise MechmedError("--saes is empty; give demo, a directory, or RELEASE:ID_TEMPLATE")
-    if spec == DEMO:
-        root = ensure_demo_saes(cache_dir=cache_dir, seed=seed)
+    from mechmed.sources import saes_dir
+
+    root = saes_dir(spec, cache_dir=cache_dir, seed=seed)
+    if root is not None:
         return {L: str(p) for L, p in _layer_dirs(root).items()}
     if "{L}" in spec:
         return _template_layers(spec, n_layers)
@@ -480,7 +482,7 @@ class SAETrainConfig:
             raise MechmedError(f"SAE training: holdout_frac={self.holdout_frac} must be in [0, 1)")
 
     def to_dict(self) -> dict:
-        return {"version": RECIPE_VERSION, **asdict(self)}
+        return {"version": SAE_RECIPE_VERSION, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> SAETrainConfig:
@@ -656,102 +658,3 @@ def save_sae_set(saes: dict, path: str | os.PathLike, manifest: dict | None = No
 
         write_json(path / MANIFEST, manifest)
     return path
-
-
-# ----------------------------------------------------------------------------- the embedded default
-
-
-def demo_training_batches(bundle, cfg: SAETrainConfig, seed: int = 0, batch_size: int = 64):
-    """Input batches for the demo SAEs: image + question prompts over the demo's training images,
-    then the demo corpus."""
-    from mechmed.data.texts import image_question_prompts
-    from mechmed.demo.phrasings import corpus
-    from mechmed.readout import build_inputs
-
-    images, questions = image_question_prompts(cfg.n_image_prompts, seed, split="train")
-    for s in range(0, len(questions), batch_size):
-        yield build_inputs(bundle.processor, questions[s:s + batch_size], images[s:s + batch_size])
-    import numpy as np
-
-    texts = corpus(seed, cfg.n_corpus_reports)
-    unk = getattr(bundle.tokenizer, "unk_token", None)
-    rng = np.random.default_rng([seed, 11])
-    for rate in cfg.oov_rates if unk else ():
-        texts = texts + [" ".join(unk if rng.random() < rate else w for w in t.split())
-                         for t in corpus(seed, cfg.n_corpus_reports)]
-    for s in range(0, len(texts), batch_size):
-        yield text_inputs(bundle.processor, texts[s:s + batch_size])
-
-
-def _weights_digest(model_dir: Path) -> str:
-    h = hashlib.sha256()
-    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:12]
-
-
-def demo_saes_dir(model_dir: str | os.PathLike, cfg: SAETrainConfig, seed: int = 0) -> Path:
-    """Where the demo SAEs for ``model_dir`` and ``cfg`` live: beside the model, keyed by its
-    weights and the recipe."""
-    model_dir = Path(model_dir)
-    return model_dir.parent / f"{model_dir.name}-saes-{_weights_digest(model_dir)}-{cfg.digest()}-s{seed}"
-
-
-def _valid_sae_dir(path: Path, n_layers: int | None = None) -> bool:
-    if not (path / MANIFEST).is_file():
-        return False
-    layers = _layer_dirs(path)
-    return bool(layers) and (n_layers is None or sorted(layers) == list(range(n_layers)))
-
-
-def ensure_demo_saes(cache_dir: str | None = None, seed: int = 0, kind: str = "batchtopk", d_sae: int = 512,
-                     **recipe) -> Path:
-    """The demo model's SAEs (one sae-lens directory per layer), trained on first use and cached.
-
-    ``kind``, ``d_sae`` and any other :class:`SAETrainConfig` field (``k``, ``steps``, ...) form
-    the recipe; the cache is keyed by the demo model's weights and the recipe's hash, and written
-    atomically (temporary directory, then rename). Returns the directory.
-    """
-    try:
-        from mechmed.demo.build import ensure_demo_model
-    except ImportError as e:
-        raise MechmedError(
-            "--saes demo: the demo model builder (mechmed.demo.build) is not available in this install"
-        ) from e
-    cfg = replace(SAETrainConfig(), kind=kind, d_sae=d_sae, **recipe)
-    model_dir = Path(ensure_demo_model(cache_dir=cache_dir, seed=seed))
-    final = demo_saes_dir(model_dir, cfg, seed)
-    if _valid_sae_dir(final):
-        return final
-    from mechmed.models import load_model
-
-    t0 = time.perf_counter()
-    # the demo model is 64 wide: one thread is fastest, and far faster on shared cores
-    with torch_threads(1):
-        bundle = load_model(str(model_dir), local_files_only=True)
-        layers = list(range(bundle.n_layers))
-        acts = collect_activations(bundle, demo_training_batches(bundle, cfg, seed), layers)
-        collect_s = time.perf_counter() - t0
-        log.info("demo SAEs: %d tokens x %d layers collected in %.1fs", acts[0].shape[0], len(layers), collect_s)
-        trained = train_saes(acts, cfg, seed=seed, model_name=f"mechmed-demo:{model_dir.name}", num_threads=1)
-    manifest = {"recipe": cfg.to_dict(), "seed": seed, "model_dir": str(model_dir),
-                "model_weights": _weights_digest(model_dir), "collect_s": collect_s, **trained.stats}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        save_sae_set(trained.saes, tmp, manifest)
-        if final.exists() and not _valid_sae_dir(final):
-            shutil.rmtree(final)  # an incomplete directory from an older mechmed
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not _valid_sae_dir(final):  # not a concurrent build that finished first
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("demo SAEs written to %s (%.1fs in all)", final, time.perf_counter() - t0)
-    return final

@@ -141,7 +141,8 @@ def run_select_layers(scores: str | None = None, out: str = "runs/train.yaml", *
                       overrides: dict | None = None):
     """Select layers from a scores file (or compute it), and write a training config YAML."""
     from mechmed import __version__
-    from mechmed.config import TrainConfig, demo_defaults
+    from mechmed.config import TrainConfig
+    from mechmed.sources import get, train_defaults
 
     if scores is None:
         from mechmed.attribution import run_attribute
@@ -153,19 +154,19 @@ def run_select_layers(scores: str | None = None, out: str = "runs/train.yaml", *
     vec = score_vector(table, score, str(scores))
     chosen = select(vec, strategy, width=width, k=k, threshold=threshold)
     model = model or table.get("model", "demo")
-    base = demo_defaults() if model == "demo" else {}
+    base = train_defaults(model)
     provenance = {"scores_file": str(scores), "scores_sha256": file_sha256(scores), "score_key": score,
                   **chosen.to_dict(), "mechmed_version": __version__}
     cfg = TrainConfig.from_dict({**base, "model": model, "layers": list(chosen.layers), "method": method,
-                                 "train_data": data if data != "demo" else "demo",
-                                 "eval_data": data if data != "demo" else "demo", "seed": seed,
+                                 "train_data": data, "eval_data": data, "seed": seed,
                                  **(overrides or {}), "provenance": provenance}, source="select-layers")
-    if cfg.train_data == cfg.eval_data and cfg.train_data != "demo":
+    if cfg.train_data == cfg.eval_data and get(cfg.train_data) is None:  # a source splits its own
         log.warning("train_data and eval_data are both %s: pass --train-data (pairs of training phrasings) and "
                     "--eval-data (held-out phrasings) so training is judged on phrasings it never saw",
                     cfg.train_data)
-    if cfg.model != "demo" and "demo" in (cfg.train_data, cfg.eval_data):
-        log.warning("model %s will train/evaluate on the embedded default's pairs: pass --train-data and "
-                    "--eval-data for this model's data", cfg.model)
+    data_sources = {s.name for s in map(get, (cfg.train_data, cfg.eval_data)) if s is not None}
+    if data_sources and get(cfg.model) is None:
+        log.warning("model %s will train/evaluate on the pairs of %s: pass --train-data and --eval-data for this "
+                    "model's data", cfg.model, ", ".join(sorted(data_sources)))
     cfg.save(out)
     return cfg, chosen

@@ -117,14 +117,13 @@ def adapted_modules(model) -> list[str]:
     return [n for n, m in model.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
 
 
-def resolve_pairs(data: str, *, split: str, image_root=None, seed: int = 0):
-    """'demo' -> the embedded default's training (``demo:train``) or evaluation (``demo:eval``) pairs;
-    anything else as :func:`mechmed.consistency.resolve_data` reads it."""
+def resolve_pairs(data: str, *, split: str, image_root=None, seed: int = 0, cache_dir=None):
+    """A source's name (``demo``) -> its training (``split="train"``) or evaluation pairs; anything
+    else as :func:`mechmed.consistency.resolve_data` reads it."""
     from mechmed.consistency import resolve_data
 
-    if data == "demo":
-        data = "demo:train" if split == "train" else "demo:eval"
-    return resolve_data(data, image_root=image_root, seed=seed)
+    return resolve_data(data, image_root=image_root, seed=seed, cache_dir=cache_dir,
+                        split="train" if split == "train" else "eval")
 
 
 def _git_hash() -> str | None:

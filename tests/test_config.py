@@ -81,9 +81,8 @@ def test_rank_default_depends_on_the_method():
 
 
 def test_extra_eval_defaults_and_names():
-    from mechmed.config import DEMO_EXTRA_EVAL
-
-    assert TrainConfig(layers=[1]).extra_eval == DEMO_EXTRA_EVAL  # eval_data 'demo': its unseen and negation sets
+    # eval_data 'demo': its unseen and negation sets
+    assert TrainConfig(layers=[1]).extra_eval == {"unseen": "demo:unseen", "negation": "demo:negation"}
     assert TrainConfig(layers=[1], eval_data="pairs.jsonl").extra_eval == {}
     assert TrainConfig(layers=[1], extra_eval={" neg ": " n.jsonl "}).extra_eval == {"neg": "n.jsonl"}
     for bad in ({"..": "x.jsonl"}, {"main": "x.jsonl"}, {"a/b": "x.jsonl"}, {"ok": ""}, ["x.jsonl"]):

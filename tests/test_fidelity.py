@@ -249,7 +249,8 @@ def test_text_set_errors():
 
 
 def test_shipped_text_sets():
-    from mechmed.data.texts import GENERAL, MEDICAL, image_question_prompts
+    from mechmed.data.texts import GENERAL, MEDICAL
+    from mechmed.demo.prompts import image_question_prompts
 
     for texts in (MEDICAL, GENERAL):
         assert 50 <= len(texts) <= 100 and len(set(texts)) == len(texts)
@@ -284,19 +285,36 @@ def test_run_sae_check_writes_json_and_figure(check_dirs):
     from mechmed.fidelity import run_sae_check
 
     ckpt, root = check_dirs
-    res = run_sae_check(model=str(ckpt), saes=str(root / "saes"), layers="all", texts="medical,images",
+    res = run_sae_check(model=str(ckpt), saes=str(root / "saes"), layers="all", texts="medical,general",
                         out=str(root / "out"), threshold=0.95, batch_size=16, ce=True)
     data = json.loads((root / "out" / "sae_check.json").read_text())
-    assert data["options"]["texts"] == "medical,images" and data["version"] == 1
+    assert data["options"]["texts"] == "medical,general" and data["version"] == 1
     assert [(r["text_set"], r["layer"]) for r in data["rows"]] == [
-        ("medical", 0), ("medical", 1), ("medical", 2), ("images", 0), ("images", 1), ("images", 2)]
+        ("medical", 0), ("medical", 1), ("medical", 2), ("general", 0), ("general", 1), ("general", 2)]
     by = {(r["text_set"], r["layer"]): r for r in data["rows"]}
     assert by["medical", 0]["exceeds_threshold"] and not by["medical", 1]["exceeds_threshold"]
-    assert by["images", 2]["margin_change"] == pytest.approx(0.0, abs=1e-4)
+    assert by["general", 2]["margin_change"] is None  # text prompts have no yes/no margin (images: see above)
     assert data["cost"]["medical"]["forwards_per_batch"] == 1 + 2 * 3
     assert (root / "out" / "r2_by_layer.html").stat().st_size > 100_000  # plotly.js inlined
     assert res.figures["png"] or res.figures["png_skipped"]
     assert "layer" in res.table()
+
+
+def test_images_prompt_set_only_where_the_source_ships_one(check_dirs, monkeypatch):
+    from mechmed import models
+    from mechmed.fidelity import default_texts, run_sae_check
+
+    ckpt, root = check_dirs
+    assert default_texts("demo") == "medical,general,images"
+    assert default_texts(str(ckpt)) == "medical,general"
+
+    def no_load(*a, **k):
+        raise AssertionError("weights loaded before the prompt sets were checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    with pytest.raises(MechmedError, match="ships no image prompts"):
+        run_sae_check(model=str(ckpt), saes=str(root / "saes"), texts="medical,images", out=str(root / "img"))
+    assert not (root / "img").exists()
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -296,9 +296,10 @@ def test_train_config_validation():
 def test_demo_saes_reach_the_bar(demo_model_dir):
     """Train the demo SAEs with the default recipe (not the cached ones) and check the bars:
     R² ≥ 0.9 at every layer on every text set, mean L0 well below d_sae/10."""
+    from mechmed.demo.saes import demo_training_batches
     from mechmed.fidelity import evaluate_saes, prompt_set
     from mechmed.models import load_model
-    from mechmed.saes import SAETrainConfig, collect_activations, demo_training_batches, train_saes
+    from mechmed.saes import SAETrainConfig, collect_activations, train_saes
 
     cfg = SAETrainConfig()
     b = load_model(str(demo_model_dir), local_files_only=True)
@@ -317,7 +318,8 @@ def test_demo_saes_reach_the_bar(demo_model_dir):
 
 @pytest.mark.slow
 def test_ensure_demo_saes_caches_atomically(demo_model_dir):
-    from mechmed.saes import MANIFEST, ensure_demo_saes, resolve_saes
+    from mechmed.demo.saes import ensure_demo_saes
+    from mechmed.saes import MANIFEST, resolve_saes
 
     recipe = dict(d_sae=64, k=4, steps=15, n_image_prompts=16, n_corpus_reports=8, oov_rates=(0.5,))
     first = ensure_demo_saes(**recipe)

@@ -7,9 +7,9 @@ Two plain-text sets, written for mechmed (no external source):
 - ``general``: everyday English sentences on unrelated topics, the register off-the-shelf SAEs
   (Gemma Scope) were trained on.
 
-``mechmed sae-check --texts medical,general,images`` reads these by name through
-:func:`text_set`; ``images`` (image + question prompts) is built from the demo data by
-:mod:`mechmed.fidelity`, not here.
+``mechmed sae-check --texts medical,general`` reads these by name through :func:`text_set`;
+``images`` (image + question prompts) comes from a source that ships images
+(:data:`mechmed.sources.Source.image_prompts`), not from here.
 """
 
 from __future__ import annotations
@@ -174,37 +174,3 @@ def text_set(name: str) -> list[str]:
         raise MechmedError(
             f"text set {name!r}: unknown; choose from {', '.join(TEXT_SETS)} (or images)"
         ) from None
-
-
-IMAGE_SPLITS = ("train", "eval")
-
-
-def image_question_prompts(n: int, seed: int = 0, split: str = "eval"):
-    """``n`` image + question prompts from the demo data: (PIL images, questions).
-
-    ``split="eval"`` draws images from the demo's evaluation seed (``seed + 10_000``, never trained
-    on); ``"train"`` from its training seed. Image ``i`` is asked about one finding in one phrasing
-    (canonical, training or held-out, negations included), chosen with a generator seeded by
-    ``seed``, so the set is the same on every run.
-    """
-    import numpy as np
-    from PIL import Image
-
-    from mechmed.demo.dataset import EVAL_SEED_OFFSET
-    from mechmed.demo.images import FINDINGS, make_images
-    from mechmed.demo.phrasings import questions
-
-    if split not in IMAGE_SPLITS:
-        raise MechmedError(f"image prompts: split {split!r}; choose one of {', '.join(IMAGE_SPLITS)}")
-    if n < 1:
-        raise MechmedError(f"image prompts: n={n}; ask for at least one")
-    base = seed + (EVAL_SEED_OFFSET if split == "eval" else 0)
-    samples = make_images(n, base)
-    rng = np.random.default_rng([base, 7])
-    images, texts = [], []
-    for array, _ in samples:
-        finding = FINDINGS[int(rng.integers(len(FINDINGS)))]
-        options = questions(finding)
-        texts.append(options[int(rng.integers(len(options)))].text)
-        images.append(Image.fromarray(array).convert("RGB"))
-    return images, texts
