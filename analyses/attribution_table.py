@@ -3,8 +3,8 @@
 Reproduces the seed paper's attribution step on MedGemma-4B + PSF-Med: for each paraphrase pair,
 attribution patching a_L = ∇m_p · (x_L^q − x_L^p) at every decoder layer, exact activation patching
 as its check, SAE feature attributions, and the layer window that training then targets (the paper's
-layers 15-19). Computed by :func:`mechmed.attribution.run_attribute`; the window by
-:func:`mechmed.selection.run_select_layers`, which also writes the training config for
+layers 15-19). Computed by :func:`mechmed.stages.run_attribute`; the window by
+:func:`mechmed.stages.run_select_layers`, which also writes the training config for
 ``targeted_vs_full.py --config``.
 
 Writes ``attribute/`` (layer_scores.json, features.csv, layer_profile, feature_heatmap),
@@ -56,9 +56,8 @@ def build_parser():
 
 
 def run(args) -> dict:
-    from mechmed.attribution import run_attribute
     from mechmed.figures import layer_profile
-    from mechmed.selection import run_select_layers
+    from mechmed.stages import run_attribute, run_select_layers
 
     out = Path(args.out)
     saes = None if args.saes == "none" else args.saes

@@ -3,7 +3,7 @@
 Reproduces the seed paper's check that Gemma Scope 2 SAEs (trained on Gemma 3) transfer to
 MedGemma-4B: R² = 1 − Σ‖x − x̂‖² / Σ‖x − μ‖² of the resid_post activations per layer, on medical
 and on general text (70 prompts each, shipped with mechmed), with a one-sided t test of the mean
-per-prompt R² against a threshold (0.95). The numbers come from :func:`mechmed.fidelity.run_sae_check`;
+per-prompt R² against a threshold (0.95). The numbers come from :func:`mechmed.stages.run_sae_check`;
 this script lays them out per layer, medical beside general.
 
 Writes ``sae_check/`` (sae_check.json, r2_by_layer.html/.png), ``transfer.csv`` and ``transfer.json``.
@@ -61,7 +61,8 @@ def summary(rows: list[dict], sets: list[str]) -> dict:
 
 
 def run(args) -> dict:
-    from mechmed.fidelity import parse_text_sets, run_sae_check
+    from mechmed.fidelity import parse_text_sets
+    from mechmed.stages import run_sae_check
 
     out = Path(args.out)
     sets = parse_text_sets(args.texts)

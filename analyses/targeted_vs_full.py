@@ -79,8 +79,7 @@ def training_config(args, out: Path) -> dict:
 
         train = demo_defaults() if is_demo(args) else {}
     else:
-        from mechmed.attribution import run_attribute
-        from mechmed.selection import run_select_layers
+        from mechmed.stages import run_attribute, run_select_layers
 
         run_attribute(args.model, args.data, None, str(out / "attribute"), max_pairs=limit(args, "attr_pairs", 32, 300),
                       exact=False, device=args.device, image_root=args.image_root, seed=args.seed)

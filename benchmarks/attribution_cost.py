@@ -54,7 +54,7 @@ def measure(layers: int, hidden: int, n_pairs: int, tmp: Path) -> dict:
     model, proc = tiny.gemma3_vlm(layers=layers, hidden=hidden, intermediate=4 * hidden, head_dim=hidden // 2)
     b = bundle(model, proc)
     pairs = pairs_for(tmp, n_pairs)
-    from mechmed.consistency import load_image
+    from mechmed.data.images import load_image
 
     imgs = [load_image(p.image) for p in pairs]
     both = _inputs(b, [p.question for p in pairs] + [p.paraphrase for p in pairs], imgs * 2)

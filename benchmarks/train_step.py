@@ -56,7 +56,7 @@ def make_step(overrides: dict, batch: int, seed: int = 0):
     import torch
 
     from mechmed.config import TrainConfig, demo_defaults
-    from mechmed.consistency import load_image
+    from mechmed.data.images import load_image
     from mechmed.models import load_model
     from mechmed.readout import answer_logits, build_inputs
     from mechmed.spectral import balance_loss

@@ -38,18 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mechmed.config import ARMS, CONSISTENCY_ONLY_LOSS, DEFAULT_ARMS, RANGE_ARMS  # noqa: F401  (public here too)
 from mechmed.errors import MechmedError
+from mechmed.io import read_jsonl
 
 log = logging.getLogger(__name__)
 
-#: Arms in their display order. ``base`` is evaluated, not trained.
-ARMS = ("base", "selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only")
-#: Arms whose layers are a baseline range of the selected width (mechmed.selection.baseline).
-RANGE_ARMS = ("early", "middle", "late", "random", "all")
-#: The consistency loss of the ``consistency_only`` arm, whatever the training config's: the seed
-#: paper's symmetric KL, whose collapse without cross-entropy is the finding this arm tests.
-CONSISTENCY_ONLY_LOSS = "sym_kl"
-DEFAULT_ARMS = ("selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only")
 RESULT_KEYS = ("arm", "method", "seed", "layers", "trainable_parameters", "flip_rate", "flip_ci", "margin_diff",
                "margin_diff_ci", "canonical_accuracy", "accuracy_ci", "yes_rate", "collapsed", "p_vs_base",
                "p_vs_ce_only", "n_pairs", "run_dir")
@@ -215,14 +209,7 @@ def _read_pairs(path: Path) -> dict:
     """Per-pair rows of an evaluation by id: those its headline flip rate is over."""
     from mechmed.consistency import headline_rows
 
-    return {r["id"]: r for r in headline_rows(_rows(path))}
-
-
-def _rows(path: Path) -> list[dict]:
-    """The per-pair rows of an evaluation's ``pairs.jsonl``."""
-    import json
-
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return {r["id"]: r for r in headline_rows(read_jsonl(path))}
 
 
 def evaluation_sets(eval_dir: Path, names: Sequence[str]) -> dict:
@@ -232,7 +219,7 @@ def evaluation_sets(eval_dir: Path, names: Sequence[str]) -> dict:
     out = {n: _read_pairs(eval_dir / n / "pairs.jsonl") for n in names if (eval_dir / n / "pairs.jsonl").is_file()}
     main = eval_dir / "pairs.jsonl"
     if "negation" not in out and main.is_file():
-        rows = _rows(main)
+        rows = read_jsonl(main)
         neg = {r["id"]: r for r in rows if r.get("negation_set")}
         if neg and len(neg) < len(rows):
             out["negation"] = neg

@@ -67,7 +67,7 @@ def _grad_from_embeddings(bundle):
 
 
 def _images(pairs, image_cache):
-    from mechmed.consistency import load_image
+    from mechmed.data.images import load_image
 
     out = []
     for p in pairs:
@@ -344,64 +344,3 @@ def feature_table(results: Sequence[PairAttribution], *, top: int = 10) -> list[
                          "active_frac_q": float((F_q[:, i] > 0).mean()), "active_frac_p": float((F_p[:, i] > 0).mean()),
                          "auc": auc})
     return rows
-
-
-def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "demo", out: str = "runs/attribute",
-                  *, max_pairs: int = 300, exact: bool = True, top_features: int = 10, batch_size: int = 8,
-                  device: str = "cpu", image_root=None, seed: int = 0, progress: bool = False,
-                  dtype: str | None = None, answer_words=("yes", "no"), trust_remote_code: bool = False) -> dict:
-    """Attribute flips on ``data`` and write ``layer_scores.json``, ``features.csv`` and figures."""
-    import csv
-    import io
-
-    from mechmed.consistency import resolve_data
-    from mechmed.io import ensure_dir, write_json, write_text
-    from mechmed.models import load_model
-
-    if max_pairs < 1:
-        raise MechmedError(f"--max-pairs {max_pairs}: must be at least 1")
-    pairs = [p for p in resolve_data(data, image_root=image_root, seed=seed) if not p.negated]
-    if not pairs:
-        raise MechmedError(f"--data {data}: has no pairs without negation to attribute")
-    rng = np.random.default_rng(seed)
-    pairs = [pairs[i] for i in sorted(rng.permutation(len(pairs))[:max_pairs])]
-    bundle = load_model(model, device=device, seed=seed, dtype=dtype, answer_words=tuple(answer_words),
-                        trust_remote_code=trust_remote_code)
-    sae_map = None
-    if saes:
-        from mechmed.saes import resolve_saes
-
-        sae_map = resolve_saes(saes, bundle, "all", seed=seed)
-    out_dir = ensure_dir(out)
-    results = attribute(bundle, pairs, saes=sae_map, exact=exact, batch_size=batch_size, progress=progress)
-    scores = layer_scores(results, seed=seed)
-    rows = feature_table(results, top=top_features) if sae_map else []
-    if sae_map and rows:
-        # delta-patch recovery of each top feature, averaged over flipped pairs (or all when none flipped)
-        by_id = {p.id: p for p in pairs}
-        flipped = [r for r in results if r.flipped] or results
-        cache: dict = {}
-        for layer in sorted({r["layer"] for r in rows}):
-            feats = [r["feature"] for r in rows if r["layer"] == layer]
-            rec = np.nanmean(np.stack([delta_patch(bundle, by_id[r.id], layer, sae_map[layer], feats, cache)
-                                       for r in flipped[:20]]), axis=0)
-            for row, value in zip([r for r in rows if r["layer"] == layer], rec):
-                row["recovery"] = None if not np.isfinite(value) else float(value)
-    scores.update({"model": model, "data": str(data), "saes": saes, "exact": exact, "seed": seed,
-                   "pairs": [{"id": r.id, "m_q": r.m_q, "m_p": r.m_p, "flipped": r.flipped,
-                              "layer_attr": r.layer_attr.tolist(),
-                              "patch_effect": None if r.patch_effect is None else r.patch_effect.tolist()}
-                             for r in results]})
-    write_json(out_dir / "layer_scores.json", scores)
-    if rows:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()) + (["recovery"] if "recovery" not in rows[0] else []))
-        w.writeheader()
-        w.writerows(rows)
-        write_text(out_dir / "features.csv", buf.getvalue())
-    from mechmed import figures
-
-    figures.save_figure(figures.layer_profile(scores), out_dir / "layer_profile")
-    if rows:
-        figures.save_figure(figures.feature_heatmap(results), out_dir / "feature_heatmap")
-    return scores

@@ -74,7 +74,7 @@ def print_metrics(m: dict, out=sys.stdout) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from mechmed.consistency import run_evaluate
+    from mechmed.stages import run_evaluate
 
     result = run_evaluate(args.model, args.data, args.out, adapter=args.adapter, batch_size=args.batch_size,
                           device=args.device, dtype=args.dtype, answer_words=args.answer_words,
@@ -123,7 +123,8 @@ def model_options(args) -> dict:
 
 
 def cmd_sae_check(args) -> int:
-    from mechmed.fidelity import format_table, run_sae_check
+    from mechmed.fidelity import format_table
+    from mechmed.stages import run_sae_check
 
     res = run_sae_check(args.model, args.saes, args.layers, args.texts, args.out, threshold=args.threshold,
                         batch_size=args.batch_size, device=args.device, ce=not args.no_ce, seed=args.seed,
@@ -134,7 +135,7 @@ def cmd_sae_check(args) -> int:
 
 
 def cmd_attribute(args) -> int:
-    from mechmed.attribution import run_attribute
+    from mechmed.stages import run_attribute
 
     s = run_attribute(args.model, args.data, None if args.saes == "none" else args.saes, args.out,
                       max_pairs=args.max_pairs, exact=not args.no_exact, top_features=args.top_features,
@@ -154,7 +155,7 @@ def cmd_attribute(args) -> int:
 
 
 def cmd_select_layers(args) -> int:
-    from mechmed.selection import run_select_layers
+    from mechmed.stages import run_select_layers
 
     overrides = {k: v for k, v in config_from_args(args).items() if k not in ("layers", "model", "method", "seed")}
     cfg, chosen = run_select_layers(args.scores, args.out, strategy=args.strategy, width=args.width, k=args.k,

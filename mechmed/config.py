@@ -78,6 +78,17 @@ def parse_scaling(scaling) -> float | None:
 
 
 
+# ---------------------------------------------------------------- ablation arms (mechmed.ablate)
+
+#: Arms in their display order. ``base`` is evaluated, not trained.
+ARMS = ("base", "selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only")
+#: Arms whose layers are a baseline range of the selected width (mechmed.selection.baseline).
+RANGE_ARMS = ("early", "middle", "late", "random", "all")
+#: The consistency loss of the ``consistency_only`` arm, whatever the training config's: the seed
+#: paper's symmetric KL, whose collapse without cross-entropy is the finding this arm tests.
+CONSISTENCY_ONLY_LOSS = "sym_kl"
+DEFAULT_ARMS = ("selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only")
+
 #: Rank when the config gives none: LoRA's per layer, spectral experts' total over the experts.
 DEFAULT_RANK = {"lora": 16, "spectral_moe": 32}
 

@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mechmed.data.images import load_image  # noqa: F401  (mechmed.consistency.load_image, as before)
 from mechmed.data.records import ParaphrasePair
 from mechmed.errors import MechmedError
+from mechmed.readout import pair_margins
 
 
 @dataclass
@@ -44,60 +46,11 @@ class Evaluation:
     pairs: list[dict] = field(default_factory=list)
 
 
-def load_image(path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise MechmedError(f"image {path}: not found; check the image path or --image-root") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise MechmedError(f"image {path}: cannot be read ({e}); replace the file") from None
-
-
 def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     if n < 2:
         return np.arange(n)
     perm = rng.permutation(n)
     return np.roll(perm, 1)[np.argsort(perm)]  # each i goes to a different j
-
-
-def pair_margins(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, progress: bool = False,
-                 question_margins: dict | None = None):
-    """Margins of each unique (image, question) and of each pair's paraphrase.
-
-    ``question_margins`` ((image, question) -> margin) holds margins already computed with this
-    model, e.g. by another pair set over the same images and questions: those are not run again, and
-    the new ones are added to it.
-
-    Returns (m_q per pair, m_p per pair, unique keys, unique margins, images by key).
-    """
-    from mechmed.readout import margins
-
-    use_images = bundle.multimodal and all(p.image is not None for p in pairs)
-    if bundle.multimodal and not use_images and any(p.image is not None for p in pairs):
-        raise MechmedError("some rows have an image and some do not: give every row an image, or none")
-    images = {}
-    if use_images:
-        for p in pairs:
-            if p.image not in images:
-                images[p.image] = load_image(p.image)
-    keys = list(dict.fromkeys((p.image, p.question) for p in pairs))
-    index = {k: i for i, k in enumerate(keys)}
-    known = {} if question_margins is None else question_margins
-    todo = [k for k in keys if k not in known]
-    if todo:
-        q_imgs = [images[k[0]] for k in todo] if use_images else None
-        new = margins(bundle, [k[1] for k in todo], q_imgs, batch_size=batch_size,
-                      progress="questions" if progress else None).numpy()
-        known.update(zip(todo, new.tolist()))
-    m_unique = np.array([known[k] for k in keys], dtype=np.float32)
-    p_imgs = [images[p.image] for p in pairs] if use_images else None
-    m_p = margins(bundle, [p.paraphrase for p in pairs], p_imgs, batch_size=batch_size,
-                  progress="paraphrases" if progress else None).numpy()
-    m_q = m_unique[[index[(p.image, p.question)] for p in pairs]]
-    return m_q, m_p, keys, m_unique, images
 
 
 def _set_metrics(flips: np.ndarray, delta: np.ndarray, correct_p: np.ndarray, seed: int, n_bootstrap: int) -> dict:
@@ -221,36 +174,10 @@ def resolve_data(data: str, *, image_root=None, columns=None, seed: int = 0, cac
     return load_pairs(data, image_root=image_root, columns=columns)
 
 
-def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval", *, adapter=None,
-                 batch_size: int = 16, device: str = "cpu", dtype: str | None = None,
-                 answer_words=("yes", "no"), image_root=None, limit: int | None = None, seed: int = 0,
-                 controls: bool = True, trust_remote_code: bool = False, progress: bool = False) -> Evaluation:
-    """Load, evaluate, and write ``metrics.json`` and ``pairs.jsonl`` under ``out``."""
-    from mechmed.io import ensure_dir, write_json, write_jsonl
-    from mechmed.models import attach_adapter, load_model
-
-    pairs = resolve_data(data, image_root=image_root, seed=seed)
-    if limit is not None:
-        if limit < 1:
-            raise MechmedError(f"--limit {limit}: must be at least 1")
-        pairs = pairs[:limit]
-    b = load_model(model, dtype=dtype, device=device, answer_words=answer_words,
-                   trust_remote_code=trust_remote_code, seed=seed)
-    if adapter:
-        b = attach_adapter(b, adapter)
-    out_dir = ensure_dir(out)
-    result = evaluate(b, pairs, batch_size=batch_size, seed=seed, controls=controls, progress=progress)
-    result.metrics["data"] = str(data)
-    result.metrics["adapter"] = None if adapter is None else str(adapter)
-    write_jsonl(out_dir / "pairs.jsonl", result.pairs)
-    write_json(out_dir / "metrics.json", result.metrics)
-    return result
-
-
 def _read_run(path):
     from pathlib import Path
 
-    from mechmed.io import read_json
+    from mechmed.io import read_json, read_jsonl
 
     path = Path(path)
     if not path.exists():
@@ -260,9 +187,7 @@ def _read_run(path):
     rows = []
     pf = (path if path.is_dir() else path.parent) / "pairs.jsonl"
     if pf.is_file():
-        import json
-
-        rows = [json.loads(line) for line in pf.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(pf, "evaluation")
     for key in ("n_pairs", "n_flips", "n_correct", "n_questions"):
         if key not in metrics:
             raise MechmedError(f"evaluation {path}: metrics.json has no {key!r}; re-run mechmed evaluate")
@@ -270,7 +195,7 @@ def _read_run(path):
 
 
 def compare_runs(a, b) -> dict:
-    """Compare two evaluations (directories written by :func:`run_evaluate`), A = before, B = after.
+    """Compare two evaluations (directories written by :func:`mechmed.stages.run_evaluate`), A = before, B = after.
 
     Flip rates and accuracies: two-proportion z-tests (independent samples, as the seed paper
     reports). When both runs share pair ids: exact McNemar on paired flips and a paired bootstrap

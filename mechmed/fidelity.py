@@ -36,7 +36,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -413,19 +412,6 @@ def evaluate_saes(bundle, saes: dict, prompts: PromptSet, *, batch_size: int = 8
 # ----------------------------------------------------------------------------- the sae-check
 
 
-@dataclass
-class SAECheckResult:
-    """What :func:`run_sae_check` wrote: the rows, the JSON path, the figure files."""
-
-    rows: list
-    json_path: Path
-    figures: dict
-    payload: dict
-
-    def table(self) -> str:
-        return format_table(self.rows)
-
-
 def _fmt(v, spec: str) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
@@ -447,76 +433,3 @@ def format_table(rows: Sequence[dict]) -> str:
             f"{'yes' if r['exceeds_threshold'] else 'no':>5}"
         )
     return "\n".join(lines)
-
-
-def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", texts: str | None = None,
-                  out: str = "runs/sae_check", threshold: float = 0.95, batch_size: int = 8, device: str = "cpu",
-                  ce: bool = True, seed: int = 0, *, dtype: str | None = None, answer_words=("yes", "no"),
-                  trust_remote_code: bool = False) -> SAECheckResult:
-    """``mechmed sae-check``: per-layer SAE fidelity on each text set, the t test against
-    ``threshold``, ``sae_check.json`` (one row per layer and text set) and ``r2_by_layer.html/.png``
-    in ``out``.
-
-    ``model`` / ``device`` / ``dtype`` / ``answer_words`` / ``trust_remote_code`` / ``seed`` are
-    :func:`mechmed.models.load_model`'s; ``saes`` and ``layers`` go to
-    :func:`mechmed.saes.resolve_saes`; ``texts`` names the prompt sets (``medical``, ``general``,
-    ``images``; default :func:`default_texts`); ``ce=False`` skips CE recovered and the margin change (one forward per batch).
-    """
-    from mechmed.figures import r2_by_layer, save_figure
-    from mechmed.io import ensure_dir, write_json
-    from mechmed.models import load_model
-    from mechmed.runtime import threads_for_width, torch_threads
-    from mechmed.saes import resolve_saes, sae_hook_name
-
-    try:
-        threshold = float(threshold)
-    except (TypeError, ValueError):
-        threshold = float("nan")
-    if not math.isfinite(threshold) or not threshold < 1.0:
-        raise MechmedError(f"--threshold {threshold}: give a finite number below 1, e.g. 0.95")
-    if int(batch_size) < 1:
-        raise MechmedError(f"--batch-size {batch_size}: must be at least 1")
-    texts = default_texts(model) if texts is None else texts
-    names = parse_text_sets(texts)
-    if "images" in names:
-        prompt_set("images", n_images=1, model=model)  # a model without image prompts fails before loading
-    out_dir = ensure_dir(out)
-    t0 = time.perf_counter()
-    bundle = load_model(model, dtype, device, answer_words=tuple(answer_words), trust_remote_code=trust_remote_code,
-                        seed=seed)
-    if "images" in names and not bundle.multimodal:
-        raise MechmedError(f"--texts {texts}: the model {model} takes no images; drop images")
-    with torch_threads(threads_for_width(bundle.d_model) if str(device) == "cpu" else None):
-        sae_map = resolve_saes(saes, bundle, layers, device=device, seed=seed)
-        load_s = time.perf_counter() - t0
-        rows, cost = [], {}
-        for name in names:
-            ps = prompt_set(name, seed=seed, model=model)
-            ev = evaluate_saes(bundle, sae_map, ps, batch_size=int(batch_size), ce=ce, threshold=threshold,
-                               progress=f"sae-check {name}")
-            rows.extend(ev.rows)
-            cost[name] = {"n_prompts": len(ps), "n_batches": ev.n_batches, "n_forwards": ev.n_forwards,
-                          "forwards_per_batch": ev.forwards_per_batch, "n_tokens": ev.n_tokens,
-                          "seconds": ev.seconds, "tokens_per_s": ev.n_tokens / ev.seconds if ev.seconds > 0 else None}
-            log.info("sae-check %s: %d prompts, %d forwards in %.1fs", name, len(ps), ev.n_forwards, ev.seconds)
-    rows.sort(key=lambda r: (names.index(r["text_set"]), r["layer"]))
-    payload = {
-        "version": RESULT_VERSION,
-        "command": "sae-check",
-        "options": {"model": model, "saes": saes, "layers": layers, "texts": texts, "out": str(out),
-                    "threshold": threshold, "batch_size": int(batch_size), "device": device, "ce": bool(ce),
-                    "seed": seed, "dtype": dtype, "answer_words": list(answer_words),
-                    "trust_remote_code": trust_remote_code},
-        "model": {"name": bundle.name, "family": bundle.family.name, "n_layers": bundle.n_layers,
-                  "d_model": bundle.d_model},
-        "saes": {str(L): {"hook_name": sae_hook_name(s), "d_sae": int(s.cfg.d_sae),
-                          "architecture": s.cfg.architecture()} for L, s in sae_map.items()},
-        "alpha": ALPHA,
-        "rows": rows,
-        "cost": cost,
-        "load_s": load_s,
-        "seconds": time.perf_counter() - t0,
-    }
-    json_path = write_json(out_dir / "sae_check.json", payload)
-    figures = save_figure(r2_by_layer(rows, threshold), out_dir / "r2_by_layer")
-    return SAECheckResult(rows, json_path, figures, payload)

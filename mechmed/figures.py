@@ -348,12 +348,8 @@ def layer_profile(scores: dict, window=None, *, key: str = "attr_flipped", title
 
 
 def _feature_rows(results, top: int) -> list[dict]:
-    """feature_table rows from PairAttribution objects, or rows given (e.g. read back from features.csv)."""
-    results = list(results)
-    if results and not isinstance(results[0], dict):
-        from mechmed.attribution import feature_table
-
-        return feature_table(results, top=top)
+    """:func:`mechmed.attribution.feature_table` rows of rank < ``top``, as given or read back from
+    features.csv (strings)."""
     rows = []
     for r in results:
         row = dict(r)
@@ -371,8 +367,8 @@ def feature_heatmap(results, top: int = 10, *, value: str = "mean_attr", title: 
     """Layer × feature heatmap of the top ``top`` SAE features per layer (ranked by mean |attribution|
     over flipped pairs), coloured by the signed mean attribution a = −Δf·(∇m·W_dec) (diverging scale
     centred at 0); each cell is labelled with the feature's index (SAE features differ per layer, so
-    the columns are ranks, not features). ``results`` are PairAttribution objects or
-    :func:`mechmed.attribution.feature_table` rows (as in ``features.csv``).
+    the columns are ranks, not features). ``results`` are :func:`mechmed.attribution.feature_table`
+    rows (as in ``features.csv``).
     """
     import plotly.graph_objects as go
 
@@ -775,7 +771,7 @@ def tradeoff(rows: Sequence[dict], base: dict | None = None, *, title: str | Non
     return fig
 
 
-def expert_utilisation(stats: dict, *, title: str | None = None):
+def expert_heatmap(stats: dict, *, title: str | None = None):
     """Heatmap of the fraction of tokens routed to each expert, decoder layer × expert.
 
     ``stats`` is :func:`mechmed.spectral.expert_utilisation`'s result (its ``layers`` rows: per layer,

@@ -102,6 +102,40 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
     return write_text(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
 
 
+def read_utf8(path: str | os.PathLike) -> str:
+    """A text file as UTF-8 (a BOM dropped); bytes that are not UTF-8 are an error naming the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MechmedError(f"{path}, line {line}: not UTF-8 text ({e.reason}); save the file as UTF-8") from e
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSON-lines file; a bad line is an error naming it."""
+    for number, line in enumerate(read_utf8(path).split("\n"), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            yield number, json.loads(line)
+        except RecursionError as e:
+            raise MechmedError(f"{path}, line {number}: JSON nested too deeply; write one flat object per line"
+                               ) from e
+        except ValueError as e:  # JSONDecodeError, and ints too long to convert
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise MechmedError(f"{path}, line {number}: malformed JSON ({reason}); write one JSON object per "
+                               "line") from e
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "file") -> list:
+    """The values of a JSON-lines file (:func:`iter_jsonl`), or an error naming ``what`` when it is missing."""
+    if not Path(path).is_file():
+        raise MechmedError(f"{what} {path}: not found; check the path")
+    return [value for _, value in iter_jsonl(path)]
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     path = Path(path)
     if not path.is_file():

@@ -113,13 +113,11 @@ def run_pipeline(out: str | os.PathLike = "runs/demo", *, model: str = "demo", d
 
 def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, workers, max_pairs, echo) -> PipelineResult:
     from mechmed.ablate import AblationConfig, run_ablation
-    from mechmed.attribution import run_attribute
     from mechmed.config import TrainConfig
-    from mechmed.fidelity import run_sae_check
     from mechmed.io import ensure_dir
     from mechmed.runtime import cache_root
-    from mechmed.selection import run_select_layers
     from mechmed.sources import get
+    from mechmed.stages import run_attribute, run_sae_check, run_select_layers
 
     res = PipelineResult(out)
 

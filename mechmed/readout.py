@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mechmed.data.images import load_image
+from mechmed.data.records import ParaphrasePair
 from mechmed.errors import MechmedError
 
 GRAY = 128
@@ -148,3 +150,40 @@ def margins(bundle, questions: Sequence[str], images: Sequence | None = None, *,
         raise MechmedError(f"--model {bundle.name}: the margin of prompt {bad} is not finite (NaN/inf); "
                            "check the model weights and --dtype")
     return result
+
+
+def pair_margins(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, progress: bool = False,
+                 question_margins: dict | None = None):
+    """Margins of each unique (image, question) and of each pair's paraphrase.
+
+    ``question_margins`` ((image, question) -> margin) holds margins already computed with this
+    model, e.g. by another pair set over the same images and questions: those are not run again, and
+    the new ones are added to it.
+
+    Returns (m_q per pair, m_p per pair, unique keys, unique margins, images by key).
+    """
+    import numpy as np
+
+    use_images = bundle.multimodal and all(p.image is not None for p in pairs)
+    if bundle.multimodal and not use_images and any(p.image is not None for p in pairs):
+        raise MechmedError("some rows have an image and some do not: give every row an image, or none")
+    images = {}
+    if use_images:
+        for p in pairs:
+            if p.image not in images:
+                images[p.image] = load_image(p.image)
+    keys = list(dict.fromkeys((p.image, p.question) for p in pairs))
+    index = {k: i for i, k in enumerate(keys)}
+    known = {} if question_margins is None else question_margins
+    todo = [k for k in keys if k not in known]
+    if todo:
+        q_imgs = [images[k[0]] for k in todo] if use_images else None
+        new = margins(bundle, [k[1] for k in todo], q_imgs, batch_size=batch_size,
+                      progress="questions" if progress else None).numpy()
+        known.update(zip(todo, new.tolist()))
+    m_unique = np.array([known[k] for k in keys], dtype=np.float32)
+    p_imgs = [images[p.image] for p in pairs] if use_images else None
+    m_p = margins(bundle, [p.paraphrase for p in pairs], p_imgs, batch_size=batch_size,
+                  progress="paraphrases" if progress else None).numpy()
+    m_q = m_unique[[index[(p.image, p.question)] for p in pairs]]
+    return m_q, m_p, keys, m_unique, images

@@ -24,9 +24,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mechmed.config import ARMS, CONSISTENCY_ONLY_LOSS
+from mechmed.config import RANGE_ARMS as _BASELINE_ARMS
+from mechmed.io import read_jsonl
+
 log = logging.getLogger(__name__)
 
-RANGE_ARMS = ("selected", "early", "middle", "late", "all", "random")
+#: The layer-range arms, selected first, in display order.
+RANGE_ARMS = tuple(a for a in ARMS if a == "selected" or a in _BASELINE_ARMS)
 
 
 # ---------------------------------------------------------------- formatting
@@ -143,10 +148,6 @@ def _try(run: _Run, what: str, fn):
         return None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-
-
 def _arm_dirs(ablation_dir: Path) -> list[Path]:
     """The arm directories in the grid's display order (``ablation_config.json``'s plan), others after."""
     dirs = {d.name: d for d in (ablation_dir / "arms").iterdir() if d.is_dir()}
@@ -198,7 +199,7 @@ def _load(run_dir: Path) -> _Run:
                                                   lambda a=arm_dir: yaml.safe_load((a / "config.yaml").read_text(
                                                       encoding="utf-8"))) or {}
             if (arm_dir / "train_log.jsonl").is_file():
-                hist = _try(run, f"training log of {arm_dir.name}", lambda a=arm_dir: _read_jsonl(a / "train_log.jsonl"))
+                hist = _try(run, f"training log of {arm_dir.name}", lambda a=arm_dir: read_jsonl(a / "train_log.jsonl"))
                 if hist:
                     run.logs[arm_dir.name] = hist
             if (arm_dir / "expert_utilisation.json").is_file():
@@ -311,8 +312,6 @@ def signed_change(before: float, after: float) -> str:
 
 
 def _loss_name(train: dict, arm: str) -> str:
-    from mechmed.ablate import CONSISTENCY_ONLY_LOSS
-
     name = CONSISTENCY_ONLY_LOSS if arm == "consistency_only" else train.get("consistency", "")
     return LOSS_LABELS.get(name, name)
 

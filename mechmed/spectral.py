@@ -476,7 +476,7 @@ def expert_utilisation(model, bundle, pairs, *, batch_size: int = 16) -> dict:
     "layers": {layer: [mean over the layer's modules]}}``; fractions are of top-k assignments, so
     each row sums to 1 (uniform use: 1/N each).
     """
-    from mechmed.consistency import load_image
+    from mechmed.data.images import load_image
     from mechmed.readout import build_inputs
 
     if not isinstance(model, SpectralMoEModel):
@@ -522,7 +522,7 @@ def init_margin_deviation(model, bundle, pairs, *, batch_size: int = 16) -> dict
     """
     import numpy as np
 
-    from mechmed.consistency import pair_margins
+    from mechmed.readout import pair_margins
 
     adapted = bundle.__class__(model, bundle.processor, bundle.family, bundle.answers, bundle.name)
     was_training = model.training
@@ -541,20 +541,3 @@ def init_margin_deviation(model, bundle, pairs, *, batch_size: int = 16) -> dict
     return {"n_margins": int(base.size), "max_abs": float(d.max()), "mean_abs": float(d.mean()),
             "base_mean_abs_margin": float(np.abs(base).mean()),
             "sign_changes": int((np.sign(routed) != np.sign(base)).sum())}
-
-
-def write_utilisation(model, bundle, pairs, out: str | os.PathLike) -> dict:
-    """``expert_utilisation.json`` and the layer × expert heatmap (``expert_utilisation.html``/png) in ``out``."""
-    from mechmed.io import write_json
-
-    stats = expert_utilisation(model, bundle, pairs)
-    out = Path(out)
-    write_json(out / "expert_utilisation.json", stats)
-    try:
-        from mechmed.figures import expert_utilisation as figure
-        from mechmed.figures import save_figure
-
-        save_figure(figure(stats), out / "expert_utilisation")
-    except ImportError:  # plotly missing: the numbers are written
-        log.warning("plotly not available: expert_utilisation figure skipped")
-    return stats

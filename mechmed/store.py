@@ -137,21 +137,6 @@ def _run_id(meta: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _load_image(path: str, image_root):
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if image_root is not None and not p.is_absolute():
-        p = Path(image_root) / p
-    try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise MechmedError(f"image {p}: not found; check the image path or image_root") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise MechmedError(f"image {p}: cannot be read ({e}); replace the file") from None
-
-
 def _torch_dtype(name: str):
     import torch
 
@@ -231,6 +216,7 @@ def write_activations(bundle, pairs_or_prompts: Iterable, sites: Iterable[Site |
     import torch
 
     from mechmed.capture import capture
+    from mechmed.data.images import load_image
     from mechmed.progress import progress_bar
     from mechmed.readout import build_inputs
 
@@ -311,7 +297,7 @@ def write_activations(bundle, pairs_or_prompts: Iterable, sites: Iterable[Site |
         held = 0
         for b0 in range(start, end, batch_size):
             batch = prompts[b0:min(b0 + batch_size, end)]
-            imgs = [_load_image(p.image, image_root) for p in batch] if use_images else None
+            imgs = [load_image(p.image, image_root) for p in batch] if use_images else None
             inputs = build_inputs(bundle.processor, [p.text for p in batch], imgs).to(bundle.device)
             mask = _mask(bundle, inputs, positions)
             acts, _ = capture(bundle, inputs, sites, backend, positions=mask)

@@ -155,7 +155,7 @@ class _Images:
         self._cache = {}
 
     def __call__(self, path):
-        from mechmed.consistency import load_image
+        from mechmed.data.images import load_image
 
         if path not in self._cache:
             self._cache[path] = load_image(path)
@@ -325,7 +325,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     from accelerate import Accelerator
 
     from mechmed.consistency import compare_runs
-    from mechmed.io import ensure_dir, write_json, write_text
+    from mechmed.io import ensure_dir, read_jsonl, write_json, write_text
     from mechmed.models import load_model
     from mechmed.progress import progress_bar
 
@@ -387,7 +387,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
                                f"this config makes {total} (lr_schedule {cfg.lr_schedule} depends on it); resume "
                                "with the config that wrote it")
         step = state["step"]
-        history = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.exists() else []
+        history = read_jsonl(log_path, "training log") if log_path.exists() else []
         history = [h for h in history if h["step"] <= step]
         log.info("resumed at step %d", step)
     collapse = next((h for h in history if h.get("collapsed")), None)
@@ -462,9 +462,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
             shutil.rmtree(adapter_dir)
         os.replace(tmp, adapter_dir)
         if spectral:
-            from mechmed.spectral import write_utilisation
-
-            metrics["expert_utilisation"] = write_utilisation(unwrapped, bundle, guard_pairs, out)["layers"]
+            metrics["expert_utilisation"] = _utilisation(unwrapped, bundle, guard_pairs, out, png=png)["layers"]
         if evaluate_before_after:
             adapted_bundle = bundle.__class__(unwrapped, bundle.processor, bundle.family, bundle.answers,
                                               bundle.name + "+adapter")
@@ -506,6 +504,18 @@ def evaluate_sets(bundle, main, extra: dict, out: Path, *, seed: int = 0, progre
         write_json(d / "metrics.json", ev.metrics)
         out_metrics[name] = ev.metrics
     return out_metrics
+
+
+def _utilisation(model, bundle, pairs, out: Path, png: bool = True) -> dict:
+    """``expert_utilisation.json`` and the layer × expert heatmap (``expert_utilisation.html``/png) in ``out``."""
+    from mechmed.figures import expert_heatmap, save_figure
+    from mechmed.io import write_json
+    from mechmed.spectral import expert_utilisation
+
+    stats = expert_utilisation(model, bundle, pairs)
+    write_json(out / "expert_utilisation.json", stats)
+    save_figure(expert_heatmap(stats), out / "expert_utilisation", png=png)
+    return stats
 
 
 def _curve_figure(history: list, out: Path, png: bool = True) -> None:

@@ -282,7 +282,7 @@ def check_dirs(tiny_workspace, tmp_path_factory):
 
 
 def test_run_sae_check_writes_json_and_figure(check_dirs):
-    from mechmed.fidelity import run_sae_check
+    from mechmed.stages import run_sae_check
 
     ckpt, root = check_dirs
     res = run_sae_check(model=str(ckpt), saes=str(root / "saes"), layers="all", texts="medical,general",
@@ -302,7 +302,8 @@ def test_run_sae_check_writes_json_and_figure(check_dirs):
 
 def test_images_prompt_set_only_where_the_source_ships_one(check_dirs, monkeypatch):
     from mechmed import models
-    from mechmed.fidelity import default_texts, run_sae_check
+    from mechmed.fidelity import default_texts
+    from mechmed.stages import run_sae_check
 
     ckpt, root = check_dirs
     assert default_texts("demo") == "medical,general,images"
@@ -325,7 +326,7 @@ def test_images_prompt_set_only_where_the_source_ships_one(check_dirs, monkeypat
     ({"batch_size": 0}, "--batch-size"),
 ])
 def test_run_sae_check_errors(check_dirs, kw, match):
-    from mechmed.fidelity import run_sae_check
+    from mechmed.stages import run_sae_check
 
     ckpt, root = check_dirs
     args = dict(model=str(ckpt), saes=str(root / "saes"), out=str(root / "err"), texts="medical", ce=False)
@@ -334,7 +335,7 @@ def test_run_sae_check_errors(check_dirs, kw, match):
 
 
 def test_run_sae_check_rejects_wrong_width(check_dirs, tmp_path):
-    from mechmed.fidelity import run_sae_check
+    from mechmed.stages import run_sae_check
 
     ckpt, _ = check_dirs
     noisy = noisy_sae(0, 0)

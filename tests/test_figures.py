@@ -103,7 +103,7 @@ def test_layer_profile_window_forms(scores):
 def test_feature_heatmap_z_is_the_feature_table(results):
     top = 5
     rows = feature_table(results, top=top)
-    fig = F.feature_heatmap(results, top=top)
+    fig = F.feature_heatmap(rows, top=top)
     hm = fig.data[0]
     layers = sorted({r["layer"] for r in rows})
     expected = np.zeros((len(layers), top))

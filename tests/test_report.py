@@ -37,10 +37,8 @@ def run_dir(tiny_workspace, tmp_path_factory):
     import torch
 
     from mechmed.ablate import AblationConfig, run_ablation
-    from mechmed.attribution import run_attribute
-    from mechmed.fidelity import run_sae_check
     from mechmed.models import load_model
-    from mechmed.selection import run_select_layers
+    from mechmed.stages import run_attribute, run_sae_check, run_select_layers
 
     torch.set_num_threads(1)
     ws, ckpt = tiny_workspace
@@ -52,7 +50,7 @@ def run_dir(tiny_workspace, tmp_path_factory):
             "max_steps": 3, "eval_every": 3, "checkpoint_every": 3, "guard_pairs": 8,
             "train_data": str(ws / "train_pairs.jsonl"), "eval_data": str(ws / "pairs.jsonl")}
     with F.png_session():  # the stages' own PNGs share one browser
-        run_sae_check(model=str(ckpt), saes=str(saes), layers="all", texts="medical,images",
+        run_sae_check(model=str(ckpt), saes=str(saes), layers="all", texts="medical,general",
                       out=str(run / "sae_check"), batch_size=16, ce=False)
         run_attribute(str(ckpt), str(ws / "pairs.jsonl"), str(saes), str(run / "attribute"), max_pairs=8,
                       batch_size=4)

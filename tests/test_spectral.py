@@ -435,7 +435,7 @@ def _train_cfg(ws, **kw):
 def test_train_spectral_moe_writes_the_adapter_and_logs_the_balance_loss(tiny_workspace, tmp_path):
     from mechmed.consistency import load_image
     from mechmed.data import load_pairs
-    from mechmed.figures import expert_utilisation as utilisation_figure
+    from mechmed.figures import expert_heatmap as utilisation_figure
     from mechmed.models import attach_adapter, load_model
     from mechmed.readout import margins
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from mechmed.data.records import ParaphrasePair
 from mechmed.errors import MechmedError
+from mechmed.io import iter_jsonl, read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -371,33 +372,8 @@ def _short(v: Any, n: int = 40) -> str:
 # files
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise MechmedError(f"{path}, line {line}: not UTF-8 text ({e.reason}); save the file as UTF-8") from e
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            yield number, json.loads(line)
-        except RecursionError as e:
-            raise MechmedError(f"{path}, line {number}: JSON nested too deeply; write one flat object per line"
-                               ) from e
-        except ValueError as e:  # JSONDecodeError, and ints too long to convert
-            reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
-            raise MechmedError(f"{path}, line {number}: malformed JSON ({reason}); write one JSON object per "
-                               "line") from e
-
-
 def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
-    text = _read_text(path)
+    text = read_utf8(path)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header: list[str] | None = None
     end = 0  # line the previous record ended on
@@ -491,7 +467,7 @@ def load_pairs(
     reader = _Reader(candidates, _ImageResolver(base), hint, require_images, check_images,
                      default_id=lambda line: f"{file.stem}:{line}")
     kind = SUFFIXES[file.suffix.lower()]
-    rows = _jsonl_rows(file) if kind == "jsonl" else _csv_rows(file, kind)
+    rows = iter_jsonl(file) if kind == "jsonl" else _csv_rows(file, kind)
     pairs = [reader.row(row, f"{file}, line {line}", line) for line, row in rows]
     return reader.finish(pairs, str(file))
 

@@ -150,7 +150,8 @@ def build_demo(
 
     from mechmed.demo.dataset import PAIR_FILES
     from mechmed.demo.model import build_demo_model
-    from mechmed.demo.train import evaluate_pairs, load_rows, train_demo
+    from mechmed.demo.train import evaluate_pairs, train_demo
+    from mechmed.io import read_jsonl
     from mechmed.runtime import torch_threads
     from mechmed.tiny import save
 
@@ -170,9 +171,9 @@ def build_demo(
     save(model, processor, out)
 
     t2 = time.perf_counter()
-    ev = evaluate_pairs(model, processor, load_rows(data_dir / PAIR_FILES["eval"]), data_dir)
+    ev = evaluate_pairs(model, processor, read_jsonl(data_dir / PAIR_FILES["eval"]), data_dir)
     for name in ("unseen", "negation"):
-        other = evaluate_pairs(model, processor, load_rows(data_dir / PAIR_FILES[name]), data_dir, blank=False)
+        other = evaluate_pairs(model, processor, read_jsonl(data_dir / PAIR_FILES[name]), data_dir, blank=False)
         ev[f"flip_rate_{name}"] = other["flip_rate"]
     t_eval = time.perf_counter() - t2
     metrics = {

@@ -18,7 +18,6 @@ Seeds: the model trains on ``make_images(n, seed)``; the evaluation images come 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -180,8 +179,3 @@ def write_demo_data(
     }
     write_json(out / "meta.json", meta)
     return out
-
-
-def load_pairs(path: str | Path) -> list[dict]:
-    """Read a pairs JSON-lines file written by :func:`write_demo_data`."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

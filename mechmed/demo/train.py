@@ -633,22 +633,13 @@ def _margins(model, processor, questions: Sequence[str], images: Sequence, batch
     return torch.cat(out).numpy()
 
 
-def load_rows(path: str | Path) -> list[dict]:
-    """Pair rows of a JSON-lines file (as :func:`mechmed.demo.dataset.write_demo_data` writes)."""
-    import json
-
-    path = Path(path)
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _load_images(rows: Sequence[dict], root: Path) -> dict:
-    from PIL import Image
+    from mechmed.data.images import load_image
 
     images = {}
     for r in rows:
         if r["image"] not in images:
-            with Image.open(root / r["image"]) as im:
-                images[r["image"]] = im.convert("RGB")
+            images[r["image"]] = load_image(r["image"], root)
     return images
 
 

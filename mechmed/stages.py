@@ -1,0 +1,246 @@
+"""The command-level stages: each loads a model by name, runs one method on it and writes a run
+directory with its figures (``mechmed evaluate``, ``attribute``, ``sae-check``, ``select-layers``).
+
+The methods they call (:mod:`mechmed.consistency`, :mod:`mechmed.attribution`, :mod:`mechmed.fidelity`,
+:mod:`mechmed.selection`) take a loaded model and pairs and return results; they never load a model
+by name, write a run directory or draw. :mod:`mechmed.train`, :mod:`mechmed.ablate` and
+:mod:`mechmed.pipeline` are the other stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mechmed.attribution import attribute, delta_patch, feature_table, layer_scores
+from mechmed.consistency import Evaluation, evaluate, resolve_data
+from mechmed.errors import MechmedError
+from mechmed.fidelity import (
+    ALPHA,
+    RESULT_VERSION,
+    default_texts,
+    evaluate_saes,
+    format_table,
+    parse_text_sets,
+    prompt_set,
+)
+from mechmed.selection import file_sha256, load_scores, score_vector, select
+
+log = logging.getLogger(__name__)
+
+
+def run_select_layers(scores: str | None = None, out: str = "runs/train.yaml", *, strategy: str = "window",
+                      width: int = 5, k: int = 5, threshold: float | None = None, score: str = "gain_flipped",
+                      method: str = "lora", model: str | None = None, data: str = "demo",
+                      saes: str | None = "demo", attribute_out: str | None = None, seed: int = 0,
+                      overrides: dict | None = None):
+    """Select layers from a scores file (or compute it), and write a training config YAML."""
+    from mechmed import __version__
+    from mechmed.config import TrainConfig
+    from mechmed.sources import get, train_defaults
+
+    if scores is None:
+        attribute_out = attribute_out or str(Path(out).with_suffix("")) + "_attribution"
+        run_attribute(model or "demo", data, saes, attribute_out, seed=seed)
+        scores = str(Path(attribute_out) / "layer_scores.json")
+    table = load_scores(scores)
+    vec = score_vector(table, score, str(scores))
+    chosen = select(vec, strategy, width=width, k=k, threshold=threshold)
+    model = model or table.get("model", "demo")
+    base = train_defaults(model)
+    provenance = {"scores_file": str(scores), "scores_sha256": file_sha256(scores), "score_key": score,
+                  **chosen.to_dict(), "mechmed_version": __version__}
+    cfg = TrainConfig.from_dict({**base, "model": model, "layers": list(chosen.layers), "method": method,
+                                 "train_data": data, "eval_data": data, "seed": seed,
+                                 **(overrides or {}), "provenance": provenance}, source="select-layers")
+    if cfg.train_data == cfg.eval_data and get(cfg.train_data) is None:  # a source splits its own
+        log.warning("train_data and eval_data are both %s: pass --train-data (pairs of training phrasings) and "
+                    "--eval-data (held-out phrasings) so training is judged on phrasings it never saw",
+                    cfg.train_data)
+    data_sources = {s.name for s in map(get, (cfg.train_data, cfg.eval_data)) if s is not None}
+    if data_sources and get(cfg.model) is None:
+        log.warning("model %s will train/evaluate on the pairs of %s: pass --train-data and --eval-data for this "
+                    "model's data", cfg.model, ", ".join(sorted(data_sources)))
+    cfg.save(out)
+    return cfg, chosen
+
+
+
+@dataclass
+class SAECheckResult:
+    """What :func:`run_sae_check` wrote: the rows, the JSON path, the figure files."""
+
+    rows: list
+    json_path: Path
+    figures: dict
+    payload: dict
+
+    def table(self) -> str:
+        return format_table(self.rows)
+
+
+
+def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", texts: str | None = None,
+                  out: str = "runs/sae_check", threshold: float = 0.95, batch_size: int = 8, device: str = "cpu",
+                  ce: bool = True, seed: int = 0, *, dtype: str | None = None, answer_words=("yes", "no"),
+                  trust_remote_code: bool = False) -> SAECheckResult:
+    """``mechmed sae-check``: per-layer SAE fidelity on each text set, the t test against
+    ``threshold``, ``sae_check.json`` (one row per layer and text set) and ``r2_by_layer.html/.png``
+    in ``out``.
+
+    ``model`` / ``device`` / ``dtype`` / ``answer_words`` / ``trust_remote_code`` / ``seed`` are
+    :func:`mechmed.models.load_model`'s; ``saes`` and ``layers`` go to
+    :func:`mechmed.saes.resolve_saes`; ``texts`` names the prompt sets (``medical``, ``general``,
+    ``images``; default :func:`default_texts`); ``ce=False`` skips CE recovered and the margin change (one forward per batch).
+    """
+    from mechmed.figures import r2_by_layer, save_figure
+    from mechmed.io import ensure_dir, write_json
+    from mechmed.models import load_model
+    from mechmed.runtime import threads_for_width, torch_threads
+    from mechmed.saes import resolve_saes, sae_hook_name
+
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not math.isfinite(threshold) or not threshold < 1.0:
+        raise MechmedError(f"--threshold {threshold}: give a finite number below 1, e.g. 0.95")
+    if int(batch_size) < 1:
+        raise MechmedError(f"--batch-size {batch_size}: must be at least 1")
+    texts = default_texts(model) if texts is None else texts
+    names = parse_text_sets(texts)
+    if "images" in names:
+        prompt_set("images", n_images=1, model=model)  # a model without image prompts fails before loading
+    out_dir = ensure_dir(out)
+    t0 = time.perf_counter()
+    bundle = load_model(model, dtype, device, answer_words=tuple(answer_words), trust_remote_code=trust_remote_code,
+                        seed=seed)
+    if "images" in names and not bundle.multimodal:
+        raise MechmedError(f"--texts {texts}: the model {model} takes no images; drop images")
+    with torch_threads(threads_for_width(bundle.d_model) if str(device) == "cpu" else None):
+        sae_map = resolve_saes(saes, bundle, layers, device=device, seed=seed)
+        load_s = time.perf_counter() - t0
+        rows, cost = [], {}
+        for name in names:
+            ps = prompt_set(name, seed=seed, model=model)
+            ev = evaluate_saes(bundle, sae_map, ps, batch_size=int(batch_size), ce=ce, threshold=threshold,
+                               progress=f"sae-check {name}")
+            rows.extend(ev.rows)
+            cost[name] = {"n_prompts": len(ps), "n_batches": ev.n_batches, "n_forwards": ev.n_forwards,
+                          "forwards_per_batch": ev.forwards_per_batch, "n_tokens": ev.n_tokens,
+                          "seconds": ev.seconds, "tokens_per_s": ev.n_tokens / ev.seconds if ev.seconds > 0 else None}
+            log.info("sae-check %s: %d prompts, %d forwards in %.1fs", name, len(ps), ev.n_forwards, ev.seconds)
+    rows.sort(key=lambda r: (names.index(r["text_set"]), r["layer"]))
+    payload = {
+        "version": RESULT_VERSION,
+        "command": "sae-check",
+        "options": {"model": model, "saes": saes, "layers": layers, "texts": texts, "out": str(out),
+                    "threshold": threshold, "batch_size": int(batch_size), "device": device, "ce": bool(ce),
+                    "seed": seed, "dtype": dtype, "answer_words": list(answer_words),
+                    "trust_remote_code": trust_remote_code},
+        "model": {"name": bundle.name, "family": bundle.family.name, "n_layers": bundle.n_layers,
+                  "d_model": bundle.d_model},
+        "saes": {str(L): {"hook_name": sae_hook_name(s), "d_sae": int(s.cfg.d_sae),
+                          "architecture": s.cfg.architecture()} for L, s in sae_map.items()},
+        "alpha": ALPHA,
+        "rows": rows,
+        "cost": cost,
+        "load_s": load_s,
+        "seconds": time.perf_counter() - t0,
+    }
+    json_path = write_json(out_dir / "sae_check.json", payload)
+    figures = save_figure(r2_by_layer(rows, threshold), out_dir / "r2_by_layer")
+    return SAECheckResult(rows, json_path, figures, payload)
+
+
+
+def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "demo", out: str = "runs/attribute",
+                  *, max_pairs: int = 300, exact: bool = True, top_features: int = 10, batch_size: int = 8,
+                  device: str = "cpu", image_root=None, seed: int = 0, progress: bool = False,
+                  dtype: str | None = None, answer_words=("yes", "no"), trust_remote_code: bool = False) -> dict:
+    """Attribute flips on ``data`` and write ``layer_scores.json``, ``features.csv`` and figures."""
+    import csv
+    import io
+
+    from mechmed.io import ensure_dir, write_json, write_text
+    from mechmed.models import load_model
+
+    if max_pairs < 1:
+        raise MechmedError(f"--max-pairs {max_pairs}: must be at least 1")
+    pairs = [p for p in resolve_data(data, image_root=image_root, seed=seed) if not p.negated]
+    if not pairs:
+        raise MechmedError(f"--data {data}: has no pairs without negation to attribute")
+    rng = np.random.default_rng(seed)
+    pairs = [pairs[i] for i in sorted(rng.permutation(len(pairs))[:max_pairs])]
+    bundle = load_model(model, device=device, seed=seed, dtype=dtype, answer_words=tuple(answer_words),
+                        trust_remote_code=trust_remote_code)
+    sae_map = None
+    if saes:
+        from mechmed.saes import resolve_saes
+
+        sae_map = resolve_saes(saes, bundle, "all", seed=seed)
+    out_dir = ensure_dir(out)
+    results = attribute(bundle, pairs, saes=sae_map, exact=exact, batch_size=batch_size, progress=progress)
+    scores = layer_scores(results, seed=seed)
+    rows = feature_table(results, top=top_features) if sae_map else []
+    if sae_map and rows:
+        # delta-patch recovery of each top feature, averaged over flipped pairs (or all when none flipped)
+        by_id = {p.id: p for p in pairs}
+        flipped = [r for r in results if r.flipped] or results
+        cache: dict = {}
+        for layer in sorted({r["layer"] for r in rows}):
+            feats = [r["feature"] for r in rows if r["layer"] == layer]
+            rec = np.nanmean(np.stack([delta_patch(bundle, by_id[r.id], layer, sae_map[layer], feats, cache)
+                                       for r in flipped[:20]]), axis=0)
+            for row, value in zip([r for r in rows if r["layer"] == layer], rec):
+                row["recovery"] = None if not np.isfinite(value) else float(value)
+    scores.update({"model": model, "data": str(data), "saes": saes, "exact": exact, "seed": seed,
+                   "pairs": [{"id": r.id, "m_q": r.m_q, "m_p": r.m_p, "flipped": r.flipped,
+                              "layer_attr": r.layer_attr.tolist(),
+                              "patch_effect": None if r.patch_effect is None else r.patch_effect.tolist()}
+                             for r in results]})
+    write_json(out_dir / "layer_scores.json", scores)
+    if rows:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()) + (["recovery"] if "recovery" not in rows[0] else []))
+        w.writeheader()
+        w.writerows(rows)
+        write_text(out_dir / "features.csv", buf.getvalue())
+    from mechmed import figures
+
+    figures.save_figure(figures.layer_profile(scores), out_dir / "layer_profile")
+    if rows:
+        figures.save_figure(figures.feature_heatmap(rows), out_dir / "feature_heatmap")
+    return scores
+
+
+
+def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval", *, adapter=None,
+                 batch_size: int = 16, device: str = "cpu", dtype: str | None = None,
+                 answer_words=("yes", "no"), image_root=None, limit: int | None = None, seed: int = 0,
+                 controls: bool = True, trust_remote_code: bool = False, progress: bool = False) -> Evaluation:
+    """Load, evaluate, and write ``metrics.json`` and ``pairs.jsonl`` under ``out``."""
+    from mechmed.io import ensure_dir, write_json, write_jsonl
+    from mechmed.models import attach_adapter, load_model
+
+    pairs = resolve_data(data, image_root=image_root, seed=seed)
+    if limit is not None:
+        if limit < 1:
+            raise MechmedError(f"--limit {limit}: must be at least 1")
+        pairs = pairs[:limit]
+    b = load_model(model, dtype=dtype, device=device, answer_words=answer_words,
+                   trust_remote_code=trust_remote_code, seed=seed)
+    if adapter:
+        b = attach_adapter(b, adapter)
+    out_dir = ensure_dir(out)
+    result = evaluate(b, pairs, batch_size=batch_size, seed=seed, controls=controls, progress=progress)
+    result.metrics["data"] = str(data)
+    result.metrics["adapter"] = None if adapter is None else str(adapter)
+    write_jsonl(out_dir / "pairs.jsonl", result.pairs)
+    write_json(out_dir / "metrics.json", result.metrics)
+    return result
