@@ -103,19 +103,13 @@ class AblationConfig:
 
     @classmethod
     def from_dict(cls, raw, base_dir: str | os.PathLike = ".", source: str = "ablation config") -> AblationConfig:
-        import difflib
         from dataclasses import fields
 
-        from mechmed.config import TrainConfig
+        from mechmed.config import TrainConfig, known_keys
 
         if not isinstance(raw, dict):
             raise MechmedError(f"{source}: expected a mapping with a 'train' key")
-        known = {f.name for f in fields(cls)} - {"source"}
-        for key in raw:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), sorted(known), n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
-                raise MechmedError(f"{source}: unknown key {key!r}; {hint}")
+        known_keys(raw, {f.name for f in fields(cls)} - {"source"}, source)
         if "train" not in raw:
             raise MechmedError(f"{source}: missing 'train': a training config file (from mechmed select-layers) "
                                "or a mapping of its fields")

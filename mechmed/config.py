@@ -260,18 +260,26 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise MechmedError(f"config option {key}: {value!r} is invalid; use {expected}")
 
 
+def known_keys(d: dict, known, source: str, *, newer: bool = False) -> dict:
+    """mechmed's one rule for keys of a config mapping: the known ones are kept; an unknown one is an
+    error that names it (with the closest known key), unless the mapping was written by a newer
+    version (``newer``), whose options are warned about and dropped."""
+    known = set(known)
+    for key in d:
+        if key in known:
+            continue
+        if newer:
+            log.warning("%s: option %r comes from a newer config version and is ignored", source, key)
+            continue
+        close = difflib.get_close_matches(str(key), sorted(known), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known options: {', '.join(sorted(known))}"
+        raise MechmedError(f"{source}: unknown option {key!r}; {hint}")
+    return {k: v for k, v in d.items() if k in known}
+
+
 def _build(cls, d: dict, source: str, newer: bool = False):
     known = {f.name: f for f in fields(cls)}
-    kwargs = {}
-    for key, value in d.items():
-        if key in known:
-            kwargs[key] = _coerce(known[key], value, source)
-        elif newer:
-            log.warning("%s: option %r comes from a newer config version and is ignored", source, key)
-        else:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known options: {', '.join(sorted(known))}"
-            raise MechmedError(f"{source}: unknown option {key!r}; {hint}")
+    kwargs = {key: _coerce(known[key], value, source) for key, value in known_keys(d, known, source, newer=newer).items()}
     try:
         return cls(**kwargs)
     except TypeError as e:

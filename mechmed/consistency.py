@@ -2,7 +2,8 @@
 
 Definitions (one place; docs/metrics.md repeats them):
 
-- margin m = logit(yes) − logit(no) at the answer position (:mod:`mechmed.readout`).
+- margin m: the yes/no readout margin at the answer position, logsumexp over the yes variants'
+  logits minus the same over the no variants' (:mod:`mechmed.readout`).
 - For a pair (question q, paraphrase p), s = −1 if the paraphrase is negated (its expected answer
   is the opposite of the question's), else +1.
 - flip: sign(m_q) ≠ sign(s · m_p), i.e. the two answers are not related as the labels are.
@@ -37,6 +38,9 @@ from mechmed.data.records import ParaphrasePair
 from mechmed.errors import MechmedError
 from mechmed.readout import pair_margins
 
+#: The image controls :func:`evaluate` can run: a uniform gray image, and another pair's image.
+CONTROLS = ("blank", "swap")
+
 
 @dataclass
 class Evaluation:
@@ -66,9 +70,10 @@ def _set_metrics(flips: np.ndarray, delta: np.ndarray, correct_p: np.ndarray, se
 
 
 def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, seed: int = 0,
-             controls: bool = True, n_bootstrap: int = 2000, progress: bool = False,
+             controls: bool | Sequence[str] = True, n_bootstrap: int = 2000, progress: bool = False,
              question_margins: dict | None = None) -> Evaluation:
     """Run both phrasings of every pair and compute the consistency metrics (see module doc).
+    ``controls``: the image controls to run, ``blank`` and ``swap`` (True: both, False: none).
     ``question_margins``: as :func:`pair_margins` (share it between sets over the same questions)."""
     from mechmed import stats
     from mechmed.readout import gray_like, margins
@@ -128,11 +133,16 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
         metrics["by_phenomenon"][ph] = {"n_pairs": int(idx.sum()), "flip_rate": float(flips[idx].mean()),
                                         "margin_diff": float(delta[idx].mean())}
 
-    if controls and images:
+    controls = set(CONTROLS if controls is True else controls or ())
+    if controls - set(CONTROLS):
+        raise MechmedError(f"controls {sorted(controls - set(CONTROLS))}: use some of {', '.join(CONTROLS)}")
+    metrics["blank_image_agreement"] = metrics["swap_sensitivity"] = None
+    if "blank" in controls and images:
         q_imgs = [images[key[0]] for key in keys]
         blank = margins(bundle, [key[1] for key in keys], [gray_like(im) for im in q_imgs],
                         batch_size=batch_size, progress="blank images" if progress else None).numpy()
         metrics["blank_image_agreement"] = float(((blank > 0) == yes_unique).mean())
+    if "swap" in controls and images:
         distinct = list(images)
         if len(distinct) >= 2:
             rng = np.random.default_rng(seed)
@@ -140,11 +150,6 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
             swapped = margins(bundle, [key[1] for key in keys], [images[swap_to[key[0]]] for key in keys],
                               batch_size=batch_size, progress="swapped images" if progress else None).numpy()
             metrics["swap_sensitivity"] = float(((swapped > 0) != yes_unique).mean())
-        else:
-            metrics["swap_sensitivity"] = None
-    else:
-        metrics["blank_image_agreement"] = None
-        metrics["swap_sensitivity"] = None
 
     rows = [{
         "id": p.id, "question_id": p.question_id, "phenomenon": p.phenomenon, "answer": p.answer,

@@ -486,11 +486,12 @@ class SAETrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SAETrainConfig:
-        known = {f.name for f in fields(cls)}
-        dropped = sorted(set(d) - known - {"version"})
-        if dropped:
-            log.warning("SAE recipe: ignoring unknown keys %s", ", ".join(dropped))
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """The recipe :meth:`to_dict` wrote; options of another recipe version are warned and dropped."""
+        from mechmed.config import known_keys
+
+        d = dict(d)
+        newer = d.pop("version", SAE_RECIPE_VERSION) != SAE_RECIPE_VERSION
+        return cls(**known_keys(d, [f.name for f in fields(cls)], "SAE recipe", newer=newer))
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]

@@ -112,11 +112,11 @@ def test_incomplete_directory_is_not_used(tmp_path):
 
 def test_cache_key_changes_with_seed_and_recipe():
     from mechmed.demo.build import _key, model_recipe
-    from mechmed.demo.train import TrainConfig
+    from mechmed.demo.train import DemoTrainConfig
 
     assert _key(model_recipe(0)) == _key(model_recipe(0))
     assert _key(model_recipe(0)) != _key(model_recipe(1))
-    assert _key(model_recipe(0)) != _key(model_recipe(0, train_config=TrainConfig(steps=1)))
+    assert _key(model_recipe(0)) != _key(model_recipe(0, train_config=DemoTrainConfig(steps=1)))
 
 
 # ----------------------------------------------------------------------------- plain transformers
@@ -164,7 +164,7 @@ def test_tokenizer_covers_every_paraphrase_word():
     from mechmed.demo.images import FINDINGS
     from mechmed.demo.model import demo_tokenizer
     from mechmed.demo.phrasings import base_phrasings, paraphrases, vocabulary
-    from mechmed.demo.train import TrainConfig, corpus_sentences
+    from mechmed.demo.train import DemoTrainConfig, corpus_sentences
 
     tok = demo_tokenizer(SEED)
     for word in ("yes", "no"):
@@ -172,7 +172,7 @@ def test_tokenizer_covers_every_paraphrase_word():
     asked = [p.text for f in FINDINGS for p in paraphrases(f)]
     ids = [i for t in asked for i in tok.encode(t, add_special_tokens=False)]
     assert tok.unk_token_id not in ids
-    trained_text = corpus_sentences(SEED, TrainConfig().n_corpus_reports) + [
+    trained_text = corpus_sentences(SEED, DemoTrainConfig().n_corpus_reports) + [
         p.text for f in FINDINGS for p in base_phrasings(f)
     ]
     assert vocabulary(asked) <= vocabulary(trained_text)
@@ -200,9 +200,9 @@ def test_noisy_variants_keep_the_finding_and_negation():
 def test_same_seed_same_weights(demo_cache, tmp_path):
     """Two short builds with one seed: identical weights and metrics (timing aside)."""
     from mechmed.demo.build import build_demo
-    from mechmed.demo.train import TrainConfig
+    from mechmed.demo.train import DemoTrainConfig
 
-    short = TrainConfig(
+    short = DemoTrainConfig(
         n_images=128, vision_steps=10, vision_batch=32, steps=10, batch=16, lm_batch=8, noise_variants=4
     )
     a = build_demo(tmp_path / "a", seed=SEED, cache_dir=demo_cache, train_config=short)

@@ -255,5 +255,5 @@ def test_yaml_loader_rejects_unknown_keys():
 
     with pytest.raises(MechmedError, match="did you mean 'rank'"):
         load_config_block("rnak: 8\n")
-    with pytest.raises(MechmedError, match="unknown key"):
+    with pytest.raises(MechmedError, match="unknown option .seed.; did you mean .seeds."):
         load_config_block("train: x.yaml\nseed: [0]\n")

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from mechmed.demo.model import RECIPE_VERSION, DemoModelConfig
-from mechmed.demo.train import TrainConfig
+from mechmed.demo.train import DemoTrainConfig
 from mechmed.runtime import cache_root
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def _key(obj: dict) -> str:
 
 
 def model_recipe(
-    seed: int = 0, model_config: DemoModelConfig | None = None, train_config: TrainConfig | None = None
+    seed: int = 0, model_config: DemoModelConfig | None = None, train_config: DemoTrainConfig | None = None
 ) -> dict:
     """Everything that determines the demo model's weights (its cache key is a hash of this)."""
     return {
@@ -54,7 +54,7 @@ def model_recipe(
         "seed": seed,
         "data": data_recipe(seed),
         "model": (model_config or DemoModelConfig()).to_dict(),
-        "train": (train_config or TrainConfig()).to_dict(),
+        "train": (train_config or DemoTrainConfig()).to_dict(),
     }
 
 
@@ -136,28 +136,26 @@ def build_demo(
     *,
     cache_dir: str | os.PathLike | None = None,
     model_config: DemoModelConfig | None = None,
-    train_config: TrainConfig | None = None,
+    train_config: DemoTrainConfig | None = None,
 ) -> dict:
     """Build, train, save and evaluate a demo model in ``out_dir`` (no caching); returns its metrics,
     also written to ``out_dir/build_metrics.json``.
 
     Metrics: ``canonical_accuracy`` (canonical question, evaluation images), ``flip_rate`` (the held-out
-    pairs of ``pairs.jsonl``; see :func:`mechmed.demo.train.evaluate_pairs`), ``flip_rate_unseen`` and
+    pairs of ``pairs.jsonl``; :func:`mechmed.consistency.evaluate`, see :func:`evaluate_build`), ``flip_rate_unseen`` and
     ``flip_rate_negation`` (the unseen-wrapper and negation sets), ``yes_rate``,
     ``blank_image_agreement``, and ``timing`` (seconds: data, training, evaluation, total build).
     """
     import torch
 
-    from mechmed.demo.dataset import PAIR_FILES
     from mechmed.demo.model import build_demo_model
-    from mechmed.demo.train import evaluate_pairs, train_demo
-    from mechmed.io import read_jsonl
+    from mechmed.demo.train import train_demo
     from mechmed.runtime import torch_threads
     from mechmed.tiny import save
 
     out = Path(out_dir)
     model_config = model_config or DemoModelConfig()
-    train_config = train_config or TrainConfig()
+    train_config = train_config or DemoTrainConfig()
     t0, c0 = time.perf_counter(), time.process_time()
     data_cached = _complete(cache_root(cache_dir) / "demo" / f"data-s{seed}-{_key(data_recipe(seed))}")
     data_dir = ensure_demo_data(cache_dir, seed)
@@ -171,10 +169,7 @@ def build_demo(
     save(model, processor, out)
 
     t2 = time.perf_counter()
-    ev = evaluate_pairs(model, processor, read_jsonl(data_dir / PAIR_FILES["eval"]), data_dir)
-    for name in ("unseen", "negation"):
-        other = evaluate_pairs(model, processor, read_jsonl(data_dir / PAIR_FILES[name]), data_dir, blank=False)
-        ev[f"flip_rate_{name}"] = other["flip_rate"]
+    ev = evaluate_build(model, processor, data_dir, seed)
     t_eval = time.perf_counter() - t2
     metrics = {
         "recipe_version": RECIPE_VERSION,
@@ -214,6 +209,33 @@ def build_demo(
         t_data + t_train,
     )
     return metrics
+
+
+def evaluate_build(model, processor, data_dir: Path, seed: int = 0) -> dict:
+    """The build's own measurements with :func:`mechmed.consistency.evaluate`: on the held-out pairs,
+    canonical and paraphrase accuracy, flip rate (and that of its negated pairs: None, the set has
+    none), mean |Δmargin|, yes-rates, flip rate per phenomenon and blank-image agreement; the flip
+    rate of the unseen-wrapper and negation sets."""
+    from mechmed.consistency import evaluate
+    from mechmed.data import load_pairs
+    from mechmed.demo.dataset import PAIR_FILES
+    from mechmed.models import bundle
+
+    b = bundle(model, processor, name="demo")
+
+    def run(name: str, controls) -> dict:
+        pairs = load_pairs(data_dir / PAIR_FILES[name])
+        return evaluate(b, pairs, batch_size=256, seed=seed, controls=controls, n_bootstrap=200).metrics
+
+    m = run("eval", ("blank",))
+    return {"n_pairs": m["n_pairs"], "n_questions": m["n_questions"],
+            "canonical_accuracy": m["accuracy"]["original"], "paraphrase_accuracy": m["accuracy"]["paraphrase"],
+            "flip_rate": m["flip_rate"], "flip_rate_negated": (m["negation"] or {}).get("flip_rate"),
+            "margin_diff": m["margin_diff"], "yes_rate": m["yes_rate"], "yes_rate_canonical": m["yes_rate_original"],
+            "label_yes_rate": m["label_yes_rate"],
+            "flip_rate_by_phenomenon": {k: v["flip_rate"] for k, v in m["by_phenomenon"].items()},
+            "blank_image_agreement": m["blank_image_agreement"],
+            **{f"flip_rate_{name}": run(name, False)["flip_rate"] for name in ("unseen", "negation")}}
 
 
 def read_build_metrics(model_dir: str | os.PathLike) -> dict:

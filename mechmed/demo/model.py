@@ -12,7 +12,7 @@ evaluation word is ``<unk>``) and the answer words, so ``yes`` and ``no`` are si
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from mechmed.errors import MechmedError
 
@@ -70,10 +70,6 @@ class DemoModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> DemoModelConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def demo_texts(seed: int = 0) -> list[str]:

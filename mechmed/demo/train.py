@@ -1,6 +1,6 @@
 """Training the embedded default from scratch on the CPU, and evaluating it.
 
-Recipe (:class:`TrainConfig` holds every number):
+Recipe (:class:`DemoTrainConfig` holds every number):
 
 1. **Vision pretraining.** The SigLIP tower and the multimodal projector learn to encode the six
    findings: a linear probe on the mean of the projected image tokens predicts each finding
@@ -28,8 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -39,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class DemoTrainConfig:
     """Every number of the demo's training recipe."""
 
     n_images: int = 1200
@@ -84,10 +83,6 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -219,7 +214,7 @@ def _seed_all(seed: int):
 # ----------------------------------------------------------------------------- stage 1: vision
 
 
-def pretrain_vision(model, pixels, labels, cfg: TrainConfig, generator) -> dict:
+def pretrain_vision(model, pixels, labels, cfg: DemoTrainConfig, generator) -> dict:
     """Train the vision tower + projector with a linear probe on the mean image token."""
     import torch
     from torch import nn
@@ -447,7 +442,7 @@ class _AnswerTable:
     statements: dict  # (finding, present) -> prompt indices of report sentences
 
     @classmethod
-    def build(cls, processor, cfg: TrainConfig, seed: int, corpus_texts: Sequence[str]) -> _AnswerTable:
+    def build(cls, processor, cfg: DemoTrainConfig, seed: int, corpus_texts: Sequence[str]) -> _AnswerTable:
         from mechmed.demo.images import FINDINGS
         from mechmed.demo.phrasings import base_phrasings
 
@@ -481,7 +476,7 @@ class _AnswerTable:
         return cls(tokenize_prompts(processor, texts), questions, negated, statements)
 
     def draw(
-        self, rng: np.random.Generator, finding: int, present: bool, cfg: TrainConfig
+        self, rng: np.random.Generator, finding: int, present: bool, cfg: DemoTrainConfig
     ) -> tuple[int, bool]:
         """One prompt about ``finding`` for an image where it is (not) ``present``: (index, answer is yes)."""
         if self.statements and rng.random() < cfg.verify:
@@ -512,7 +507,7 @@ def train_decoder(
     pixels,
     present,
     corpus_texts: Sequence[str],
-    cfg: TrainConfig,
+    cfg: DemoTrainConfig,
     seed: int = 0,
     callback=None,
 ) -> dict:
@@ -580,13 +575,13 @@ def train_decoder(
     }
 
 
-def train_demo(model, processor, cfg: TrainConfig | None = None, seed: int = 0, callback=None) -> dict:
+def train_demo(model, processor, cfg: DemoTrainConfig | None = None, seed: int = 0, callback=None) -> dict:
     """Train a freshly built demo model in place (both stages); returns training statistics."""
     import torch
 
     from mechmed.demo.images import FINDINGS, make_images
 
-    cfg = cfg or TrainConfig()
+    cfg = cfg or DemoTrainConfig()
     t0 = time.perf_counter()
     generator = _seed_all(seed)
     samples = make_images(cfg.n_images, seed, model.config.vision_config.image_size)
@@ -615,82 +610,3 @@ def train_demo(model, processor, cfg: TrainConfig | None = None, seed: int = 0, 
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def _margins(model, processor, questions: Sequence[str], images: Sequence, batch_size: int = 256):
-    import torch
-
-    from mechmed.readout import build_inputs
-
-    yes_id, no_id = _answer_ids(processor.tokenizer)
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(questions), batch_size):
-            sl = slice(start, start + batch_size)
-            inputs = build_inputs(processor, list(questions[sl]), list(images[sl]))
-            logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1].float()
-            out.append((logits[:, yes_id] - logits[:, no_id]).cpu())
-    return torch.cat(out).numpy()
-
-
-def _load_images(rows: Sequence[dict], root: Path) -> dict:
-    from mechmed.data.images import load_image
-
-    images = {}
-    for r in rows:
-        if r["image"] not in images:
-            images[r["image"]] = load_image(r["image"], root)
-    return images
-
-
-def evaluate_pairs(model, processor, rows: Sequence[dict], root: str | Path, *, blank: bool = True) -> dict:
-    """Flip rate, accuracy, yes-rate and blank-image agreement on paraphrase pairs.
-
-    ``rows`` are pair dicts (``question``, ``paraphrase``, ``answer``, ``paraphrase_answer``,
-    ``image`` relative to ``root``). Margin m = logit(yes) − logit(no) at the answer position;
-    s = −1 for a negated paraphrase, else +1; a flip is sign(m_q) ≠ sign(s · m_p). Accuracy is over
-    unique (image, question) items (canonical) and over paraphrases; yes-rate over all answers;
-    blank-image agreement is the fraction of unique questions whose answer is unchanged when the
-    image is replaced by uniform gray.
-    """
-    from mechmed.readout import gray_like
-
-    rows = list(rows)
-    if not rows:
-        raise MechmedError("no pairs to evaluate")
-    root = Path(root)
-    images = _load_images(rows, root)
-    keys = list(dict.fromkeys((r["image"], r["question"]) for r in rows))
-    index = {k: i for i, k in enumerate(keys)}
-    m_unique = _margins(model, processor, [k[1] for k in keys], [images[k[0]] for k in keys])
-    m_p = _margins(model, processor, [r["paraphrase"] for r in rows], [images[r["image"]] for r in rows])
-    m_q = m_unique[[index[(r["image"], r["question"])] for r in rows]]
-    answer = {}
-    for r in rows:
-        answer.setdefault((r["image"], r["question"]), r["answer"])
-    label_q = np.array([answer[k] == "yes" for k in keys])
-    label_p = np.array([(r.get("paraphrase_answer") or r["answer"]) == "yes" for r in rows])
-    negated = np.array([(r.get("paraphrase_answer") or r["answer"]) != r["answer"] for r in rows])
-    sign = np.where(negated, -1.0, 1.0)
-    flips = (m_q > 0) != (sign * m_p > 0)
-    out = {
-        "n_pairs": len(rows),
-        "n_questions": len(keys),
-        "canonical_accuracy": float(((m_unique > 0) == label_q).mean()),
-        "paraphrase_accuracy": float(((m_p > 0) == label_p).mean()),
-        "flip_rate": float(flips.mean()),
-        "flip_rate_negated": float(flips[negated].mean()) if negated.any() else None,
-        "flip_rate_not_negated": float(flips[~negated].mean()) if (~negated).any() else None,
-        "margin_diff": float(np.abs(m_q - sign * m_p).mean()),
-        "yes_rate": float(np.concatenate([m_unique > 0, m_p > 0]).mean()),
-        "yes_rate_canonical": float((m_unique > 0).mean()),
-        "label_yes_rate": float(label_q.mean()),
-    }
-    by_ph: dict[str, list[bool]] = {}
-    for r, f in zip(rows, flips, strict=False):
-        by_ph.setdefault(r.get("phenomenon", "other"), []).append(bool(f))
-    out["flip_rate_by_phenomenon"] = {k: float(np.mean(v)) for k, v in sorted(by_ph.items())}
-    if blank:
-        m_blank = _margins(model, processor, [k[1] for k in keys], [gray_like(images[k[0]]) for k in keys])
-        out["blank_image_agreement"] = float(((m_blank > 0) == (m_unique > 0)).mean())
-    return out
