@@ -370,23 +370,11 @@ def table_csv(rows: Sequence[dict]) -> str:
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """A plain-text table for the terminal."""
-    from mechmed.sites import format_layers
+    """The ablation table for the terminal: :func:`mechmed.report.summary_table` of ``rows`` (per-seed
+    rows or the summary)."""
+    from mechmed.report import summary_table
 
-    head = f"{'arm':<17} {'method':<12} {'layers':<9} {'params':>8}  {'flip rate':<22} {'|Δmargin|':<8} " \
-           f"{'accuracy':<8} {'yes':<5} {'p(base)':<8} {'p(ce)':<8}"
-    lines = [head, "-" * len(head)]
-
-    def p(v):
-        return "" if v is None else f"{v:.2g}"
-
-    for r in rows:
-        flip = f"{r['flip_rate']:.3f} [{r['flip_ci'][0]:.3f}, {r['flip_ci'][1]:.3f}]"
-        mark = " collapsed" if r["collapsed"] else ""
-        lines.append(f"{r['arm']:<17} {r['method']:<12} {format_layers(r['layers']):<9} {r['trainable_parameters']:>8}  "
-                     f"{flip:<22} {r['margin_diff']:<8.3f} {r['canonical_accuracy']:<8.3f} {r['yes_rate']:<5.2f} "
-                     f"{p(r['p_vs_base']):<8} {p(r['p_vs_ce_only']):<8}{mark}")
-    return "\n".join(lines)
+    return summary_table(list(rows))
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The ``mechmed`` command line: a thin layer over library functions.
 
-Each command parses its options and calls one library function with the same arguments. Heavy
-libraries are imported inside the commands, so ``mechmed --help`` is instant. A
+Each command parses its options, calls the library's stage for it (:mod:`mechmed.stages`,
+:func:`mechmed.train.train`, :func:`mechmed.ablate.run_ablation`, :func:`mechmed.pipeline.run_pipeline`)
+and prints what it wrote. Heavy libraries are imported inside the commands, so ``mechmed --help`` is
+instant. A
 :class:`~mechmed.errors.MechmedError` is printed as one line and exits 2; ``main(argv)`` returns
 the exit code, so tests call it directly.
 """
@@ -131,6 +133,19 @@ def cmd_sae_check(args) -> int:
                         **model_options(args))
     print(format_table(res.rows))
     print(f"written {args.out}/sae_check.json and r2_by_layer.html")
+    return 0
+
+
+def cmd_capture(args) -> int:
+    from mechmed.stages import run_capture
+
+    res = run_capture(args.model, args.data, args.out, layers=args.layers, kind=args.kind, positions=args.positions,
+                      max_pairs=args.max_pairs, shard_size=args.shard_size, batch_size=args.batch_size,
+                      store_dtype=args.store_dtype, backend=args.backend, device=args.device,
+                      image_root=args.image_root, seed=args.seed, progress=True, **model_options(args))
+    kept = f" ({len(res.skipped)} already on disk)" if res.skipped else ""
+    print(f"captured {res.n_prompts} prompts into {res.n_shards} shards{kept}: {res.path}")
+    print(f"read it with: from mechmed.store import ActivationStore; store = ActivationStore({str(res.path)!r})")
     return 0
 
 
@@ -339,6 +354,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ce", action="store_true", help="skip CE-loss recovered (one extra forward per layer)")
     p.add_argument("--out", default="runs/sae_check")
     p.set_defaults(func=cmd_sae_check)
+
+    p = sub.add_parser("capture", help="write a pair set's activations to disk (safetensors shards) for notebooks")
+    _add_model_options(p)
+    p.add_argument("--data", default="demo", help="pairs file, directory, or 'demo' (both phrasings of each pair)")
+    p.add_argument("--image-root", default=None)
+    p.add_argument("--layers", default="all", help="decoder layers, e.g. 15-19 or all (default)")
+    p.add_argument("--kind", default="resid_post", help="resid_post (default), attn_out or mlp_out")
+    p.add_argument("--positions", default="last", help="last (the answer position, default), all, text or image tokens")
+    p.add_argument("--max-pairs", type=int, default=None, help="a seeded sample of the pairs (default all)")
+    p.add_argument("--shard-size", type=int, default=1024, help="prompts per safetensors shard (default 1024)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--store-dtype", default=None, help="dtype of the stored activations (default the model's)")
+    p.add_argument("--backend", default="hooks", help="capture backend: hooks (default), nnsight or transformer_lens")
+    p.add_argument("--out", default="runs/activations", help="store directory; rerun to resume (default runs/activations)")
+    p.set_defaults(func=cmd_capture)
 
     p = sub.add_parser("attribute", help="attribute paraphrase flips to layers and SAE features")
     _add_model_options(p)

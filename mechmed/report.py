@@ -446,14 +446,18 @@ def _sections(run: _Run) -> list[_Section]:
             log.warning("report: %s failed", what, exc_info=True)
             return None
 
+    def figure(sec, name: str, what: str, draw, caption: str) -> None:
+        fig = attempt(what, draw)
+        if fig is not None:
+            sec.figures.append((name, fig, caption))
+
     if run.sae_check is not None:
         sec = _Section("sae_check", "1. Do the SAEs reconstruct the model?")
         sec.text.append(attempt("SAE headline", lambda: _sae_headline(run.sae_check)) or "")
-        fig = attempt("R² figure", lambda: F.r2_by_layer(run.sae_check.get("rows", []),
-                                                          run.sae_check.get("options", {}).get("threshold", 0.95)))
-        if fig is not None:
-            sec.figures.append(("r2_by_layer", fig, "Mean R² per layer and text set with 95% CIs; look for every "
-                                "point above the dashed threshold (filled markers pass the test)."))
+        figure(sec, "r2_by_layer", "R² figure",
+               lambda: F.r2_by_layer(run.sae_check.get("rows", []), run.sae_check.get("options", {}).get("threshold", 0.95)),
+               "Mean R² per layer and text set with 95% CIs; look for every point above the dashed threshold "
+               "(filled markers pass the test).")
         out.append(sec)
     if run.layer_scores is not None:
         sec = _Section("attribute", "2. Which layers carry the flips?")
@@ -463,17 +467,15 @@ def _sections(run: _Run) -> list[_Section]:
         table = run.layer_scores.get("scores", {})
         if chosen_on in table and any(v is not None for v in table[chosen_on]["mean"]):
             key = chosen_on  # draw the score the window was chosen on, so the window sits on its peak
-        fig = attempt("layer profile", lambda: F.layer_profile(run.layer_scores, window=selected or None, key=key))
-        if fig is not None:
-            sec.figures.append(("layer_profile", fig, "Blue bars: how much each layer's residual moves the paraphrase's "
-                                "margin on flipped pairs (grey: stable pairs); the orange line is exact patching. The "
-                                "shaded band is the window chosen for training: it should sit where blue rises above "
-                                "grey."))
+        figure(sec, "layer_profile", "layer profile",
+               lambda: F.layer_profile(run.layer_scores, window=selected or None, key=key),
+               "Blue bars: how much each layer's residual moves the paraphrase's margin on flipped pairs (grey: "
+               "stable pairs); the orange line is exact patching. The shaded band is the window chosen for "
+               "training: it should sit where blue rises above grey.")
         if run.features:
-            fig = attempt("feature heatmap", lambda: F.feature_heatmap(run.features))
-            if fig is not None:
-                sec.figures.append(("feature_heatmap", fig, "The SAE features with the largest attribution on flipped "
-                                    "pairs, per layer; strongly coloured cells name the features worth inspecting."))
+            figure(sec, "feature_heatmap", "feature heatmap", lambda: F.feature_heatmap(run.features),
+                   "The SAE features with the largest attribution on flipped pairs, per layer; strongly coloured "
+                   "cells name the features worth inspecting.")
         out.append(sec)
     if run.train_cfg is not None:
         sec = _Section("select", "3. The selected layers")
@@ -485,22 +487,18 @@ def _sections(run: _Run) -> list[_Section]:
         summary = run.ablation.get("summary") or run.ablation.get("rows") or []
         base = run.ablation.get("base")
         sec.table = attempt("summary table", lambda: _html_table(run.ablation))
-        fig = attempt("flip-rate figure", lambda: F.flip_by_arm(summary, base))
-        if fig is not None:
-            sec.figures.append(("flip_by_arm", fig, "Flip rate and mean |Δmargin| after training each arm; bars below "
-                                "the dashed base line (outside its grey CI band) are real improvements."))
+        figure(sec, "flip_by_arm", "flip-rate figure", lambda: F.flip_by_arm(summary, base),
+               "Flip rate and mean |Δmargin| after training each arm; bars below the dashed base line (outside its "
+               "grey CI band) are real improvements.")
         if any(r.get("by_phenomenon") for r in summary):
-            fig = attempt("phenomenon figure", lambda: F.flip_heatmap(summary))
-            if fig is not None:
-                sec.figures.append(("flip_heatmap", fig, "Flip rate of the base model (top row) and of each trained "
-                                    "arm, by phenomenon of the held-out pairs (left of the line) and on the sets "
-                                    "reported beside them (right: wrappers never fine-tuned, and answer-inverting "
-                                    "negations). Read each column down from the base row: lighter cells mean fewer "
-                                    "flips."))
-        fig = attempt("trade-off figure", lambda: F.tradeoff(summary, base))
-        if fig is not None:
-            sec.figures.append(("tradeoff", fig, "Each arm's accuracy against its flip rate: arms up and to the left "
-                                "of the base star reduce flips without costing accuracy."))
+            figure(sec, "flip_heatmap", "phenomenon figure", lambda: F.flip_heatmap(summary),
+                   "Flip rate of the base model (top row) and of each trained arm, by phenomenon of the held-out "
+                   "pairs (left of the line) and on the sets reported beside them (right: wrappers never "
+                   "fine-tuned, and answer-inverting negations). Read each column down from the base row: "
+                   "lighter cells mean fewer flips.")
+        figure(sec, "tradeoff", "trade-off figure", lambda: F.tradeoff(summary, base),
+               "Each arm's accuracy against its flip rate: arms up and to the left of the base star reduce flips "
+               "without costing accuracy.")
         out.append(sec)
     if run.logs:
         train = (run.ablation or {}).get("config", {}).get("train", {})
@@ -512,23 +510,15 @@ def _sections(run: _Run) -> list[_Section]:
             cfg = run.arm_cfgs.get(name) or {}
             title, caption = _arm_title(name, cfg)
             weights = {k: cfg.get(f"{k}_weight") for k in ("ce", "consistency")}
-            fig = attempt(f"training curves of {name}",
-                          lambda h=hist, t=title, w=weights: F.training_curves(h, collapse_low=lo, collapse_high=hi,
-                                                                               title=t, weights=w))
-            if fig is not None:
-                sec.figures.append((f"training_{name}", fig, caption))
+            figure(sec, f"training_{name}", f"training curves of {name}",
+                   lambda h=hist, t=title, w=weights: F.training_curves(h, collapse_low=lo, collapse_high=hi, title=t,
+                                                                        weights=w), caption)
         out.append(sec)
     if run.experts:
         sec = _Section("experts", "6. Expert utilisation")
-        draw = getattr(F, "expert_utilisation", None)
-        if draw is None:
-            run.skip("expert utilisation", "data present, but this mechmed draws no figure for it")
-        else:
-            for name, data in run.experts.items():
-                fig = attempt(f"expert utilisation of {name}", lambda d=data: draw(d))
-                if fig is not None:
-                    sec.figures.append((f"experts_{name}", fig, f"Arm {name}: how often the router picks each expert; "
-                                        "a flat profile means no expert is unused."))
+        for name, data in run.experts.items():
+            figure(sec, f"experts_{name}", f"expert utilisation of {name}", lambda d=data: F.expert_heatmap(d),
+                   f"Arm {name}: how often the router picks each expert; a flat profile means no expert is unused.")
         if sec.figures:
             out.append(sec)
     return out

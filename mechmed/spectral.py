@@ -493,7 +493,10 @@ def expert_utilisation(model, bundle, pairs, *, batch_size: int = 16) -> dict:
             chunk = prompts[i:i + batch_size]
             imgs = None
             if use_images:
-                imgs = [cache.setdefault(im, load_image(im)) for _, im in chunk]
+                for _, im in chunk:
+                    if im not in cache:
+                        cache[im] = load_image(im)
+                imgs = [cache[im] for _, im in chunk]
             inputs = build_inputs(bundle.processor, [q for q, _ in chunk], imgs).to(bundle.device)
             mask = inputs["attention_mask"].bool()
             tokens += int(mask.sum())

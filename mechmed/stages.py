@@ -244,3 +244,37 @@ def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval"
     write_jsonl(out_dir / "pairs.jsonl", result.pairs)
     write_json(out_dir / "metrics.json", result.metrics)
     return result
+
+
+def run_capture(model: str = "demo", data: str = "demo", out: str = "runs/activations", *, layers: str = "all",
+                kind: str = "resid_post", positions: str = "last", max_pairs: int | None = None,
+                shard_size: int = 1024, batch_size: int = 8, store_dtype: str | None = None, backend: str = "hooks",
+                device: str = "cpu", image_root=None, seed: int = 0, progress: bool = False, dtype: str | None = None,
+                answer_words=("yes", "no"), trust_remote_code: bool = False):
+    """``mechmed capture``: the activations at ``kind`` of ``layers`` for both phrasings of every pair of
+    ``data`` (a seeded sample of ``max_pairs``), written to ``out`` as an activation store
+    (:func:`mechmed.store.write_activations`: safetensors shards, resumable) that a notebook reads
+    with :class:`mechmed.store.ActivationStore`. Returns the :class:`mechmed.store.WriteResult`."""
+    from mechmed.models import load_model, model_config
+    from mechmed.sites import SITE_KINDS, Site, parse_layers
+    from mechmed.store import STORE_POSITIONS, write_activations
+
+    if kind not in SITE_KINDS:
+        raise MechmedError(f"--kind {kind}: choose one of {', '.join(SITE_KINDS)}")
+    if positions not in STORE_POSITIONS:
+        raise MechmedError(f"--positions {positions}: choose one of {', '.join(STORE_POSITIONS)}")
+    if max_pairs is not None and max_pairs < 1:
+        raise MechmedError(f"--max-pairs {max_pairs}: must be at least 1")
+    _, config, family, _ = model_config(model, seed=seed, trust_remote_code=trust_remote_code)
+    n_layers = family.n_layers(config)
+    chosen = parse_layers(layers, n_layers)
+    if max(chosen) >= n_layers:
+        raise MechmedError(f"--layers {layers}: the model has layers 0-{n_layers - 1}")
+    pairs = resolve_data(data, image_root=image_root, seed=seed)
+    if max_pairs is not None and max_pairs < len(pairs):
+        pairs = [pairs[i] for i in sorted(np.random.default_rng(seed).permutation(len(pairs))[:max_pairs])]
+    bundle = load_model(model, device=device, seed=seed, dtype=dtype, answer_words=tuple(answer_words),
+                        trust_remote_code=trust_remote_code)
+    return write_activations(bundle, pairs, [Site(L, kind) for L in chosen], out, positions=positions,
+                             shard_size=shard_size, batch_size=batch_size, dtype=store_dtype, backend=backend,
+                             progress="capture" if progress else None)

@@ -255,3 +255,17 @@ def test_train_config_names_the_score_the_window_was_chosen_on(run_dir):
     scores = json.loads((run_dir / "attribute" / "layer_scores.json").read_text())
     assert key in scores["scores"]
     assert list(select(score_vector(scores, key), "window", width=1).layers) == cfg.layers
+
+
+def test_expert_utilisation_of_a_spectral_arm_is_drawn(run_dir, tmp_path):
+    """An arm directory with ``expert_utilisation.json`` (as mechmed train writes for spectral experts)
+    gets its layer × expert heatmap in the report, with the shares it was given."""
+    run = tmp_path / "r"
+    shutil.copytree(run_dir / "ablation", run / "ablation")
+    arm = next(d for d in sorted((run / "ablation" / "arms").iterdir()) if d.is_dir())
+    stats = {"n_experts": 4, "top_k": 2, "tokens": 40, "modules": {}, "layers": {"1": [0.4, 0.3, 0.2, 0.1]}}
+    (arm / "expert_utilisation.json").write_text(json.dumps(stats))
+    r = build_report(run, png=False)
+    assert "experts" in r["sections"] and f"experts_{arm.name}" in r["figures"]
+    html = (run / "figures" / f"experts_{arm.name}.html").read_text(encoding="utf-8")
+    assert "0.4" in html and "expert" in html

@@ -218,3 +218,30 @@ def test_bad_inputs_raise_mechmed_errors(vlm, prompts, tmp_path):
         store.prompt(5)
     with pytest.raises(MechmedError, match="not a directory"):
         ActivationStore(tmp_path / "nowhere")
+
+
+def test_capture_command_stores_the_hidden_states(tiny_workspace, tmp_path):
+    """``mechmed capture`` writes both phrasings of every pair; each stored row is the model's own
+    ``output_hidden_states`` at the answer position (one prompt at a time; 1e-5)."""
+    from mechmed.cli import main
+    from mechmed.data import load_pairs
+    from mechmed.data.images import load_image
+    from mechmed.models import load_model
+
+    ws, ckpt = tiny_workspace
+    out = tmp_path / "acts"
+    assert main(["capture", "--model", str(ckpt), "--data", str(ws / "pairs.jsonl"), "--layers", "0,1",
+                 "--shard-size", "3", "--out", str(out)]) == 0
+    store = ActivationStore(out)
+    pairs = load_pairs(ws / "pairs.jsonl")
+    assert [p["id"] for p in store.prompts] == [f"{p.id}/{side}" for p in pairs for side in ("question", "paraphrase")]
+    b = load_model(str(ckpt))
+    for i, p in enumerate(store.prompts):
+        inputs = build_inputs(b.processor, [p["text"]], [load_image(p["image"])])
+        with torch.no_grad():
+            hidden = b.model(**inputs, output_hidden_states=True).hidden_states
+        for layer in (0, 1):  # not the last layer: its hidden state is after the final norm
+            torch.testing.assert_close(store[Site(layer)][i].float(), hidden[layer + 1][0, -1].float(), atol=1e-5, rtol=0)
+    # a layer the model does not have fails before any weights load, and writes nothing
+    assert main(["capture", "--model", str(ckpt), "--layers", "9", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
