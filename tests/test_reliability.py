@@ -91,7 +91,7 @@ def _checkpoint_step(run: Path) -> int:
         return 0
     try:
         return json.loads(state.read_text())["step"]
-    except (ValueError, KeyError):
+    except (OSError, ValueError, KeyError):  # renamed away by the next checkpoint while we looked
         return 0
 
 
