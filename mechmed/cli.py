@@ -24,7 +24,7 @@ from mechmed.pipeline import DEMO_ARMS
 log = logging.getLogger("mechmed")
 
 #: Commands whose --out holds finished, reusable stages that a later error must not remove.
-ROLLBACK_EXEMPT = ("ablate", "demo")
+ROLLBACK_EXEMPT = ("ablate", "demo", "capture")
 
 
 def _words(text: str) -> tuple[str, ...]:

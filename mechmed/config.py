@@ -260,16 +260,17 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise MechmedError(f"config option {key}: {value!r} is invalid; use {expected}")
 
 
-def known_keys(d: dict, known, source: str, *, newer: bool = False) -> dict:
+def known_keys(d: dict, known, source: str, *, newer: bool = False,
+               version: str = "a newer config version") -> dict:
     """mechmed's one rule for keys of a config mapping: the known ones are kept; an unknown one is an
-    error that names it (with the closest known key), unless the mapping was written by a newer
-    version (``newer``), whose options are warned about and dropped."""
+    error that names it (with the closest known key), unless the mapping was written by another
+    version (``newer``; ``version`` says which), whose options are warned about and dropped."""
     known = set(known)
     for key in d:
         if key in known:
             continue
         if newer:
-            log.warning("%s: option %r comes from a newer config version and is ignored", source, key)
+            log.warning("%s: option %r comes from %s and is ignored", source, key, version)
             continue
         close = difflib.get_close_matches(str(key), sorted(known), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known options: {', '.join(sorted(known))}"

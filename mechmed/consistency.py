@@ -133,7 +133,7 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
         metrics["by_phenomenon"][ph] = {"n_pairs": int(idx.sum()), "flip_rate": float(flips[idx].mean()),
                                         "margin_diff": float(delta[idx].mean())}
 
-    controls = set(CONTROLS if controls is True else controls or ())
+    controls = set(CONTROLS if controls is True else [controls] if isinstance(controls, str) else controls or ())
     if controls - set(CONTROLS):
         raise MechmedError(f"controls {sorted(controls - set(CONTROLS))}: use some of {', '.join(CONTROLS)}")
     metrics["blank_image_agreement"] = metrics["swap_sensitivity"] = None

@@ -1,6 +1,6 @@
 """Process policy, in one place: torch CPU threads, the Hugging Face offline flag, mechmed's cache root.
 
-Entry points (the command line, :func:`mechmed.pipeline.run`, the analysis scripts, a worker process
+Entry points (the command line, :func:`mechmed.pipeline.run_pipeline`, the analysis scripts, a worker process
 of the ablation grid) apply the thread policy once with :func:`torch_threads`, which restores the
 caller's setting afterwards; library functions read the policy from here and never set it for good.
 """

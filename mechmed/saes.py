@@ -490,8 +490,9 @@ class SAETrainConfig:
         from mechmed.config import known_keys
 
         d = dict(d)
-        newer = d.pop("version", SAE_RECIPE_VERSION) != SAE_RECIPE_VERSION
-        return cls(**known_keys(d, [f.name for f in fields(cls)], "SAE recipe", newer=newer))
+        version = d.pop("version", SAE_RECIPE_VERSION)
+        return cls(**known_keys(d, [f.name for f in fields(cls)], "SAE recipe", newer=version != SAE_RECIPE_VERSION,
+                                version=f"SAE recipe {version!r} (this mechmed: {SAE_RECIPE_VERSION!r})"))
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]

@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 ADAPTER_TYPE = "mechmed_spectral_moe"
 FORMAT_VERSION = 2
 ROUTINGS = ("topk", "uniform")
+#: ``routed``: each routed expert subtracts its initial product at its gate (format 2); ``mean``:
+#: −(s/N)·Σ B⁰A⁰ for every token (format-1 adapters, kept as they were trained when saved again).
+COMPENSATIONS = ("routed", "mean")
 CONFIG_FILE = "spectral_config.json"
 #: Format 1 (compensation −(s/N)·Σ B⁰A⁰ for every token) was written under peft's file name.
 LEGACY_CONFIG_FILE = "adapter_config.json"
@@ -310,7 +313,7 @@ class SpectralMoEModel(nn.Module):
                 tensors[f"{name}.{key}"] = _tensor(m, key)
         save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(path / WEIGHTS_FILE))
         modules = {name: {"scale": m.scale, "in_features": m.in_features, "out_features": m.out_features,
-                          "segments": m.segments} for name, m in layers.items()}
+                          "segments": m.segments, "compensation": m.compensation} for name, m in layers.items()}
         write_json(path / CONFIG_FILE, {"adapter_type": ADAPTER_TYPE, "format_version": FORMAT_VERSION,
                                         **self.spectral_options, "modules": modules})
         write_text(path / "README.md", README)
@@ -431,7 +434,10 @@ def load_spectral_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> S
         layer = SpectralMoELinear(base, n_experts=conf["n_experts"], top_k=conf["top_k"], rank=conf["rank"],
                                   scale=meta["scale"], init="load", damping=conf.get("damping", 1.0))
         layer.init = conf["init"]
-        layer.compensation = "routed" if conf.get("format_version", 1) >= 2 else "mean"
+        layer.compensation = meta.get("compensation", "routed" if conf.get("format_version", 1) >= 2 else "mean")
+        if layer.compensation not in COMPENSATIONS:
+            raise MechmedError(f"--adapter {adapter_dir}: module {name!r} has compensation {layer.compensation!r}; "
+                               f"this mechmed knows {', '.join(COMPENSATIONS)}: upgrade mechmed")
         layer.segments = [tuple(s) for s in meta["segments"]] if meta.get("segments") else None
         with torch.no_grad():
             for key in _SAVED:

@@ -255,16 +255,22 @@ def run_capture(model: str = "demo", data: str = "demo", out: str = "runs/activa
     ``data`` (a seeded sample of ``max_pairs``), written to ``out`` as an activation store
     (:func:`mechmed.store.write_activations`: safetensors shards, resumable) that a notebook reads
     with :class:`mechmed.store.ActivationStore`. Returns the :class:`mechmed.store.WriteResult`."""
+    from mechmed.capture import BACKENDS
     from mechmed.models import load_model, model_config
     from mechmed.sites import SITE_KINDS, Site, parse_layers
-    from mechmed.store import STORE_POSITIONS, write_activations
+    from mechmed.store import STORE_DTYPES, STORE_POSITIONS, write_activations
 
     if kind not in SITE_KINDS:
         raise MechmedError(f"--kind {kind}: choose one of {', '.join(SITE_KINDS)}")
     if positions not in STORE_POSITIONS:
         raise MechmedError(f"--positions {positions}: choose one of {', '.join(STORE_POSITIONS)}")
-    if max_pairs is not None and max_pairs < 1:
-        raise MechmedError(f"--max-pairs {max_pairs}: must be at least 1")
+    if store_dtype is not None and store_dtype not in STORE_DTYPES:
+        raise MechmedError(f"--store-dtype {store_dtype}: choose one of {', '.join(STORE_DTYPES)}")
+    if backend not in BACKENDS:
+        raise MechmedError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
+    for option, value in (("--max-pairs", max_pairs), ("--shard-size", shard_size), ("--batch-size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise MechmedError(f"{option} {value}: must be a positive integer")
     _, config, family, _ = model_config(model, seed=seed, trust_remote_code=trust_remote_code)
     n_layers = family.n_layers(config)
     chosen = parse_layers(layers, n_layers)

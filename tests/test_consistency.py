@@ -86,6 +86,18 @@ def test_metrics_match_hand_computation(tiny_bundles, pairs):
     assert row["margin_question"] == pytest.approx(float(mq[0]), abs=1e-5)
 
 
+def test_controls_can_be_chosen(tiny_bundles, pairs):
+    """controls="blank" runs only the gray-image control, with the value of the full run; a name that
+    is not a control is an error."""
+    b = tiny_bundles["Gemma3ForConditionalGeneration"]
+    full = evaluate(b, pairs, batch_size=4, n_bootstrap=100).metrics
+    for choice in ("blank", ["blank"]):
+        m = evaluate(b, pairs, batch_size=4, n_bootstrap=100, controls=choice).metrics
+        assert m["blank_image_agreement"] == full["blank_image_agreement"] and m["swap_sensitivity"] is None
+    with pytest.raises(MechmedError, match="controls .'gray'.: use some of blank, swap"):
+        evaluate(b, pairs, batch_size=4, n_bootstrap=100, controls="gray")
+
+
 def test_blank_image_agreement_is_one_for_an_image_blind_model(tiny_bundles, pairs):
     """A text-only model ignores images: give it no images and the controls are absent."""
     b = tiny_bundles["Gemma3ForCausalLM"]

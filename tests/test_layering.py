@@ -45,7 +45,12 @@ def imports(module: str, source: str, is_package: bool = False) -> list[tuple[st
     found = []
     package = module if is_package else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str) and node.args[0].value.split(".")[0] == "mechmed" \
+                and (getattr(node.func, "attr", None) == "import_module" or getattr(node.func, "id", None)
+                     in ("import_module", "__import__")):
+            found.append((node.args[0].value, node.lineno))  # importlib.import_module("mechmed.x")
+        elif isinstance(node, ast.Import):
             found += [(a.name, node.lineno) for a in node.names if a.name.split(".")[0] == "mechmed"]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -106,6 +111,8 @@ def test_no_upward_imports_and_the_demo_only_through_sources():
     ("mechmed.data.loaders", "    from ..stats import wilson_interval\n    from ..capture import capture", "tier 2) from tier 1"),
     ("mechmed.consistency", "    from mechmed.demo.build import ensure_demo_data", "only mechmed.sources"),
     ("mechmed.models", "    from mechmed import stages", "mechmed.stages (tier 5) from tier 2"),
+    ("mechmed.saes", "    importlib.import_module('mechmed.report')", "mechmed.report (tier 4) from tier 3"),
+    ("mechmed.capture", "    import mechmed.demo.build as b", "only mechmed.sources"),
 ])
 def test_an_added_upward_import_fails(module, line, expected):
     """The check catches an import added inside a function, absolute or relative."""

@@ -337,6 +337,8 @@ def test_format_1_adapter_loads_with_its_mean_compensation(tmp_path):
     model.save_pretrained(tmp_path / "a")
     conf = json.loads((tmp_path / "a" / "spectral_config.json").read_text())
     (tmp_path / "a" / "spectral_config.json").unlink()
+    for meta in conf["modules"].values():  # format 1 recorded no compensation
+        del meta["compensation"]
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**conf, "format_version": 1}))
     loaded = attach_adapter(_frozen_bundle("Gemma3ForCausalLM"), tmp_path / "a")
     layer = loaded.model.adapter_layers()[names[0]]
@@ -345,6 +347,13 @@ def test_format_1_adapter_loads_with_its_mean_compensation(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(layer(x).double(), _by_hand(layer, x, "mean"), atol=1e-5, rtol=0)
         assert (layer(x) - layer.base_layer(x)).abs().max() > 1e-3
+        before = layer(x)
+    # saved again (format 2), it keeps the compensation it was trained with
+    loaded.model.save_pretrained(tmp_path / "b")
+    again = attach_adapter(_frozen_bundle("Gemma3ForCausalLM"), tmp_path / "b").model.adapter_layers()[names[0]]
+    assert again.compensation == "mean"
+    with torch.no_grad():
+        assert torch.equal(again(x), before)
 
 
 def test_wrong_loader_gives_one_line_errors(tmp_path):

@@ -242,6 +242,8 @@ def test_capture_command_stores_the_hidden_states(tiny_workspace, tmp_path):
             hidden = b.model(**inputs, output_hidden_states=True).hidden_states
         for layer in (0, 1):  # not the last layer: its hidden state is after the final norm
             torch.testing.assert_close(store[Site(layer)][i].float(), hidden[layer + 1][0, -1].float(), atol=1e-5, rtol=0)
-    # a layer the model does not have fails before any weights load, and writes nothing
+    # a layer the model does not have, or a dtype the store does not keep, fails before any weights
+    # load, and writes nothing
     assert main(["capture", "--model", str(ckpt), "--layers", "9", "--out", str(tmp_path / "bad")]) == 2
+    assert main(["capture", "--model", str(ckpt), "--store-dtype", "float64", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
