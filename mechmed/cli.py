@@ -93,18 +93,23 @@ def cmd_compare(args) -> int:
     from mechmed.io import write_json
 
     res = compare_runs(args.a, args.b)
+    paired = res["paired"]
+    # the paired tests first: on the same pairs they are the ones to read; the unpaired z test after
     for key in ("flip_rate", "accuracy_original", "accuracy_paraphrase"):
-        r = res[key]
-        t = r["test"]
-        print(f"{key:<20} A {r['a']['estimate']:.3f} -> B {r['b']['estimate']:.3f}   "
-              f"z = {t['statistic']:.2f}, p = {t['p_value']:.4f}")
+        r, t = res[key], res[key]["test"]
+        first = ""
+        if key == "flip_rate" and paired:
+            first = (f"McNemar p = {paired['mcnemar_flips']['p_value']:.4f} (paired, {paired['n_common_pairs']} "
+                     "pairs); ")
+        print(f"{key:<20} A {r['a']['estimate']:.3f} -> B {r['b']['estimate']:.3f}   {first}"
+              f"two-proportion z = {t['statistic']:.2f}, p = {t['p_value']:.4f}")
     md = res["margin_diff"]
-    print(f"{'mean |Δmargin|':<20} A {_fmt(md['a'])} -> B {_fmt(md['b'])}")
-    if res["paired"]:
-        mc = res["paired"]["mcnemar_flips"]
-        bs = res["paired"]["margin_diff_bootstrap"]
-        print(f"paired ({res['paired']['n_common_pairs']} pairs): McNemar p = {mc['p_value']:.4f}; "
-              f"|Δmargin| A−B = {bs['estimate']:.3f} [{bs['low']:.3f}, {bs['high']:.3f}], p = {bs['p_value']:.4f}")
+    line = f"{'mean |Δmargin|':<20} A {_fmt(md['a'])} -> B {_fmt(md['b'])}"
+    if paired:
+        bs = paired["margin_diff_bootstrap"]
+        line += (f"   A−B = {bs['estimate']:.3f} [{bs['low']:.3f}, {bs['high']:.3f}], paired bootstrap "
+                 f"p = {bs['p_value']:.4f}")
+    print(line)
     if res.get("negation"):
         neg = res["negation"]
         r, t = neg["flip_rate"], neg["flip_rate"]["test"]
@@ -455,11 +460,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a failed command leaves --out as it found it; resumable grids keep their finished stages
     guard = rollback_on_error(out) if out and args.command not in ROLLBACK_EXEMPT else nullcontext()
     from mechmed.models import cpu_threads_for
-    from mechmed.runtime import torch_threads
+    from mechmed.runtime import check_device, torch_threads
 
     model = getattr(args, "model", None) or ("demo" if args.command == "demo" else None)
-    threads = cpu_threads_for(str(model), getattr(args, "device", "cpu")) if model else None
     try:
+        if getattr(args, "device", None):
+            check_device(args.device)  # before any data or weights: a device that is not there is one line
+        threads = cpu_threads_for(str(model), getattr(args, "device", "cpu")) if model else None
         with guard, torch_threads(threads):
             return int(args.func(args) or 0)
     except MechmedError as e:

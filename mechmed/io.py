@@ -59,18 +59,34 @@ def rollback_on_error(out: str | os.PathLike) -> Iterator[None]:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``."""
+    """Yield a temporary path beside ``path``; on success rename it onto ``path`` (readable as the
+    user's umask says, like any file the user writes: mkstemp alone would leave it owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_dir(parent: str | os.PathLike, prefix: str, suffix: str = "") -> Path:
+    """A new directory under ``parent`` to build in and rename into place, with the mode the user's
+    umask gives a directory (mkdtemp alone would leave it owner-only)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

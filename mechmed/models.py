@@ -124,18 +124,23 @@ def load_model(name_or_path: str = "demo", dtype: str | None = None, device: str
     """Load a model by hub id, local path, or ``"demo"`` (the embedded default)."""
     import transformers
 
+    from mechmed.runtime import check_device, hf_progress_bars
+
+    check_device(device)
     name = str(name_or_path)
     path, config, family, kw = model_config(name, local_files_only=local_files_only,
                                             trust_remote_code=trust_remote_code, revision=revision,
                                             cache_dir=cache_dir, seed=seed)
     torch_dtype = resolve_dtype(dtype, device)
     auto = getattr(transformers, family.auto_class)
-    transformers.utils.logging.disable_progress_bar()  # library code does not draw on the terminal
+    # a local checkpoint loads without drawing bars; a hub id may download, and its bars show it.
+    # Either way the user's own progress-bar setting is what it was before.
     try:
-        processor = load_processor(path, family, **kw)
-        # answer words are checked before the (possibly large) weights are read
-        answers = answer_token_ids(getattr(processor, "tokenizer", processor), answer_words)
-        model = auto.from_pretrained(path, dtype=torch_dtype, **kw)
+        with hf_progress_bars(enabled=not Path(path).is_dir()):
+            processor = load_processor(path, family, **kw)
+            # answer words are checked before the (possibly large) weights are read
+            answers = answer_token_ids(getattr(processor, "tokenizer", processor), answer_words)
+            model = auto.from_pretrained(path, dtype=torch_dtype, **kw)
     except OSError as e:
         raise MechmedError(f"--model {name}: cannot load weights or processor ({str(e).splitlines()[0]})") from e
     model = model.to(device).eval()

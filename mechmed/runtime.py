@@ -37,6 +37,23 @@ def threads_for_width(d_model: int) -> int | None:
     return 1 if int(d_model) <= ONE_THREAD_WIDTH else None
 
 
+@contextmanager
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """Hugging Face's progress bars (transformers' and huggingface_hub's) off for the block unless
+    ``enabled``; the user's setting is restored after. Library code that reads or writes local files
+    draws nothing; a download keeps its bars."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if was and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
+
+
 def hub_offline(*, datasets: bool = False) -> bool:
     """Whether the user asked Hugging Face libraries to stay offline: ``HF_HUB_OFFLINE`` (and
     ``HF_DATASETS_OFFLINE`` when ``datasets``) set to 1/true/yes/on."""
@@ -48,3 +65,25 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """mechmed's cache directory: ``cache_dir``, else ``$MECHMED_CACHE``, else ``~/.cache/mechmed``."""
     root = cache_dir or os.environ.get("MECHMED_CACHE") or Path.home() / ".cache" / "mechmed"
     return Path(root).expanduser()
+
+
+def check_device(device: str) -> str:
+    """``device`` if this torch can run on it, else a one-line error that says what to use instead."""
+    import torch
+
+    from mechmed.errors import MechmedError
+
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        raise MechmedError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "is a CPU-only build" if torch.version.cuda is None else "sees no GPU"
+            raise MechmedError(f"--device {device}: this torch ({torch.__version__}) {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MechmedError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible "
+                               f"(cuda:0-{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise MechmedError(f"--device {device}: MPS is not available here; use --device cpu")
+    return str(device)

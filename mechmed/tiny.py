@@ -226,7 +226,10 @@ def qwen_processor(image_processor, tokenizer):
 
 def save(model, processor, path: str | Path) -> Path:
     """``save_pretrained`` both (safetensors), so plain ``from_pretrained`` reloads them."""
+    from mechmed.runtime import hf_progress_bars
+
     path = Path(path)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    with hf_progress_bars(enabled=False):  # a local write: no bars on the user's terminal
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
     return path

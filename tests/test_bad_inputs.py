@@ -314,6 +314,18 @@ def _train(ws, tmp, *extra, **cfg):
     return ["train", "--config", _config(ws, tmp, **cfg), "--out", str(tmp / "out"), *extra]
 
 
+@case("evaluate")
+def device_that_is_not_a_device(ws, tmp):
+    return _evaluate(ws, tmp, None, None, "--device", "banana"), "--device banana: not a torch device"
+
+
+@case("train")
+def device_that_is_not_there(ws, tmp):
+    """A GPU this machine does not have fails before the base evaluation, not as a traceback after it."""
+    return ["train", "--config", _config(ws, tmp), "--device", "cuda:99", "--out", str(tmp / "out")], \
+        "--device cuda:99: "
+
+
 @case("train")
 def config_missing(ws, tmp):
     return ["train", "--config", str(tmp / "none.yaml"), "--out", str(tmp / "out")], "none.yaml"

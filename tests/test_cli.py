@@ -41,7 +41,9 @@ def test_evaluate_then_compare(workspace, capsys):
     assert cmp["paired"]["n_common_pairs"] == 6
     # identical model on the shared pairs: no discordant flips
     assert cmp["paired"]["mcnemar_flips"]["p_value"] == 1.0
-    assert "flip_rate" in capsys.readouterr().out
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("flip_rate"))
+    # the paired test is read first, then the unpaired one, each named
+    assert line.index("McNemar p = 1.0000 (paired, 6 pairs)") < line.index("two-proportion z")
 
 
 def test_module_entry_point_exit_code(tmp_path):

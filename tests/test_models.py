@@ -95,3 +95,19 @@ def test_cpu_threads_follow_the_model_width(saved, tmp_path):
     assert cpu_threads_for("demo") == 1
     assert cpu_threads_for("google/medgemma-4b-it") is None
     assert cpu_threads_for(str(tmp_path / "missing")) is None
+
+
+def test_loading_leaves_the_progress_bar_setting_alone(saved):
+    """Loading a local checkpoint draws no bars, and afterwards Hugging Face's progress bars (and so a
+    later download's) are as the user had them."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    for enabled in (True, False):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        try:
+            load_model(str(saved["Gemma3ForCausalLM"]), local_files_only=True)
+            assert hf_logging.is_progress_bar_enabled() is enabled
+            assert are_progress_bars_disabled() is not enabled
+        finally:
+            hf_logging.enable_progress_bar()

@@ -326,3 +326,26 @@ def test_any_yaml_text_is_valid_or_a_clear_error(text):
                 loader(path)
             except MechmedError as e:
                 assert "\n" not in str(e) and str(e)
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """Files written atomically and the directories the caches build in get the mode the user's umask
+    gives (a report on shared storage is readable by colleagues when the umask says so)."""
+    import stat
+
+    from mechmed.io import temp_dir, write_json, write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.md", "x")
+        write_json(tmp_path / "b.json", {"x": 1})
+        built = temp_dir(tmp_path, prefix=".build.")
+        assert stat.S_IMODE((tmp_path / "a.md").stat().st_mode) == 0o644
+        assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o644
+        assert stat.S_IMODE(built.stat().st_mode) == 0o755
+        os.umask(0o077)  # a private umask stays private
+        write_text(tmp_path / "c.md", "x")
+        assert stat.S_IMODE((tmp_path / "c.md").stat().st_mode) == 0o600
+        assert stat.S_IMODE(temp_dir(tmp_path, prefix=".private.").stat().st_mode) == 0o700
+    finally:
+        os.umask(old)

@@ -20,12 +20,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from mechmed.demo.model import RECIPE_VERSION, DemoModelConfig
 from mechmed.demo.train import DemoTrainConfig
+from mechmed.io import temp_dir
 from mechmed.runtime import cache_root
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def _publish(tmp: Path, final: Path, replace: bool) -> Path:
 
 def _build_into(final: Path, build, replace: bool = False) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = temp_dir(final.parent, prefix=f".{final.name}.", suffix=".tmp")
     try:
         build(tmp)
         (tmp / MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n", encoding="utf-8")

@@ -9,11 +9,11 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
+from mechmed.io import temp_dir
 from mechmed.runtime import torch_threads
 from mechmed.saes import (
     MANIFEST,
@@ -103,7 +103,7 @@ def ensure_demo_saes(cache_dir: str | None = None, seed: int = 0, kind: str = "b
         trained = train_saes(acts, cfg, seed=seed, model_name=f"mechmed-demo:{model_dir.name}", num_threads=1)
     manifest = {"recipe": cfg.to_dict(), "seed": seed, "model_dir": str(model_dir),
                 "model_weights": _weights_digest(model_dir), "collect_s": collect_s, **trained.stats}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = temp_dir(final.parent, prefix=f".{final.name}.")
     try:
         save_sae_set(trained.saes, tmp, manifest)
         if final.exists() and not _valid_sae_dir(final):
