@@ -143,6 +143,10 @@ def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, wor
 
         stage("model", False, build)
 
+    sae_source = get(saes) if saes and ":" not in str(saes) else None
+    if sae_source is not None and not (out / "sae_check" / "sae_check.json").is_file():
+        _say(f"[sae_check] the {sae_source.name} SAEs, one per layer (trained on first use, about a minute on "
+             "2 cores, then cached), against each prompt set", echo)
     stage("sae_check", (out / "sae_check" / "sae_check.json").is_file(),
           lambda: run_sae_check(model, saes, "all", out=str(out / "sae_check"), seed=seed))
     stage("attribute", (out / "attribute" / "layer_scores.json").is_file(),

@@ -87,3 +87,24 @@ def check_device(device: str) -> str:
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise MechmedError(f"--device {device}: MPS is not available here; use --device cpu")
     return str(device)
+
+
+def versions() -> dict:
+    """The versions of mechmed and the libraries its results depend on, and mechmed's git commit when it
+    runs from a checkout: recorded beside every result."""
+    import importlib.metadata as md
+    import subprocess
+
+    out = {}
+    for pkg in ("mechmed", "torch", "transformers", "peft", "accelerate", "sae-lens", "transformer-lens", "nnsight"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    try:
+        here = Path(__file__).resolve().parent
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        out["git"] = git.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git"] = None
+    return out

@@ -29,6 +29,7 @@ from mechmed.fidelity import (
     parse_text_sets,
     prompt_set,
 )
+from mechmed.runtime import versions
 from mechmed.selection import file_sha256, load_scores, score_vector, select
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,8 @@ def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval"
     result = evaluate(b, pairs, batch_size=batch_size, seed=seed, controls=controls, progress=progress)
     result.metrics["data"] = str(data)
     result.metrics["adapter"] = None if adapter is None else str(adapter)
+    result.metrics["seed"] = seed
+    result.metrics["versions"] = versions()
     write_jsonl(out_dir / "pairs.jsonl", result.pairs)
     write_json(out_dir / "metrics.json", result.metrics)
     return result

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,28 +123,6 @@ def resolve_pairs(data: str, *, split: str, image_root=None, seed: int = 0, cach
 
     return resolve_data(data, image_root=image_root, seed=seed, cache_dir=cache_dir,
                         split="train" if split == "train" else "eval")
-
-
-def _git_hash() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("mechmed", "torch", "transformers", "peft", "accelerate", "sae-lens", "transformer-lens", "nnsight"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    out["git"] = _git_hash()
-    return out
 
 
 class _Images:
@@ -326,10 +303,18 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
 
     from mechmed.consistency import compare_runs
     from mechmed.io import ensure_dir, read_jsonl, write_json, write_text
-    from mechmed.models import load_model
+    from mechmed.models import load_model, model_config
     from mechmed.progress import progress_bar
+    from mechmed.runtime import versions
 
     out = Path(out)
+    # what the model's config can tell is checked before any data, weights or evaluation
+    _, model_cfg, family, _ = model_config(cfg.model, seed=cfg.seed)
+    n_layers = family.n_layers(model_cfg)
+    outside = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
+    if outside:
+        raise MechmedError(f"config option layers: layer {outside[0]} is outside the model's {n_layers} decoder "
+                           f"layers (0-{n_layers - 1}); choose layers inside it")
     train_pairs = resolve_pairs(cfg.train_data, split="train", image_root=cfg.image_root, seed=cfg.seed)
     eval_pairs = resolve_pairs(cfg.eval_data, split="eval", image_root=cfg.image_root, seed=cfg.seed)
     extra_pairs = {name: resolve_pairs(data, split="eval", image_root=cfg.image_root, seed=cfg.seed)
@@ -347,6 +332,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     torch.manual_seed(cfg.seed)
     bundle = load_model(cfg.model, device=str(accelerator.device) if device != "cpu" else "cpu",
                         answer_words=tuple(cfg.answer_words), seed=cfg.seed)
+    from mechmed.spectral import target_names
+
+    target_names(bundle, cfg.layers, cfg.target_modules)  # every target module matched once, before evaluating
     images = _Images()
     rng = np.random.default_rng(cfg.seed)
     guard_pairs = [eval_pairs[i] for i in sorted(rng.permutation(len(eval_pairs))[:cfg.guard_pairs])]
@@ -449,6 +437,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         "adapted_modules": adapted, "n_adapted_modules": len(adapted), "layers": cfg.layers, "method": cfg.method,
         "collapsed": collapse is not None,
         "collapse": None if collapse is None else {"step": collapse["step"], "reason": collapse.get("guard_reason")},
+        "seed": cfg.seed, "versions": versions(),
     }
     if init_deviation is not None:
         metrics["init_margin_deviation"] = init_deviation
@@ -477,7 +466,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
                 metrics["comparison_sets"] = {k: compare_runs(out / "before" / k, out / "after" / k)
                                               for k in extra_pairs}
         resolved = cfg.to_dict()
-        resolved["versions"] = versions()
+        resolved["versions"] = metrics["versions"]
         import yaml
 
         write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))

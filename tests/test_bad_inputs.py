@@ -327,6 +327,19 @@ def device_that_is_not_there(ws, tmp):
 
 
 @case("train")
+def layers_past_the_model(ws, tmp):
+    """Layers the model does not have fail from its config, before the base model is evaluated."""
+    return ["train", "--config", _config(ws, tmp), "--layers", "2-40", "--out", str(tmp / "out")], \
+        "config option layers: layer 3 is outside the model's 3 decoder layers (0-2)"
+
+
+@case("train")
+def target_module_not_in_the_layers(ws, tmp):
+    return ["train", "--config", _config(ws, tmp), "--target-modules", "q_proj,nope_proj", "--out",
+            str(tmp / "out")], "config option target_modules: matched 1 linear modules, expected 2"
+
+
+@case("train")
 def config_missing(ws, tmp):
     return ["train", "--config", str(tmp / "none.yaml"), "--out", str(tmp / "out")], "none.yaml"
 

@@ -35,6 +35,9 @@ def test_evaluate_then_compare(workspace, capsys):
                 "margin_diff", "margin_diff_ci", "auc", "yes_rate", "blank_image_agreement", "swap_sensitivity"):
         assert key in m
     assert m["n_pairs"] == 8 and m["n_questions"] == 4
+    import torch
+
+    assert m["seed"] == 0 and m["versions"]["torch"] == torch.__version__ and "transformers" in m["versions"]
     assert len((root / "a" / "pairs.jsonl").read_text().splitlines()) == 8
     assert main(["compare", str(root / "a"), str(root / "b"), "--out", str(root / "cmp.json")]) == 0
     cmp = json.loads((root / "cmp.json").read_text())

@@ -42,6 +42,7 @@ def test_demo_progress_lines(demo_run):
     for stage in ("sae_check", "attribute", "ablation", "report"):
         assert any(x.startswith(f"[{stage}] done in ") for x in lines), stage
     assert any(x.startswith("[ablation] base model evaluated: flip rate ") for x in lines)
+    assert any(x.startswith("[sae_check] the demo SAEs, one per layer (trained on first use") for x in lines)
     arm_lines = [x for x in lines if x.startswith("[ablation] arm ")]
     assert sorted(x.split()[2] for x in arm_lines) == [f"{i}/{len(ARMS)}" for i in range(1, len(ARMS) + 1)]
     assert {x.split()[3] for x in arm_lines} == {f"{a}-lora-s0" for a in ARMS}

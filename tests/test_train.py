@@ -117,6 +117,7 @@ def test_train_writes_a_complete_run_and_the_adapter_reloads(tiny_workspace, tmp
         assert (out / f).is_file(), f
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 6 and m["n_adapted_modules"] == 14
+    assert m["seed"] == cfg.seed and m["versions"]["torch"] == torch.__version__
     assert m["comparison"]["flip_rate"]["test"]["p_value"] is not None
     assert "versions" in (out / "config.yaml").read_text()
     # a run's config.yaml reproduces the run's config (its recorded versions are not options)
