@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -41,6 +42,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="the two answer words, each a single token (default yes,no)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a checkpoint's own Python code to run (off by default)")
+    p.add_argument("--revision", default=None, help="hub model revision: a branch, tag or commit (default main)")
+    p.add_argument("--local-files-only", action="store_true", default=None,
+                   help="never download; use what is in the cache (default: as HF_HUB_OFFLINE says)")
+    p.add_argument("--cache-dir", default=None, help="download cache of a hub model (default Hugging Face's); for "
+                   "'demo', where it is built (default $MECHMED_CACHE or ~/.cache/mechmed)")
     p.add_argument("--seed", type=int, default=0, help="random seed (also picks the demo model/data)")
 
 
@@ -79,10 +85,8 @@ def cmd_evaluate(args) -> int:
     from mechmed.stages import run_evaluate
 
     result = run_evaluate(args.model, args.data, args.out, adapter=args.adapter, batch_size=args.batch_size,
-                          device=args.device, dtype=args.dtype, answer_words=args.answer_words,
-                          image_root=args.image_root, limit=args.limit, seed=args.seed,
-                          controls=not args.no_controls, trust_remote_code=args.trust_remote_code,
-                          progress=True)
+                          device=args.device, image_root=args.image_root, limit=args.limit, seed=args.seed,
+                          controls=not args.no_controls, progress=True, **model_options(args))
     print(f"evaluated {args.model} on {args.data}: {args.out}/metrics.json")
     print_metrics(result.metrics)
     return 0
@@ -125,8 +129,10 @@ def cmd_compare(args) -> int:
 
 
 def model_options(args) -> dict:
-    """The shared model-loading options (--dtype, --answer-words, --trust-remote-code) as keywords."""
-    return {"dtype": args.dtype, "answer_words": tuple(args.answer_words), "trust_remote_code": args.trust_remote_code}
+    """The shared model-loading options (--dtype, --answer-words, --trust-remote-code, --revision,
+    --local-files-only, --cache-dir) as keywords."""
+    return {"dtype": args.dtype, "answer_words": tuple(args.answer_words), "trust_remote_code": args.trust_remote_code,
+            "revision": args.revision, "local_files_only": args.local_files_only, "cache_dir": args.cache_dir}
 
 
 def cmd_sae_check(args) -> int:
@@ -321,13 +327,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
+def _add_verbosity(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """-v / -q, accepted before or after the command (SUPPRESS: a later parser does not reset them)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
+    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="errors and warnings only: no progress bars, no info logging")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mechmed",
         description="Find where a medical VLM's yes/no answer flips under rewording, and fix it there.")
     parser.add_argument("--version", action="version", version=f"mechmed {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    _add_verbosity(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_parser = sub.add_parser
+
+    def add_command(name: str, **kw):  # -v / -q after the command too
+        return _add_verbosity(add_parser(name, **kw))
+
+    sub.add_parser = add_command
 
     p = sub.add_parser("evaluate", help="paraphrase consistency of a model on a pair set (metrics.json)")
     _add_model_options(p)
@@ -447,7 +468,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error (already printed, one line)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    if verbose and quiet:
+        print("mechmed: error: -v and -q together; choose one", file=sys.stderr)
+        return EXIT_USAGE
+    if quiet:
+        os.environ["MECHMED_PROGRESS"] = "0"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()

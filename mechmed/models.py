@@ -109,6 +109,8 @@ def model_config(name_or_path: str = "demo", *, local_files_only: bool | None = 
             raise MechmedError(f"--model {name}: no such directory; give a checkpoint directory, a hub id or 'demo'")
         path = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
     kw = dict(local_files_only=offline, trust_remote_code=trust_remote_code, revision=revision)
+    if built is None and cache_dir is not None:  # a hub id: cache_dir is Hugging Face's download cache
+        kw["cache_dir"] = str(cache_dir)
     try:
         config = transformers.AutoConfig.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:

@@ -89,7 +89,8 @@ class SAECheckResult:
 def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", texts: str | None = None,
                   out: str = "runs/sae_check", threshold: float = 0.95, batch_size: int = 8, device: str = "cpu",
                   ce: bool = True, seed: int = 0, *, dtype: str | None = None, answer_words=("yes", "no"),
-                  trust_remote_code: bool = False) -> SAECheckResult:
+                  trust_remote_code: bool = False, revision: str | None = None,
+                  local_files_only: bool | None = None, cache_dir: str | None = None) -> SAECheckResult:
     """``mechmed sae-check``: per-layer SAE fidelity on each text set, the t test against
     ``threshold``, ``sae_check.json`` (one row per layer and text set) and ``r2_by_layer.html/.png``
     in ``out``.
@@ -120,7 +121,7 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
     out_dir = ensure_dir(out)
     t0 = time.perf_counter()
     bundle = load_model(model, dtype, device, answer_words=tuple(answer_words), trust_remote_code=trust_remote_code,
-                        seed=seed)
+                        revision=revision, local_files_only=local_files_only, cache_dir=cache_dir, seed=seed)
     if "images" in names and not bundle.multimodal:
         raise MechmedError(f"--texts {texts}: the model {model} takes no images; drop images")
     with torch_threads(threads_for_width(bundle.d_model) if str(device) == "cpu" else None):
@@ -163,7 +164,8 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
 def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "demo", out: str = "runs/attribute",
                   *, max_pairs: int = 300, exact: bool = True, top_features: int = 10, batch_size: int = 8,
                   device: str = "cpu", image_root=None, seed: int = 0, progress: bool = False,
-                  dtype: str | None = None, answer_words=("yes", "no"), trust_remote_code: bool = False) -> dict:
+                  dtype: str | None = None, answer_words=("yes", "no"), trust_remote_code: bool = False,
+                  revision: str | None = None, local_files_only: bool | None = None, cache_dir: str | None = None) -> dict:
     """Attribute flips on ``data`` and write ``layer_scores.json``, ``features.csv`` and figures."""
     import csv
     import io
@@ -179,7 +181,8 @@ def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "d
     rng = np.random.default_rng(seed)
     pairs = [pairs[i] for i in sorted(rng.permutation(len(pairs))[:max_pairs])]
     bundle = load_model(model, device=device, seed=seed, dtype=dtype, answer_words=tuple(answer_words),
-                        trust_remote_code=trust_remote_code)
+                        trust_remote_code=trust_remote_code, revision=revision,
+                        local_files_only=local_files_only, cache_dir=cache_dir)
     sae_map = None
     if saes:
         from mechmed.saes import resolve_saes
@@ -224,7 +227,8 @@ def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "d
 def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval", *, adapter=None,
                  batch_size: int = 16, device: str = "cpu", dtype: str | None = None,
                  answer_words=("yes", "no"), image_root=None, limit: int | None = None, seed: int = 0,
-                 controls: bool = True, trust_remote_code: bool = False, progress: bool = False) -> Evaluation:
+                 controls: bool = True, trust_remote_code: bool = False, progress: bool = False,
+                 revision: str | None = None, local_files_only: bool | None = None, cache_dir: str | None = None) -> Evaluation:
     """Load, evaluate, and write ``metrics.json`` and ``pairs.jsonl`` under ``out``."""
     from mechmed.io import ensure_dir, write_json, write_jsonl
     from mechmed.models import attach_adapter, load_model
@@ -235,7 +239,8 @@ def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval"
             raise MechmedError(f"--limit {limit}: must be at least 1")
         pairs = pairs[:limit]
     b = load_model(model, dtype=dtype, device=device, answer_words=answer_words,
-                   trust_remote_code=trust_remote_code, seed=seed)
+                   trust_remote_code=trust_remote_code, revision=revision, local_files_only=local_files_only,
+                   cache_dir=cache_dir, seed=seed)
     if adapter:
         b = attach_adapter(b, adapter)
     out_dir = ensure_dir(out)
@@ -253,7 +258,8 @@ def run_capture(model: str = "demo", data: str = "demo", out: str = "runs/activa
                 kind: str = "resid_post", positions: str = "last", max_pairs: int | None = None,
                 shard_size: int = 1024, batch_size: int = 8, store_dtype: str | None = None, backend: str = "hooks",
                 device: str = "cpu", image_root=None, seed: int = 0, progress: bool = False, dtype: str | None = None,
-                answer_words=("yes", "no"), trust_remote_code: bool = False):
+                answer_words=("yes", "no"), trust_remote_code: bool = False, revision: str | None = None,
+                local_files_only: bool | None = None, cache_dir: str | None = None):
     """``mechmed capture``: the activations at ``kind`` of ``layers`` for both phrasings of every pair of
     ``data`` (a seeded sample of ``max_pairs``), written to ``out`` as an activation store
     (:func:`mechmed.store.write_activations`: safetensors shards, resumable) that a notebook reads
@@ -274,7 +280,8 @@ def run_capture(model: str = "demo", data: str = "demo", out: str = "runs/activa
     for option, value in (("--max-pairs", max_pairs), ("--shard-size", shard_size), ("--batch-size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise MechmedError(f"{option} {value}: must be a positive integer")
-    _, config, family, _ = model_config(model, seed=seed, trust_remote_code=trust_remote_code)
+    _, config, family, _ = model_config(model, seed=seed, trust_remote_code=trust_remote_code, revision=revision,
+                                        local_files_only=local_files_only, cache_dir=cache_dir)
     n_layers = family.n_layers(config)
     chosen = parse_layers(layers, n_layers)
     if max(chosen) >= n_layers:
@@ -283,7 +290,8 @@ def run_capture(model: str = "demo", data: str = "demo", out: str = "runs/activa
     if max_pairs is not None and max_pairs < len(pairs):
         pairs = [pairs[i] for i in sorted(np.random.default_rng(seed).permutation(len(pairs))[:max_pairs])]
     bundle = load_model(model, device=device, seed=seed, dtype=dtype, answer_words=tuple(answer_words),
-                        trust_remote_code=trust_remote_code)
+                        trust_remote_code=trust_remote_code, revision=revision,
+                        local_files_only=local_files_only, cache_dir=cache_dir)
     return write_activations(bundle, pairs, [Site(L, kind) for L in chosen], out, positions=positions,
                              shard_size=shard_size, batch_size=batch_size, dtype=store_dtype, backend=backend,
                              progress="capture" if progress else None)

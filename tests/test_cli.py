@@ -84,3 +84,41 @@ def test_train_from_config_with_override(workspace, tmp_path, capsys):
     path.write_text(path.read_text().replace("rank:", "rnak:"))
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "run2")]) == 2
     assert "did you mean 'rank'" in capsys.readouterr().err
+
+
+def test_verbosity_before_or_after_the_command(tmp_path, capsys):
+    """-v / -q go before or after the command; together they are a usage error."""
+    import logging
+
+    from mechmed.cli import build_parser
+
+    for argv in (["-v", "evaluate"], ["evaluate", "-v"]):
+        assert build_parser().parse_args(argv).verbose is True
+    for argv in (["-q", "evaluate"], ["evaluate", "--quiet"]):
+        assert build_parser().parse_args(argv).quiet is True
+    assert not hasattr(build_parser().parse_args(["evaluate"]), "verbose")
+    assert main(["-v", "evaluate", "-q", "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert "-v and -q together" in capsys.readouterr().err
+    logging.getLogger().handlers.clear()
+
+
+def test_hub_options_reach_the_loader(workspace, tmp_path):
+    """--cache-dir, --revision and --local-files-only reach from_pretrained: a hub id is found in a
+    Hugging Face cache laid out by hand (models--org--name/snapshots/<commit>, refs/main), offline;
+    a revision the cache does not hold is a one-line error."""
+    import shutil
+
+    root, ckpt = workspace
+    cache = tmp_path / "hf"
+    snapshot = cache / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(ckpt, snapshot)
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    common = ["evaluate", "--model", "org/tiny", "--local-files-only", "--cache-dir", str(cache),
+              "--data", str(root / "pairs.jsonl"), "--no-controls"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--revision", "abc123", "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("a", "b"))
+    assert a["flip_rate"] == b["flip_rate"] and a["n_pairs"] == 8
+    assert main([*common, "--revision", "v9", "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()
