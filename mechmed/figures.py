@@ -46,6 +46,47 @@ def browser_path() -> str | None:
 _SESSION = {"depth": 0, "server": False}
 
 
+#: A run directory whose figures share one ``plotly.min.js`` at its top (set by :func:`shared_plotly`;
+#: an environment variable, so the ablation's worker processes see it too).
+SHARED_PLOTLY_ENV = "MECHMED_SHARED_PLOTLY"
+
+
+@contextmanager
+def shared_plotly(root: str | os.PathLike):
+    """Every figure written under ``root`` inside the block loads one ``root/plotly.min.js`` (written
+    once) instead of inlining its 4.6 MB: a run directory of many figures stays small. The HTML files
+    then open from inside the run directory (move the directory, not a single file)."""
+    before = os.environ.get(SHARED_PLOTLY_ENV)
+    os.environ[SHARED_PLOTLY_ENV] = str(Path(root).resolve())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(SHARED_PLOTLY_ENV, None)
+        else:
+            os.environ[SHARED_PLOTLY_ENV] = before
+
+
+def _plotly_src(html: Path, shared_js: bool) -> str | bool:
+    """What ``to_html(include_plotlyjs=...)`` gets: a script path relative to ``html`` (the run
+    directory's copy under :func:`shared_plotly`, else its folder's with ``shared_js``), or True (inline)."""
+    from mechmed.io import write_text
+
+    root = os.environ.get(SHARED_PLOTLY_ENV)
+    folder = html.parent.resolve()
+    if root and (folder == Path(root) or Path(root) in folder.parents):
+        js = Path(root) / "plotly.min.js"
+    elif shared_js:
+        js = folder / "plotly.min.js"
+    else:
+        return True
+    if not js.is_file():
+        from plotly.offline import get_plotlyjs
+
+        write_text(js, get_plotlyjs())
+    return os.path.relpath(js, folder)
+
+
 @contextmanager
 def png_session():
     """Keep one headless browser open for every PNG written inside the ``with`` block (kaleido's
@@ -79,7 +120,8 @@ def save_figure(fig, path_without_suffix: str | os.PathLike, *, png: bool = True
     """Write ``fig`` as ``PATH.html`` (self-contained) and, when a browser is available, ``PATH.png``.
 
     With ``shared_js`` the HTML loads ``plotly.min.js`` from its own folder (written there once)
-    instead of inlining it: for folders of many figures. Returns ``{"html": path, "png": path or
+    instead of inlining it: for folders of many figures; inside :func:`shared_plotly` figures under its
+    root load the root's copy. Returns ``{"html": path, "png": path or
     None, "png_skipped": reason or None}``. All files are written atomically.
     """
     from mechmed.io import atomic_path, write_text
@@ -87,13 +129,7 @@ def save_figure(fig, path_without_suffix: str | os.PathLike, *, png: bool = True
     base = Path(path_without_suffix)
     base.parent.mkdir(parents=True, exist_ok=True)
     html = base.with_name(base.name + ".html")
-    if shared_js:
-        js = base.parent / "plotly.min.js"
-        if not js.is_file():
-            from plotly.offline import get_plotlyjs
-
-            write_text(js, get_plotlyjs())
-    write_text(html, fig.to_html(include_plotlyjs="directory" if shared_js else True, full_html=True))
+    write_text(html, fig.to_html(include_plotlyjs=_plotly_src(html, shared_js), full_html=True))
     result = {"html": str(html), "png": None, "png_skipped": None}
     if not png:
         result["png_skipped"] = "not asked for"

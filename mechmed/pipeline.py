@@ -99,14 +99,14 @@ def run_pipeline(out: str | os.PathLike = "runs/demo", *, model: str = "demo", d
                  seeds=None, workers: int = 2, max_pairs: int = 200, echo: bool = False) -> PipelineResult:
     """Run every stage into ``out`` (see module doc); ``echo`` prints a line per stage and per
     finished ablation arm."""
-    from mechmed.figures import png_session
+    from mechmed.figures import png_session, shared_plotly
     from mechmed.io import ensure_dir
     from mechmed.models import cpu_threads_for
     from mechmed.runtime import torch_threads
 
     out = ensure_dir(Path(out))
     # one headless browser for every PNG the stages write; one torch thread for demo-sized models
-    with png_session(), torch_threads(cpu_threads_for(model)):
+    with png_session(), shared_plotly(out), torch_threads(cpu_threads_for(model)):
         return _run(out, model=model, data=data, saes=saes, seed=seed, width=width, arms=arms, methods=methods,
                     seeds=seeds, workers=workers, max_pairs=max_pairs, echo=echo)
 

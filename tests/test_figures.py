@@ -196,3 +196,28 @@ def test_save_figure_png(tmp_path, scores):
     shared = F.save_figure(F.tradeoff(ablation_summary()), tmp_path / "figs" / "t", png=False, shared_js=True)
     assert (tmp_path / "figs" / "plotly.min.js").is_file()
     assert 'src="plotly.min.js"' in Path(shared["html"]).read_text(encoding="utf-8")
+
+
+def test_a_run_directory_shares_one_plotly_js(tmp_path):
+    """Inside shared_plotly(root) every figure under root loads root/plotly.min.js by a relative path
+    (one copy for the whole run); outside it, or outside root, the figure inlines plotly.js."""
+    import re
+
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Bar(x=[1, 2], y=[3, 4]))
+    root = tmp_path / "run"
+    with F.shared_plotly(root):
+        F.save_figure(fig, root / "sae_check" / "r2", png=False)
+        F.save_figure(fig, root / "ablation" / "arms" / "a" / "curves", png=False)
+        F.save_figure(fig, root / "figures" / "flip", png=False, shared_js=True)
+        F.save_figure(fig, tmp_path / "elsewhere" / "x", png=False)
+    F.save_figure(fig, root / "after" / "y", png=False)
+    srcs = {p.relative_to(root).as_posix(): re.findall(r'<script[^>]*src="([^"]+plotly\.min\.js)"', p.read_text())
+            for p in root.rglob("*.html")}
+    assert srcs == {"sae_check/r2.html": ["../plotly.min.js"], "ablation/arms/a/curves.html": ["../../../plotly.min.js"],
+                    "figures/flip.html": ["../plotly.min.js"], "after/y.html": []}
+    assert [p.relative_to(root).as_posix() for p in root.rglob("plotly.min.js")] == ["plotly.min.js"]
+    assert (root / "sae_check" / "r2.html").stat().st_size < 100_000
+    assert (root / "after" / "y.html").stat().st_size > 1_000_000  # inlined outside the block
+    assert (tmp_path / "elsewhere" / "x.html").stat().st_size > 1_000_000  # outside the root
