@@ -245,19 +245,30 @@ def _sae_headline(payload: dict) -> str:
     return text + "."
 
 
-def _attr_headline(scores: dict, selected: list[int]) -> str:
+def _profile_key(scores: dict, train_cfg: dict | None) -> str:
+    """The score the layer profile draws: the one the window was chosen on, else attribution on
+    flipped pairs (on all pairs when none flipped)."""
+    table = scores.get("scores", {})
+    chosen_on = ((train_cfg or {}).get("provenance") or {}).get("score_key")
+    if chosen_on in table and any(v is not None for v in table[chosen_on]["mean"]):
+        return chosen_on
+    return "attr_flipped" if scores.get("n_flipped") else "attr_all"
+
+
+def _attr_headline(scores: dict, selected: list[int], key: str = "attr_flipped") -> str:
+    """What the layer profile under it shows: where its score ``key`` peaks."""
+    from mechmed.figures import SCORE_LABELS
+
     n_f, n = scores.get("n_flipped"), scores.get("n_pairs")
     table = scores["scores"]
-    key = "attr_flipped" if any(v is not None for v in table["attr_flipped"]["mean"]) else "attr_all"
     s = table.get(key) or {"mean": [], "ci": []}
     means = s["mean"]
     ok = [i for i, v in enumerate(means) if v is not None]
     if not ok:
         return f"{n_f} of {n} attributed pairs flipped, too few to score layers."
     peak = max(ok, key=lambda i: means[i])
-    on = "flipped pairs" if key == "attr_flipped" else "all pairs (none flipped)"
-    text = (f"{n_f} of {n} attributed pairs flipped; attribution on {on} peaks at layer {peak} "
-            f"(mean |a_L| = {means[peak]:.2f} {fmt_ci(s['ci'][peak], 2)} logits")
+    text = (f"{n_f} of {n} attributed pairs flipped; the {SCORE_LABELS.get(key, key)} peaks at layer {peak} "
+            f"({means[peak]:.2f} {fmt_ci(s['ci'][peak], 2)} logits")
     stable = table.get("attr_stable", {}).get("mean") or []
     if key == "attr_flipped" and peak < len(stable) and stable[peak] is not None:
         text += f", against {stable[peak]:.2f} on stable pairs"
@@ -461,17 +472,17 @@ def _sections(run: _Run) -> list[_Section]:
         out.append(sec)
     if run.layer_scores is not None:
         sec = _Section("attribute", "2. Which layers carry the flips?")
-        sec.text.append(attempt("attribution headline", lambda: _attr_headline(run.layer_scores, selected)) or "")
-        key = "attr_flipped" if run.layer_scores.get("n_flipped") else "attr_all"  # no flips: nothing to split
-        chosen_on = ((run.train_cfg or {}).get("provenance") or {}).get("score_key")
-        table = run.layer_scores.get("scores", {})
-        if chosen_on in table and any(v is not None for v in table[chosen_on]["mean"]):
-            key = chosen_on  # draw the score the window was chosen on, so the window sits on its peak
+        # the figure draws the score the window was chosen on, so the window sits on its peak; the
+        # sentence above it names the peak of that same score
+        key = _profile_key(run.layer_scores, run.train_cfg)
+        sec.text.append(attempt("attribution headline", lambda: _attr_headline(run.layer_scores, selected, key)) or "")
+        grey = key == "attr_flipped" and "attr_stable" in run.layer_scores.get("scores", {})
         figure(sec, "layer_profile", "layer profile",
                lambda: F.layer_profile(run.layer_scores, window=selected or None, key=key),
-               "Blue bars: how much each layer's residual moves the paraphrase's margin on flipped pairs (grey: "
-               "stable pairs); the orange line is exact patching. The shaded band is the window chosen for "
-               "training: it should sit where blue rises above grey.")
+               f"Blue bars: the {F.SCORE_LABELS.get(key, key)} per layer"
+               + (" (grey: the same on stable pairs)" if grey else "")
+               + "; the orange line is exact patching. The shaded band is the window chosen for training: it "
+               "should sit where the blue bars peak" + (" and rise above grey." if grey else "."))
         if run.features:
             figure(sec, "feature_heatmap", "feature heatmap", lambda: F.feature_heatmap(run.features),
                    "The SAE features with the largest attribution on flipped pairs, per layer; strongly coloured "

@@ -269,3 +269,27 @@ def test_expert_utilisation_of_a_spectral_arm_is_drawn(run_dir, tmp_path):
     assert "experts" in r["sections"] and f"experts_{arm.name}" in r["figures"]
     html = (run / "figures" / f"experts_{arm.name}.html").read_text(encoding="utf-8")
     assert "0.4" in html and "expert" in html
+
+
+def test_attribution_sentence_and_caption_match_the_figure_under_them(run_dir, tmp_path):
+    """The layer the attribution sentence names is the peak of the bars the layer profile draws, and
+    its caption speaks of grey bars only when grey bars are drawn."""
+    import re
+
+    from mechmed.report import _profile_key
+
+    run = tmp_path / "r"
+    shutil.copytree(run_dir, run)
+    build_report(run, png=False)
+    md = (run / "report.md").read_text(encoding="utf-8")
+    scores = json.loads((run / "attribute" / "layer_scores.json").read_text())
+    train_cfg = yaml.safe_load((run / "train.yaml").read_text()) if (run / "train.yaml").is_file() else None
+    key = _profile_key(scores, train_cfg)
+    fig = F.layer_profile(scores, key=key)
+    bars = [t for t in fig.data if t.type == "bar"]
+    y = [v if v is not None else float("-inf") for v in bars[0].y]
+    named = int(re.search(r"peaks at layer (\d+)", md).group(1))
+    assert named == max(range(len(y)), key=lambda i: y[i])
+    caption = next(line for line in md.splitlines() if line.startswith("Blue bars") or "Blue bars:" in line)
+    grey = any(getattr(t.marker, "color", None) == "#999999" for t in bars)
+    assert ("grey" in caption) == grey
