@@ -479,7 +479,7 @@ def _sections(run: _Run) -> list[_Section]:
         grey = key == "attr_flipped" and "attr_stable" in run.layer_scores.get("scores", {})
         figure(sec, "layer_profile", "layer profile",
                lambda: F.layer_profile(run.layer_scores, window=selected or None, key=key),
-               f"Blue bars: the {F.SCORE_LABELS.get(key, key)} per layer"
+               f"Blue bars: the {F.SCORE_LABELS.get(key, key)}"
                + (" (grey: the same on stable pairs)" if grey else "")
                + "; the orange line is exact patching. The shaded band is the window chosen for training: it "
                "should sit where the blue bars peak" + (" and rise above grey." if grey else "."))
