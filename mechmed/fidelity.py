@@ -96,19 +96,25 @@ def default_texts(model: str) -> str:
     return DEFAULT_TEXTS + (",images" if image_prompts(model) is not None else "")
 
 
+def image_prompt_builder(model: str):
+    """The image + question prompt builder of the source ``model``; an error when it ships none."""
+    from mechmed.sources import image_prompts
+
+    build = image_prompts(model)
+    if build is None:
+        raise MechmedError(f"--texts images: {model} ships no image prompts (the demo does); use --texts "
+                           f"{DEFAULT_TEXTS}")
+    return build
+
+
 def prompt_set(name: str, *, seed: int = 0, n_images: int = N_IMAGE_PROMPTS, model: str = "demo") -> PromptSet:
     """A shipped prompt set: ``medical``, ``general`` (:mod:`mechmed.data.texts`) or ``images``
     (``n_images`` image + question prompts over the evaluation images of the source ``model``,
     :data:`mechmed.sources.Source.image_prompts`; the embedded default's by default)."""
     from mechmed.data.texts import text_set
-    from mechmed.sources import image_prompts
 
     if name == "images":
-        build = image_prompts(model)
-        if build is None:
-            raise MechmedError(f"--texts images: {model} ships no image prompts (the demo does); use --texts "
-                               f"{DEFAULT_TEXTS}")
-        images, questions = build(n_images, seed, split="eval")
+        images, questions = image_prompt_builder(model)(n_images, seed, split="eval")
         return PromptSet(name, tuple(questions), tuple(images))
     if name not in TEXT_SETS:
         raise MechmedError(f"--texts {name}: unknown text set; choose from {', '.join(TEXT_SETS)}")

@@ -26,6 +26,7 @@ from mechmed.fidelity import (
     default_texts,
     evaluate_saes,
     format_table,
+    image_prompt_builder,
     parse_text_sets,
     prompt_set,
 )
@@ -117,7 +118,7 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
     texts = default_texts(model) if texts is None else texts
     names = parse_text_sets(texts)
     if "images" in names:
-        prompt_set("images", n_images=1, model=model)  # a model without image prompts fails before loading
+        image_prompt_builder(model)  # a model without image prompts fails before loading
     out_dir = ensure_dir(out)
     t0 = time.perf_counter()
     bundle = load_model(model, dtype, device, answer_words=tuple(answer_words), trust_remote_code=trust_remote_code,
