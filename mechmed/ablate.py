@@ -183,7 +183,7 @@ def arm_config(cfg: AblationConfig, arm: Arm):
     return TrainConfig.from_dict(d, source=f"{cfg.source}: arm {arm.name}")
 
 
-def _run_arm(cfg_dict: dict, run_dir: str, threads: int | None) -> dict:
+def _run_arm(cfg_dict: dict, run_dir: str, threads: int | None, device: str = "cpu", dtype: str | None = None) -> dict:
     """Train (or resume, or read back) one arm; runs in a worker process when ``workers`` > 1."""
     import json
 
@@ -196,7 +196,8 @@ def _run_arm(cfg_dict: dict, run_dir: str, threads: int | None) -> dict:
         return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     cfg = TrainConfig.from_dict(cfg_dict, source=str(out / "config.yaml"))
     with torch_threads(threads):  # restored: in-process arms run in the caller's process
-        return train(cfg, out, resume=(out / "checkpoint").exists(), evaluate_before=False, png=False).metrics
+        return train(cfg, out, resume=(out / "checkpoint").exists(), evaluate_before=False, png=False, device=device,
+                     dtype=dtype).metrics
 
 
 def _read_pairs(path: Path) -> dict:
@@ -245,7 +246,8 @@ def _pool(pairs_by_row: dict, rows: Sequence[dict], idx) -> dict:
     return {f"{rows[i]['seed']}:{k}": v for i in idx for k, v in pairs_by_row[i].items()}
 
 
-def evaluate_base(cfg: AblationConfig, seed: int, out: Path, progress: bool = False) -> tuple[dict, dict]:
+def evaluate_base(cfg: AblationConfig, seed: int, out: Path, progress: bool = False, device: str = "cpu",
+                  dtype: str | None = None) -> tuple[dict, dict]:
     """Evaluate the untrained model for ``seed`` once (``OUT/base-s<seed>``, the extra evaluation sets in
     its subdirectories); returns (metrics, pairs by id) of the main set."""
     import json
@@ -257,7 +259,7 @@ def evaluate_base(cfg: AblationConfig, seed: int, out: Path, progress: bool = Fa
     if (d / "metrics.json").is_file() and (d / "pairs.jsonl").is_file():
         return json.loads((d / "metrics.json").read_text(encoding="utf-8")), _read_pairs(d / "pairs.jsonl")
     t = cfg.train
-    bundle = load_model(t["model"], answer_words=tuple(t["answer_words"]), seed=seed)
+    bundle = load_model(t["model"], answer_words=tuple(t["answer_words"]), seed=seed, device=device, dtype=dtype)
     pairs = resolve_pairs(t["eval_data"], split="eval", image_root=t.get("image_root"), seed=seed)
     extra = {name: resolve_pairs(data, split="eval", image_root=t.get("image_root"), seed=seed)
              for name, data in (t.get("extra_eval") or {}).items()}
@@ -386,13 +388,17 @@ class AblationResult:
 
 
 def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike, *, progress: bool = False,
-                 workers: int | None = None) -> AblationResult:
-    """Train and evaluate every arm of the grid, resuming what is there; write the results table."""
+                 workers: int | None = None, device: str = "cpu", dtype: str | None = None) -> AblationResult:
+    """Train and evaluate every arm of the grid, resuming what is there; write the results table.
+
+    The base evaluation and every arm run on ``device`` (a torch device or ``auto``) with base
+    weights in ``dtype``; parallel workers share it."""
     from mechmed.io import ensure_dir, write_json, write_text
     from mechmed.models import cpu_threads_for, model_config
     from mechmed.progress import progress_bar
-    from mechmed.runtime import torch_threads
+    from mechmed.runtime import check_device, torch_threads
 
+    device = check_device(device)
     if not isinstance(cfg, AblationConfig):
         cfg = AblationConfig.load(cfg)
     out = ensure_dir(Path(out))
@@ -401,11 +407,12 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
     _, config, family, _ = model_config(t["model"], seed=cfg.seeds[0])  # the layer count needs no weights
     n_layers = family.n_layers(config)
     arms = plan(cfg, n_layers)
-    write_json(out / "ablation_config.json", {**cfg.to_dict(), "plan": [a.name for a in arms]})
+    write_json(out / "ablation_config.json", {**cfg.to_dict(), "plan": [a.name for a in arms], "device": device,
+                                              "dtype": dtype})
 
-    small = cpu_threads_for(t["model"])  # 1 for demo-sized models on the CPU, else None
+    small = cpu_threads_for(t["model"], device)  # 1 for demo-sized models on the CPU, else None
     with torch_threads(small):
-        base = {s: evaluate_base(cfg, s, out, progress=progress) for s in cfg.seeds}
+        base = {s: evaluate_base(cfg, s, out, progress=progress, device=device, dtype=dtype) for s in cfg.seeds}
     jobs = {a.name: (arm_config(cfg, a).to_dict(), str(out / "arms" / a.name)) for a in arms}
     metrics: dict = {}
     if workers > 1:
@@ -413,13 +420,13 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
 
         threads = small or max(1, (os.cpu_count() or 1) // workers)
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_arm, d, r, threads): name for name, (d, r) in jobs.items()}
+            futures = {pool.submit(_run_arm, d, r, threads, device, dtype): name for name, (d, r) in jobs.items()}
             for fut in progress_bar(cf.as_completed(futures), desc="ablation arms" if progress else None,
                                     total=len(futures)):
                 metrics[futures[fut]] = fut.result()
     else:
         for name in progress_bar(list(jobs), desc="ablation arms" if progress else None):
-            metrics[name] = _run_arm(*jobs[name], small)
+            metrics[name] = _run_arm(*jobs[name], small, device, dtype)
 
     rows, pairs_by_row = [], {}
     for s in cfg.seeds:

@@ -32,12 +32,20 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(w.strip() for w in text.split(","))
 
 
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="torch device: auto (CUDA where present, else CPU), cpu, cuda, "
+                   "cuda:1 (default auto)")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo",
                    help="hub id (google/medgemma-4b-it), local checkpoint directory, or 'demo' (default)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    _add_device_options(p)
+    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="spread a model too large for one card over the visible GPUs (accelerate's device_map; "
+                   "default: all on --device)")
     p.add_argument("--answer-words", type=_words, default=("yes", "no"),
                    help="the two answer words, each a single token (default yes,no)")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -130,9 +138,10 @@ def cmd_compare(args) -> int:
 
 def model_options(args) -> dict:
     """The shared model-loading options (--dtype, --answer-words, --trust-remote-code, --revision,
-    --local-files-only, --cache-dir) as keywords."""
+    --local-files-only, --cache-dir, --device-map) as keywords."""
     return {"dtype": args.dtype, "answer_words": tuple(args.answer_words), "trust_remote_code": args.trust_remote_code,
-            "revision": args.revision, "local_files_only": args.local_files_only, "cache_dir": args.cache_dir}
+            "revision": args.revision, "local_files_only": args.local_files_only, "cache_dir": args.cache_dir,
+            "device_map": args.device_map}
 
 
 def cmd_sae_check(args) -> int:
@@ -187,7 +196,7 @@ def cmd_select_layers(args) -> int:
     cfg, chosen = run_select_layers(args.scores, args.out, strategy=args.strategy, width=args.width, k=args.k,
                                     threshold=args.threshold, score=args.score, method=args.method or "lora",
                                     model=args.model, data=args.data, saes=args.saes, seed=args.seed or 0,
-                                    overrides=overrides)
+                                    overrides=overrides, device=args.device, dtype=args.dtype)
     print(f"selected layers {list(chosen.layers)} ({chosen.strategy}, {args.score}); config: {args.out}")
     print(f"next: mechmed train --config {args.out} --out runs/train")
     return 0
@@ -224,7 +233,8 @@ def cmd_demo(args) -> int:
     print(f"mechmed demo: the whole chain on the embedded default, into {args.out}", flush=True)
     t0 = time.perf_counter()
     res = run_pipeline(args.out, seed=args.seed, width=args.width, workers=args.workers, arms=tuple(args.arms),
-                       methods=tuple(args.methods), max_pairs=args.max_pairs, echo=True)
+                       methods=tuple(args.methods), max_pairs=args.max_pairs, echo=True, device=args.device,
+                       dtype=args.dtype)
     print(f"done in {time.perf_counter() - t0:.0f} s; open {res.out / 'report.html'} (summary: {res.out / 'report.md'})")
     return 0
 
@@ -232,7 +242,8 @@ def cmd_demo(args) -> int:
 def cmd_ablate(args) -> int:
     from mechmed.ablate import format_table, run_ablation
 
-    res = run_ablation(args.config, args.out, progress=True, workers=args.workers)
+    res = run_ablation(args.config, args.out, progress=True, workers=args.workers, device=args.device,
+                       dtype=args.dtype)
     print(format_table(res.rows))
     print(f"written {args.out}/results.json, results.csv, summary.csv")
     if args.report:
@@ -305,7 +316,7 @@ def cmd_train(args) -> int:
             raise MechmedError("train: give --config FILE (from mechmed select-layers) or --layers, e.g. --layers 2-4")
         base = train_defaults(given.get("model", "demo"))
     cfg = TrainConfig.from_dict({**base, **given}, source=args.config or "command line")
-    result = train(cfg, args.out, resume=args.resume, device=args.device, progress=True)
+    result = train(cfg, args.out, resume=args.resume, device=args.device, dtype=args.dtype, progress=True)
     m = result.metrics
     print(f"trained {cfg.method} on layers {cfg.layers} ({m['trainable_parameters']} parameters, "
           f"{m['n_adapted_modules']} modules) in {m['train_seconds']:.1f} s: {args.out}/adapter")
@@ -420,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saes", default="demo", help="SAEs, when the scores are computed here")
     p.add_argument("--data", default="demo", help="pairs, when the scores are computed here; also the config's data")
     p.add_argument("--out", default="runs/train.yaml", help="training config to write")
+    _add_device_options(p)  # for the attribution run when --scores is not given
     _add_config_options(p)
     p.set_defaults(func=cmd_select_layers)
 
@@ -428,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "options given here override it")
     p.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu); under accelerate launch, its own")
+    _add_device_options(p)  # under accelerate launch, the launcher's device
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -446,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "finished arms are reused, interrupted ones resumed")
     p.add_argument("--workers", type=int, default=None, help="arms trained in parallel (overrides the config)")
     p.add_argument("--report", action="store_true", help="also write report.html / report.md there")
+    _add_device_options(p)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
@@ -458,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", type=_words, default=DEMO_ARMS, help="ablation arms, comma-separated (default "
                    f"{','.join(DEMO_ARMS)}; also middle, random)")
     p.add_argument("--max-pairs", type=int, default=200, help="pairs to attribute (default 200)")
+    _add_device_options(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -491,8 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model = getattr(args, "model", None) or ("demo" if args.command == "demo" else None)
     try:
-        if getattr(args, "device", None):
-            check_device(args.device)  # before any data or weights: a device that is not there is one line
+        if getattr(args, "device", None):  # before any data or weights: a device that is not there is one line
+            args.device = check_device(args.device)  # and auto is CUDA where present
         threads = cpu_threads_for(str(model), getattr(args, "device", "cpu")) if model else None
         with guard, torch_threads(threads):
             return int(args.func(args) or 0)

@@ -122,13 +122,17 @@ def model_config(name_or_path: str = "demo", *, local_files_only: bool | None = 
 def load_model(name_or_path: str = "demo", dtype: str | None = None, device: str = "cpu", *,
                answer_words=("yes", "no"), local_files_only: bool | None = None,
                trust_remote_code: bool = False, revision: str | None = None,
-               cache_dir: str | None = None, seed: int = 0) -> ModelBundle:
-    """Load a model by hub id, local path, or ``"demo"`` (the embedded default)."""
+               cache_dir: str | None = None, seed: int = 0, device_map: str | dict | None = None) -> ModelBundle:
+    """Load a model by hub id, local path, or ``"demo"`` (the embedded default).
+
+    ``device`` is a torch device or ``auto`` (CUDA where present). ``device_map`` (e.g. ``"auto"``)
+    spreads a model too large for one card over the visible devices through accelerate, as
+    ``from_pretrained`` does; the model then stays where it was placed."""
     import transformers
 
     from mechmed.runtime import check_device, hf_progress_bars
 
-    check_device(device)
+    device = check_device(device)
     name = str(name_or_path)
     path, config, family, kw = model_config(name, local_files_only=local_files_only,
                                             trust_remote_code=trust_remote_code, revision=revision,
@@ -142,10 +146,11 @@ def load_model(name_or_path: str = "demo", dtype: str | None = None, device: str
             processor = load_processor(path, family, **kw)
             # answer words are checked before the (possibly large) weights are read
             answers = answer_token_ids(getattr(processor, "tokenizer", processor), answer_words)
-            model = auto.from_pretrained(path, dtype=torch_dtype, **kw)
+            placed = {"device_map": device_map} if device_map is not None else {}
+            model = auto.from_pretrained(path, dtype=torch_dtype, **placed, **kw)
     except OSError as e:
         raise MechmedError(f"--model {name}: cannot load weights or processor ({str(e).splitlines()[0]})") from e
-    model = model.to(device).eval()
+    model = (model if device_map is not None else model.to(device)).eval()
     return ModelBundle(model, processor, family, answers, name)
 
 

@@ -96,22 +96,25 @@ class _ArmWatcher:
 
 def run_pipeline(out: str | os.PathLike = "runs/demo", *, model: str = "demo", data: str = "demo",
                  saes: str = "demo", seed: int = 0, width: int = 3, arms=DEMO_ARMS, methods=("lora",),
-                 seeds=None, workers: int = 2, max_pairs: int = 200, echo: bool = False) -> PipelineResult:
-    """Run every stage into ``out`` (see module doc); ``echo`` prints a line per stage and per
-    finished ablation arm."""
+                 seeds=None, workers: int = 2, max_pairs: int = 200, echo: bool = False, device: str = "cpu",
+                 dtype: str | None = None) -> PipelineResult:
+    """Run every stage into ``out`` (see module doc) on ``device`` (or ``auto``) in ``dtype``;
+    ``echo`` prints a line per stage and per finished ablation arm."""
     from mechmed.figures import png_session, shared_plotly
     from mechmed.io import ensure_dir
     from mechmed.models import cpu_threads_for
-    from mechmed.runtime import torch_threads
+    from mechmed.runtime import check_device, torch_threads
 
+    device = check_device(device)
     out = ensure_dir(Path(out))
     # one headless browser for every PNG the stages write; one torch thread for demo-sized models
-    with png_session(), shared_plotly(out), torch_threads(cpu_threads_for(model)):
+    with png_session(), shared_plotly(out), torch_threads(cpu_threads_for(model, device)):
         return _run(out, model=model, data=data, saes=saes, seed=seed, width=width, arms=arms, methods=methods,
-                    seeds=seeds, workers=workers, max_pairs=max_pairs, echo=echo)
+                    seeds=seeds, workers=workers, max_pairs=max_pairs, echo=echo, device=device, dtype=dtype)
 
 
-def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, workers, max_pairs, echo) -> PipelineResult:
+def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, workers, max_pairs, echo, device,
+         dtype) -> PipelineResult:
     from mechmed.ablate import AblationConfig, run_ablation
     from mechmed.config import TrainConfig
     from mechmed.io import ensure_dir
@@ -148,10 +151,11 @@ def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, wor
         _say(f"[sae_check] the {sae_source.name} SAEs, one per layer (trained on first use, about a minute on "
              "2 cores, then cached), against each prompt set", echo)
     stage("sae_check", (out / "sae_check" / "sae_check.json").is_file(),
-          lambda: run_sae_check(model, saes, "all", out=str(out / "sae_check"), seed=seed))
+          lambda: run_sae_check(model, saes, "all", out=str(out / "sae_check"), seed=seed, device=device,
+                                dtype=dtype))
     stage("attribute", (out / "attribute" / "layer_scores.json").is_file(),
           lambda: run_attribute(model, data, saes, str(out / "attribute"), max_pairs=max_pairs, seed=seed,
-                                progress=echo))
+                                progress=echo, device=device, dtype=dtype))
     cfg_path = out / "train.yaml"
 
     def select():
@@ -182,7 +186,7 @@ def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, wor
     def ablate():
         nonlocal result
         with _ArmWatcher(ensure_dir(out / "ablation"), n_arms, echo):
-            result = run_ablation(ab, out / "ablation", progress=echo)
+            result = run_ablation(ab, out / "ablation", progress=echo, device=device, dtype=dtype)
 
     stage("ablation", False, ablate)
     if echo:

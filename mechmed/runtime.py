@@ -68,11 +68,14 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def check_device(device: str) -> str:
-    """``device`` if this torch can run on it, else a one-line error that says what to use instead."""
+    """``device`` if this torch can run on it, else a one-line error that says what to use instead.
+    ``auto`` is ``cuda`` where this torch sees a GPU, else ``cpu``."""
     import torch
 
     from mechmed.errors import MechmedError
 
+    if str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(str(device))
     except (RuntimeError, ValueError):

@@ -40,15 +40,16 @@ def run_select_layers(scores: str | None = None, out: str = "runs/train.yaml", *
                       width: int = 5, k: int = 5, threshold: float | None = None, score: str = "gain_flipped",
                       method: str = "lora", model: str | None = None, data: str = "demo",
                       saes: str | None = "demo", attribute_out: str | None = None, seed: int = 0,
-                      overrides: dict | None = None):
-    """Select layers from a scores file (or compute it), and write a training config YAML."""
+                      overrides: dict | None = None, device: str = "cpu", dtype: str | None = None):
+    """Select layers from a scores file (or compute it on ``device`` in ``dtype``), and write a training
+    config YAML."""
     from mechmed import __version__
     from mechmed.config import TrainConfig
     from mechmed.sources import get, train_defaults
 
     if scores is None:
         attribute_out = attribute_out or str(Path(out).with_suffix("")) + "_attribution"
-        run_attribute(model or "demo", data, saes, attribute_out, seed=seed)
+        run_attribute(model or "demo", data, saes, attribute_out, seed=seed, device=device, dtype=dtype)
         scores = str(Path(attribute_out) / "layer_scores.json")
     table = load_scores(scores)
     vec = score_vector(table, score, str(scores))
@@ -91,7 +92,8 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
                   out: str = "runs/sae_check", threshold: float = 0.95, batch_size: int = 8, device: str = "cpu",
                   ce: bool = True, seed: int = 0, *, dtype: str | None = None, answer_words=("yes", "no"),
                   trust_remote_code: bool = False, revision: str | None = None,
-                  local_files_only: bool | None = None, cache_dir: str | None = None) -> SAECheckResult:
+                  local_files_only: bool | None = None, cache_dir: str | None = None,
+                  device_map=None) -> SAECheckResult:
     """``mechmed sae-check``: per-layer SAE fidelity on each text set, the t test against
     ``threshold``, ``sae_check.json`` (one row per layer and text set) and ``r2_by_layer.html/.png``
     in ``out``.
@@ -105,8 +107,10 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
     from mechmed.io import ensure_dir, write_json
     from mechmed.models import load_model
     from mechmed.runtime import threads_for_width, torch_threads
+    from mechmed.runtime import check_device
     from mechmed.saes import resolve_saes, sae_hook_name
 
+    device = check_device(device)
     try:
         threshold = float(threshold)
     except (TypeError, ValueError):
@@ -122,7 +126,8 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
     out_dir = ensure_dir(out)
     t0 = time.perf_counter()
     bundle = load_model(model, dtype, device, answer_words=tuple(answer_words), trust_remote_code=trust_remote_code,
-                        revision=revision, local_files_only=local_files_only, cache_dir=cache_dir, seed=seed)
+                        revision=revision, local_files_only=local_files_only, cache_dir=cache_dir, seed=seed,
+                        device_map=device_map)
     if "images" in names and not bundle.multimodal:
         raise MechmedError(f"--texts {texts}: the model {model} takes no images; drop images")
     with torch_threads(threads_for_width(bundle.d_model) if str(device) == "cpu" else None):
@@ -166,7 +171,8 @@ def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "d
                   *, max_pairs: int = 300, exact: bool = True, top_features: int = 10, batch_size: int = 8,
                   device: str = "cpu", image_root=None, seed: int = 0, progress: bool = False,
                   dtype: str | None = None, answer_words=("yes", "no"), trust_remote_code: bool = False,
-                  revision: str | None = None, local_files_only: bool | None = None, cache_dir: str | None = None) -> dict:
+                  revision: str | None = None, local_files_only: bool | None = None, cache_dir: str | None = None,
+                  device_map=None) -> dict:
     """Attribute flips on ``data`` and write ``layer_scores.json``, ``features.csv`` and figures."""
     import csv
     import io
@@ -183,7 +189,7 @@ def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "d
     pairs = [pairs[i] for i in sorted(rng.permutation(len(pairs))[:max_pairs])]
     bundle = load_model(model, device=device, seed=seed, dtype=dtype, answer_words=tuple(answer_words),
                         trust_remote_code=trust_remote_code, revision=revision,
-                        local_files_only=local_files_only, cache_dir=cache_dir)
+                        local_files_only=local_files_only, cache_dir=cache_dir, device_map=device_map)
     sae_map = None
     if saes:
         from mechmed.saes import resolve_saes
@@ -229,7 +235,8 @@ def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval"
                  batch_size: int = 16, device: str = "cpu", dtype: str | None = None,
                  answer_words=("yes", "no"), image_root=None, limit: int | None = None, seed: int = 0,
                  controls: bool = True, trust_remote_code: bool = False, progress: bool = False,
-                 revision: str | None = None, local_files_only: bool | None = None, cache_dir: str | None = None) -> Evaluation:
+                 revision: str | None = None, local_files_only: bool | None = None, cache_dir: str | None = None,
+                  device_map=None) -> Evaluation:
     """Load, evaluate, and write ``metrics.json`` and ``pairs.jsonl`` under ``out``."""
     from mechmed.io import ensure_dir, write_json, write_jsonl
     from mechmed.models import attach_adapter, load_model
@@ -241,7 +248,7 @@ def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval"
         pairs = pairs[:limit]
     b = load_model(model, dtype=dtype, device=device, answer_words=answer_words,
                    trust_remote_code=trust_remote_code, revision=revision, local_files_only=local_files_only,
-                   cache_dir=cache_dir, seed=seed)
+                   cache_dir=cache_dir, seed=seed, device_map=device_map)
     if adapter:
         b = attach_adapter(b, adapter)
     out_dir = ensure_dir(out)
@@ -250,6 +257,7 @@ def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval"
     result.metrics["adapter"] = None if adapter is None else str(adapter)
     result.metrics["seed"] = seed
     result.metrics["versions"] = versions()
+    result.metrics["device"], result.metrics["dtype"] = str(b.device), str(b.model.dtype)
     write_jsonl(out_dir / "pairs.jsonl", result.pairs)
     write_json(out_dir / "metrics.json", result.metrics)
     return result
@@ -260,7 +268,8 @@ def run_capture(model: str = "demo", data: str = "demo", out: str = "runs/activa
                 shard_size: int = 1024, batch_size: int = 8, store_dtype: str | None = None, backend: str = "hooks",
                 device: str = "cpu", image_root=None, seed: int = 0, progress: bool = False, dtype: str | None = None,
                 answer_words=("yes", "no"), trust_remote_code: bool = False, revision: str | None = None,
-                local_files_only: bool | None = None, cache_dir: str | None = None):
+                local_files_only: bool | None = None, cache_dir: str | None = None,
+                  device_map=None):
     """``mechmed capture``: the activations at ``kind`` of ``layers`` for both phrasings of every pair of
     ``data`` (a seeded sample of ``max_pairs``), written to ``out`` as an activation store
     (:func:`mechmed.store.write_activations`: safetensors shards, resumable) that a notebook reads
@@ -292,7 +301,7 @@ def run_capture(model: str = "demo", data: str = "demo", out: str = "runs/activa
         pairs = [pairs[i] for i in sorted(np.random.default_rng(seed).permutation(len(pairs))[:max_pairs])]
     bundle = load_model(model, device=device, seed=seed, dtype=dtype, answer_words=tuple(answer_words),
                         trust_remote_code=trust_remote_code, revision=revision,
-                        local_files_only=local_files_only, cache_dir=cache_dir)
+                        local_files_only=local_files_only, cache_dir=cache_dir, device_map=device_map)
     return write_activations(bundle, pairs, [Site(L, kind) for L in chosen], out, positions=positions,
                              shard_size=shard_size, batch_size=batch_size, dtype=store_dtype, backend=backend,
                              progress="capture" if progress else None)

@@ -286,8 +286,11 @@ def _order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, device: str = "cpu",
           evaluate_before_after: bool = True, evaluate_before: bool = True, stop_after: int | None = None,
-          progress: bool = False, png: bool = True) -> TrainResult:
+          progress: bool = False, png: bool = True, dtype: str | None = None) -> TrainResult:
     """Train the configured adapter and write the run directory (see docs/training.md).
+
+    ``device`` is a torch device or ``auto``; ``dtype`` the base weights' dtype (default float32 on
+    the CPU, bfloat16 on CUDA; the adapter trains in float32 either way).
 
     ``evaluate_before=False`` skips the base model's evaluation (the ablation grid evaluates the
     base once for all its arms); the adapted model is still evaluated when ``evaluate_before_after``.
@@ -305,8 +308,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     from mechmed.io import ensure_dir, read_jsonl, write_json, write_text
     from mechmed.models import load_model, model_config
     from mechmed.progress import progress_bar
-    from mechmed.runtime import versions
+    from mechmed.runtime import check_device, versions
 
+    device = check_device(device)
     out = Path(out)
     # what the model's config can tell is checked before any data, weights or evaluation
     _, model_cfg, family, _ = model_config(cfg.model, seed=cfg.seed)
@@ -330,7 +334,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
 
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=device == "cpu")
     torch.manual_seed(cfg.seed)
-    bundle = load_model(cfg.model, device=str(accelerator.device) if device != "cpu" else "cpu",
+    bundle = load_model(cfg.model, device=str(accelerator.device) if device != "cpu" else "cpu", dtype=dtype,
                         answer_words=tuple(cfg.answer_words), seed=cfg.seed)
     from mechmed.spectral import target_names
 
@@ -437,7 +441,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         "adapted_modules": adapted, "n_adapted_modules": len(adapted), "layers": cfg.layers, "method": cfg.method,
         "collapsed": collapse is not None,
         "collapse": None if collapse is None else {"step": collapse["step"], "reason": collapse.get("guard_reason")},
-        "seed": cfg.seed, "versions": versions(),
+        "seed": cfg.seed, "versions": versions(), "device": str(bundle.device), "dtype": str(bundle.model.dtype),
     }
     if init_deviation is not None:
         metrics["init_margin_deviation"] = init_deviation

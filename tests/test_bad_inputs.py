@@ -423,6 +423,24 @@ def ablation_window_past_model(ws, tmp):
     return _ablation(ws, tmp, {"train": _config(ws, tmp, layers=[5]), "arms": ["selected"]}), "[5]"
 
 
+@case("ablate")
+def ablation_on_a_gpu_that_is_not_there(ws, tmp):
+    """The grid's device is checked before its base model is evaluated."""
+    return [*_ablation(ws, tmp, {"train": _config(ws, tmp), "arms": ["selected"]}), "--device", "cuda:7"], \
+        "--device cuda:7: "
+
+
+@case("demo")
+def demo_on_a_gpu_that_is_not_there(ws, tmp):
+    """The demo checks its device before it builds or reuses anything."""
+    return ["demo", "--device", "cuda:5", "--out", str(tmp / "out")], "--device cuda:5: "
+
+
+@case("evaluate")
+def device_map_that_accelerate_does_not_know(ws, tmp):
+    return _evaluate(ws, tmp, None, None, "--device-map", "everywhere"), "--device-map"
+
+
 def _files(root: Path) -> list[str]:
     if not root.exists():
         return []

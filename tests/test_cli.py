@@ -38,6 +38,8 @@ def test_evaluate_then_compare(workspace, capsys):
     import torch
 
     assert m["seed"] == 0 and m["versions"]["torch"] == torch.__version__ and "transformers" in m["versions"]
+    # no --device: auto, which is CUDA only where torch sees a GPU
+    assert m["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu") and m["dtype"].startswith("torch.")
     assert len((root / "a" / "pairs.jsonl").read_text().splitlines()) == 8
     assert main(["compare", str(root / "a"), str(root / "b"), "--out", str(root / "cmp.json")]) == 0
     cmp = json.loads((root / "cmp.json").read_text())

@@ -34,6 +34,22 @@ def test_load_saved_checkpoint_matches_in_memory_model(saved, tiny_bundles, name
                                atol=1e-5, rtol=0)
 
 
+def test_auto_device_and_device_map(saved, tiny_bundles):
+    """``auto`` is CUDA where this torch sees a GPU, else the CPU; a model placed by accelerate's
+    ``device_map`` (all on the one device here; accelerate dispatches only over several) gives the
+    margins of the plain load."""
+    from mechmed.runtime import check_device
+
+    assert check_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    name = "Gemma3ForConditionalGeneration"
+    placed = load_model(str(saved[name]), device="auto", device_map="auto", local_files_only=True, dtype="float32")
+    want = check_device("auto")
+    assert {p.device.type for p in placed.model.parameters()} == {want}, "not where the device map put it"
+    images = [make_image(i) for i in range(3)]
+    torch.testing.assert_close(margins(placed, QUESTIONS[:3], images).cpu(),
+                               margins(tiny_bundles[name], QUESTIONS[:3], images), atol=1e-5, rtol=0)
+
+
 def test_unknown_family_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
     with pytest.raises(MechmedError, match="BertModel.*not supported"):
