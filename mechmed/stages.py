@@ -106,8 +106,7 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
     from mechmed.figures import r2_by_layer, save_figure
     from mechmed.io import ensure_dir, write_json
     from mechmed.models import load_model
-    from mechmed.runtime import threads_for_width, torch_threads
-    from mechmed.runtime import check_device
+    from mechmed.runtime import check_device, threads_for_width, torch_threads
     from mechmed.saes import resolve_saes, sae_hook_name
 
     device = check_device(device)
