@@ -254,8 +254,61 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+#: One example per command, shown at the end of its --help (and checked to parse by the tests).
+EXAMPLES = {
+    "evaluate": "mechmed evaluate --model google/medgemma-4b-it --device cuda --data pairs.jsonl "
+                "--image-root /data/mimic-cxr --out runs/mg/eval",
+    "compare": "mechmed compare runs/mg/eval runs/mg/eval-lora --out runs/mg/compare.json",
+    "sae-check": "mechmed sae-check --model google/medgemma-4b-it --device cuda "
+                 "--saes 'gemma-scope-2-4b-it-res:layer_{L}_width_16k_l0_big' --out runs/mg/sae_check",
+    "capture": "mechmed capture --layers 2-4 --positions last --out runs/activations",
+    "attribute": "mechmed attribute --data pairs.jsonl --image-root /data/mimic-cxr --saes none --no-exact "
+                 "--out runs/attribute",
+    "select-layers": "mechmed select-layers --scores runs/attribute/layer_scores.json --width 5 "
+                     "--train-data train_pairs.jsonl --eval-data pairs.jsonl --out runs/train.yaml",
+    "train": "mechmed train --config runs/train.yaml --device cuda --bf16 --out runs/train",
+    "demo-model": "mechmed demo-model build --seed 1",
+    "ablate": "mechmed ablate --config ablation.yaml --device cuda --out runs/ablation --report",
+    "demo": "mechmed demo --out runs/demo",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default at the end of its help (where the text does not already say it); a
+    training-config option shows the config's default and, where it differs, the demo's."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        field_name = getattr(action, "config_field", None)
+        if field_name is not None:
+            return text + _config_default_text(field_name)
+        default = action.default
+        if (not action.option_strings or "default" in text.lower() or default in (None, False, argparse.SUPPRESS)
+                or isinstance(action, argparse._VersionAction)):
+            return text
+        if isinstance(default, (tuple, list)):
+            default = ",".join(map(str, default))
+        return f"{text} (default {default})".replace("%", "%%")
+
+
+def _config_default_text(name: str) -> str:
+    from dataclasses import MISSING, fields
+
+    from mechmed.config import TrainConfig
+    from mechmed.sources import train_defaults
+
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    default = f.default if f.default is not MISSING else f.default_factory()
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    text = f" (default {shown}" if shown not in (None, "", {}, []) else " (default: none"
+    demo = train_defaults("demo")
+    if name in demo and demo[name] != default:
+        text += f"; with --model demo {demo[name]}"
+    return (text + ")").replace("%", "%%")
+
+
 def _add_config_options(p: argparse.ArgumentParser) -> None:
-    """One option per training-config field, its help text the field's docstring."""
+    """One option per training-config field, its help text the field's docstring and default."""
     from dataclasses import MISSING, fields
 
     from mechmed.config import TrainConfig, field_docs
@@ -267,14 +320,16 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
-            p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=docs[f.name])
+            action = p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                    help=docs[f.name])
         elif isinstance(default, list):
-            p.add_argument(flag, dest=f.name, default=None, metavar="A,B,...", help=docs[f.name])
+            action = p.add_argument(flag, dest=f.name, default=None, metavar="A,B,...", help=docs[f.name])
         elif "dict" in str(f.type):
-            p.add_argument(flag, dest=f.name, default=None, metavar="NAME=DATA,...", help=docs[f.name])
+            action = p.add_argument(flag, dest=f.name, default=None, metavar="NAME=DATA,...", help=docs[f.name])
         else:
             kind = type(default) if default is not None else (int if "int" in str(f.type) else str)
-            p.add_argument(flag, dest=f.name, default=None, type=kind, help=docs[f.name])
+            action = p.add_argument(flag, dest=f.name, default=None, type=kind, help=docs[f.name])
+        action.config_field = f.name
 
 
 def config_from_args(args) -> dict:
@@ -350,14 +405,18 @@ def _add_verbosity(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mechmed",
-        description="Find where a medical VLM's yes/no answer flips under rewording, and fix it there.")
+        description="Find where a medical VLM's yes/no answer flips under rewording, and fix it there.",
+        formatter_class=_HelpFormatter,
+        epilog="example:\n  mechmed demo                 the whole chain on the embedded default\n"
+               "  mechmed COMMAND --help       a command's options, their defaults and an example")
     parser.add_argument("--version", action="version", version=f"mechmed {__version__}")
     _add_verbosity(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_parser = sub.add_parser
 
-    def add_command(name: str, **kw):  # -v / -q after the command too
-        return _add_verbosity(add_parser(name, **kw))
+    def add_command(name: str, **kw):  # -v / -q after the command too; defaults and an example in --help
+        return _add_verbosity(add_parser(name, formatter_class=_HelpFormatter, epilog=f"example:\n  {EXAMPLES[name]}",
+                                         **kw))
 
     sub.add_parser = add_command
 

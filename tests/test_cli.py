@@ -124,3 +124,33 @@ def test_hub_options_reach_the_loader(workspace, tmp_path):
     assert a["flip_rate"] == b["flip_rate"] and a["n_pairs"] == 8
     assert main([*common, "--revision", "v9", "--out", str(tmp_path / "c")]) == 2
     assert not (tmp_path / "c").exists()
+
+
+def test_help_shows_defaults_and_an_example_that_parses():
+    """Every command's --help ends with an example that the parser accepts, and every option whose
+    default is a value says it (training options: the config's default, and the demo's where it differs)."""
+    import argparse
+    import shlex
+
+    from mechmed.cli import EXAMPLES, build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(EXAMPLES)
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert f"example:\n  {EXAMPLES[name]}" in text, name
+        args = parser.parse_args(shlex.split(EXAMPLES[name])[1:])
+        assert args.command == name
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) and \
+                    getattr(action, "config_field", None) is None or isinstance(action, argparse._HelpAction):
+                continue
+            assert "default" in formatter._get_help_string(action).lower(), (name, action.option_strings)
+    lr = next(a for a in commands["train"]._actions if a.dest == "lr")
+    help_lr = commands["train"]._get_formatter()._get_help_string(lr)
+    from mechmed.config import TrainConfig, demo_defaults
+
+    assert f"(default {TrainConfig.__dataclass_fields__['lr'].default}; with --model demo {demo_defaults()['lr']})" \
+        in help_lr
