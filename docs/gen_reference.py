@@ -89,10 +89,13 @@ def cli_markdown() -> str:
     subs = _subcommands(parser)
     for name, help_, _ in subs:
         out.append(f"| [`{name}`](#mechmed-{name}) | {_cell(help_)} |\n")
-    out.append("\nGlobal options: `--version`, `-v/--verbose` (log progress details).\n")
+    out.append("\nGlobal options: `--version`, `-v/--verbose` (log progress details), `-q/--quiet` (errors and "
+               "warnings only); `-v` and `-q` also after the command.\n")
     for name, help_, sub in subs:
         out.append(f"\n## mechmed {name}\n\n{help_[:1].upper() + help_[1:]}.\n\n")
         out.append(f"```text\n{_usage(sub)}\n```\n\n")
+        if sub.epilog:
+            out.append(f"Example:\n\n```bash\n{sub.epilog.split(chr(10), 1)[1].strip()}\n```\n\n")
         rows = [a for a in sub._actions if not isinstance(a, argparse._HelpAction)]
         out.append("| option | default | description |\n|---|---|---|\n")
         for a in rows:
