@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="paraphrase consistency of a model on a pair set (metrics.json)")
     _add_model_options(p)
-    p.add_argument("--data", default="demo", help="pairs file (.jsonl/.csv), directory with pairs.jsonl, 'demo' "
+    p.add_argument("--data", default="demo", help="pairs file (.jsonl/.csv), directory with pairs.jsonl, hub dataset hf:OWNER/NAME[:CONFIG][@SPLIT], 'demo' "
                    "(the demo's held-out pairs) or demo:unseen / demo:negation / demo:train")
     p.add_argument("--image-root", default=None, help="resolve image paths under this directory")
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("capture", help="write a pair set's activations to disk (safetensors shards) for notebooks")
     _add_model_options(p)
-    p.add_argument("--data", default="demo", help="pairs file, directory, or 'demo' (both phrasings of each pair)")
+    p.add_argument("--data", default="demo", help="pairs file, directory, hf:OWNER/NAME, or 'demo' (both phrasings of each pair)")
     p.add_argument("--image-root", default=None)
     p.add_argument("--layers", default="all", help="decoder layers, e.g. 15-19 or all (default)")
     p.add_argument("--kind", default="resid_post", help="resid_post (default), attn_out or mlp_out")
@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("attribute", help="attribute paraphrase flips to layers and SAE features")
     _add_model_options(p)
-    p.add_argument("--data", default="demo", help="pairs file, directory, or 'demo'")
+    p.add_argument("--data", default="demo", help="pairs file, directory, hf:OWNER/NAME, or 'demo'")
     p.add_argument("--image-root", default=None)
     p.add_argument("--saes", default="demo", help="SAEs as for sae-check, or 'none' for layers only")
     p.add_argument("--max-pairs", type=int, default=300, help="pairs to attribute (a seeded sample; default 300)")

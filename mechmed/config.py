@@ -112,9 +112,11 @@ class TrainConfig:
     dropout: float = 0.05
     """LoRA dropout."""
     train_data: str = "demo"
-    """Training pairs (two phrasings of one question on one image): a pairs file, or 'demo'."""
+    """Training pairs (two phrasings of one question on one image): a pairs file, a hub dataset
+    (hf:OWNER/NAME[:CONFIG][@SPLIT]), or 'demo'."""
     eval_data: str = "demo"
-    """Held-out pairs for the guard and the before/after evaluation: a pairs file, or 'demo'."""
+    """Held-out pairs for the guard and the before/after evaluation: a pairs file, a hub dataset
+    (hf:OWNER/NAME[:CONFIG][@SPLIT]), or 'demo'."""
     extra_eval: dict | None = None
     """Further evaluation sets reported beside eval_data, as name: pairs file or demo set (e.g. unseen:
     demo:unseen); default: the demo's unseen and negation sets when eval_data is 'demo', else none."""

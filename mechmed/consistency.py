@@ -169,10 +169,16 @@ def headline_rows(rows: Sequence[dict]) -> list[dict]:
 def resolve_data(data: str, *, image_root=None, columns=None, seed: int = 0, cache_dir=None, split: str = "eval"):
     """A source's pairs by name (:func:`mechmed.sources.pairs_file`: ``demo`` is the embedded
     default's ``split`` set, ``demo:<set>`` one of its sets: ``eval``, ``train``, ``unseen``,
-    ``negation``), a JSONL/CSV file, or a directory."""
-    from mechmed.data import load_pairs
+    ``negation``), a hub dataset (``hf:OWNER/NAME[:CONFIG][@SPLIT]``,
+    :func:`mechmed.data.load_hub_pairs`), a JSONL/CSV file, or a directory."""
+    from mechmed.data import load_hub_pairs, load_pairs
+    from mechmed.data.loaders import parse_hub_data
     from mechmed.sources import pairs_file
 
+    hub = parse_hub_data(data)
+    if hub is not None:
+        repo, config, hub_split = hub
+        return load_hub_pairs(repo, config, hub_split, image_root=image_root, columns=columns)
     path = pairs_file(data, split=split, cache_dir=cache_dir, seed=seed)
     if path is not None:
         return load_pairs(path)

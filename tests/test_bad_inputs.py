@@ -437,6 +437,11 @@ def demo_on_a_gpu_that_is_not_there(ws, tmp):
 
 
 @case("evaluate")
+def hub_dataset_without_an_owner(ws, tmp):
+    return _evaluate(ws, tmp, None, None, "--data", "hf:psf-med"), "name a hub dataset as OWNER/NAME"
+
+
+@case("evaluate")
 def device_map_that_accelerate_does_not_know(ws, tmp):
     return _evaluate(ws, tmp, None, None, "--device-map", "everywhere"), "--device-map"
 

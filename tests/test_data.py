@@ -8,6 +8,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -326,6 +327,82 @@ def test_psf_med_hub_offline(tmp_path: Path, psf_images: Path, monkeypatch: pyte
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MechmedError, match="saillab/psf-med.*(HF_HUB_OFFLINE|local_files_only)"):
         load_psf_med("mimic", image_root=psf_images, cache_dir=tmp_path / "cache")
+
+
+def _hub_cache_dataset(hub: Path, repo: str, files: dict[str, object]) -> Path:
+    """A hub dataset snapshot laid out by hand as huggingface_hub caches it (refs/main -> snapshot)."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    top = hub / f"datasets--{repo.replace('/', '--')}"
+    (top / "refs").mkdir(parents=True)
+    (top / "refs" / "main").write_text(sha)
+    snap = top / "snapshots" / sha
+    for rel, write in files.items():
+        (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+        write(snap / rel)
+    return snap
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Offline, with empty hub, datasets and mechmed caches under ``tmp_path``."""
+    import datasets
+    import huggingface_hub.constants as hconst
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MECHMED_CACHE", str(tmp_path / "mechmed"))
+    monkeypatch.setattr(hconst, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    return tmp_path / "hub"
+
+
+def test_hub_dataset_with_stored_images_offline(offline_hub: Path, tmp_path: Path) -> None:
+    """``--data hf:OWNER/NAME`` reads a hub dataset from the hub cache without the network; images
+    stored in the dataset become files with the same pixels; a split is chosen or named."""
+    import datasets
+
+    from mechmed.consistency import resolve_data
+
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)) for i in range(3)]
+    rows = {"original_question": ["Is there an effusion?", "Is the heart enlarged?", "Is there edema?"],
+            "paraphrase": ["Any effusion?", "Is there cardiomegaly?", "Is edema seen?"],
+            "label": ["yes", "no", "yes"], "image": images}
+    features = datasets.Features({"original_question": datasets.Value("string"),
+                                  "paraphrase": datasets.Value("string"), "label": datasets.Value("string"),
+                                  "image": datasets.Image()})
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    _hub_cache_dataset(offline_hub, "lab/cxr-pairs", {
+        "data/test-00000-of-00001.parquet": lambda p: ds.to_parquet(str(p)),
+        "data/train-00000-of-00001.parquet": lambda p: ds.select([0]).to_parquet(str(p)),
+    })
+    pairs = resolve_data("hf:lab/cxr-pairs")  # two splits: test is taken
+    assert [p.question for p in pairs] == rows["original_question"]
+    assert [p.answer for p in pairs] == rows["label"]
+    assert [p.id for p in pairs] == [f"lab/cxr-pairs/default:{i}" for i in (1, 2, 3)]
+    for p, img in zip(pairs, images):
+        assert Path(p.image).is_file() and Path(p.image).parent == tmp_path / "mechmed" / "hub_images"
+        assert np.array_equal(np.asarray(Image.open(p.image).convert("RGB")), np.asarray(img))
+    assert len(resolve_data("hf:lab/cxr-pairs@train")) == 1
+    with pytest.raises(MechmedError, match="lab/not-cached.*HF_HUB_OFFLINE"):
+        resolve_data("hf:lab/not-cached")
+
+
+def test_hub_dataset_image_paths_and_splits(offline_hub: Path, tmp_path: Path) -> None:
+    """Image columns of paths resolve under --image-root; a dataset without a test split names its splits."""
+    from mechmed.consistency import resolve_data
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.new("L", (8, 8), 5).save(root / "a.png")
+    line = json.dumps({"question": "Is there edema?", "paraphrase": "Is edema seen?", "answer": "no",
+                       "image": "a.png"}) + "\n"
+    _hub_cache_dataset(offline_hub, "lab/paths", {"data/train.jsonl": lambda p: p.write_text(line),
+                                                  "data/validation.jsonl": lambda p: p.write_text(line)})
+    with pytest.raises(MechmedError, match="has splits train, validation; name one, e.g. hf:lab/paths@train"):
+        resolve_data("hf:lab/paths", image_root=root)
+    (pair,) = resolve_data("hf:lab/paths@validation", image_root=root)
+    assert Path(pair.image) == root / "a.png" and pair.answer == "no"
+    with pytest.raises(MechmedError, match="OWNER/NAME"):
+        resolve_data("hf:psf-med")
 
 
 # --- property: arbitrary lines only ever raise MechmedError ----------------------------------

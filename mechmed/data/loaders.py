@@ -567,6 +567,7 @@ def load_psf_med(
     data_files: Any = None,
     require_images: bool = True,
     check_images: bool = True,
+    revision: str | None = None,
 ) -> list[ParaphrasePair]:
     """Read PSF-Med (``saillab/psf-med``: configs mimic / padchest / vindr, split test) into pairs.
 
@@ -583,6 +584,7 @@ def load_psf_med(
         data_files: local parquet / csv / json(l) files in the hub layout (a path, a list, a glob
             or ``{split: files}``) instead of the hub.
         require_images, check_images: as in :func:`load_pairs`.
+        revision: the hub revision (branch, tag or commit).
 
     Only rows whose ``is_yesno`` is true are kept when that column exists. Row numbers in
     messages count all rows of the split from 1. ``trust_remote_code`` is never used.
@@ -590,51 +592,166 @@ def load_psf_med(
     Raises:
         MechmedError: the data set cannot be reached or read, or a kept row is bad.
     """
-    candidates = _column_candidates(columns)
     if data_files is None and config not in PSF_MED_CONFIGS:
         raise MechmedError(f"config={config!r}: PSF-Med has {', '.join(PSF_MED_CONFIGS)}")
-    if image_root is None:
-        if require_images:
-            raise MechmedError("load_psf_med: pass image_root= the folder holding the PSF-Med images "
-                               "(PhysioNet / BIMCV downloads), or require_images=False")
-        base = Path.cwd()
-    else:
-        base = _image_base(image_root, Path.cwd())
+    if image_root is None and require_images:
+        raise MechmedError("load_psf_med: pass image_root= the folder holding the PSF-Med images "
+                           "(PhysioNet / BIMCV downloads), or require_images=False")
+    return _hub_pairs(PSF_MED_REPO, config, split, image_root=image_root, columns=columns, cache_dir=cache_dir,
+                      local_files_only=local_files_only, data_files=data_files, require_images=require_images,
+                      check_images=check_images, revision=revision, label_name="psf-med")
+
+
+def load_hub_pairs(
+    repo_id: str,
+    config: str | None = None,
+    split: str | None = None,
+    *,
+    image_root: str | os.PathLike | None = None,
+    columns: Mapping[str, str] | str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+    require_images: bool = True,
+    check_images: bool = True,
+) -> list[ParaphrasePair]:
+    """Read paraphrase pairs from a Hugging Face hub dataset (``--data hf:OWNER/NAME[:CONFIG][@SPLIT]``).
+
+    The columns are read as :func:`load_pairs` reads a file's (``columns`` maps yours). An image
+    column holds paths (under ``image_root``, else absolute) or images stored in the dataset
+    (``datasets.Image``), which are written once under mechmed's cache
+    (:func:`mechmed.runtime.cache_root`, ``hub_images/``) so that each pair names a file.
+    ``split`` defaults to the dataset's only split, else ``test``.
+
+    Offline (``local_files_only`` or ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``) the hub is never
+    contacted: the dataset comes from ``datasets``' cache of an earlier load, else from the
+    snapshot that huggingface_hub keeps in its cache (``hf download --repo-type dataset``).
+    ``trust_remote_code`` is never used.
+    """
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise MechmedError(f"--data hf:{repo_id}: name a hub dataset as OWNER/NAME, e.g. hf:saillab/psf-med:mimic")
+    if repo_id == PSF_MED_REPO:
+        return load_psf_med(config or "mimic", split or "test", image_root=image_root, columns=columns,
+                            cache_dir=cache_dir, local_files_only=local_files_only, revision=revision,
+                            require_images=require_images, check_images=check_images)
+    return _hub_pairs(repo_id, config, split, image_root=image_root, columns=columns, cache_dir=cache_dir,
+                      local_files_only=local_files_only, data_files=None, require_images=require_images,
+                      check_images=check_images, revision=revision, label_name=repo_id)
+
+
+def parse_hub_data(data: str) -> tuple[str, str | None, str | None] | None:
+    """``hf:OWNER/NAME[:CONFIG][@SPLIT]`` -> (repo id, config, split); anything else -> None."""
+    if not isinstance(data, str) or not data.startswith("hf:"):
+        return None
+    rest, _, split = data[3:].partition("@")
+    repo, _, config = rest.partition(":")
+    return repo, config or None, split or None
+
+
+def _hub_dataset(repo_id: str, config: str | None, split: str | None, *, cache_dir, revision, offline: bool):
+    """The ``datasets.Dataset`` of one split of a hub dataset, and its label for messages."""
+    import datasets
+
+    kwargs = {"cache_dir": os.fspath(cache_dir) if cache_dir is not None else None, "revision": revision}
+    with _offline(offline):
+        try:
+            loaded = datasets.load_dataset(repo_id, config, split=split, **kwargs)
+        except Exception:
+            if not offline:
+                raise
+            # not in datasets' own cache: the hub cache's snapshot (downloaded by hf / huggingface_hub)
+            from huggingface_hub import snapshot_download
+
+            local = snapshot_download(repo_id, repo_type="dataset", revision=revision, local_files_only=True)
+            loaded = datasets.load_dataset(local, config, split=split)
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        chosen = names[0] if len(names) == 1 else "test" if "test" in names else None
+        if chosen is None:
+            raise MechmedError(f"--data hf:{repo_id}: has splits {', '.join(names)}; name one, e.g. "
+                               f"hf:{repo_id}{':' + config if config else ''}@{names[0]}")
+        loaded, split = loaded[chosen], chosen
+    return loaded, f"{repo_id} ({config or 'default'}/{split})"
+
+
+def _stored_images(ds, label: str):
+    """``ds`` with its ``datasets.Image`` columns left undecoded, and a function that turns a row's
+    stored images into files under mechmed's cache (each written once, named by its bytes' hash)."""
+    import hashlib
+
+    import datasets
+
+    from mechmed.io import atomic_path
+    from mechmed.runtime import cache_root
+
+    cols = [k for k, f in ds.features.items() if isinstance(f, datasets.Image)]
+    if not cols:
+        return ds, lambda row: row
+    root = cache_root() / "hub_images"
+    logger.info("%s: images stored in the dataset (%s) are written under %s", label, ", ".join(cols), root)
+
+    def store(value):
+        if not value or value.get("bytes") is None:
+            return (value or {}).get("path")
+        digest = hashlib.sha256(value["bytes"]).hexdigest()[:24]
+        path = root / f"{digest}{Path(value.get('path') or '').suffix.lower() or '.png'}"
+        if not path.is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(value["bytes"])
+        return str(path)
+
+    for c in cols:
+        ds = ds.cast_column(c, datasets.Image(decode=False))
+    return ds, lambda row: {k: store(v) if k in cols else v for k, v in row.items()}
+
+
+def _hub_pairs(repo_id: str, config: str | None, split: str | None, *, image_root, columns, cache_dir,
+               local_files_only, data_files, require_images, check_images, revision, label_name: str):
+    """Pairs from a hub dataset (or local files in its layout): what :func:`load_psf_med` and
+    :func:`load_hub_pairs` share."""
+    candidates = _column_candidates(columns)
+    base = Path.cwd() if image_root is None else _image_base(image_root, Path.cwd())
     from mechmed.runtime import hub_offline
 
     offline = bool(local_files_only) or hub_offline(datasets=True)
 
     import datasets
 
-    kwargs = {"cache_dir": os.fspath(cache_dir) if cache_dir is not None else None}
     if data_files is not None:
+        split = split or "test"
         builder, spec, found = _local_builder(data_files, split)
         label = ", ".join(found) if len(found) <= 3 else f"{found[0]} and {len(found) - 1} more files"
         try:
             with _offline(offline):
-                ds = datasets.load_dataset(builder, data_files=spec, split=split, **kwargs)
+                ds = datasets.load_dataset(builder, data_files=spec, split=split,
+                                           cache_dir=os.fspath(cache_dir) if cache_dir is not None else None)
         except Exception as e:  # datasets/pyarrow raise many types for unreadable files
             raise MechmedError(f"data_files {label}: cannot be read as {builder} ({type(e).__name__}: {e}); "
                                "check the files") from e
     else:
-        label = f"{PSF_MED_REPO} ({config}/{split})"
         try:
-            with _offline(offline):
-                ds = datasets.load_dataset(PSF_MED_REPO, config, split=split, **kwargs)
+            ds, label = _hub_dataset(repo_id, config, split, cache_dir=cache_dir, revision=revision, offline=offline)
+        except MechmedError:
+            raise
         except Exception as e:  # network, gating, auth, missing cache: all the user's to fix
+            label = f"{repo_id} ({config or 'default'}/{split or 'default split'})"
             if offline:
-                how = "HF_HUB_OFFLINE is set or local_files_only=True and it is not in the cache; unset it to download"
+                how = ("HF_HUB_OFFLINE is set or local_files_only=True and it is not in the cache; unset it to "
+                       "download")
             elif isinstance(e, ConnectionError) and "gated" not in str(e):
                 how = "the hub could not be reached; check the network"
             else:
-                how = (f"it is gated: accept its terms at https://huggingface.co/datasets/{PSF_MED_REPO} and "
+                how = (f"if it is gated, accept its terms at https://huggingface.co/datasets/{repo_id} and "
                        "log in (hf auth login)")
-            raise MechmedError(f"{label}: cannot load ({type(e).__name__}: {e}); {how}, or pass "
-                               "data_files= local copies in the same layout") from e
-
-    hint = f"check image_root={base}" if image_root is not None else "pass image_root="
-    reader = _Reader(candidates, _ImageResolver(base, by_name=True), hint, require_images, check_images,
-                     default_id=lambda row: f"psf-med/{config}:{row}", default_source=f"psf-med/{config}")
+            raise MechmedError(f"{label}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                               f"{how}, or pass local copies of its files") from e
+    ds, as_files = _stored_images(ds, label)
+    config_name = config or "default"
+    hint = f"check image_root={base}" if image_root is not None else "pass image_root= (--image-root)"
+    reader = _Reader(candidates, _ImageResolver(base, by_name=image_root is not None), hint, require_images,
+                     check_images, default_id=lambda row: f"{label_name}/{config_name}:{row}",
+                     default_source=f"{label_name}/{config_name}")
     filtered = YESNO_COLUMN in (ds.column_names or [])
     pairs = []
     for number, row in enumerate(ds, start=1):
@@ -642,7 +759,7 @@ def load_psf_med(
             continue
         if filtered:
             row = {k: v for k, v in row.items() if k != YESNO_COLUMN}
-        pairs.append(reader.row(row, f"{label}, row {number}", number))
+        pairs.append(reader.row(as_files(row), f"{label}, row {number}", number))
     if not pairs and filtered and len(ds):
         raise MechmedError(f"{label}: no rows with {YESNO_COLUMN} true; this loader keeps yes/no questions only")
     return reader.finish(pairs, label)
