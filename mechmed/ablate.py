@@ -241,6 +241,16 @@ def _by_phenomenon(pairs: dict) -> dict:
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
+def _phenomenon_stats(pairs: dict, base: dict | None) -> dict:
+    """:func:`_set_stats` of each phenomenon's pairs (flip rate, Wilson interval, McNemar against the
+    base's pairs of that phenomenon)."""
+    def of(rows: dict, name: str) -> dict:
+        return {k: v for k, v in rows.items() if (v.get("phenomenon") or "other") == name}
+
+    names = sorted({v.get("phenomenon") or "other" for v in pairs.values()})
+    return {n: _set_stats(of(pairs, n), None if base is None else of(base, n)) for n in names}
+
+
 def _pool(pairs_by_row: dict, rows: Sequence[dict], idx) -> dict:
     """Per-pair rows of several seeds in one dict (ids prefixed by the seed)."""
     return {f"{rows[i]['seed']}:{k}": v for i in idx for k, v in pairs_by_row[i].items()}
@@ -344,6 +354,7 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
             "p_vs_base": None if arm == "base" else _mcnemar(base_pool, pooled),
             "p_vs_ce_only": _mcnemar(ce, pooled) if ce else None,
             "n_pairs": n_pairs, "run_dir": None, "sets": sets, "by_phenomenon": _by_phenomenon(pooled),
+            "phenomena": _phenomenon_stats(pooled, None if arm == "base" else base_pool),
         })
     return out
 
@@ -407,6 +418,11 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
     _, config, family, _ = model_config(t["model"], seed=cfg.seeds[0])  # the layer count needs no weights
     n_layers = family.n_layers(config)
     arms = plan(cfg, n_layers)
+    from mechmed.train import check_against_model
+
+    skeletons: dict = {}  # every arm's layers and target modules, before the base model is evaluated
+    for a in arms:
+        check_against_model(arm_config(cfg, a), skeletons)
     write_json(out / "ablation_config.json", {**cfg.to_dict(), "plan": [a.name for a in arms], "device": device,
                                               "dtype": dtype})
 

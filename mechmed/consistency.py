@@ -155,6 +155,7 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
         "id": p.id, "question_id": p.question_id, "phenomenon": p.phenomenon, "answer": p.answer,
         "paraphrase_answer": p.expected_paraphrase, "negation_set": bool(n), "margin_question": float(mq),
         "margin_paraphrase": float(mp), "margin_diff": float(d), "flip": bool(f), "correct_paraphrase": bool(c),
+        "question": p.question, "paraphrase": p.paraphrase, "image": None if p.image is None else str(p.image),
     } for p, mq, mp, d, f, c, n in zip(pairs, m_q, m_p, delta, flips, correct_p, negation)]
     return Evaluation(metrics, rows)
 

@@ -116,8 +116,10 @@ def png_session():
                 log.debug("kaleido sync server stop failed", exc_info=True)
 
 
-def save_figure(fig, path_without_suffix: str | os.PathLike, *, png: bool = True, shared_js: bool = False) -> dict:
-    """Write ``fig`` as ``PATH.html`` (self-contained) and, when a browser is available, ``PATH.png``.
+def save_figure(fig, path_without_suffix: str | os.PathLike, *, png: bool = True, shared_js: bool = False,
+                vector: bool = False) -> dict:
+    """Write ``fig`` as ``PATH.html`` (self-contained) and, when a browser is available, ``PATH.png``
+    (and with ``vector`` ``PATH.svg`` and ``PATH.pdf`` for a paper).
 
     With ``shared_js`` the HTML loads ``plotly.min.js`` from its own folder (written there once)
     instead of inlining it: for folders of many figures; inside :func:`shared_plotly` figures under its
@@ -139,21 +141,22 @@ def save_figure(fig, path_without_suffix: str | os.PathLike, *, png: bool = True
         log.warning("PNG skipped for %s: %s; the HTML is written", html.name, reason)
         result["png_skipped"] = reason
         return result
-    target = base.with_name(base.name + ".png")
-    try:
-        width = fig.layout.width or PNG_WIDTH
-        height = fig.layout.height or PNG_HEIGHT
-        with warnings.catch_warnings():  # plotly's "kopts ignored" notice under png_session
-            warnings.filterwarnings("ignore", message="The kopts argument is ignored")
-            data = fig.to_image(format="png", width=width, height=height, scale=PNG_SCALE)
-    except Exception as e:  # kaleido / browser failures must not lose the results
-        reason = f"kaleido failed ({(str(e).splitlines() or [type(e).__name__])[0]})"
-        log.warning("PNG skipped for %s: %s; the HTML is written", html.name, reason)
-        result["png_skipped"] = reason
-        return result
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
-    result["png"] = str(target)
+    width = fig.layout.width or PNG_WIDTH
+    height = fig.layout.height or PNG_HEIGHT
+    for fmt in ("png", "svg", "pdf") if vector else ("png",):
+        target = base.with_name(f"{base.name}.{fmt}")
+        try:
+            with warnings.catch_warnings():  # plotly's "kopts ignored" notice under png_session
+                warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+                data = fig.to_image(format=fmt, width=width, height=height, scale=PNG_SCALE if fmt == "png" else 1)
+        except Exception as e:  # kaleido / browser failures must not lose the results
+            reason = f"kaleido failed ({(str(e).splitlines() or [type(e).__name__])[0]})"
+            log.warning("%s skipped for %s: %s; the HTML is written", fmt.upper(), html.name, reason)
+            result["png_skipped"] = result["png_skipped"] or reason
+            return result
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(data)
+        result[fmt] = str(target)
     return result
 
 

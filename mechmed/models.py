@@ -119,6 +119,16 @@ def model_config(name_or_path: str = "demo", *, local_files_only: bool | None = 
     return path, config, get_family(config), kw
 
 
+def skeleton(config, family: ArchitectureMap):
+    """The model ``config`` describes, built on the meta device: its module tree (names, shapes)
+    with no weights read or allocated, to check options against before a load."""
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        return getattr(transformers, family.auto_class).from_config(config)
+
+
 def load_model(name_or_path: str = "demo", dtype: str | None = None, device: str = "cpu", *,
                answer_words=("yes", "no"), local_files_only: bool | None = None,
                trust_remote_code: bool = False, revision: str | None = None,

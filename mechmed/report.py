@@ -6,7 +6,8 @@
 - ``report.html``: one self-contained file (plotly.js inlined once) with a section per stage, the
   headline numbers, every figure and the ablation summary table;
 - ``report.md``: the headline numbers with 95% CIs and p-values, the summary table, and links to
-  the figure files (``figures/*.png``, or ``.html`` where no PNG could be written).
+  the figure files (``figures/*.png`` with ``.svg`` and ``.pdf`` beside them for a paper, or ``.html``
+  where no browser could draw them).
 
 Missing stages are skipped with a note in both files. Every sentence with a number is computed from
 the run's files.
@@ -55,6 +56,11 @@ def fmt_p(p) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.2g}" if p < 0.01 else f"p = {p:.3f}"
 
 
+def p_cell(v) -> str:
+    """A p-value in a table cell: empty when absent, <0.001, two significant digits below 0.01."""
+    return "" if v is None else ("<0.001" if v < 0.001 else f"{v:.2g}" if v < 0.01 else f"{v:.3f}")
+
+
 def _value_ci(row: dict, key: str, ci_key: str, digits: int = 3) -> str:
     ci = fmt_ci(row.get(ci_key), digits)
     return fmt(row.get(key), digits) + (f" {ci}" if ci else "")
@@ -75,16 +81,13 @@ def _table_rows(results) -> tuple[list[str], list[list[str]]]:
         rows = results.get("summary") or results.get("rows") or []
     sets = list(dict.fromkeys(k for r in rows for k in (r.get("sets") or {})))
 
-    def p(v):
-        return "" if v is None else ("<0.001" if v < 0.001 else f"{v:.2g}" if v < 0.01 else f"{v:.3f}")
-
     out = []
     for r in rows:
         seeds = r.get("n_seeds") or (1 if r.get("seed") is not None else "")
         out.append([r["arm"], r["method"], layer_text(r.get("layers") or []), str(r.get("trainable_parameters", "")),
                     str(seeds), _value_ci(r, "flip_rate", "flip_ci"), _value_ci(r, "margin_diff", "margin_diff_ci", 2),
                     _value_ci(r, "canonical_accuracy", "accuracy_ci"), fmt(r.get("yes_rate"), 2),
-                    p(r.get("p_vs_base")), p(r.get("p_vs_ce_only")), "yes" if r.get("collapsed") else ""]
+                    p_cell(r.get("p_vs_base")), p_cell(r.get("p_vs_ce_only")), "yes" if r.get("collapsed") else ""]
                    + [fmt(((r.get("sets") or {}).get(k) or {}).get("flip_rate")) for k in sets])
     return [*COLUMNS, *(f"flip: {SET_LABELS.get(k, k)}" for k in sets)], out
 
@@ -103,18 +106,151 @@ def summary_table(results) -> str:
     return "\n".join([head, "-" * len(head)] + [line(r) for r in body])
 
 
-def _markdown_table(results) -> str:
-    cols, body = _table_rows(results)
+def _md_grid(cols, body) -> str:
     lines = ["| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
     return "\n".join(lines)
 
 
-def _html_table(results) -> str:
-    cols, body = _table_rows(results)
+def _html_grid(cols, body, raw_columns: tuple = ()) -> str:
+    """An HTML table; cells of ``raw_columns`` are HTML already (thumbnails), the rest are escaped."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    rows = "".join("<tr>" + "".join(f"<td>{c if i in raw_columns else html.escape(c)}</td>" for i, c in enumerate(r))
+                   + "</tr>" for r in body)
     return f'<table class="summary"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def _markdown_table(results) -> str:
+    return _md_grid(*_table_rows(results))
+
+
+def _html_table(results) -> str:
+    return _html_grid(*_table_rows(results))
+
+
+# ---------------------------------------------------------------- per phenomenon, and examples
+
+def _arm_label(r: dict, n_methods: int) -> str:
+    from mechmed.figures import ARM_LABELS, METHOD_LABELS
+
+    label = ARM_LABELS.get(r["arm"], r["arm"])
+    if n_methods > 1 and r["arm"] != "base":
+        label += f" ({METHOD_LABELS.get(r['method'], r['method'])})"
+    return label
+
+
+def phenomenon_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """(columns, cells) of the flip rate per phenomenon of the main set and per extra set (rows):
+    pairs, the base model and the selected arm with 95% CIs, McNemar p between them, then every
+    other arm's flip rate. None when the results hold no per-phenomenon statistics."""
+    from mechmed.figures import PHENOMENON_LABELS, SET_LABELS
+
+    summary = [r for r in results.get("summary") or [] if r.get("phenomena")]
+    base = next((r for r in summary if r["arm"] == "base"), None)
+    if base is None:
+        return None
+    arms = [r for r in summary if r["arm"] != "base"]
+    methods = list(dict.fromkeys(r["method"] for r in arms))
+    selected = next((r for r in arms if r["arm"] == "selected"), None)
+    others = [r for r in arms if r is not selected]
+    cols = ["phenomenon", "pairs", "base [95% CI]"]
+    if selected is not None:
+        cols += [f"{_arm_label(selected, len(methods))} [95% CI]", "p (McNemar)"]
+    cols += [_arm_label(r, len(methods)) for r in others]
+
+    def stats(r: dict, kind: str, name: str) -> dict:
+        return ((r.get("phenomena") if kind == "phenomenon" else r.get("sets")) or {}).get(name) or {}
+
+    keys = [("phenomenon", k) for k in base["phenomena"]] + [("set", k) for k in base.get("sets") or {}]
+    body = []
+    for kind, name in keys:
+        b = stats(base, kind, name)
+        label = PHENOMENON_LABELS.get(name, name) if kind == "phenomenon" else f"{SET_LABELS.get(name, name)} (set)"
+        line = [label, str(b.get("n_pairs", "")), _value_ci(b, "flip_rate", "flip_ci")]
+        if selected is not None:
+            sel = stats(selected, kind, name)
+            line += [_value_ci(sel, "flip_rate", "flip_ci"), p_cell(sel.get("p_vs_base"))]
+        line += [fmt(stats(r, kind, name).get("flip_rate")) for r in others]
+        body.append(line)
+    return cols, body
+
+
+def example_pairs(ablation_dir: Path, results: dict, k: int = 4) -> list[dict]:
+    """Up to ``k`` held-out pairs the base model flipped (largest |Δmargin| first; those the selected
+    arm fixed, then those it did not), each with both phrasings, the image path, and the margins of
+    the base model and of the selected arm (first method, first seed)."""
+    summary = results.get("summary") or []
+    seeds = [r["seed"] for r in results.get("rows") or [] if r["arm"] == "base"]
+    sel = next((r for r in summary if r["arm"] == "selected"), None)
+    if not seeds or not (ablation_dir / f"base-s{seeds[0]}" / "pairs.jsonl").is_file():
+        return []
+    base = {r["id"]: r for r in read_jsonl(ablation_dir / f"base-s{seeds[0]}" / "pairs.jsonl")
+            if not r.get("negation_set") and r.get("flip") and r.get("question")}
+    after = {}
+    if sel is not None:
+        path = ablation_dir / "arms" / f"selected-{sel['method']}-s{seeds[0]}" / "after" / "pairs.jsonl"
+        if path.is_file():
+            after = {r["id"]: r for r in read_jsonl(path)}
+    ranked = sorted(base.values(), key=lambda r: -r["margin_diff"])
+    fixed = [r for r in ranked if r["id"] in after and not after[r["id"]]["flip"]]
+    kept = [r for r in ranked if r not in fixed]
+    chosen = fixed[: max(k - min(len(kept), k // 2), 0)]
+    chosen += kept[: k - len(chosen)]
+    out = []
+    for r in sorted(chosen, key=lambda r: -r["margin_diff"]):
+        a = after.get(r["id"])
+        out.append({**{key: r.get(key) for key in ("id", "question", "paraphrase", "image", "answer",
+                                                   "phenomenon", "margin_question", "margin_paraphrase")},
+                    "after": None if a is None else {key: a[key] for key in ("margin_question", "margin_paraphrase",
+                                                                             "flip")}})
+    return out
+
+
+def _thumbnail(path: str | None, size: int = 96) -> bytes | None:
+    """A PNG thumbnail of the image at ``path`` (None when it cannot be read)."""
+    import io
+
+    from PIL import Image
+
+    if not path:
+        return None
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            return buf.getvalue()
+    except (OSError, ValueError):
+        return None
+
+
+def _examples_block(examples: list[dict], out: Path) -> tuple[str, str]:
+    """(HTML with the thumbnails inlined, Markdown linking thumbnails written under ``figures/examples``)."""
+    import base64
+
+    from mechmed.io import atomic_path
+
+    cols = ["image", "question (margin)", "paraphrase (margin)", "answer", "after training the selected layers"]
+    html_rows, md_rows = [], []
+    for i, e in enumerate(examples):
+        thumb = _thumbnail(e.get("image"))
+        img_html, img_md = "", ""
+        if thumb is not None:
+            img_html = f'<img alt="{html.escape(e["id"])}" src="data:image/png;base64,{base64.b64encode(thumb).decode()}">'
+            target = out / "figures" / "examples" / f"{i}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(thumb)
+            img_md = f"![{e['id']}]({os.path.relpath(target, out)})"
+        a = e.get("after")
+        after = ("" if a is None else f"{a['margin_question']:+.2f} / {a['margin_paraphrase']:+.2f}: "
+                 + ("still flips" if a["flip"] else "consistent"))
+        cells = [f"{e['question']} ({e['margin_question']:+.2f})", f"{e['paraphrase']} ({e['margin_paraphrase']:+.2f})",
+                 str(e.get("answer", "")), after]
+        html_rows.append([img_html, *cells])
+        md_rows.append([img_md, *cells])
+    return _html_grid(cols, html_rows, raw_columns=(0,)), _md_grid(cols, md_rows)
 
 
 # ---------------------------------------------------------------- reading the run
@@ -441,9 +577,11 @@ class _Section:
     figures: list = field(default_factory=list)
     """(name, figure, caption)"""
     table: str | None = None
+    blocks: list = field(default_factory=list)
+    """(heading, text, HTML, Markdown) after the figures"""
 
 
-def _sections(run: _Run) -> list[_Section]:
+def _sections(run: _Run, out_dir: Path) -> list[_Section]:
     from mechmed import figures as F
 
     selected = _selected_layers(run)
@@ -510,6 +648,21 @@ def _sections(run: _Run) -> list[_Section]:
         figure(sec, "tradeoff", "trade-off figure", lambda: F.tradeoff(summary, base),
                "Each arm's accuracy against its flip rate: arms up and to the left of the base star reduce flips "
                "without costing accuracy.")
+        table = attempt("phenomenon table", lambda: phenomenon_table(run.ablation))
+        if table:
+            sec.blocks.append(("Flip rate by phenomenon",
+                               "The held-out flip rate of each phenomenon (and of each set reported beside the main "
+                               "one) with its number of pairs, for the base model and every arm; p is the exact "
+                               "McNemar test of the selected arm against the base on those pairs.",
+                               _html_grid(*table), _md_grid(*table)))
+        examples = attempt("example pairs", lambda: example_pairs(run.ablation_dir, run.ablation))
+        if examples:
+            blocks = attempt("example pairs", lambda: _examples_block(examples, out_dir))
+            if blocks:
+                sec.blocks.append(("Example flipped pairs",
+                                   "Held-out pairs whose answer the base model flips (largest |Δmargin| first), with "
+                                   "the yes−no margin of each phrasing (positive: yes) before training and after "
+                                   "training the selected layers.", *blocks))
         out.append(sec)
     if run.logs:
         train = (run.ablation or {}).get("config", {}).get("train", {})
@@ -566,7 +719,8 @@ table.summary th{background:#f3f3f3}.notes{color:#8a5a00}
 """
 
 
-def _html(title: str, meta: str, headlines: list[str], sections: list[_Section], notes: list[str]) -> str:
+def _html(title: str, meta: str, headlines: list[str], sections: list[_Section], notes: list[str],
+          files: dict | None = None) -> str:
     from plotly.offline import get_plotlyjs
 
     esc = html.escape
@@ -584,7 +738,12 @@ def _html(title: str, meta: str, headlines: list[str], sections: list[_Section],
         for name, fig, caption in sec.figures:
             div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}",
                               config={"displaylogo": False})
-            parts.append(f'<figure id="{esc(name)}">{div}<figcaption>{esc(caption)}</figcaption></figure>')
+            f = (files or {}).get(name) or {}
+            links = " ".join(f'<a href="{esc(f[k])}">{k.upper()}</a>' for k in ("png", "svg", "pdf") if f.get(k))
+            parts.append(f'<figure id="{esc(name)}">{div}<figcaption>{esc(caption)}'
+                         + (f' <span class="files">{links}</span>' if links else "") + "</figcaption></figure>")
+        for heading, text, block, _ in sec.blocks:
+            parts.append(f"<h3>{esc(heading)}</h3><p>{esc(text)}</p>{block}")
         parts.append("</section>")
     if notes:
         parts.append('<h2>Skipped</h2><ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
@@ -609,7 +768,10 @@ def _markdown(title: str, meta: str, headlines: list[str], sections: list[_Secti
             link = f.get("png") or f.get("html")
             if link:
                 lines.append(f"![{name}]({link})" if f.get("png") else f"[{name}]({link})")
-                lines += [f"*{caption}*", ""]
+                other = [f"[{k.upper()}]({f[k]})" for k in ("svg", "pdf") if f.get(k)]
+                lines += [f"*{caption}*" + (f" ({', '.join(other)})" if other else ""), ""]
+        for heading, text, _, block in sec.blocks:
+            lines += [f"### {heading}", "", text, "", block, ""]
     if notes:
         lines += ["## Skipped", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
@@ -635,7 +797,7 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         raise MechmedError(f"report: run directory {run_dir} not found; give the --out of mechmed demo or ablate")
     out = ensure_dir(Path(out) if out is not None else run_dir)
     run = _load(run_dir)
-    sections = _sections(run)
+    sections = _sections(run, out)
     headlines: list[str] = []
     for sec in sections:
         if sec.key in ("sae_check", "attribute", "ablation"):
@@ -645,11 +807,11 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         for sec in sections:
             for name, fig, _ in sec.figures:
                 try:
-                    res = save_figure(fig, out / "figures" / name, png=png, shared_js=True)
+                    res = save_figure(fig, out / "figures" / name, png=png, shared_js=True, vector=png)
                 except OSError as e:
                     run.skip(f"figure file {name}", f"not written ({e})")
                     continue
-                files[name] = {k: (os.path.relpath(v, out) if k in ("html", "png") and v else v)
+                files[name] = {k: (os.path.relpath(v, out) if k in ("html", "png", "svg", "pdf") and v else v)
                                for k, v in res.items()}
     title = title or f"mechmed report: {run_dir.resolve().name}"
     model = ((run.ablation or {}).get("config", {}).get("train", {}).get("model")
@@ -657,7 +819,7 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     meta = (f"Run directory {run_dir}" + (f"; model {model}" if model else "")
             + f"; mechmed {__version__}; written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. "
             "Intervals are 95% CIs; p-values are exact McNemar tests on the same held-out pairs.")
-    html_path = write_text(out / "report.html", _html(title, meta, headlines, sections, run.notes))
+    html_path = write_text(out / "report.html", _html(title, meta, headlines, sections, run.notes, files))
     md_path = write_text(out / "report.md", _markdown(title, meta, headlines, sections, run.notes, files,
                                                       run.ablation))
     return {"html": str(html_path), "md": str(md_path), "figures": files, "headlines": headlines,

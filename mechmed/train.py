@@ -284,6 +284,28 @@ def _order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def check_against_model(cfg: TrainConfig, skeleton_cache: dict | None = None) -> None:
+    """Check ``cfg``'s layers against the model's config and its target modules against the model's
+    module tree (built on the meta device: no weights are read). ``skeleton_cache`` reuses one tree
+    across the configs of a grid."""
+    from types import SimpleNamespace
+
+    from mechmed.models import model_config, skeleton
+    from mechmed.spectral import target_names
+
+    _, model_cfg, family, _ = model_config(cfg.model, seed=cfg.seed)
+    n_layers = family.n_layers(model_cfg)
+    outside = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
+    if outside:
+        raise MechmedError(f"config option layers: layer {outside[0]} is outside the model's {n_layers} decoder "
+                           f"layers (0-{n_layers - 1}); choose layers inside it")
+    cache = skeleton_cache if skeleton_cache is not None else {}
+    key = (cfg.model, cfg.seed)
+    if key not in cache:
+        cache[key] = skeleton(model_cfg, family)
+    target_names(SimpleNamespace(family=family, model=cache[key]), cfg.layers, cfg.target_modules)
+
+
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, device: str = "cpu",
           evaluate_before_after: bool = True, evaluate_before: bool = True, stop_after: int | None = None,
           progress: bool = False, png: bool = True, dtype: str | None = None) -> TrainResult:
@@ -306,19 +328,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
 
     from mechmed.consistency import compare_runs
     from mechmed.io import ensure_dir, read_jsonl, write_json, write_text
-    from mechmed.models import load_model, model_config
+    from mechmed.models import load_model
     from mechmed.progress import progress_bar
     from mechmed.runtime import check_device, versions
 
     device = check_device(device)
     out = Path(out)
-    # what the model's config can tell is checked before any data, weights or evaluation
-    _, model_cfg, family, _ = model_config(cfg.model, seed=cfg.seed)
-    n_layers = family.n_layers(model_cfg)
-    outside = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
-    if outside:
-        raise MechmedError(f"config option layers: layer {outside[0]} is outside the model's {n_layers} decoder "
-                           f"layers (0-{n_layers - 1}); choose layers inside it")
+    check_against_model(cfg)  # before any data, weights or evaluation
     train_pairs = resolve_pairs(cfg.train_data, split="train", image_root=cfg.image_root, seed=cfg.seed)
     eval_pairs = resolve_pairs(cfg.eval_data, split="eval", image_root=cfg.image_root, seed=cfg.seed)
     extra_pairs = {name: resolve_pairs(data, split="eval", image_root=cfg.image_root, seed=cfg.seed)
@@ -336,9 +352,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     torch.manual_seed(cfg.seed)
     bundle = load_model(cfg.model, device=str(accelerator.device) if device != "cpu" else "cpu", dtype=dtype,
                         answer_words=tuple(cfg.answer_words), seed=cfg.seed)
-    from mechmed.spectral import target_names
-
-    target_names(bundle, cfg.layers, cfg.target_modules)  # every target module matched once, before evaluating
     images = _Images()
     rng = np.random.default_rng(cfg.seed)
     guard_pairs = [eval_pairs[i] for i in sorted(rng.permutation(len(eval_pairs))[:cfg.guard_pairs])]

@@ -86,7 +86,10 @@ def _ci(v, ci, d):
 def test_markdown_table_is_results_json(run_dir, report):
     res = _results(run_dir)
     md = _md(run_dir)
-    table = [line for line in md.splitlines() if line.startswith("| ")]
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| arm "))
+    table = [line for line in lines[start:][: next(i for i, x in enumerate(lines[start:]) if not x.startswith("|"))]
+             if line.startswith("| ")]  # the summary table: the first table of the report
     head, body = table[0], table[1:]
     cols = [c.strip() for c in re.split(r"(?<!\\)\|", head)[1:-1]]
     assert len(body) == len(res["summary"])
@@ -241,7 +244,11 @@ def test_png_figures_linked_from_markdown(run_dir, tmp_path):
     r = build_report(run_dir, out=tmp_path)
     md = (tmp_path / "report.md").read_text(encoding="utf-8")
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == len(r["figures"])
+    figures = [link for link in links if not link.startswith("figures/examples/")]  # the rest: example thumbnails
+    assert len(figures) == len(r["figures"])
+    for name, f in r["figures"].items():
+        assert f["svg"].endswith(".svg") and (tmp_path / f["svg"]).read_text().lstrip().startswith("<svg")
+        assert (tmp_path / f["pdf"]).read_bytes()[:5] == b"%PDF-"
     for link in links:
         assert (tmp_path / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -293,3 +300,97 @@ def test_attribution_sentence_and_caption_match_the_figure_under_them(run_dir, t
     caption = next(line for line in md.splitlines() if line.startswith("Blue bars") or "Blue bars:" in line)
     grey = any(getattr(t.marker, "color", None) == "#999999" for t in bars)
     assert ("grey" in caption) == grey
+
+
+def test_each_caption_claims_what_its_figure_draws(run_dir, tmp_path):
+    """Every figure's caption against the figure and the data under it: the R² markers filled exactly
+    where the test passes and the dashed threshold; the flip-rate bars' dashed base line and grey CI
+    band at the base's numbers; the base star of the trade-off; the base as the top row of the
+    phenomenon map, with the line before the extra sets; the red collapse bands of the training curves."""
+    from mechmed.report import _load, _sections
+
+    run = tmp_path / "r"
+    shutil.copytree(run_dir, run)
+    loaded = _load(run)
+    figs = {name: (fig, caption) for sec in _sections(loaded, run) for name, fig, caption in sec.figures}
+    results = loaded.ablation
+    base = results["base"]
+
+    fig, caption = figs["r2_by_layer"]
+    assert "filled markers pass the test" in caption and "dashed threshold" in caption
+    threshold = loaded.sae_check["options"]["threshold"]
+    assert any(s.type == "line" and s.line.dash == "dash" and s.y0 == s.y1 == threshold for s in fig.layout.shapes)
+    rows = loaded.sae_check["rows"]
+    drawn = [t for t in fig.data if t.x and t.x[0] is not None]  # one trace per text set (legend entries aside)
+    assert sum(len(t.x) for t in drawn) == len(rows)
+    for t in drawn:
+        mine = sorted((r for r in rows if r["text_set"] == t.legendgroup), key=lambda r: r["layer"])
+        assert list(t.y) == [r["r2"] for r in mine]
+        assert [c != "white" for c in t.marker.color] == [bool(r["exceeds_threshold"]) for r in mine]
+
+    fig, caption = figs["flip_by_arm"]
+    assert "dashed base line" in caption and "grey CI band" in caption
+    assert any(s.type == "line" and s.line.dash == "dash" and abs(s.y0 - base["flip_rate"]) < 1e-12
+               for s in fig.layout.shapes)
+    assert any(s.type == "rect" and abs(s.y0 - base["flip_ci"][0]) < 1e-12 and abs(s.y1 - base["flip_ci"][1]) < 1e-12
+               for s in fig.layout.shapes)
+
+    fig, caption = figs["tradeoff"]
+    assert "base star" in caption
+    (star,) = [t for t in fig.data if t.marker.symbol == "star"]
+    assert (star.x[0], star.y[0]) == (base["flip_rate"], base["canonical_accuracy"])
+
+    fig, caption = figs["flip_heatmap"]
+    assert "base model (top row)" in caption
+    heat = fig.data[0]
+    assert heat.y[0].startswith("base") and fig.layout.yaxis.autorange == "reversed"
+    summary = {F.ARM_LABELS[r["arm"]]: r for r in results["summary"]}
+    for label, z in zip(heat.y, heat.z):
+        r = summary[label.split(" ·")[0].split(" (")[0]]
+        assert list(z[1:1 + len(r["by_phenomenon"])]) == list(r["by_phenomenon"].values())
+    if results["base"].get("sets"):
+        assert "right:" in caption and any(s.type == "line" for s in fig.layout.shapes)
+
+    lo, hi = results["config"]["train"]["collapse_low"], results["config"]["train"]["collapse_high"]
+    curves = [name for name in figs if name.startswith("training_")]
+    assert curves
+    for name in curves:
+        fig, _ = figs[name]
+        bands = {(s.y0, s.y1) for s in fig.layout.shapes if s.type == "rect" and s.fillcolor == F.COLLAPSE_COLOUR}
+        assert (0, lo) in bands and (hi, 1) in bands, (name, bands)
+
+
+def test_phenomenon_table_and_examples_are_the_run_files(run_dir, tmp_path):
+    """The per-phenomenon table's cells are results.json's pooled statistics; each example pair's
+    phrasings and margins are those of the base evaluation's pairs.jsonl, and only flipped pairs are shown."""
+    from mechmed.io import read_jsonl
+    from mechmed.report import example_pairs, fmt, phenomenon_table
+
+    results = _results(run_dir)
+    cols, body = phenomenon_table(results)
+    base = results["base"]
+    assert cols[:3] == ["phenomenon", "pairs", "base [95% CI]"]
+    for line, (name, stats) in zip(body, base["phenomena"].items()):
+        assert line[1] == str(stats["n_pairs"]) and line[2] == _ci(stats["flip_rate"], stats["flip_ci"], 3)
+    assert sum(s["n_pairs"] for s in base["phenomena"].values()) == base["n_pairs"]
+    selected = next(r for r in results["summary"] if r["arm"] == "selected")
+    for line, stats in zip(body, selected["phenomena"].values()):
+        assert line[3] == _ci(stats["flip_rate"], stats["flip_ci"], 3)
+    late = next(r for r in results["summary"] if r["arm"] == "late")
+    col = cols.index("late")
+    for line, stats in zip(body, late["phenomena"].values()):
+        assert line[col] == fmt(stats["flip_rate"])
+
+    rows = {r["id"]: r for r in read_jsonl(run_dir / "ablation" / "base-s0" / "pairs.jsonl")}
+    examples = example_pairs(run_dir / "ablation", results)
+    assert len(examples) == min(4, sum(1 for r in rows.values() if r["flip"] and not r["negation_set"]))
+    for e in examples:
+        r = rows[e["id"]]
+        assert r["flip"] and (e["question"], e["paraphrase"]) == (r["question"], r["paraphrase"])
+        assert (e["margin_question"], e["margin_paraphrase"]) == (r["margin_question"], r["margin_paraphrase"])
+    build_report(run_dir, out=tmp_path, png=False)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "### Flip rate by phenomenon" in md
+    if examples:
+        assert f"{examples[0]['question']} ({examples[0]['margin_question']:+.2f})" in md
+        assert 'src="data:image/png;base64,' in (tmp_path / "report.html").read_text(encoding="utf-8")
