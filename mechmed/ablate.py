@@ -183,8 +183,10 @@ def arm_config(cfg: AblationConfig, arm: Arm):
     return TrainConfig.from_dict(d, source=f"{cfg.source}: arm {arm.name}")
 
 
-def _run_arm(cfg_dict: dict, run_dir: str, threads: int | None, device: str = "cpu", dtype: str | None = None) -> dict:
-    """Train (or resume, or read back) one arm; runs in a worker process when ``workers`` > 1."""
+def _run_arm(cfg_dict: dict, run_dir: str, threads: int | None, device: str = "cpu", dtype: str | None = None,
+             progress: bool = False) -> dict:
+    """Train (or resume, or read back) one arm; runs in a worker process when ``workers`` > 1.
+    ``progress`` draws the arm's own training bar, named by the arm."""
     import json
 
     from mechmed.config import TrainConfig
@@ -197,7 +199,7 @@ def _run_arm(cfg_dict: dict, run_dir: str, threads: int | None, device: str = "c
     cfg = TrainConfig.from_dict(cfg_dict, source=str(out / "config.yaml"))
     with torch_threads(threads):  # restored: in-process arms run in the caller's process
         return train(cfg, out, resume=(out / "checkpoint").exists(), evaluate_before=False, png=False, device=device,
-                     dtype=dtype).metrics
+                     dtype=dtype, progress=f"arm {out.name}" if progress else False).metrics
 
 
 def _read_pairs(path: Path) -> dict:
@@ -442,7 +444,7 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
                 metrics[futures[fut]] = fut.result()
     else:
         for name in progress_bar(list(jobs), desc="ablation arms" if progress else None):
-            metrics[name] = _run_arm(*jobs[name], small, device, dtype)
+            metrics[name] = _run_arm(*jobs[name], small, device, dtype, progress)
 
     rows, pairs_by_row = [], {}
     for s in cfg.seeds:

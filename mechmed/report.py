@@ -192,6 +192,11 @@ def example_pairs(ablation_dir: Path, results: dict, k: int = 4) -> list[dict]:
         if path.is_file():
             after = {r["id"]: r for r in read_jsonl(path)}
     ranked = sorted(base.values(), key=lambda r: -r["margin_diff"])
+    firsts, rest, seen = [], [], set()  # one pair per question first, so the examples show several findings
+    for r in ranked:
+        (rest if r["question"] in seen else firsts).append(r)
+        seen.add(r["question"])
+    ranked = firsts + rest
     fixed = [r for r in ranked if r["id"] in after and not after[r["id"]]["flip"]]
     kept = [r for r in ranked if r not in fixed]
     chosen = fixed[: max(k - min(len(kept), k // 2), 0)]
@@ -217,6 +222,9 @@ def _thumbnail(path: str | None, size: int = 96) -> bytes | None:
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
+            if max(im.size) < size:  # small images are enlarged, pixels kept sharp
+                scale = size // max(im.size)
+                im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, format="PNG")
@@ -660,7 +668,8 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
             blocks = attempt("example pairs", lambda: _examples_block(examples, out_dir))
             if blocks:
                 sec.blocks.append(("Example flipped pairs",
-                                   "Held-out pairs whose answer the base model flips (largest |Δmargin| first), with "
+                                   "Held-out pairs whose answer the base model flips (one per question where there are enough, largest "
+                                   "|Δmargin| first), with "
                                    "the yes−no margin of each phrasing (positive: yes) before training and after "
                                    "training the selected layers.", *blocks))
         out.append(sec)

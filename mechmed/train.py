@@ -308,7 +308,7 @@ def check_against_model(cfg: TrainConfig, skeleton_cache: dict | None = None) ->
 
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, device: str = "cpu",
           evaluate_before_after: bool = True, evaluate_before: bool = True, stop_after: int | None = None,
-          progress: bool = False, png: bool = True, dtype: str | None = None) -> TrainResult:
+          progress: bool | str = False, png: bool = True, dtype: str | None = None) -> TrainResult:
     """Train the configured adapter and write the run directory (see docs/training.md).
 
     ``device`` is a torch device or ``auto``; ``dtype`` the base weights' dtype (default float32 on
@@ -400,7 +400,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     model.train()
     t0 = time.perf_counter()
     first = step
-    for step in progress_bar(range(first, total), desc="training" if progress else None, total=total - first):
+    for step in progress_bar(range(first, total), desc=(progress if isinstance(progress, str) else "training")
+                             if progress else None, total=total - first):
         epoch, within = divmod(step, steps_per_epoch)
         order = _order(len(train_pairs), cfg.seed, epoch)
         sums = {"loss": 0.0, "ce": 0.0, "consistency": 0.0, **({"balance": 0.0} if spectral else {})}

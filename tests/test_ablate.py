@@ -190,3 +190,13 @@ def test_negation_pairs_of_a_mixed_main_set_are_their_own_set(tmp_path):
     assert evaluation_sets(tmp_path / "only", []) == {}
     write(tmp_path / "mixed" / "negation", rows[5:])
     assert sorted(evaluation_sets(tmp_path / "mixed", ["negation"])["negation"]) == ["5", "6", "7"]
+
+
+def test_each_arm_shows_its_progress(tiny_workspace, tmp_path, monkeypatch, capsys):
+    """With progress on, the grid draws a bar over the arms and each arm's training bar, named by the arm."""
+    monkeypatch.setenv("MECHMED_PROGRESS", "1")
+    cfg_file = tmp_path / "ablation.yaml"
+    cfg_file.write_text(yaml.safe_dump({"train": _train(tiny_workspace), "arms": ["selected"], "seeds": [0]}))
+    run_ablation(cfg_file, tmp_path / "out", progress=True)
+    err = capsys.readouterr().err
+    assert "ablation arms" in err and "arm selected-lora-s0" in err

@@ -430,6 +430,14 @@ def ablation_on_a_gpu_that_is_not_there(ws, tmp):
         "--device cuda:7: "
 
 
+@case("ablate")
+def ablation_target_module_not_in_the_model(ws, tmp):
+    """Every arm's target modules are checked on the model's module tree (no weights) before the base
+    model is evaluated."""
+    return _ablation(ws, tmp, {"train": _config(ws, tmp, target_modules=["q_proj", "nope_proj"]),
+                               "arms": ["selected", "all"]}), "config option target_modules: matched"
+
+
 @case("demo")
 def demo_on_a_gpu_that_is_not_there(ws, tmp):
     """The demo checks its device before it builds or reuses anything."""

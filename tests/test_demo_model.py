@@ -197,15 +197,20 @@ def test_noisy_variants_keep_the_finding_and_negation():
 # ----------------------------------------------------------------------------- determinism
 
 
-def test_same_seed_same_weights(demo_cache, tmp_path):
-    """Two short builds with one seed: identical weights and metrics (timing aside)."""
+def test_same_seed_same_weights(demo_cache, tmp_path, monkeypatch, capsys):
+    """Two short builds with one seed: identical weights and metrics (timing aside); a build shows
+    its progress (both training stages) when progress is on."""
     from mechmed.demo.build import build_demo
     from mechmed.demo.train import DemoTrainConfig
 
     short = DemoTrainConfig(
         n_images=128, vision_steps=10, vision_batch=32, steps=10, batch=16, lm_batch=8, noise_variants=4
     )
+    monkeypatch.setenv("MECHMED_PROGRESS", "1")
     a = build_demo(tmp_path / "a", seed=SEED, cache_dir=demo_cache, train_config=short)
+    err = capsys.readouterr().err
+    assert "demo model: vision tower" in err and "demo model: decoder" in err
+    monkeypatch.setenv("MECHMED_PROGRESS", "0")
     b = build_demo(tmp_path / "b", seed=SEED, cache_dir=demo_cache, train_config=short)
     for m in (a, b):
         m.pop("timing")

@@ -100,7 +100,8 @@ def ensure_demo_saes(cache_dir: str | None = None, seed: int = 0, kind: str = "b
         acts = collect_activations(bundle, demo_training_batches(bundle, cfg, seed), layers)
         collect_s = time.perf_counter() - t0
         log.info("demo SAEs: %d tokens x %d layers collected in %.1fs", acts[0].shape[0], len(layers), collect_s)
-        trained = train_saes(acts, cfg, seed=seed, model_name=f"mechmed-demo:{model_dir.name}", num_threads=1)
+        trained = train_saes(acts, cfg, seed=seed, model_name=f"mechmed-demo:{model_dir.name}", num_threads=1,
+                             progress="demo SAEs")
     manifest = {"recipe": cfg.to_dict(), "seed": seed, "model_dir": str(model_dir),
                 "model_weights": _weights_digest(model_dir), "collect_s": collect_s, **trained.stats}
     tmp = temp_dir(final.parent, prefix=f".{final.name}.")

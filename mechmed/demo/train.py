@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from mechmed.errors import MechmedError
+from mechmed.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def pretrain_vision(model, pixels, labels, cfg: DemoTrainConfig, generator) -> d
     n = pixels.shape[0]
     loss_fn = nn.BCEWithLogitsLoss()
     losses = []
-    for step in range(cfg.vision_steps):
+    for step in progress_bar(range(cfg.vision_steps), desc="demo model: vision tower"):
         idx = torch.randint(0, n, (cfg.vision_batch,), generator=generator)
         flip = torch.rand(cfg.vision_batch, generator=generator) < 0.5
         x = pixels[idx]
@@ -534,7 +535,7 @@ def train_decoder(
     pos = np.argwhere(present_np)  # (image, finding) where the finding is present
     neg = np.argwhere(~present_np)
     hist: dict[str, list[float]] = {"answer": [], "lm": []}
-    for step in range(cfg.steps):
+    for step in progress_bar(range(cfg.steps), desc="demo model: decoder"):
         half = cfg.batch // 2
         items = np.concatenate(
             [pos[rng.integers(len(pos), size=half)], neg[rng.integers(len(neg), size=cfg.batch - half)]]
