@@ -246,7 +246,7 @@ def test_png_figures_linked_from_markdown(run_dir, tmp_path):
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     figures = [link for link in links if not link.startswith("figures/examples/")]  # the rest: example thumbnails
     assert len(figures) == len(r["figures"])
-    for name, f in r["figures"].items():
+    for f in r["figures"].values():
         assert f["svg"].endswith(".svg") and (tmp_path / f["svg"]).read_text().lstrip().startswith("<svg")
         assert (tmp_path / f["pdf"]).read_bytes()[:5] == b"%PDF-"
     for link in links:
@@ -370,7 +370,7 @@ def test_phenomenon_table_and_examples_are_the_run_files(run_dir, tmp_path):
     cols, body = phenomenon_table(results)
     base = results["base"]
     assert cols[:3] == ["phenomenon", "pairs", "base [95% CI]"]
-    for line, (name, stats) in zip(body, base["phenomena"].items()):
+    for line, stats in zip(body, base["phenomena"].values()):
         assert line[1] == str(stats["n_pairs"]) and line[2] == _ci(stats["flip_rate"], stats["flip_ci"], 3)
     assert sum(s["n_pairs"] for s in base["phenomena"].values()) == base["n_pairs"]
     selected = next(r for r in results["summary"] if r["arm"] == "selected")
