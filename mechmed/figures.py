@@ -420,8 +420,10 @@ def feature_heatmap(results, top: int = 10, *, value: str = "mean_attr", title: 
     for r in rows:
         i = layers.index(r["layer"])
         z[i][r["rank"]] = r[value]
-        text[i][r["rank"]] = f"#{r['feature']}"
-        hover[i][r["rank"]] = [r["feature"], r.get("mean_delta_f"), r.get("auc"), r.get("recovery")]
+        label = str(r.get("label") or "")
+        short = label if len(label) <= 18 else label[:17] + "…"
+        text[i][r["rank"]] = f"#{r['feature']}" + (f"<br>{short}" if short else "")
+        hover[i][r["rank"]] = [r["feature"], r.get("mean_delta_f"), r.get("auc"), r.get("recovery"), label or "none"]
     vals = [abs(v) for row in z for v in row if _finite(v)]
     zmax = max(vals) if vals else 1.0
     fig = go.Figure(go.Heatmap(
@@ -429,7 +431,7 @@ def feature_heatmap(results, top: int = 10, *, value: str = "mean_attr", title: 
         texttemplate="%{text}", textfont=dict(size=11), customdata=hover,
         colorscale="RdBu_r", zmid=0, zmin=-zmax, zmax=zmax, xgap=2, ygap=2,
         colorbar=dict(title=dict(text="mean attribution<br>(logits)", side="right"), thickness=14),
-        hovertemplate=("%{y}, %{x}: feature %{customdata[0]}<br>mean attribution %{z:.3g}"
+        hovertemplate=("%{y}, %{x}: feature %{customdata[0]}<br>label: %{customdata[4]}<br>mean attribution %{z:.3g}"
                        "<br>mean Δf %{customdata[1]:.3g}<br>AUC %{customdata[2]:.2f}"
                        "<br>delta-patch recovery %{customdata[3]:.2f}<extra></extra>"),
     ))
@@ -437,7 +439,8 @@ def feature_heatmap(results, top: int = 10, *, value: str = "mean_attr", title: 
                  height=max(340, 140 + 46 * len(layers)), bottom=60)
     fig.update_layout(margin=dict(t=110), title_subtitle=dict(
         font=dict(size=12), text="colour: signed mean attribution −Δf·(∇margin·W_dec); cell text: the feature's "
-        "index<br>red: setting the feature to its value on the question raises the paraphrase's yes−no margin; "
+        "index" + (" and its label (from the SAEs' explanations)" if any(r.get("label") for r in rows) else "")
+        + "<br>red: setting the feature to its value on the question raises the paraphrase's yes−no margin; "
         "blue: lowers it"))
     fig.update_yaxes(autorange="reversed", title_text="SAE layer")
     fig.update_xaxes(title_text="feature rank within the layer", side="bottom")

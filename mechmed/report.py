@@ -630,9 +630,11 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
                + "; the orange line is exact patching. The shaded band is the window chosen for training: it "
                "should sit where the blue bars peak" + (" and rise above grey." if grey else "."))
         if run.features:
+            labelled = any(r.get("label") for r in run.features)
             figure(sec, "feature_heatmap", "feature heatmap", lambda: F.feature_heatmap(run.features),
-                   "The SAE features with the largest attribution on flipped pairs, per layer; strongly coloured "
-                   "cells name the features worth inspecting.")
+                   "The SAE features with the largest attribution on flipped pairs, per layer"
+                   + (", each with its label from the SAEs' explanations" if labelled else "")
+                   + "; strongly coloured cells name the features worth inspecting.")
         out.append(sec)
     if run.train_cfg is not None:
         sec = _Section("select", "3. The selected layers")

@@ -44,6 +44,7 @@ temporary directory and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -373,6 +374,60 @@ def sae_sources(spec: str, n_layers: int, *, cache_dir: str | None = None, seed:
     )
 
 
+#: The file a Neuronpedia explanation export is read from, beside a sae-lens SAE directory.
+LABELS_FILE = "explanations.json"
+
+
+def neuronpedia_id(source, sae=None) -> str | None:
+    """The Neuronpedia id (``MODEL/SAE_ID``) of an SAE: from its sae-lens metadata, else from
+    sae-lens's directory of pretrained releases for a (release, id) source. Read locally only."""
+    nid = getattr(getattr(getattr(sae, "cfg", None), "metadata", None), "neuronpedia_id", None)
+    if nid:
+        return str(nid)
+    if isinstance(source, (tuple, list)) and len(source) == 2:
+        with contextlib.suppress(Exception):  # an unknown release has no id, which is not an error here
+            from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+            entry = get_pretrained_saes_directory().get(str(source[0]))
+            return ((entry.neuronpedia_id or {}) if entry else {}).get(str(source[1])) or None
+    return None
+
+
+def feature_labels(source, sae=None) -> dict[int, str]:
+    """Human labels of an SAE's features, where a local file has them; never invented.
+
+    Read from ``explanations.json`` in the SAE's directory, else from
+    ``$MECHMED_CACHE/neuronpedia/<neuronpedia id>.json``: Neuronpedia's explanation export (a list of
+    objects with ``index`` and ``description``, as its ``/api/explanation/export`` writes) or a
+    mapping of feature index to label. The first label of a feature is kept. Empty when neither exists.
+    """
+    from mechmed.runtime import cache_root
+
+    candidates = []
+    if not isinstance(source, (tuple, list)) and Path(str(source)).expanduser().is_dir():
+        candidates.append(Path(str(source)).expanduser() / LABELS_FILE)
+    nid = neuronpedia_id(source, sae)
+    if nid:
+        candidates.append(cache_root() / "neuronpedia" / f"{nid}.json")
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        return {}
+    from mechmed.io import read_json
+
+    raw = read_json(path, "feature labels")
+    items = raw.items() if isinstance(raw, dict) else ((r.get("index"), r.get("description"))
+                                                        for r in raw if isinstance(r, dict))
+    labels: dict[int, str] = {}
+    for index, text in items:
+        with contextlib.suppress(TypeError, ValueError):
+            if isinstance(text, str) and text.strip():
+                labels.setdefault(int(index), " ".join(text.split()))
+    if not labels:
+        raise MechmedError(f"feature labels {path}: no labels read; write a Neuronpedia explanation export "
+                           "(objects with index and description) or a mapping of feature index to label")
+    return labels
+
+
 def resolve_saes(spec: str, bundle, layers: str | Sequence[int] = "all", *, device: str | None = None,
                  cache_dir: str | None = None, seed: int = 0) -> dict[int, Any]:
     """Load and check one SAE per requested layer: {layer: SAE}.
@@ -402,6 +457,7 @@ def resolve_saes(spec: str, bundle, layers: str | Sequence[int] = "all", *, devi
     for L in wanted:
         sae = load_sae(sources[L], device=device)
         check_sae(sae, bundle, Site(L))
+        sae.mechmed_labels = feature_labels(sources[L], sae)  # {} where no local file has them
         saes[L] = sae
     return saes
 

@@ -198,6 +198,10 @@ def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "d
     results = attribute(bundle, pairs, saes=sae_map, exact=exact, batch_size=batch_size, progress=progress)
     scores = layer_scores(results, seed=seed)
     rows = feature_table(results, top=top_features) if sae_map else []
+    labels = {L: getattr(sae, "mechmed_labels", {}) for L, sae in (sae_map or {}).items()}
+    if any(labels.values()):  # a label column only where the SAEs ship labels; none are made up
+        for row in rows:
+            row["label"] = labels[row["layer"]].get(int(row["feature"]), "")
     if sae_map and rows:
         # delta-patch recovery of each top feature, averaged over flipped pairs (or all when none flipped)
         by_id = {p.id: p for p in pairs}

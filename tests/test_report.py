@@ -28,6 +28,9 @@ def _random_saes(root, d_model: int, n_layers: int):
         sae = TopKSAE(TopKSAEConfig(d_in=d_model, d_sae=32, k=4,
                                     metadata=SAEMetadata(hook_name=Site(layer).hook_name))).eval()
         sae.save_model(str(root / f"layer_{layer}"))
+    # Neuronpedia's explanation export for half of layer 1's features: labels there, none elsewhere
+    (root / "layer_1" / "explanations.json").write_text(json.dumps(
+        [{"modelId": "tiny", "layer": "1-res", "index": str(i), "description": f" finding word {i} "} for i in range(16)]))
     return root
 
 
@@ -394,3 +397,37 @@ def test_phenomenon_table_and_examples_are_the_run_files(run_dir, tmp_path):
     if examples:
         assert f"{examples[0]['question']} ({examples[0]['margin_question']:+.2f})" in md
         assert 'src="data:image/png;base64,' in (tmp_path / "report.html").read_text(encoding="utf-8")
+
+
+def test_feature_labels_come_from_the_saes_explanations_only(run_dir, tmp_path, monkeypatch):
+    """features.csv carries each feature's label where the SAE directory's explanations.json has one,
+    and an empty label elsewhere (none made up); the heatmap writes the label under the index; an SAE
+    whose metadata names a Neuronpedia id finds its export in mechmed's cache."""
+    import csv
+
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from mechmed.saes import feature_labels
+
+    rows = list(csv.DictReader((run_dir / "attribute" / "features.csv").read_text().splitlines()))
+    assert rows and "label" in rows[0]
+    for r in rows:
+        want = f"finding word {r['feature']}" if r["layer"] == "1" and int(r["feature"]) < 16 else ""
+        assert r["label"] == want, r
+    fig = F.feature_heatmap(rows)
+    labelled = [r for r in rows if r["label"] and int(r["rank"]) < 10]
+    if labelled:
+        assert any(f"#{labelled[0]['feature']}<br>{labelled[0]['label']}" in t for line in fig.data[0].text for t in line)
+
+    monkeypatch.setenv("MECHMED_CACHE", str(tmp_path / "cache"))
+    sae = TopKSAE(TopKSAEConfig(d_in=8, d_sae=4, k=2, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post",
+                                                                            neuronpedia_id="tiny-it/0-res-4")))
+    torch.manual_seed(0)
+    sae.save_model(str(tmp_path / "sae"))
+    assert feature_labels(str(tmp_path / "sae"), sae) == {}
+    target = tmp_path / "cache" / "neuronpedia" / "tiny-it" / "0-res-4.json"
+    target.parent.mkdir(parents=True)
+    target.write_text(json.dumps({"2": "pleural fluid", "3": "  "}))
+    assert feature_labels(str(tmp_path / "sae"), sae) == {2: "pleural fluid"}
