@@ -271,7 +271,8 @@ def evaluate_base(cfg: AblationConfig, seed: int, out: Path, progress: bool = Fa
     if (d / "metrics.json").is_file() and (d / "pairs.jsonl").is_file():
         return json.loads((d / "metrics.json").read_text(encoding="utf-8")), _read_pairs(d / "pairs.jsonl")
     t = cfg.train
-    bundle = load_model(t["model"], answer_words=tuple(t["answer_words"]), seed=seed, device=device, dtype=dtype)
+    bundle = load_model(t["model"], answer_words=tuple(t["answer_words"]), seed=seed, device=device, dtype=dtype,
+                        prompt_template=t.get("prompt_template"))
     pairs = resolve_pairs(t["eval_data"], split="eval", image_root=t.get("image_root"), seed=seed)
     extra = {name: resolve_pairs(data, split="eval", image_root=t.get("image_root"), seed=seed)
              for name, data in (t.get("extra_eval") or {}).items()}

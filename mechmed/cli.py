@@ -41,13 +41,19 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo",
-                   help="hub id (google/medgemma-4b-it), local checkpoint directory, or 'demo' (default)")
+                   help="hub id (google/medgemma-4b-it), local checkpoint directory, a .gguf file, or 'demo' (default)")
+    p.add_argument("--gguf-file", default=None, metavar="NAME.gguf",
+                   help="the GGUF file inside --model (a local directory or a hub repository); read once through "
+                   "transformers (needs mechmed[gguf]) and cached as safetensors")
     _add_device_options(p)
     p.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
                    help="spread a model too large for one card over the visible GPUs (accelerate's device_map; "
                    "default: all on --device)")
     p.add_argument("--answer-words", type=_words, default=("yes", "no"),
                    help="the two answer words, each a single token (default yes,no)")
+    p.add_argument("--prompt-template", default=None, metavar="TEXT",
+                   help="build prompts from TEXT with {question} (and {image}) instead of the chat template "
+                   "(default: the chat template; a model without one: 'Question: {question}\\nAnswer:')")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a checkpoint's own Python code to run (off by default)")
     p.add_argument("--revision", default=None, help="hub model revision: a branch, tag or commit (default main)")
@@ -138,10 +144,10 @@ def cmd_compare(args) -> int:
 
 def model_options(args) -> dict:
     """The shared model-loading options (--dtype, --answer-words, --trust-remote-code, --revision,
-    --local-files-only, --cache-dir, --device-map) as keywords."""
+    --local-files-only, --cache-dir, --device-map, --prompt-template) as keywords."""
     return {"dtype": args.dtype, "answer_words": tuple(args.answer_words), "trust_remote_code": args.trust_remote_code,
             "revision": args.revision, "local_files_only": args.local_files_only, "cache_dir": args.cache_dir,
-            "device_map": args.device_map}
+            "device_map": args.device_map, "prompt_template": args.prompt_template}
 
 
 def cmd_sae_check(args) -> int:
@@ -566,6 +572,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "device", None):  # before any data or weights: a device that is not there is one line
             args.device = check_device(args.device)  # and auto is CUDA where present
+        if getattr(args, "gguf_file", None):
+            from mechmed.checkpoints import gguf_path
+
+            args.model = gguf_path(args.model, args.gguf_file, revision=args.revision, cache_dir=args.cache_dir,
+                                   local_files_only=args.local_files_only)
+        if getattr(args, "prompt_template", None) is not None:
+            from mechmed.readout import check_template
+
+            check_template(args.prompt_template)
         threads = cpu_threads_for(str(model), getattr(args, "device", "cpu")) if model else None
         with guard, torch_threads(threads):
             return int(args.func(args) or 0)

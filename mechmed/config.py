@@ -161,6 +161,9 @@ class TrainConfig:
     """Recompute activations in the backward pass to save memory."""
     answer_words: list = field(default_factory=lambda: ["yes", "no"])
     """The two answer words (each one token)."""
+    prompt_template: str | None = None
+    """Prompts from this text with {question} (and {image}) instead of the chat template; default: the
+    chat template, or 'Question: {question}\\nAnswer:' for a model without one."""
     seed: int = 0
     """Random seed (data order, adapter init)."""
     spectral: SpectralConfig = field(default_factory=SpectralConfig)

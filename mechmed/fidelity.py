@@ -8,6 +8,9 @@ tokens, BOS excluded; image tokens included), x the resid_post activation, x̂ =
   the per-prompt R²ᵢ sums over prompt i's tokens and uses the same global μ, and ``r2`` is their
   mean, the quantity tested. **FVU** = 1 − R² (``fvu`` = 1 − ``r2``).
 - **L0**: mean number of nonzero latents per token. **cosine**: mean cos(x, x̂) per token.
+- **By token type** (``by_token_type``): pooled R², FVU and L0 over the text, image and special
+  tokens apart (:func:`token_types`), each against its own mean, and over BOS, which the headline
+  leaves out (its residual has a norm many times the others' in Gemma 3).
 - **CE recovered** (``ce=True``) = (CE_zero − CE_recon) / (CE_zero − CE_clean): next-token
   cross-entropy on the prompt tokens (image-token targets and BOS sources excluded) with the layer's
   output left as is (clean), replaced by x̂ (recon), or set to zero (zero) at the evaluated
@@ -284,6 +287,48 @@ class _Interventions:
         return out
 
 
+#: Token types whose R² is reported apart (``by_token_type``); ``bos`` is outside the headline.
+TOKEN_TYPES = ("text", "image", "special", "bos")
+
+
+def token_types(bundle, inputs) -> dict:
+    """{type: [batch, pos] bool} over the real tokens of ``inputs``: ``image`` (the image soft
+    tokens), ``special`` (the tokenizer's special tokens other than BOS and padding: turn markers,
+    image delimiters), ``bos``, and ``text`` (every other real token). Each real token has one type."""
+    import torch
+
+    from mechmed.capture import image_token_mask
+
+    ids = inputs["input_ids"]
+    real = inputs["attention_mask"].bool()
+    tok = bundle.tokenizer
+    bos_id = getattr(tok, "bos_token_id", None)
+    bos = real & (ids == bos_id) if bos_id is not None else torch.zeros_like(real)
+    image = real & image_token_mask(bundle, inputs)
+    specials = sorted(set(getattr(tok, "all_special_ids", []) or []) - {bos_id})
+    special = real & torch.isin(ids, torch.tensor(specials, device=ids.device, dtype=ids.dtype)) & ~image \
+        if specials else torch.zeros_like(real)
+    return {"text": real & ~(bos | image | special), "image": image, "special": special, "bos": bos}
+
+
+def _type_summary(stats: dict) -> dict:
+    """{type: token count, pooled R² and FVU (None where the type's activations do not vary, as
+    BOS's do not), relative error Σ‖x − x̂‖² / Σ‖x‖², RMS norm √(Σ‖x‖²/n) and L0} of the types that
+    had tokens."""
+    out = {}
+    for name, st in stats.items():
+        if st.n == 0:
+            continue
+        summ = st.summary()
+        c = st.ref
+        sum_x2 = st.sum_sq + 2.0 * float(c @ st.sum_xc) + st.n * float(c @ c)
+        r2 = summ.r2_pooled if math.isfinite(summ.r2_pooled) else None
+        out[name] = {"n_tokens": summ.n_tokens, "r2_pooled": r2, "fvu_pooled": None if r2 is None else 1.0 - r2,
+                     "relative_error": st.ssr / sum_x2 if sum_x2 > 0 else None,
+                     "rms_norm": math.sqrt(sum_x2 / st.n), "l0": summ.l0}
+    return out
+
+
 @dataclass
 class SetEvaluation:
     """:func:`evaluate_saes` on one prompt set: rows (one per layer) and what it cost."""
@@ -299,7 +344,8 @@ class SetEvaluation:
         return self.n_forwards / max(1, self.n_batches)
 
 
-def _row(layer: int, name: str, summ: FidelitySummary, inter: dict, threshold: float, alpha: float, sae) -> dict:
+def _row(layer: int, name: str, summ: FidelitySummary, inter: dict, threshold: float, alpha: float, sae,
+         by_type: dict | None = None) -> dict:
     from scipy import stats as sps
 
     from mechmed.saes import sae_hook_name
@@ -322,7 +368,7 @@ def _row(layer: int, name: str, summ: FidelitySummary, inter: dict, threshold: f
         "l0": summ.l0, "cosine": summ.cosine, **inter,
         "threshold": threshold, "t_statistic": t_stat, "p_value": p_value, "alpha": alpha,
         "exceeds_threshold": bool(p_value is not None and p_value < alpha and mean > threshold),
-        "d_sae": int(sae.cfg.d_sae), "sae_hook": sae_hook_name(sae),
+        "d_sae": int(sae.cfg.d_sae), "sae_hook": sae_hook_name(sae), "by_token_type": by_type or {},
     }
 
 
@@ -345,6 +391,7 @@ def evaluate_saes(bundle, saes: dict, prompts: PromptSet, *, batch_size: int = 8
     for s in sites.values():
         s.check(bundle.n_layers)
     stats = {L: ReconstructionStats(len(prompts)) for L in layers}
+    typed = {L: {t: ReconstructionStats(len(prompts)) for t in TOKEN_TYPES} for L in layers}
     inter = {L: _Interventions() for L in layers}
     model, family = bundle.model, bundle.family
     n_forwards = n_batches = n_tokens = 0
@@ -361,8 +408,10 @@ def evaluate_saes(bundle, saes: dict, prompts: PromptSet, *, batch_size: int = 8
         for start in progress_bar(starts, desc=progress, total=len(starts)):
             inputs = prompts.inputs(bundle, start, start + batch_size).to(bundle.device)
             mask = token_mask(inputs, bundle.tokenizer)
+            types = token_types(bundle, inputs)
             b = int(mask.shape[0])
-            rows = torch.arange(b, device=mask.device)[:, None].expand_as(mask)[mask]
+            prompt_of = torch.arange(b, device=mask.device)[:, None].expand_as(mask)
+            rows = prompt_of[mask]
             acts: dict[int, Any] = {}
 
             def keep(site, act, store=acts):
@@ -380,6 +429,14 @@ def evaluate_saes(bundle, saes: dict, prompts: PromptSet, *, batch_size: int = 8
                                        "NaN/inf; check the model weights and --dtype")
                 x_hat, l0 = _sae_apply(saes[L], x)
                 stats[L].add(x, x_hat, l0, rows + start)
+                in_mask = {t: m[mask] for t, m in types.items() if t != "bos"}  # positions within x
+                for t, sel in in_mask.items():
+                    if sel.any():
+                        typed[L][t].add(x[sel], x_hat[sel], l0[sel], rows[sel] + start)
+                if types["bos"].any():  # outside the headline: BOS carries a large-norm residual
+                    xb = acts[L][types["bos"]]
+                    xb_hat, l0b = _sae_apply(saes[L], xb)
+                    typed[L]["bos"].add(xb, xb_hat, l0b, prompt_of[types["bos"]] + start)
                 if ce:
                     full = acts[L].clone()
                     full[mask] = x_hat.to(full.dtype)
@@ -410,8 +467,8 @@ def evaluate_saes(bundle, saes: dict, prompts: PromptSet, *, batch_size: int = 8
                     it.margin_delta.append(m - clean_margin)
                     it.flips += int(np.sum(np.sign(m) != np.sign(clean_margin)))
     seconds = time.perf_counter() - t0
-    out_rows = [_row(L, prompts.name, stats[L].summary(), inter[L].summary(), threshold, alpha, saes[L])
-                for L in layers]
+    out_rows = [_row(L, prompts.name, stats[L].summary(), inter[L].summary(), threshold, alpha, saes[L],
+                     _type_summary(typed[L])) for L in layers]
     return SetEvaluation(out_rows, n_batches, n_forwards, n_tokens, seconds)
 
 

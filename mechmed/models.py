@@ -49,6 +49,17 @@ class ModelBundle:
     def multimodal(self) -> bool:
         return self.family.multimodal and getattr(self.processor, "image_processor", None) is not None
 
+    @property
+    def provenance(self) -> dict:
+        """Where the weights came from and how prompts are built: for a run's metadata."""
+        from mechmed.readout import prompt_format
+
+        out = {"model": self.name, "prompt_format": prompt_format(self.processor)}
+        source = getattr(self.model, "mechmed_source", None)
+        if source:
+            out["source"] = source
+        return out
+
 
 def bundle(model, processor, *, answer_words=("yes", "no"), name: str = "") -> ModelBundle:
     """Wrap an already-built model and processor (e.g. a tiny model made in a notebook)."""
@@ -97,11 +108,14 @@ def model_config(name_or_path: str = "demo", *, local_files_only: bool | None = 
     config (so a layer count costs no weights)."""
     import transformers
 
+    from mechmed.checkpoints import gguf_checkpoint, is_gguf
     from mechmed.sources import model_dir
 
     name = str(name_or_path)
     built = model_dir(name, cache_dir=cache_dir, seed=seed)
-    if built is not None:  # a named source (the embedded default): its own cached checkpoint
+    if built is None and is_gguf(name):  # a GGUF file: its dequantised copy under mechmed's cache
+        built = gguf_checkpoint(name, cache_dir=cache_dir)
+    if built is not None:  # a named source (the embedded default) or a GGUF file: a cached checkpoint
         path, offline = str(built), True
     else:
         path, offline = name, _offline(local_files_only)
@@ -132,12 +146,19 @@ def skeleton(config, family: ArchitectureMap):
 def load_model(name_or_path: str = "demo", dtype: str | None = None, device: str = "cpu", *,
                answer_words=("yes", "no"), local_files_only: bool | None = None,
                trust_remote_code: bool = False, revision: str | None = None,
-               cache_dir: str | None = None, seed: int = 0, device_map: str | dict | None = None) -> ModelBundle:
+               cache_dir: str | None = None, seed: int = 0, device_map: str | dict | None = None,
+               prompt_template: str | None = None) -> ModelBundle:
     """Load a model by hub id, local path, or ``"demo"`` (the embedded default).
 
     ``device`` is a torch device or ``auto`` (CUDA where present). ``device_map`` (e.g. ``"auto"``)
     spreads a model too large for one card over the visible devices through accelerate, as
-    ``from_pretrained`` does; the model then stays where it was placed."""
+    ``from_pretrained`` does; the model then stays where it was placed. ``prompt_template``
+    replaces the chat template (:func:`mechmed.readout.set_prompt_template`); a model without a
+    chat template gets :data:`mechmed.readout.PLAIN_TEMPLATE`."""
+    from mechmed.readout import check_template, set_prompt_template
+
+    if prompt_template is not None:
+        check_template(prompt_template)  # before anything loads
     import transformers
 
     from mechmed.runtime import check_device, hf_progress_bars
@@ -153,7 +174,7 @@ def load_model(name_or_path: str = "demo", dtype: str | None = None, device: str
     # Either way the user's own progress-bar setting is what it was before.
     try:
         with hf_progress_bars(enabled=not Path(path).is_dir()):
-            processor = load_processor(path, family, **kw)
+            processor = set_prompt_template(load_processor(path, family, **kw), prompt_template)
             # answer words are checked before the (possibly large) weights are read
             answers = answer_token_ids(getattr(processor, "tokenizer", processor), answer_words)
             placed = {"device_map": device_map} if device_map is not None else {}
@@ -161,6 +182,9 @@ def load_model(name_or_path: str = "demo", dtype: str | None = None, device: str
     except OSError as e:
         raise MechmedError(f"--model {name}: cannot load weights or processor ({str(e).splitlines()[0]})") from e
     model = (model if device_map is not None else model.to(device)).eval()
+    from mechmed.checkpoints import read_source
+
+    model.mechmed_source = read_source(path) if Path(path).is_dir() else None
     return ModelBundle(model, processor, family, answers, name)
 
 

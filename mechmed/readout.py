@@ -1,4 +1,5 @@
-"""The yes/no readout: prompts through the chat template, and the answer margin.
+"""The yes/no readout: prompts through the chat template (or a plain template for a model without
+one), and the answer margin.
 
 margin = logsumexp(logit[yes variants]) − logsumexp(logit[no variants]) at the answer position
 (the last prompt token, after the chat template's generation prompt). Variants of an answer word
@@ -82,13 +83,84 @@ def gray_like(image):
     return Image.new("RGB", image.size, (GRAY, GRAY, GRAY))
 
 
+#: The prompt of a model without a chat template (a base, pretrained checkpoint), and with an image.
+PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
+PLAIN_IMAGE_TEMPLATE = "{image}\nQuestion: {question}\nAnswer:"
+_TEMPLATE_ATTR = "mechmed_prompt_template"
+
+
+def check_template(template: str) -> str:
+    """``template`` if it is a prompt template mechmed can fill: ``{question}`` once, ``{image}`` at
+    most once, no other placeholders (write ``{{`` / ``}}`` for literal braces)."""
+    import string
+
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise MechmedError(f"--prompt-template {template!r}: {e}; write {{{{ and }}}} for literal braces") from None
+    bad = [n for n in names if n not in ("question", "image")]
+    if bad or names.count("question") != 1 or names.count("image") > 1:
+        raise MechmedError(f"--prompt-template {template!r}: use {{question}} once and {{image}} at most once "
+                           f"(found {', '.join('{' + n + '}' for n in names) or 'no placeholder'})")
+    return template
+
+
+def set_prompt_template(processor, template: str | None):
+    """Make ``processor``'s prompts ``template`` (:func:`check_template`) instead of its chat template;
+    ``None`` restores the default choice (the chat template where there is one, else
+    :data:`PLAIN_TEMPLATE`). Returns the processor."""
+    setattr(processor, _TEMPLATE_ATTR, None if template is None else check_template(template))
+    return processor
+
+
+def _chat_template(processor) -> str | None:
+    return getattr(processor, "chat_template", None) or getattr(_tokenizer(processor), "chat_template", None)
+
+
+def prompt_format(processor) -> dict:
+    """How prompts are built: ``{"kind": "chat"}`` (the processor's chat template), ``"plain"`` (no
+    chat template: :data:`PLAIN_TEMPLATE`) or ``"custom"`` (``--prompt-template``), with the template."""
+    custom = getattr(processor, _TEMPLATE_ATTR, None)
+    if custom is not None:
+        return {"kind": "custom", "template": custom}
+    if _chat_template(processor):
+        return {"kind": "chat", "template": None}
+    return {"kind": "plain", "template": PLAIN_TEMPLATE}
+
+
+def image_placeholder(processor) -> str:
+    """The text that stands for one image in a prompt of this processor (expanded by it)."""
+    boi = getattr(processor, "boi_token", None)  # Gemma 3: <start_of_image>
+    if boi:
+        return boi
+    token = getattr(processor, "image_token", None)  # Qwen2.5-VL: <|image_pad|> inside vision markers
+    if token:
+        vocab = _tokenizer(processor).get_vocab()
+        return f"<|vision_start|>{token}<|vision_end|>" if "<|vision_start|>" in vocab else token
+    raise MechmedError("this processor names no image token; the model cannot take an image in a prompt template")
+
+
 def prompt_texts(processor, questions: Sequence[str], with_image: bool) -> list[str]:
-    texts = []
-    for q in questions:
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": q}]
-        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
-                                                   add_generation_prompt=True, tokenize=False))
-    return texts
+    """The prompt of each question: through the chat template, or (a model without one, or
+    ``--prompt-template``) by filling a template (see :func:`prompt_format`)."""
+    fmt = prompt_format(processor)
+    if fmt["kind"] == "chat":
+        texts = []
+        for q in questions:
+            content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": q}]
+            texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
+                                                       add_generation_prompt=True, tokenize=False))
+        return texts
+    template = fmt["template"]
+    if with_image:
+        if fmt["kind"] == "plain":
+            template = PLAIN_IMAGE_TEMPLATE
+        elif "{image}" not in template:
+            raise MechmedError(f"--prompt-template {template!r} has no {{image}}, but the pairs have images; "
+                               "put {image} where the image goes")
+    image = image_placeholder(processor) if with_image else ""
+    bos = getattr(_tokenizer(processor), "bos_token", None) or ""  # as a chat template starts: one BOS
+    return [bos + template.format(question=q, image=image) for q in questions]
 
 
 def build_inputs(processor, questions: Sequence[str], images: Sequence | None = None):

@@ -93,7 +93,7 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
                   ce: bool = True, seed: int = 0, *, dtype: str | None = None, answer_words=("yes", "no"),
                   trust_remote_code: bool = False, revision: str | None = None,
                   local_files_only: bool | None = None, cache_dir: str | None = None,
-                  device_map=None) -> SAECheckResult:
+                  device_map=None, prompt_template: str | None = None) -> SAECheckResult:
     """``mechmed sae-check``: per-layer SAE fidelity on each text set, the t test against
     ``threshold``, ``sae_check.json`` (one row per layer and text set) and ``r2_by_layer.html/.png``
     in ``out``.
@@ -126,7 +126,8 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
     t0 = time.perf_counter()
     bundle = load_model(model, dtype, device, answer_words=tuple(answer_words), trust_remote_code=trust_remote_code,
                         revision=revision, local_files_only=local_files_only, cache_dir=cache_dir, seed=seed,
-                        device_map=device_map)
+                        device_map=device_map,
+                        prompt_template=prompt_template)
     if "images" in names and not bundle.multimodal:
         raise MechmedError(f"--texts {texts}: the model {model} takes no images; drop images")
     with torch_threads(threads_for_width(bundle.d_model) if str(device) == "cpu" else None):
@@ -151,7 +152,7 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
                     "seed": seed, "dtype": dtype, "answer_words": list(answer_words),
                     "trust_remote_code": trust_remote_code},
         "model": {"name": bundle.name, "family": bundle.family.name, "n_layers": bundle.n_layers,
-                  "d_model": bundle.d_model},
+                  "d_model": bundle.d_model, **bundle.provenance},
         "saes": {str(L): {"hook_name": sae_hook_name(s), "d_sae": int(s.cfg.d_sae),
                           "architecture": s.cfg.architecture()} for L, s in sae_map.items()},
         "alpha": ALPHA,
@@ -171,7 +172,7 @@ def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "d
                   device: str = "cpu", image_root=None, seed: int = 0, progress: bool = False,
                   dtype: str | None = None, answer_words=("yes", "no"), trust_remote_code: bool = False,
                   revision: str | None = None, local_files_only: bool | None = None, cache_dir: str | None = None,
-                  device_map=None) -> dict:
+                  device_map=None, prompt_template: str | None = None) -> dict:
     """Attribute flips on ``data`` and write ``layer_scores.json``, ``features.csv`` and figures."""
     import csv
     import io
@@ -188,7 +189,8 @@ def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "d
     pairs = [pairs[i] for i in sorted(rng.permutation(len(pairs))[:max_pairs])]
     bundle = load_model(model, device=device, seed=seed, dtype=dtype, answer_words=tuple(answer_words),
                         trust_remote_code=trust_remote_code, revision=revision,
-                        local_files_only=local_files_only, cache_dir=cache_dir, device_map=device_map)
+                        local_files_only=local_files_only, cache_dir=cache_dir, device_map=device_map,
+                        prompt_template=prompt_template)
     sae_map = None
     if saes:
         from mechmed.saes import resolve_saes
@@ -213,7 +215,8 @@ def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "d
                                        for r in flipped[:20]]), axis=0)
             for row, value in zip([r for r in rows if r["layer"] == layer], rec):
                 row["recovery"] = None if not np.isfinite(value) else float(value)
-    scores.update({"model": model, "data": str(data), "saes": saes, "exact": exact, "seed": seed,
+    scores.update({"model": model, "model_provenance": bundle.provenance, "data": str(data), "saes": saes,
+                   "exact": exact, "seed": seed,
                    "pairs": [{"id": r.id, "m_q": r.m_q, "m_p": r.m_p, "flipped": r.flipped,
                               "layer_attr": r.layer_attr.tolist(),
                               "patch_effect": None if r.patch_effect is None else r.patch_effect.tolist()}
@@ -239,7 +242,7 @@ def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval"
                  answer_words=("yes", "no"), image_root=None, limit: int | None = None, seed: int = 0,
                  controls: bool = True, trust_remote_code: bool = False, progress: bool = False,
                  revision: str | None = None, local_files_only: bool | None = None, cache_dir: str | None = None,
-                  device_map=None) -> Evaluation:
+                  device_map=None, prompt_template: str | None = None) -> Evaluation:
     """Load, evaluate, and write ``metrics.json`` and ``pairs.jsonl`` under ``out``."""
     from mechmed.io import ensure_dir, write_json, write_jsonl
     from mechmed.models import attach_adapter, load_model
@@ -251,7 +254,8 @@ def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval"
         pairs = pairs[:limit]
     b = load_model(model, dtype=dtype, device=device, answer_words=answer_words,
                    trust_remote_code=trust_remote_code, revision=revision, local_files_only=local_files_only,
-                   cache_dir=cache_dir, seed=seed, device_map=device_map)
+                   cache_dir=cache_dir, seed=seed, device_map=device_map,
+                        prompt_template=prompt_template)
     if adapter:
         b = attach_adapter(b, adapter)
     out_dir = ensure_dir(out)
@@ -261,6 +265,7 @@ def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval"
     result.metrics["seed"] = seed
     result.metrics["versions"] = versions()
     result.metrics["device"], result.metrics["dtype"] = str(b.device), str(b.model.dtype)
+    result.metrics["model_provenance"] = b.provenance
     write_jsonl(out_dir / "pairs.jsonl", result.pairs)
     write_json(out_dir / "metrics.json", result.metrics)
     return result
@@ -272,7 +277,7 @@ def run_capture(model: str = "demo", data: str = "demo", out: str = "runs/activa
                 device: str = "cpu", image_root=None, seed: int = 0, progress: bool = False, dtype: str | None = None,
                 answer_words=("yes", "no"), trust_remote_code: bool = False, revision: str | None = None,
                 local_files_only: bool | None = None, cache_dir: str | None = None,
-                  device_map=None):
+                  device_map=None, prompt_template: str | None = None):
     """``mechmed capture``: the activations at ``kind`` of ``layers`` for both phrasings of every pair of
     ``data`` (a seeded sample of ``max_pairs``), written to ``out`` as an activation store
     (:func:`mechmed.store.write_activations`: safetensors shards, resumable) that a notebook reads
@@ -304,7 +309,8 @@ def run_capture(model: str = "demo", data: str = "demo", out: str = "runs/activa
         pairs = [pairs[i] for i in sorted(np.random.default_rng(seed).permutation(len(pairs))[:max_pairs])]
     bundle = load_model(model, device=device, seed=seed, dtype=dtype, answer_words=tuple(answer_words),
                         trust_remote_code=trust_remote_code, revision=revision,
-                        local_files_only=local_files_only, cache_dir=cache_dir, device_map=device_map)
+                        local_files_only=local_files_only, cache_dir=cache_dir, device_map=device_map,
+                        prompt_template=prompt_template)
     return write_activations(bundle, pairs, [Site(L, kind) for L in chosen], out, positions=positions,
                              shard_size=shard_size, batch_size=batch_size, dtype=store_dtype, backend=backend,
                              progress="capture" if progress else None)

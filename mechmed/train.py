@@ -291,7 +291,11 @@ def check_against_model(cfg: TrainConfig, skeleton_cache: dict | None = None) ->
     from types import SimpleNamespace
 
     from mechmed.models import model_config, skeleton
+    from mechmed.readout import check_template
     from mechmed.spectral import target_names
+
+    if cfg.prompt_template is not None:
+        check_template(cfg.prompt_template)
 
     _, model_cfg, family, _ = model_config(cfg.model, seed=cfg.seed)
     n_layers = family.n_layers(model_cfg)
@@ -351,7 +355,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=device == "cpu")
     torch.manual_seed(cfg.seed)
     bundle = load_model(cfg.model, device=str(accelerator.device) if device != "cpu" else "cpu", dtype=dtype,
-                        answer_words=tuple(cfg.answer_words), seed=cfg.seed)
+                        answer_words=tuple(cfg.answer_words), seed=cfg.seed, prompt_template=cfg.prompt_template)
     images = _Images()
     rng = np.random.default_rng(cfg.seed)
     guard_pairs = [eval_pairs[i] for i in sorted(rng.permutation(len(eval_pairs))[:cfg.guard_pairs])]
@@ -456,6 +460,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         "collapsed": collapse is not None,
         "collapse": None if collapse is None else {"step": collapse["step"], "reason": collapse.get("guard_reason")},
         "seed": cfg.seed, "versions": versions(), "device": str(bundle.device), "dtype": str(bundle.model.dtype),
+        "model_provenance": bundle.provenance,
     }
     if init_deviation is not None:
         metrics["init_margin_deviation"] = init_deviation

@@ -445,6 +445,24 @@ def demo_on_a_gpu_that_is_not_there(ws, tmp):
 
 
 @case("evaluate")
+def prompt_template_with_an_unknown_placeholder(ws, tmp):
+    return _evaluate(ws, tmp, None, None, "--prompt-template", "Q: {quest}"), "--prompt-template 'Q: {quest}'"
+
+
+@case("evaluate")
+def gguf_file_that_is_not_there(ws, tmp):
+    return _evaluate(ws, tmp, None, str(tmp / "model.gguf")), "no such GGUF file"
+
+
+@case("evaluate")
+def gguf_file_not_in_the_directory(ws, tmp):
+    (tmp / "models").mkdir()
+    (tmp / "models" / "other.gguf").write_bytes(b"GGUF")
+    return _evaluate(ws, tmp, None, str(tmp / "models"), "--gguf-file", "medgemma-4b-q4.gguf"), \
+        "choose one of other.gguf"
+
+
+@case("evaluate")
 def hub_dataset_without_an_owner(ws, tmp):
     return _evaluate(ws, tmp, None, None, "--data", "hf:psf-med"), "name a hub dataset as OWNER/NAME"
 

@@ -154,3 +154,35 @@ def test_help_shows_defaults_and_an_example_that_parses():
 
     assert f"(default {TrainConfig.__dataclass_fields__['lr'].default}; with --model demo {demo_defaults()['lr']})" \
         in help_lr
+
+
+def test_a_base_text_only_checkpoint_end_to_end(tmp_path):
+    """A text-only Gemma 3 without a chat template (as a pretrained base checkpoint is) on text-only
+    pairs: evaluate records the plain prompt format; attribute (layers only) and select-layers run;
+    --prompt-template replaces the plain prompt and is recorded."""
+    from mechmed import tiny
+
+    tok = tiny.gemma_tokenizer()
+    tok.chat_template = None
+    model, _ = tiny.gemma3_causal_lm(tok, layers=3)
+    ckpt = tiny.save(model, tok, tmp_path / "base")
+    qs = [("Is there a pleural effusion?", "Is there any effusion?", "yes"),
+          ("Is the heart normal?", "Does this image show cardiomegaly?", "no"),
+          ("Is there any evidence of edema in the left lung?", "Is there edema?", "no"),
+          ("Is there a pleural effusion?", "Does this image show a pleural effusion?", "yes")]
+    pairs = tmp_path / "text_pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"id": f"t{i}", "question": q, "paraphrase": p, "answer": a}) + "\n"
+                             for i, (q, p, a) in enumerate(qs)))
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(pairs), "--out", str(tmp_path / "eval")]) == 0
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["model_provenance"]["prompt_format"] == {"kind": "plain", "template": "Question: {question}\nAnswer:"}
+    assert m["n_pairs"] == 4 and m.get("blank_image_agreement") is None
+    assert main(["attribute", "--model", str(ckpt), "--data", str(pairs), "--saes", "none", "--max-pairs", "4",
+                 "--out", str(tmp_path / "attr")]) == 0
+    assert main(["select-layers", "--scores", str(tmp_path / "attr" / "layer_scores.json"), "--score", "gain_all",
+                 "--width", "2", "--model", str(ckpt), "--train-data", str(pairs), "--eval-data", str(pairs),
+                 "--out", str(tmp_path / "train.yaml")]) == 0
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(pairs), "--out", str(tmp_path / "eval2"),
+                 "--prompt-template", "Q: {question} A:"]) == 0
+    m2 = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
+    assert m2["model_provenance"]["prompt_format"] == {"kind": "custom", "template": "Q: {question} A:"}

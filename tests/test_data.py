@@ -437,3 +437,24 @@ def test_arbitrary_lines_raise_only_mechmed_error(lines: list[str], suffix: str,
             assert path.name in str(e) or "image_root" in str(e)
         else:
             assert pairs and all(isinstance(p, ParaphrasePair) and p.answer in ("yes", "no") for p in pairs)
+
+
+def test_text_only_pairs_have_no_image_column(tmp_path: Path) -> None:
+    """A file with no image column is text-only pairs (for a text-only model); once a file has
+    images, every row needs one, and the first row without names itself."""
+    text = [{"question": "Is there edema?", "paraphrase": "Is edema seen?", "answer": "no"},
+            {"question": "Is the heart enlarged?", "paraphrase": "Is there cardiomegaly?", "answer": "yes"}]
+    path = tmp_path / "text.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in text))
+    pairs = load_pairs(path)
+    assert [p.image for p in pairs] == [None, None] and pairs[1].answer == "yes"
+    csv_path = tmp_path / "text.csv"
+    csv_path.write_text("question,paraphrase,answer\nIs there edema?,Is edema seen?,no\n")
+    assert load_pairs(csv_path)[0].image is None
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    for rows, line in ((text[:1] + [{**text[1], "image": "a.png"}], 1), ([{**text[0], "image": "a.png"}, text[1]], 2)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(MechmedError, match=rf"line {line}: no image .*no image column at all"):
+            load_pairs(path)
+    with pytest.raises(MechmedError, match="line 2: no image"):  # a CSV's header is line 1
+        load_pairs(csv_path, require_images=True)

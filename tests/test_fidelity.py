@@ -222,6 +222,45 @@ def test_rows_have_every_field(vlm, small_sets):
     assert r["r2"] < 0.95 and not r["exceeds_threshold"]
 
 
+def test_r2_by_token_type_is_each_types_own_explained_variance(vlm, small_sets):
+    """``by_token_type`` on image prompts: every real token has one type; each type's pooled R² is
+    explained_variance over that type's tokens alone (BOS included only in its own entry), by hand."""
+    from mechmed.capture import hooks, image_token_mask
+    from mechmed.fidelity import evaluate_saes, explained_variance, token_types
+
+    ps = small_sets["images"]
+    sae = noisy_sae(1, 7)
+    row = evaluate_saes(vlm, {1: sae}, ps, batch_size=3, ce=False).rows[0]
+    by = row["by_token_type"]
+    assert set(by) == {"text", "image", "special", "bos"}
+    batches = [ps.inputs(vlm, 0, 3), ps.inputs(vlm, 3, 6)]
+    xs = {t: [] for t in by}
+    for inputs in batches:
+        types = token_types(vlm, inputs)
+        real = inputs["attention_mask"].bool()
+        total = sum(m.long() for m in types.values())
+        assert torch.equal(total, real.long())  # one type per real token, none on padding
+        assert torch.equal(types["image"], real & image_token_mask(vlm, inputs))
+        out = {}
+        with torch.no_grad(), hooks(vlm.model, vlm.family, {Site(1): lambda s, a, o=out: o.setdefault("a", a)}):
+            vlm.model(**inputs, use_cache=False, logits_to_keep=1)
+        for t, m in types.items():
+            xs[t].append(out["a"][m])
+    for t, parts in xs.items():
+        x = torch.cat(parts)
+        with torch.no_grad():
+            x_hat = sae.decode(sae.encode(x))
+        assert by[t]["n_tokens"] == x.shape[0]
+        x64, e64 = x.double(), (x - x_hat).double()
+        assert by[t]["relative_error"] == pytest.approx(float(e64.pow(2).sum() / x64.pow(2).sum()), rel=1e-6), t
+        assert by[t]["rms_norm"] == pytest.approx(float(x64.pow(2).sum(-1).mean().sqrt()), rel=1e-6), t
+        if t == "bos":  # one token at one position: the same residual in every prompt, no variance to explain
+            assert by[t]["r2_pooled"] is None
+        else:
+            assert by[t]["r2_pooled"] == pytest.approx(explained_variance(x, x_hat), abs=1e-6), t
+    assert sum(by[t]["n_tokens"] for t in ("text", "image", "special")) == row["n_tokens"]  # BOS outside
+
+
 def test_nan_activations_are_named(vlm, small_sets):
     import copy
 

@@ -5,7 +5,7 @@ Tiers, lowest first (a module may import its own tier and those below):
 
 0. leaves: errors, sites, io, progress, runtime, sources (and the package root)
 1. vocabulary: config, families, readout, processors, stats, data/*
-2. model access: models, capture, spectral, tiny
+2. model access: models, checkpoints, capture, spectral, tiny
 3. methods (a loaded model and pairs in, results out): consistency, saes, fidelity, attribution,
    selection, store
 4. presentation (rows in, figures out): figures, report
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1] / "mechmed"
 TIERS = {
     "errors": 0, "sites": 0, "io": 0, "progress": 0, "runtime": 0, "sources": 0, "": 0,
     "config": 1, "families": 1, "readout": 1, "processors": 1, "stats": 1, "data": 1,
-    "models": 2, "capture": 2, "spectral": 2, "tiny": 2,
+    "models": 2, "checkpoints": 2, "capture": 2, "spectral": 2, "tiny": 2,
     "consistency": 3, "saes": 3, "fidelity": 3, "attribution": 3, "selection": 3, "store": 3,
     "figures": 4, "report": 4,
     "stages": 5, "train": 5, "ablate": 5, "forgetting": 5, "pipeline": 5,

@@ -127,3 +127,33 @@ def test_loading_leaves_the_progress_bar_setting_alone(saved):
             assert are_progress_bars_disabled() is not enabled
         finally:
             hf_logging.enable_progress_bar()
+
+
+def test_gguf_without_the_gguf_package_is_one_clear_error(tmp_path, monkeypatch):
+    """A .gguf model needs the optional gguf package: without it, one line that says how to get it,
+    before anything is written to the cache."""
+    import sys
+
+    monkeypatch.setenv("MECHMED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
+    path = tmp_path / "medgemma-4b-it-Q4_K_M.gguf"
+    path.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(MechmedError, match=r"needs the gguf package; pip install 'mechmed\[gguf\]'"):
+        load_model(str(path))
+    assert not any(p.is_dir() for p in (tmp_path / "cache" / "gguf").glob("*"))
+
+
+def test_gguf_file_hash_is_remembered(tmp_path, monkeypatch):
+    """The file's SHA-256 keys the cache; it is computed once per (path, size, mtime)."""
+    import hashlib
+
+    from mechmed import checkpoints
+
+    monkeypatch.setenv("MECHMED_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + bytes(range(256)) * 50)
+    want = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert checkpoints.file_sha256(path) == want
+    calls = []
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    assert checkpoints.file_sha256(path) == want and not calls

@@ -74,3 +74,52 @@ def test_empty_and_mismatched_inputs(tiny_bundles):
         build_inputs(b.processor, [], [])
     with pytest.raises(MechmedError, match="one image per question"):
         build_inputs(b.processor, QUESTIONS[:2], [make_image(0)])
+
+
+def test_a_model_without_a_chat_template_gets_the_plain_prompt(tiny_bundles):
+    """A base checkpoint's tokenizer has no chat template: the prompt is PLAIN_TEMPLATE after one
+    BOS, and the margin is the logsumexp difference of a plain forward of that text."""
+    import copy
+
+    from mechmed.models import ModelBundle
+    from mechmed.readout import PLAIN_TEMPLATE, prompt_format, prompt_texts
+
+    ref = tiny_bundles["Gemma3ForCausalLM"]
+    tok = copy.deepcopy(ref.tokenizer)
+    tok.chat_template = None
+    b = ModelBundle(ref.model, tok, ref.family, ref.answers, "base")
+    assert prompt_format(tok) == {"kind": "plain", "template": PLAIN_TEMPLATE}
+    (text,) = prompt_texts(tok, QUESTIONS[:1], False)
+    assert text == tok.bos_token + PLAIN_TEMPLATE.format(question=QUESTIONS[0])
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")
+    inputs = build_inputs(tok, QUESTIONS[:1])
+    assert torch.equal(inputs["input_ids"], ids["input_ids"])  # BOS once, then the plain text
+    with torch.no_grad():
+        full = b.model(**ids).logits[0, -1]
+    want = torch.logsumexp(full[list(b.answers.yes_ids)], 0) - torch.logsumexp(full[list(b.answers.no_ids)], 0)
+    torch.testing.assert_close(margins(b, QUESTIONS[:1])[0], want, atol=1e-5, rtol=0)
+    assert b.provenance["prompt_format"]["kind"] == "plain"
+
+
+def test_prompt_template_replaces_the_chat_template(tiny_bundles):
+    """--prompt-template: {question} filled in; {image} becomes the processor's image marker, which
+    it expands into the image's tokens; a template without {image} refuses pairs with images."""
+    import copy
+
+    from mechmed.readout import check_template, prompt_format, prompt_texts, set_prompt_template
+
+    vlm = tiny_bundles["Gemma3ForConditionalGeneration"]
+    proc = set_prompt_template(copy.copy(vlm.processor), "{image} Finding? {question} Reply:")
+    assert prompt_format(proc) == {"kind": "custom", "template": "{image} Finding? {question} Reply:"}
+    (text,) = prompt_texts(proc, QUESTIONS[:1], True)
+    assert text == f"{proc.tokenizer.bos_token}{proc.boi_token} Finding? {QUESTIONS[0]} Reply:"
+    inputs = build_inputs(proc, QUESTIONS[:1], [make_image(1)])
+    n_image = int((inputs["input_ids"] == vlm.model.config.image_token_index).sum())
+    assert n_image == vlm.model.config.mm_tokens_per_image
+    text_only = set_prompt_template(copy.copy(vlm.processor), "Q: {question} A:")
+    with pytest.raises(MechmedError, match=r"has no \{image\}"):
+        build_inputs(text_only, QUESTIONS[:1], [make_image(1)])
+    assert prompt_texts(text_only, ["x?"], False) == [f"{proc.tokenizer.bos_token}Q: x? A:"]
+    for bad in ("Q: {quest} A:", "{question} {question}", "no placeholder", "{question} {", "{image}{image}{question}"):
+        with pytest.raises(MechmedError, match="--prompt-template"):
+            check_template(bad)

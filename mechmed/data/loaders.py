@@ -193,13 +193,17 @@ class _Reader:
     candidates: dict[str, tuple[str, ...]]
     resolve: _ImageResolver
     image_hint: str
-    require_images: bool
+    require_images: bool | None
+    """True: every row has an image; False: images optional; None: a file either gives every row
+    an image or has no image column at all (text-only pairs)."""
     check_images: bool
     default_id: Callable[[int], str]
     default_source: str = ""
     seen_ids: dict[str, str] = field(default_factory=dict)
     checked: set = field(default_factory=set)
     unknown_negations: int = 0
+    first_text_only: str | None = None
+    image_rows: int = 0
 
     def row(self, row: Any, where: str, number: int) -> ParaphrasePair:
         if not isinstance(row, Mapping):
@@ -303,10 +307,23 @@ class _Reader:
                                "(true/false and 1/0 are accepted too), or drop the row")
         return norm
 
+    def _no_image(self, where: str) -> MechmedError:
+        return MechmedError(f"{where}: no image ({self._looked_for('image')}); give each row an image (a file of "
+                            "text-only pairs has no image column at all), or pass require_images=False")
+
     def _image(self, vals, where: str) -> Path | None:
         col, v = vals["image"]
+        if self.require_images is None:  # text-only pairs, or every pair with an image
+            if v is _ABSENT:
+                if self.image_rows:
+                    raise self._no_image(where)
+                self.first_text_only = self.first_text_only or where
+                return None
+            if self.first_text_only:
+                raise self._no_image(self.first_text_only)
+            self.image_rows += 1
         if v is _ABSENT or _is_null(v) or (isinstance(v, str) and not v.strip()):
-            if self.require_images:
+            if self.require_images is not False:
                 what = f"{_col('image', col)} is empty" if col else f"no image ({self._looked_for('image')})"
                 raise MechmedError(f"{where}: {what}; give each row an image, or pass require_images=False")
             return None
@@ -319,7 +336,7 @@ class _Reader:
         v = v.strip()
         path = self.resolve(v, where)
         if not _is_file(path):
-            if self.require_images:
+            if self.require_images is not False:
                 raise MechmedError(f"{where}: image {v!r} not found (looked at {path}); {self.image_hint}, "
                                    "or pass require_images=False")
             return path
@@ -435,7 +452,7 @@ def load_pairs(
     *,
     image_root: str | os.PathLike | None = None,
     columns: Mapping[str, str] | str | None = None,
-    require_images: bool = True,
+    require_images: bool | None = None,
     check_images: bool = True,
 ) -> list[ParaphrasePair]:
     """Read paraphrase pairs from a ``.jsonl``, ``.csv`` or ``.tsv`` file (or a directory's ``pairs.jsonl``).
@@ -447,8 +464,10 @@ def load_pairs(
             ``dicom_id``) also tries ``.png``, ``.jpg`` and ``.jpeg``.
         columns: our field names -> your column names (``{"question": "orig_q"}``), or the same
             as ``"question=orig_q,answer=label"``. Unmapped fields try :data:`ALIASES`.
-        require_images: every row needs an image file that exists. Without it, missing images are
-            allowed (``image`` is ``None`` when the row has none).
+        require_images: ``True``: every row needs an image file that exists. ``False``: missing
+            images are allowed (``image`` is ``None`` when the row has none). ``None`` (the
+            default): a file of text-only pairs, for a text-only model, has no image column at all;
+            a file with one needs an existing image in every row.
         check_images: open every image with PIL and ``verify()`` it (each file once).
 
     Rows without an id get ``"{file stem}:{line}"``. A ``negation_pattern`` row without a
@@ -612,7 +631,7 @@ def load_hub_pairs(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
     revision: str | None = None,
-    require_images: bool = True,
+    require_images: bool | None = None,
     check_images: bool = True,
 ) -> list[ParaphrasePair]:
     """Read paraphrase pairs from a Hugging Face hub dataset (``--data hf:OWNER/NAME[:CONFIG][@SPLIT]``).
