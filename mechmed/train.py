@@ -284,6 +284,10 @@ def _order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+#: Beside a trained adapter: the base model it was trained on (name, GGUF source, prompt format).
+BASE_MODEL_FILE = "base_model.json"
+
+
 def check_against_model(cfg: TrainConfig, skeleton_cache: dict | None = None) -> None:
     """Check ``cfg``'s layers against the model's config and its target modules against the model's
     module tree (built on the meta device: no weights are read). ``skeleton_cache`` reuses one tree
@@ -470,6 +474,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         if tmp.exists():
             shutil.rmtree(tmp)
         unwrapped.save_pretrained(tmp)
+        write_json(tmp / BASE_MODEL_FILE, bundle.provenance)  # which weights (a GGUF file's hash) and prompts
         if adapter_dir.exists():
             shutil.rmtree(adapter_dir)
         os.replace(tmp, adapter_dir)
