@@ -257,3 +257,26 @@ def test_consistency_losses(tmp_path):
         assert cfg["max_steps"] == 3 and cfg["layers"] == [1, 2, 3]
     assert len(_csv(out / "losses.csv")) == 5
     assert (out / "losses.md").read_text().count("\n") == 2 + 5
+
+
+def test_real_gemma_task_keeps_held_out_phrasings_out_of_training():
+    """The real-model study's text task: held-out rewordings never appear in training, answers are
+    balanced per finding, every prompt carries its report, and no rewording is negated."""
+    mod = _script("real_gemma")
+    canon, train = mod.task_pairs("train", 6, seed=1)
+    _, held = mod.task_pairs("eval", 6, seed=2)
+    question = lambda r: r["paraphrase"].rsplit(". ", 1)[-1]  # noqa: E731  (the question after the report)
+    assert {question(r) for r in train}.isdisjoint({question(r) for r in held})
+    assert len(canon) == 36 and all(r["question"] == r["paraphrase"] for r in canon)
+    assert sum(r["answer"] == "yes" for r in canon) == 18
+    for r in train + held:
+        assert r["question"].startswith("Report: ") and r["paraphrase"].startswith(r["question"].rsplit(". ", 1)[0])
+    import tempfile
+
+    from mechmed.data.loaders import load_pairs  # the rows are a valid text-only pair file
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "p.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in held))
+        pairs = load_pairs(path)
+    assert all(p.image is None and not p.negated for p in pairs)

