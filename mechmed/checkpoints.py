@@ -85,7 +85,7 @@ def read_source(checkpoint: str | os.PathLike) -> dict | None:
 
 def gguf_checkpoint(file: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:
     """The safetensors checkpoint directory of GGUF ``file``, dequantised on first use (see the module doc)."""
-    from mechmed.io import temp_dir, write_json
+    from mechmed.io import follow_umask, temp_dir, write_json
     from mechmed.runtime import cache_root, hf_progress_bars
 
     file = Path(file).expanduser()
@@ -130,6 +130,7 @@ def gguf_checkpoint(file: str | os.PathLike, *, cache_dir: str | os.PathLike | N
         with hf_progress_bars(enabled=False):
             model.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
+        follow_umask(tmp)
         write_json(tmp / SOURCE_FILE, {"format": "gguf", "file": str(file.resolve()), "sha256": digest,
                                        "quantisation": quant, "size_bytes": file.stat().st_size,
                                        "architecture": type(model).__name__,

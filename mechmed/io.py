@@ -66,7 +66,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, file_mode())
     try:
         yield tmp
         os.replace(tmp, path)
@@ -87,6 +87,20 @@ def temp_dir(parent: str | os.PathLike, prefix: str, suffix: str = "") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+def file_mode() -> int:
+    """The mode the user's umask gives a new file."""
+    return 0o666 & ~_umask()
+
+
+def follow_umask(root: str | os.PathLike) -> None:
+    """Give every file under ``root`` (or ``root`` itself, a file) the mode the user's umask gives a
+    new file: libraries that write through temporary files, as safetensors does, leave them owner-only."""
+    root = Path(root)
+    for path in [root] if root.is_file() else root.rglob("*"):
+        if path.is_file():
+            os.chmod(path, file_mode())
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -709,10 +709,11 @@ def save_sae_set(saes: dict, path: str | os.PathLike, manifest: dict | None = No
     """Write {layer: SAE} as ``layer_{L}/`` sae-lens directories (+ a manifest) under ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    from mechmed.io import follow_umask, write_json
+
     for L, sae in saes.items():
         sae.save_model(str(path / f"layer_{L}"))
     if manifest is not None:
-        from mechmed.io import write_json
-
         write_json(path / MANIFEST, manifest)
+    follow_umask(path)  # safetensors writes owner-only files
     return path

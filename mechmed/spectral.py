@@ -303,7 +303,7 @@ class SpectralMoEModel(nn.Module):
         """Write ``spectral_config.json``, ``adapter_model.safetensors`` (no base weights) and a README."""
         from safetensors.torch import save_file
 
-        from mechmed.io import ensure_dir, write_json, write_text
+        from mechmed.io import ensure_dir, follow_umask, write_json, write_text
 
         path = ensure_dir(Path(path))
         layers = self.adapter_layers()
@@ -317,6 +317,7 @@ class SpectralMoEModel(nn.Module):
         write_json(path / CONFIG_FILE, {"adapter_type": ADAPTER_TYPE, "format_version": FORMAT_VERSION,
                                         **self.spectral_options, "modules": modules})
         write_text(path / "README.md", README)
+        follow_umask(path)
         return path
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mechmed.errors import MechmedError
-from mechmed.io import atomic_path, ensure_dir, read_json, write_json
+from mechmed.io import atomic_path, ensure_dir, follow_umask, read_json, write_json
 from mechmed.sites import SITE_KINDS, Site
 
 if TYPE_CHECKING:
@@ -153,6 +153,7 @@ def _save_file(tensors: dict, path: Path, metadata: dict) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
+    follow_umask(path)  # safetensors writes owner-only files
 
 
 def _write_shard(path: Path, tensors: dict, metadata: dict) -> None:

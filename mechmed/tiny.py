@@ -229,7 +229,10 @@ def save(model, processor, path: str | Path) -> Path:
     from mechmed.runtime import hf_progress_bars
 
     path = Path(path)
+    from mechmed.io import follow_umask
+
     with hf_progress_bars(enabled=False):  # a local write: no bars on the user's terminal
         model.save_pretrained(path)
         processor.save_pretrained(path)
+    follow_umask(path)
     return path

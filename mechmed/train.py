@@ -196,6 +196,8 @@ def save_checkpoint(path: Path, model, optimizer, step: int, extra: dict) -> Non
     import torch
     from safetensors.torch import save_file
 
+    from mechmed.io import follow_umask
+
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -215,6 +217,7 @@ def save_checkpoint(path: Path, model, optimizer, step: int, extra: dict) -> Non
     state_tensors["__torch_rng__"] = torch.get_rng_state()
     save_file(state_tensors, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer_scalars": state_meta, **extra}))
+    follow_umask(tmp)
     if path.exists():
         old = path.with_name(path.name + ".old")
         if old.exists():
@@ -335,7 +338,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     from accelerate import Accelerator
 
     from mechmed.consistency import compare_runs
-    from mechmed.io import ensure_dir, read_jsonl, write_json, write_text
+    from mechmed.io import ensure_dir, follow_umask, read_jsonl, write_json, write_text
     from mechmed.models import load_model
     from mechmed.progress import progress_bar
     from mechmed.runtime import check_device, versions
@@ -357,6 +360,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     ensure_dir(out)
 
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=device == "cpu")
+    per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    if per_step > len(train_pairs):  # an optimiser step would run on empty micro-batches
+        raise MechmedError(f"config options batch_size × grad_accum{' × processes' if accelerator.num_processes > 1 else ''}"
+                           f" = {per_step} pairs per optimiser step, but train_data has {len(train_pairs)}; lower "
+                           "batch_size or grad_accum")
     torch.manual_seed(cfg.seed)
     bundle = load_model(cfg.model, device=str(accelerator.device) if device != "cpu" else "cpu", dtype=dtype,
                         answer_words=tuple(cfg.answer_words), seed=cfg.seed, prompt_template=cfg.prompt_template)
@@ -385,7 +393,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     steps_per_epoch = max(1, len(train_pairs) // per_step)
     total = math.ceil(cfg.epochs * steps_per_epoch)
     if cfg.max_steps:
@@ -475,6 +482,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
             shutil.rmtree(tmp)
         unwrapped.save_pretrained(tmp)
         write_json(tmp / BASE_MODEL_FILE, bundle.provenance)  # which weights (a GGUF file's hash) and prompts
+        follow_umask(tmp)  # safetensors writes owner-only files
         if adapter_dir.exists():
             shutil.rmtree(adapter_dir)
         os.replace(tmp, adapter_dir)

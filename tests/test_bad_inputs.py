@@ -327,6 +327,13 @@ def device_that_is_not_there(ws, tmp):
 
 
 @case("train")
+def more_pairs_per_step_than_training_pairs(ws, tmp):
+    """12 training pairs cannot fill an optimiser step of 4 × 8 pairs: said before the model loads."""
+    return _train(ws, tmp, "--batch-size", "4", "--grad-accum", "8"), \
+        "batch_size × grad_accum = 32 pairs per optimiser step, but train_data has 12"
+
+
+@case("train")
 def layers_past_the_model(ws, tmp):
     """Layers the model does not have fail from its config, before the base model is evaluated."""
     return ["train", "--config", _config(ws, tmp), "--layers", "2-40", "--out", str(tmp / "out")], \

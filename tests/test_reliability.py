@@ -349,3 +349,42 @@ def test_outputs_follow_the_umask(tmp_path):
         assert stat.S_IMODE(temp_dir(tmp_path, prefix=".private.").stat().st_mode) == 0o700
     finally:
         os.umask(old)
+
+
+def test_safetensors_outputs_follow_the_umask(tmp_path, tiny_models, tiny_workspace):
+    """safetensors writes owner-only files; every weights file mechmed writes (a saved checkpoint, an
+    SAE set, a spectral adapter, an activation shard, a training run's adapter and checkpoint) gets
+    the umask's mode instead."""
+    import stat
+
+    import torch
+    import yaml
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from mechmed import tiny
+    from mechmed.config import TrainConfig
+    from mechmed.saes import save_sae_set
+    from mechmed.store import _write_shard
+    from mechmed.train import train
+
+    old = os.umask(0o022)
+    try:
+        model, proc = tiny_models["Gemma3ForCausalLM"]
+        tiny.save(model, proc, tmp_path / "ckpt")
+        save_sae_set({0: TopKSAE(TopKSAEConfig(d_in=8, d_sae=4, k=2, metadata=SAEMetadata(hook_name="x")))},
+                     tmp_path / "saes")
+        _write_shard(tmp_path / "shard.safetensors", {"a": torch.zeros(2)}, {})
+        root, ckpt = tiny_workspace
+        cfg = TrainConfig.from_dict({**yaml.safe_load("layers: [1]\nrank: 2\nmax_steps: 1\nbatch_size: 2\ngrad_accum: 1\n"
+                                                      "checkpoint_every: 1\neval_every: 1\nguard_pairs: 2"),
+                                     "model": str(ckpt), "method": "spectral_moe", "spectral": {"n_experts": 2},
+                                     "train_data": str(root / "train_pairs.jsonl"),
+                                     "eval_data": str(root / "pairs.jsonl")})
+        train(cfg, tmp_path / "run", evaluate_before_after=False, png=False)
+        files = [p for p in tmp_path.rglob("*.safetensors")]
+        assert len(files) >= 6, files
+        for p in files:
+            assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+    finally:
+        os.umask(old)
