@@ -113,10 +113,14 @@ def finetune(model: str, data: dict, out: Path, steps: int, device: str) -> str:
     from mechmed.runtime import hf_progress_bars
     from mechmed.train import train
 
+    from mechmed.io import temp_dir
+    from mechmed.models import model_config
+
     final = out / "task_model"
-    if (final / "config.json").is_file():
+    if (final / "derivation.json").is_file():  # written last: the directory is complete
         return str(final)
-    n_layers = load_model(model).n_layers
+    _, config, family, _ = model_config(model)
+    n_layers = family.n_layers(config)
     cfg = TrainConfig(model=model, layers=list(range(n_layers)), method="lora", rank=8, alpha=16.0, dropout=0.0,
                       lr=1e-3, batch_size=8, grad_accum=1, epochs=100.0, max_steps=steps, consistency_weight=0.0,
                       train_data=data["canonical"], eval_data=data["eval"], eval_every=0, checkpoint_every=steps,
@@ -125,13 +129,20 @@ def finetune(model: str, data: dict, out: Path, steps: int, device: str) -> str:
     if not (run / "metrics.json").is_file():
         train(cfg, run, resume=(run / "checkpoint").exists(), evaluate_before_after=False, device=device,
               progress=True, png=False)
-    b = attach_adapter(load_model(model), run / "adapter")
+    base = load_model(model)
+    provenance = base.provenance
+    b = attach_adapter(base, run / "adapter")
     merged = b.model.merge_and_unload()
+    tmp = temp_dir(out, prefix=".task_model.")
     with hf_progress_bars(enabled=False):
-        merged.save_pretrained(str(final), safe_serialization=True)
-        b.tokenizer.save_pretrained(str(final))
-    write_json(final / "derivation.json", {"base": load_model(model).provenance,
-                                           "task_finetune": str(run), "steps": steps})
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        b.tokenizer.save_pretrained(str(tmp))
+    write_json(tmp / "derivation.json", {"base": provenance, "task_finetune": str(run), "steps": steps})
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    tmp.rename(final)
     return str(final)
 
 

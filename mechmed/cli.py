@@ -240,7 +240,7 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     res = run_pipeline(args.out, seed=args.seed, width=args.width, workers=args.workers, arms=tuple(args.arms),
                        methods=tuple(args.methods), max_pairs=args.max_pairs, echo=True, device=args.device,
-                       dtype=args.dtype)
+                       dtype=args.dtype or "float32")  # float32 on a GPU too: the numbers of docs/demo.md
     print(f"done in {time.perf_counter() - t0:.0f} s; open {res.out / 'report.html'} (summary: {res.out / 'report.md'})")
     return 0
 
@@ -289,8 +289,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if field_name is not None:
             return text + _config_default_text(field_name)
         default = action.default
-        if (not action.option_strings or "default" in text.lower() or default in (None, False, argparse.SUPPRESS)
-                or isinstance(action, argparse._VersionAction)):
+        if (not action.option_strings or "default" in text.lower() or default is None or default is False
+                or default is argparse.SUPPRESS or isinstance(action, argparse._VersionAction)):
             return text
         if isinstance(default, (tuple, list)):
             default = ",".join(map(str, default))
@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-model", help="build (or find) the embedded default model and data")
     p.add_argument("action", choices=["build"], help="build: train it now if not cached")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which demo model and data to build (default 0)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument("--cache-dir", default=None, help="cache directory (default $MECHMED_CACHE or ~/.cache/mechmed)")
     p.set_defaults(func=cmd_demo_model)
@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo model, data and training (default 0)")
     p.add_argument("--width", type=int, default=3, help="width of the selected layer window (default 3)")
     p.add_argument("--workers", type=int, default=2, help="ablation arms trained in parallel (default 2)")
     p.add_argument("--methods", type=_words, default=("lora",), help="adapter methods to ablate: lora, "

@@ -178,8 +178,9 @@ def resolve_data(data: str, *, image_root=None, columns=None, seed: int = 0, cac
 
     hub = parse_hub_data(data)
     if hub is not None:
-        repo, config, hub_split = hub
-        return load_hub_pairs(repo, config, hub_split, image_root=image_root, columns=columns)
+        repo, config, hub_split = hub  # training pairs default to the dataset's train split, never its test split
+        return load_hub_pairs(repo, config, hub_split or ("train" if split == "train" else None),
+                              image_root=image_root, columns=columns)
     path = pairs_file(data, split=split, cache_dir=cache_dir, seed=seed)
     if path is not None:
         return load_pairs(path)

@@ -320,9 +320,12 @@ def _type_summary(stats: dict) -> dict:
         if st.n == 0:
             continue
         summ = st.summary()
-        c = st.ref
+        c, delta = st.ref, st.sum_xc / st.n
         sum_x2 = st.sum_sq + 2.0 * float(c @ st.sum_xc) + st.n * float(c @ c)
-        r2 = summ.r2_pooled if math.isfinite(summ.r2_pooled) else None
+        sst = st.sum_sq - st.n * float(delta @ delta)
+        # a type whose activations do not vary (BOS: one token at one position) has no R², whatever
+        # rounding leaves in its variance
+        r2 = summ.r2_pooled if math.isfinite(summ.r2_pooled) and sst > 1e-9 * sum_x2 else None
         out[name] = {"n_tokens": summ.n_tokens, "r2_pooled": r2, "fvu_pooled": None if r2 is None else 1.0 - r2,
                      "relative_error": st.ssr / sum_x2 if sum_x2 > 0 else None,
                      "rms_norm": math.sqrt(sum_x2 / st.n), "l0": summ.l0}
@@ -391,7 +394,7 @@ def evaluate_saes(bundle, saes: dict, prompts: PromptSet, *, batch_size: int = 8
     for s in sites.values():
         s.check(bundle.n_layers)
     stats = {L: ReconstructionStats(len(prompts)) for L in layers}
-    typed = {L: {t: ReconstructionStats(len(prompts)) for t in TOKEN_TYPES} for L in layers}
+    typed = {L: {t: ReconstructionStats(1) for t in TOKEN_TYPES} for L in layers}  # pooled only: no per-prompt sums
     inter = {L: _Interventions() for L in layers}
     model, family = bundle.model, bundle.family
     n_forwards = n_batches = n_tokens = 0
@@ -410,8 +413,7 @@ def evaluate_saes(bundle, saes: dict, prompts: PromptSet, *, batch_size: int = 8
             mask = token_mask(inputs, bundle.tokenizer)
             types = token_types(bundle, inputs)
             b = int(mask.shape[0])
-            prompt_of = torch.arange(b, device=mask.device)[:, None].expand_as(mask)
-            rows = prompt_of[mask]
+            rows = torch.arange(b, device=mask.device)[:, None].expand_as(mask)[mask]
             acts: dict[int, Any] = {}
 
             def keep(site, act, store=acts):
@@ -432,11 +434,11 @@ def evaluate_saes(bundle, saes: dict, prompts: PromptSet, *, batch_size: int = 8
                 in_mask = {t: m[mask] for t, m in types.items() if t != "bos"}  # positions within x
                 for t, sel in in_mask.items():
                     if sel.any():
-                        typed[L][t].add(x[sel], x_hat[sel], l0[sel], rows[sel] + start)
+                        typed[L][t].add(x[sel], x_hat[sel], l0[sel], torch.zeros_like(rows[sel]))
                 if types["bos"].any():  # outside the headline: BOS carries a large-norm residual
                     xb = acts[L][types["bos"]]
                     xb_hat, l0b = _sae_apply(saes[L], xb)
-                    typed[L]["bos"].add(xb, xb_hat, l0b, prompt_of[types["bos"]] + start)
+                    typed[L]["bos"].add(xb, xb_hat, l0b, torch.zeros(xb.shape[0], dtype=torch.long))
                 if ce:
                     full = acts[L].clone()
                     full[mask] = x_hat.to(full.dtype)

@@ -123,8 +123,9 @@ def save_figure(fig, path_without_suffix: str | os.PathLike, *, png: bool = True
 
     With ``shared_js`` the HTML loads ``plotly.min.js`` from its own folder (written there once)
     instead of inlining it: for folders of many figures; inside :func:`shared_plotly` figures under its
-    root load the root's copy. Returns ``{"html": path, "png": path or
-    None, "png_skipped": reason or None}``. All files are written atomically.
+    root load the root's copy. Returns ``{"html": path, "png": path or None, "png_skipped": reason or
+    None}``, with ``vector`` also ``"svg"``, ``"pdf"`` (paths, once written) and ``"vector_skipped"``
+    (why not, or None). All files are written atomically.
     """
     from mechmed.io import atomic_path, write_text
 
@@ -132,7 +133,7 @@ def save_figure(fig, path_without_suffix: str | os.PathLike, *, png: bool = True
     base.parent.mkdir(parents=True, exist_ok=True)
     html = base.with_name(base.name + ".html")
     write_text(html, fig.to_html(include_plotlyjs=_plotly_src(html, shared_js), full_html=True))
-    result = {"html": str(html), "png": None, "png_skipped": None}
+    result = {"html": str(html), "png": None, "png_skipped": None, **({"vector_skipped": None} if vector else {})}
     if not png:
         result["png_skipped"] = "not asked for"
         return result
@@ -152,7 +153,7 @@ def save_figure(fig, path_without_suffix: str | os.PathLike, *, png: bool = True
         except Exception as e:  # kaleido / browser failures must not lose the results
             reason = f"kaleido failed ({(str(e).splitlines() or [type(e).__name__])[0]})"
             log.warning("%s skipped for %s: %s; the HTML is written", fmt.upper(), html.name, reason)
-            result["png_skipped"] = result["png_skipped"] or reason
+            result["png_skipped" if fmt == "png" else "vector_skipped"] = reason
             return result
         with atomic_path(target) as tmp:
             tmp.write_bytes(data)

@@ -97,10 +97,10 @@ def file_mode() -> int:
 def follow_umask(root: str | os.PathLike) -> None:
     """Give every file under ``root`` (or ``root`` itself, a file) the mode the user's umask gives a
     new file: libraries that write through temporary files, as safetensors does, leave them owner-only."""
-    root = Path(root)
+    root, mode = Path(root), file_mode()
     for path in [root] if root.is_file() else root.rglob("*"):
         if path.is_file():
-            os.chmod(path, file_mode())
+            os.chmod(path, mode)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -89,18 +89,19 @@ PLAIN_IMAGE_TEMPLATE = "{image}\nQuestion: {question}\nAnswer:"
 _TEMPLATE_ATTR = "mechmed_prompt_template"
 
 
-def check_template(template: str) -> str:
+def check_template(template: str, option: str = "--prompt-template") -> str:
     """``template`` if it is a prompt template mechmed can fill: ``{question}`` once, ``{image}`` at
-    most once, no other placeholders (write ``{{`` / ``}}`` for literal braces)."""
+    most once, no other placeholders (write ``{{`` / ``}}`` for literal braces). ``option`` names
+    where it came from in the error."""
     import string
 
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
-        raise MechmedError(f"--prompt-template {template!r}: {e}; write {{{{ and }}}} for literal braces") from None
+        raise MechmedError(f"{option} {template!r}: {e}; write {{{{ and }}}} for literal braces") from None
     bad = [n for n in names if n not in ("question", "image")]
     if bad or names.count("question") != 1 or names.count("image") > 1:
-        raise MechmedError(f"--prompt-template {template!r}: use {{question}} once and {{image}} at most once "
+        raise MechmedError(f"{option} {template!r}: use {{question}} once and {{image}} at most once "
                            f"(found {', '.join('{' + n + '}' for n in names) or 'no placeholder'})")
     return template
 
@@ -224,6 +225,22 @@ def margins(bundle, questions: Sequence[str], images: Sequence | None = None, *,
     return result
 
 
+def warn_text_only(bundle, pairs: Sequence[ParaphrasePair]) -> bool:
+    """Warn (once per call) when a model that takes images is given pairs without any: a pair file
+    whose image column has a name mechmed does not know reads as text-only pairs. True if warned."""
+    if not (bundle.multimodal and pairs and all(p.image is None for p in pairs)):
+        return False
+    import logging
+
+    from mechmed.data.loaders import ALIASES
+
+    logging.getLogger(__name__).warning(
+        "%s takes images but none of the %d pairs has one: it answers from the text alone. If the pair file "
+        "has an image column, name it image (or one of %s) or map it with columns={'image': ...}",
+        bundle.name or "the model", len(pairs), ", ".join(ALIASES.get("image", ())[:4]))
+    return True
+
+
 def pair_margins(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, progress: bool = False,
                  question_margins: dict | None = None):
     """Margins of each unique (image, question) and of each pair's paraphrase.
@@ -239,6 +256,7 @@ def pair_margins(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 1
     use_images = bundle.multimodal and all(p.image is not None for p in pairs)
     if bundle.multimodal and not use_images and any(p.image is not None for p in pairs):
         raise MechmedError("some rows have an image and some do not: give every row an image, or none")
+    warn_text_only(bundle, pairs)
     images = {}
     if use_images:
         for p in pairs:

@@ -198,7 +198,8 @@ def example_pairs(ablation_dir: Path, results: dict, k: int = 4) -> list[dict]:
         seen.add(r["question"])
     ranked = firsts + rest
     fixed = [r for r in ranked if r["id"] in after and not after[r["id"]]["flip"]]
-    kept = [r for r in ranked if r not in fixed]
+    fixed_ids = {r["id"] for r in fixed}
+    kept = [r for r in ranked if r["id"] not in fixed_ids]
     chosen = fixed[: max(k - min(len(kept), k // 2), 0)]
     chosen += kept[: k - len(chosen)]
     out = []

@@ -399,7 +399,8 @@ def feature_labels(source, sae=None) -> dict[int, str]:
     Read from ``explanations.json`` in the SAE's directory, else from
     ``$MECHMED_CACHE/neuronpedia/<neuronpedia id>.json``: Neuronpedia's explanation export (a list of
     objects with ``index`` and ``description``, as its ``/api/explanation/export`` writes) or a
-    mapping of feature index to label. The first label of a feature is kept. Empty when neither exists.
+    mapping of feature index to label. The first label of a feature is kept. Empty when neither
+    exists, and (with a warning) when the file holds no labels.
     """
     from mechmed.runtime import cache_root
 
@@ -414,17 +415,22 @@ def feature_labels(source, sae=None) -> dict[int, str]:
         return {}
     from mechmed.io import read_json
 
-    raw = read_json(path, "feature labels")
+    try:
+        raw = read_json(path, "feature labels")
+    except MechmedError as e:  # labels are optional: a bad file is said, not fatal
+        log.warning("%s; the features stay unlabelled", e)
+        return {}
     items = raw.items() if isinstance(raw, dict) else ((r.get("index"), r.get("description"))
-                                                        for r in raw if isinstance(r, dict))
+                                                        for r in raw if isinstance(r, dict)) \
+        if isinstance(raw, list) else ()
     labels: dict[int, str] = {}
     for index, text in items:
         with contextlib.suppress(TypeError, ValueError):
             if isinstance(text, str) and text.strip():
                 labels.setdefault(int(index), " ".join(text.split()))
     if not labels:
-        raise MechmedError(f"feature labels {path}: no labels read; write a Neuronpedia explanation export "
-                           "(objects with index and description) or a mapping of feature index to label")
+        log.warning("feature labels %s: no labels read (write a Neuronpedia explanation export, objects with index "
+                    "and description, or a mapping of feature index to label); the features stay unlabelled", path)
     return labels
 
 

@@ -58,8 +58,11 @@ def run_select_layers(scores: str | None = None, out: str = "runs/train.yaml", *
     base = train_defaults(model)
     provenance = {"scores_file": str(scores), "scores_sha256": file_sha256(scores), "score_key": score,
                   **chosen.to_dict(), "mechmed_version": __version__}
+    # the prompts the attribution ran with are the prompts to train with
+    fmt = (table.get("model_provenance") or {}).get("prompt_format") or {}
+    template = {"prompt_template": fmt["template"]} if fmt.get("kind") == "custom" else {}
     cfg = TrainConfig.from_dict({**base, "model": model, "layers": list(chosen.layers), "method": method,
-                                 "train_data": data, "eval_data": data, "seed": seed,
+                                 "train_data": data, "eval_data": data, "seed": seed, **template,
                                  **(overrides or {}), "provenance": provenance}, source="select-layers")
     if cfg.train_data == cfg.eval_data and get(cfg.train_data) is None:  # a source splits its own
         log.warning("train_data and eval_data are both %s: pass --train-data (pairs of training phrasings) and "
@@ -152,7 +155,8 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
                     "seed": seed, "dtype": dtype, "answer_words": list(answer_words),
                     "trust_remote_code": trust_remote_code},
         "model": {"name": bundle.name, "family": bundle.family.name, "n_layers": bundle.n_layers,
-                  "d_model": bundle.d_model, **bundle.provenance},
+                  "d_model": bundle.d_model},
+        "model_provenance": bundle.provenance,
         "saes": {str(L): {"hook_name": sae_hook_name(s), "d_sae": int(s.cfg.d_sae),
                           "architecture": s.cfg.architecture()} for L, s in sae_map.items()},
         "alpha": ALPHA,

@@ -302,7 +302,7 @@ def check_against_model(cfg: TrainConfig, skeleton_cache: dict | None = None) ->
     from mechmed.spectral import target_names
 
     if cfg.prompt_template is not None:
-        check_template(cfg.prompt_template)
+        check_template(cfg.prompt_template, "config option prompt_template:")
 
     _, model_cfg, family, _ = model_config(cfg.model, seed=cfg.seed)
     n_layers = family.n_layers(model_cfg)
@@ -341,6 +341,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     from mechmed.io import ensure_dir, follow_umask, read_jsonl, write_json, write_text
     from mechmed.models import load_model
     from mechmed.progress import progress_bar
+    from mechmed.readout import warn_text_only
     from mechmed.runtime import check_device, versions
 
     device = check_device(device)
@@ -359,15 +360,20 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         log.warning("no checkpoint in %s: starting from the beginning", out)
     ensure_dir(out)
 
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=device == "cpu")
+    # one process on a named GPU (cuda:1) stays there; accelerate would place it on its own cuda:0
+    pinned = device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=device == "cpu",
+                              device_placement=not pinned)
     per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     if per_step > len(train_pairs):  # an optimiser step would run on empty micro-batches
         raise MechmedError(f"config options batch_size × grad_accum{' × processes' if accelerator.num_processes > 1 else ''}"
                            f" = {per_step} pairs per optimiser step, but train_data has {len(train_pairs)}; lower "
                            "batch_size or grad_accum")
     torch.manual_seed(cfg.seed)
-    bundle = load_model(cfg.model, device=str(accelerator.device) if device != "cpu" else "cpu", dtype=dtype,
+    placed = device if pinned or device == "cpu" else str(accelerator.device)
+    bundle = load_model(cfg.model, device=placed, dtype=dtype,
                         answer_words=tuple(cfg.answer_words), seed=cfg.seed, prompt_template=cfg.prompt_template)
+    warn_text_only(bundle, train_pairs)
     images = _Images()
     rng = np.random.default_rng(cfg.seed)
     guard_pairs = [eval_pairs[i] for i in sorted(rng.permutation(len(eval_pairs))[:cfg.guard_pairs])]

@@ -75,6 +75,16 @@ TRAIN_PARAPHRASES = ["Does this image show a pleural effusion?", "Is there any e
                      "Is there no pleural effusion?"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """The real tier runs only when asked (``-m real``): elsewhere its tests are skipped, saying how."""
+    if "real" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="the real tier: pip install -e '.[real]', then python -m pytest -m real")
+    for item in items:
+        if item.get_closest_marker("real") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_workspace(tmp_path_factory, tiny_models):
     """A saved tiny Gemma 3 VLM checkpoint and a pairs file over 4 images (8 pairs, one negated

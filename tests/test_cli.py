@@ -144,8 +144,9 @@ def test_help_shows_defaults_and_an_example_that_parses():
         assert args.command == name
         formatter = sub._get_formatter()
         for action in sub._actions:
-            if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) and \
-                    getattr(action, "config_field", None) is None or isinstance(action, argparse._HelpAction):
+            if not action.option_strings or isinstance(action, argparse._HelpAction) or (
+                    any(action.default is v for v in (None, False, argparse.SUPPRESS))
+                    and getattr(action, "config_field", None) is None):
                 continue
             assert "default" in formatter._get_help_string(action).lower(), (name, action.option_strings)
     lr = next(a for a in commands["train"]._actions if a.dest == "lr")
@@ -186,3 +187,11 @@ def test_a_base_text_only_checkpoint_end_to_end(tmp_path):
                  "--prompt-template", "Q: {question} A:"]) == 0
     m2 = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
     assert m2["model_provenance"]["prompt_format"] == {"kind": "custom", "template": "Q: {question} A:"}
+    # attribution with a template: select-layers writes it into the training config
+    assert main(["attribute", "--model", str(ckpt), "--data", str(pairs), "--saes", "none", "--max-pairs", "4",
+                 "--prompt-template", "Q: {question} A:", "--out", str(tmp_path / "attr2")]) == 0
+    assert main(["select-layers", "--scores", str(tmp_path / "attr2" / "layer_scores.json"), "--score", "gain_all",
+                 "--width", "2", "--model", str(ckpt), "--out", str(tmp_path / "train2.yaml")]) == 0
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "train2.yaml").read_text())["prompt_template"] == "Q: {question} A:"

@@ -401,6 +401,10 @@ def test_hub_dataset_image_paths_and_splits(offline_hub: Path, tmp_path: Path) -
         resolve_data("hf:lab/paths", image_root=root)
     (pair,) = resolve_data("hf:lab/paths@validation", image_root=root)
     assert Path(pair.image) == root / "a.png" and pair.answer == "no"
+    # training pairs come from the train split unless a split is named, never from test
+    assert resolve_data("hf:lab/paths", image_root=root, split="train")[0].id.startswith("lab/paths/default:")
+    with pytest.raises(MechmedError, match="has splits train, validation, no 'test'"):
+        resolve_data("hf:lab/paths@test", image_root=root)
     with pytest.raises(MechmedError, match="OWNER/NAME"):
         resolve_data("hf:psf-med")
 

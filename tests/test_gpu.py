@@ -32,6 +32,9 @@ def test_grid_on_gpu_matches_cpu(tiny_workspace, tmp_path):
     from mechmed.report import build_report
 
     root, ckpt = tiny_workspace
+    # full float32 on the GPU too: TF32 matmuls and convolutions would differ from the CPU by ~1e-3
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     cfg = AblationConfig.from_dict({"train": _train_config(root, ckpt), "arms": ["selected", "all", "ce_only"]})
     runs = {dev: run_ablation(cfg, tmp_path / dev, device=dev, dtype="float32") for dev in ("cpu", "cuda")}
     base = {dev: read_jsonl(tmp_path / dev / "base-s0" / "pairs.jsonl") for dev in runs}
@@ -46,7 +49,7 @@ def test_grid_on_gpu_matches_cpu(tiny_workspace, tmp_path):
             continue
         ma = json.loads((tmp_path / "cpu" / "arms" / f"{a['arm']}-lora-s0" / "metrics.json").read_text())
         mb = json.loads((tmp_path / "cuda" / "arms" / f"{b['arm']}-lora-s0" / "metrics.json").read_text())
-        assert mb["device"].startswith("cuda") and ma["device"] == "cpu"
+        assert mb["device"] == "cuda:0" and ma["device"] == "cpu"
         la = [h["loss"] for h in read_jsonl(tmp_path / "cpu" / "arms" / f"{a['arm']}-lora-s0" / "train_log.jsonl")]
         lb = [h["loss"] for h in read_jsonl(tmp_path / "cuda" / "arms" / f"{b['arm']}-lora-s0" / "train_log.jsonl")]
         assert len(la) == len(lb) and all(abs(x - y) <= 1e-3 * max(1.0, abs(x)) for x, y in zip(la, lb))
@@ -81,3 +84,15 @@ def test_ablate_a_medgemma_4b_shaped_model_on_cuda(tiny_workspace, tmp_path):
     metrics = json.loads((out / "arms" / "selected-lora-s0" / "metrics.json").read_text())
     assert metrics["device"].startswith("cuda") and metrics["dtype"] == "torch.bfloat16"
     assert (out / "report.html").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_named_gpu_is_the_one_used(tiny_workspace, tmp_path):
+    """--device cuda:1: the base evaluation and every arm run on cuda:1, not accelerate's cuda:0."""
+    from mechmed.ablate import AblationConfig, run_ablation
+
+    root, ckpt = tiny_workspace
+    cfg = AblationConfig.from_dict({"train": _train_config(root, ckpt, max_steps=2), "arms": ["selected"]})
+    run_ablation(cfg, tmp_path, device="cuda:1", dtype="float32")
+    metrics = json.loads((tmp_path / "arms" / "selected-lora-s0" / "metrics.json").read_text())
+    assert metrics["device"] == "cuda:1"

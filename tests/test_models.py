@@ -131,7 +131,7 @@ def test_loading_leaves_the_progress_bar_setting_alone(saved):
 
 def test_gguf_without_the_gguf_package_is_one_clear_error(tmp_path, monkeypatch):
     """A .gguf model needs the optional gguf package: without it, one line that says how to get it,
-    before anything is written to the cache."""
+    before any checkpoint is written to the cache (only the file's hash is remembered)."""
     import sys
 
     monkeypatch.setenv("MECHMED_CACHE", str(tmp_path / "cache"))

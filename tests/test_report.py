@@ -394,6 +394,7 @@ def test_phenomenon_table_and_examples_are_the_run_files(run_dir, tmp_path):
     build_report(run_dir, out=tmp_path, png=False)
     md = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "### Flip rate by phenomenon" in md
+    assert examples, "the base model flipped no held-out pair: the fixture no longer exercises examples"
     if examples:
         assert f"{examples[0]['question']} ({examples[0]['margin_question']:+.2f})" in md
         assert 'src="data:image/png;base64,' in (tmp_path / "report.html").read_text(encoding="utf-8")
@@ -418,6 +419,7 @@ def test_feature_labels_come_from_the_saes_explanations_only(run_dir, tmp_path, 
         assert r["label"] == want, r
     fig = F.feature_heatmap(rows)
     labelled = [r for r in rows if r["label"] and int(r["rank"]) < 10]
+    assert labelled, "no top feature of layer 1 has a label: the fixture no longer exercises labels"
     if labelled:
         assert any(f"#{labelled[0]['feature']}<br>{labelled[0]['label']}" in t for line in fig.data[0].text for t in line)
 

@@ -640,7 +640,8 @@ def load_hub_pairs(
     column holds paths (under ``image_root``, else absolute) or images stored in the dataset
     (``datasets.Image``), which are written once under mechmed's cache
     (:func:`mechmed.runtime.cache_root`, ``hub_images/``) so that each pair names a file.
-    ``split`` defaults to the dataset's only split, else ``test``.
+    ``split`` defaults to the dataset's only split, else ``test`` (``--data``, ``eval_data``); a
+    training config's ``train_data`` defaults to ``train``.
 
     Offline (``local_files_only`` or ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``) the hub is never
     contacted: the dataset comes from ``datasets``' cache of an earlier load, else from the
@@ -674,7 +675,7 @@ def _hub_dataset(repo_id: str, config: str | None, split: str | None, *, cache_d
     kwargs = {"cache_dir": os.fspath(cache_dir) if cache_dir is not None else None, "revision": revision}
     with _offline(offline):
         try:
-            loaded = datasets.load_dataset(repo_id, config, split=split, **kwargs)
+            loaded = datasets.load_dataset(repo_id, config, **kwargs)
         except Exception:
             if not offline:
                 raise
@@ -682,15 +683,14 @@ def _hub_dataset(repo_id: str, config: str | None, split: str | None, *, cache_d
             from huggingface_hub import snapshot_download
 
             local = snapshot_download(repo_id, repo_type="dataset", revision=revision, local_files_only=True)
-            loaded = datasets.load_dataset(local, config, split=split)
-    if isinstance(loaded, datasets.DatasetDict):
-        names = list(loaded)
-        chosen = names[0] if len(names) == 1 else "test" if "test" in names else None
-        if chosen is None:
-            raise MechmedError(f"--data hf:{repo_id}: has splits {', '.join(names)}; name one, e.g. "
-                               f"hf:{repo_id}{':' + config if config else ''}@{names[0]}")
-        loaded, split = loaded[chosen], chosen
-    return loaded, f"{repo_id} ({config or 'default'}/{split})"
+            loaded = datasets.load_dataset(local, config)
+    names = list(loaded)
+    chosen = split or (names[0] if len(names) == 1 else "test" if "test" in names else None)
+    if chosen not in names:
+        example = f"hf:{repo_id}{':' + config if config else ''}@{names[0]}"
+        raise MechmedError(f"--data hf:{repo_id}: has splits {', '.join(names)}"
+                           + (f", no {split!r}" if split else "") + f"; name one, e.g. {example}")
+    return loaded[chosen], f"{repo_id} ({config or 'default'}/{chosen})"
 
 
 def _stored_images(ds, label: str):
