@@ -108,13 +108,10 @@ def write_task(out: Path, n_reports: int) -> dict:
 def finetune(model: str, data: dict, out: Path, steps: int, device: str) -> str:
     """LoRA on every layer, cross-entropy on the canonical questions; merged into a checkpoint."""
     from mechmed.config import TrainConfig
-    from mechmed.io import write_json
-    from mechmed.models import attach_adapter, load_model
+    from mechmed.io import temp_dir, write_json
+    from mechmed.models import attach_adapter, load_model, model_config
     from mechmed.runtime import hf_progress_bars
     from mechmed.train import train
-
-    from mechmed.io import temp_dir
-    from mechmed.models import model_config
 
     final = out / "task_model"
     if (final / "derivation.json").is_file():  # written last: the directory is complete
