@@ -143,6 +143,39 @@ def finetune(model: str, data: dict, out: Path, steps: int, device: str) -> str:
     return str(final)
 
 
+def pair_level(ablation_dir: Path, rows: list) -> list:
+    """Each arm against the task model and against CE only with the pair as the unit: the task model
+    and its held-out pairs are the same in every seed, so pooling seeds as if each were new pairs
+    (what the ablation summary does) counts every pair three times. Per pair, an arm's flip is the
+    mean over its seeds; the difference from the task model's flip is bootstrapped over pairs
+    (:func:`mechmed.stats.paired_bootstrap`, 10,000 resamples)."""
+    from mechmed import stats
+    from mechmed.ablate import _read_pairs
+
+    base_dir = next(Path(r["run_dir"]) for r in rows if r["arm"] == "base")
+    base = _read_pairs(base_dir / "pairs.jsonl")
+    ids = sorted(base)
+
+    def mean_flips(arm: str) -> np.ndarray:
+        runs = [_read_pairs(Path(r["run_dir"]) / "after" / "pairs.jsonl") for r in rows if r["arm"] == arm]
+        return np.mean([[float(run[i]["flip"]) for i in ids] for run in runs], axis=0)
+
+    b = np.array([float(base[i]["flip"]) for i in ids])
+    ce = mean_flips("ce_only") if any(r["arm"] == "ce_only" for r in rows) else None
+    bci = stats.bootstrap_ci(b, n_resamples=10_000, seed=0)
+    out = [{"arm": "base", "n_pairs": len(ids), "flip_rate": float(b.mean()), "flip_ci": [bci.low, bci.high],
+            "reduction_vs_base": None, "reduction_ci": None, "p_vs_base": None, "p_vs_ce_only": None}]
+    for arm in dict.fromkeys(r["arm"] for r in rows if r["arm"] != "base"):
+        a = mean_flips(arm)
+        ci = stats.bootstrap_ci(a, n_resamples=10_000, seed=0)
+        vs_base = stats.paired_bootstrap(b, a, n_resamples=10_000, seed=0)
+        vs_ce = stats.paired_bootstrap(ce, a, n_resamples=10_000, seed=0) if ce is not None and arm != "ce_only" else None
+        out.append({"arm": arm, "n_pairs": len(ids), "flip_rate": float(a.mean()), "flip_ci": [ci.low, ci.high],
+                    "reduction_vs_base": vs_base.estimate, "reduction_ci": [vs_base.low, vs_base.high],
+                    "p_vs_base": float(vs_base.p_value), "p_vs_ce_only": None if vs_ce is None else float(vs_ce.p_value)})
+    return out
+
+
 def run(args) -> dict:
     from mechmed.ablate import AblationConfig, format_table, run_ablation
     from mechmed.stages import run_attribute, run_evaluate, run_select_layers
@@ -175,7 +208,13 @@ def run(args) -> dict:
                                                         "canonical_accuracy", "accuracy_ci", "yes_rate",
                                                         "p_vs_base", "p_vs_ce_only", "n_pairs", "collapsed")}
                                     for r in res.summary])
-    return finish(out, {"model": model, "task_model": task_model, "data": data,
+    by_pair = pair_level(out / "ablation", res.rows)
+    write_csv(out / "pair_level.csv", by_pair)
+    for r in by_pair:
+        print(f"{r['arm']:<17} flip {r['flip_rate']:.3f} [{r['flip_ci'][0]:.3f}, {r['flip_ci'][1]:.3f}]"
+              + (f"  vs base {r['reduction_vs_base']:+.3f} [{r['reduction_ci'][0]:+.3f}, {r['reduction_ci'][1]:+.3f}],"
+                 f" p = {r['p_vs_base']:.3g}" if r["p_vs_base"] is not None else ""))
+    return finish(out, {"model": model, "task_model": task_model, "data": data, "pair_level": by_pair,
                         "task_model_eval": {k: base.metrics[k] for k in ("n_pairs", "flip_rate", "flip_rate_ci",
                                                                            "accuracy", "yes_rate")},
                         "selected_layers": list(chosen.layers), "selection_score": key,
