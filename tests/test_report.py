@@ -384,20 +384,39 @@ def test_phenomenon_table_and_examples_are_the_run_files(run_dir, tmp_path):
     for line, stats in zip(body, late["phenomena"].values()):
         assert line[col] == fmt(stats["flip_rate"])
 
-    rows = {r["id"]: r for r in read_jsonl(run_dir / "ablation" / "base-s0" / "pairs.jsonl")}
-    examples = example_pairs(run_dir / "ablation", results)
-    assert len(examples) == min(4, sum(1 for r in rows.values() if r["flip"] and not r["negation_set"]))
+    # the tiny base model flips few pairs: mark three flipped in a copy of the run (one per question
+    # first, the largest |Δmargin| first), one of them fixed by the selected arm
+    from mechmed.io import write_jsonl
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    base_file = run / "ablation" / "base-s0" / "pairs.jsonl"
+    after_file = run / "ablation" / "arms" / "selected-lora-s0" / "after" / "pairs.jsonl"
+    base_rows, after_rows = read_jsonl(base_file), read_jsonl(after_file)
+    chosen = [r["id"] for r in base_rows if not r["negation_set"]][:3]
+    for r in base_rows:
+        r["flip"] = r["id"] in chosen
+    for r in after_rows:
+        r["flip"] = r["id"] in chosen[1:]  # the first is fixed by training the selected layers
+    write_jsonl(base_file, base_rows)
+    write_jsonl(after_file, after_rows)
+    rows = {r["id"]: r for r in base_rows}
+    examples = example_pairs(run / "ablation", results)
+    assert sorted(e["id"] for e in examples) == sorted(chosen)
+    assert [rows[e["id"]]["margin_diff"] for e in examples] == sorted((rows[i]["margin_diff"] for i in chosen),
+                                                                     reverse=True)
     for e in examples:
         r = rows[e["id"]]
-        assert r["flip"] and (e["question"], e["paraphrase"]) == (r["question"], r["paraphrase"])
+        assert (e["question"], e["paraphrase"]) == (r["question"], r["paraphrase"])
         assert (e["margin_question"], e["margin_paraphrase"]) == (r["margin_question"], r["margin_paraphrase"])
-    build_report(run_dir, out=tmp_path, png=False)
-    md = (tmp_path / "report.md").read_text(encoding="utf-8")
-    assert "### Flip rate by phenomenon" in md
-    assert examples, "the base model flipped no held-out pair: the fixture no longer exercises examples"
-    if examples:
-        assert f"{examples[0]['question']} ({examples[0]['margin_question']:+.2f})" in md
-        assert 'src="data:image/png;base64,' in (tmp_path / "report.html").read_text(encoding="utf-8")
+        assert e["after"]["flip"] == (e["id"] != chosen[0])
+    build_report(run, out=tmp_path / "report", png=False)
+    md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    assert "### Flip rate by phenomenon" in md and "### Example flipped pairs" in md
+    assert f"{examples[0]['question']} ({examples[0]['margin_question']:+.2f})" in md
+    assert "consistent" in md and "still flips" in md
+    assert 'src="data:image/png;base64,' in (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
+    assert (tmp_path / "report" / "figures" / "examples" / "0.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_feature_labels_come_from_the_saes_explanations_only(run_dir, tmp_path, monkeypatch):
