@@ -310,11 +310,88 @@ def result_row(arm: str, method: str, seed: int, layers, n_params: int, m: dict,
     }
 
 
+def shared_pairs(base_pairs: dict) -> list | None:
+    """The pair ids when every seed's base evaluation is the same (the same pairs with the same
+    margins: the model and the data do not change with the seed, as for a real model on a fixed
+    data set), else None (the demo: each seed has its own model and data)."""
+    runs = list(base_pairs.values())
+    if len(runs) < 2:
+        return None
+    first = runs[0]
+
+    def key(r):
+        return r["margin_question"], r["margin_paraphrase"]
+
+    if all(set(r) == set(first) and all(key(r[i]) == key(first[i]) for i in first) for r in runs[1:]):
+        return sorted(first)
+    return None
+
+
+def _pair_unit(runs: Sequence[dict], base: dict | None) -> dict:
+    """:func:`_set_stats` with the pair as the unit, for seeds that ran on the same pairs: each pair's
+    flip is its mean over the seeds (``runs``, per-pair rows by id); the interval is a bootstrap over
+    pairs, and p the paired bootstrap of (base flip − mean flip) over pairs (10,000 resamples)."""
+    from mechmed import stats
+
+    ids = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
+    if not ids:
+        return {"n_pairs": 0, "flip_rate": None, "flip_ci": [None, None], "p_vs_base": None}
+    f = np.mean([[float(r[i]["flip"]) for i in ids] for r in runs], axis=0)
+    ci = stats.bootstrap_ci(f, n_resamples=2000, seed=0)
+    p = None
+    if base is not None:
+        b = np.array([float(base[i]["flip"]) for i in ids])
+        p = float(stats.paired_bootstrap(b, f, n_resamples=10_000, seed=0).p_value)
+    return {"n_pairs": len(ids), "flip_rate": float(f.mean()), "flip_ci": [ci.low, ci.high], "p_vs_base": p}
+
+
+def _by_pair(summary: list[dict], rows: Sequence[dict], pairs_by_row: dict, sets_by_row: dict | None,
+             groups: dict, ids: list) -> None:
+    """Redo ``summary``'s tests with the pair as the unit (seeds on the same pairs, see
+    :func:`shared_pairs`): pooling them as new pairs would count each pair once per seed."""
+    from mechmed import stats
+
+    base_idx = groups[("base", "none")]
+    base_run = pairs_by_row[base_idx[0]]
+    ce_runs = {m: [pairs_by_row[i] for i in idx] for (a, m), idx in groups.items() if a == "ce_only"}
+
+    def phen(run: dict, name: str) -> dict:
+        return {k: v for k, v in run.items() if (v.get("phenomenon") or "other") == name}
+
+    def mean_over_seeds(runs: list, key: str) -> np.ndarray:
+        return np.mean([[float(run[i][key]) for i in ids] for run in runs], axis=0)
+
+    for r in summary:
+        idx = groups[(r["arm"], r["method"])]
+        runs = [pairs_by_row[i] for i in idx]
+        is_base = r["arm"] == "base"
+        main = _set_stats(base_run, None) if is_base else _pair_unit(runs, base_run)
+        md = stats.bootstrap_ci(mean_over_seeds(runs, "margin_diff"), n_resamples=2000, seed=0)
+        ce = ce_runs.get(r["method"]) if r["arm"] not in ("ce_only", "base") else None
+        p_ce = None if ce is None else float(stats.paired_bootstrap(
+            mean_over_seeds(ce, "flip"), mean_over_seeds(runs, "flip"), n_resamples=10_000, seed=0).p_value)
+        r.update(unit="pair", test="pair bootstrap", n_pairs=main["n_pairs"], flip_ci=main["flip_ci"],
+                 margin_diff_ci=[md.low, md.high], p_vs_base=main["p_vs_base"], p_vs_ce_only=p_ce)
+        names = sorted({v.get("phenomenon") or "other" for v in base_run.values()})
+        r["phenomena"] = {n: _set_stats(phen(base_run, n), None) if is_base else
+                          _pair_unit([phen(run, n) for run in runs], phen(base_run, n)) for n in names}
+        if sets_by_row:
+            for name in list(r.get("sets") or {}):
+                set_runs = [sets_by_row[i][name] for i in idx]
+                base_set = sets_by_row[base_idx[0]].get(name)
+                r["sets"][name] = _set_stats(base_set, None) if is_base else _pair_unit(set_runs, base_set)
+
+
 def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_by_row: dict | None = None) -> list[dict]:
     """Pool each (arm, method) over seeds: Wilson intervals of pooled counts, bootstrap interval of
     the pooled per-pair |Δmargin|, McNemar over all seeds' pairs (ids prefixed by seed); the same
     flip-rate statistics for each extra evaluation set (``sets_by_row``: row index -> set name ->
-    pairs by id), and the pooled flip rate per phenomenon."""
+    pairs by id), and the pooled flip rate per phenomenon (``unit``: ``pair × seed``).
+
+    Where every seed evaluated the same pairs with the same base model (:func:`shared_pairs`: a
+    real model on a fixed data set), a pair is one unit whatever the number of seeds: each arm's
+    flip per pair is its mean over seeds, intervals are bootstraps over pairs, and the tests against
+    the base and CE only are paired bootstraps over pairs (``unit``: ``pair``)."""
     from mechmed import stats
 
     groups: dict = {}
@@ -358,7 +435,11 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
             "p_vs_ce_only": _mcnemar(ce, pooled) if ce else None,
             "n_pairs": n_pairs, "run_dir": None, "sets": sets, "by_phenomenon": _by_phenomenon(pooled),
             "phenomena": _phenomenon_stats(pooled, None if arm == "base" else base_pool),
+            "unit": "pair" if len(base_pairs) == 1 else "pair × seed", "test": "McNemar",
         })
+    ids = shared_pairs(base_pairs)
+    if ids is not None:  # the same pairs in every seed: test with the pair as the unit
+        _by_pair(out, rows, pairs_by_row, sets_by_row, groups, ids)
     return out
 
 

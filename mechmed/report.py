@@ -155,7 +155,8 @@ def phenomenon_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
     others = [r for r in arms if r is not selected]
     cols = ["phenomenon", "pairs", "base [95% CI]"]
     if selected is not None:
-        cols += [f"{_arm_label(selected, len(methods))} [95% CI]", "p (McNemar)"]
+        cols += [f"{_arm_label(selected, len(methods))} [95% CI]",
+                 "p (pair bootstrap)" if selected.get("test") == "pair bootstrap" else "p (McNemar)"]
     cols += [_arm_label(r, len(methods)) for r in others]
 
     def stats(r: dict, kind: str, name: str) -> dict:
@@ -478,13 +479,24 @@ LOSS_LABELS = {"teacher_kl": "teacher_kl, a KL toward the original question's st
                "margin_mse": "margin_mse, the squared margin difference"}
 
 
+def _test_phrase(results: dict, plural: bool = False) -> str:
+    """How the ablation's p-values were computed: exact McNemar tests, or, where every seed evaluated
+    the same pairs (a fixed model and data set), paired bootstraps over pairs."""
+    boot = any(r.get("test") == "pair bootstrap" for r in results.get("summary") or [])
+    if boot:
+        return ("paired bootstraps over pairs (each arm's flips averaged over its seeds, which shared the pairs)"
+                if plural else "paired bootstrap over pairs (flips averaged over the seeds)")
+    return "exact McNemar tests" if plural else "exact McNemar test"
+
+
 def _verdict(what: str, base: dict, arm: dict, p_key: str = "p_vs_base") -> str:
     """"<what> lowered the <…> flip rate from A [CI] to B [CI] (−x, −y% relative; McNemar p = …)"."""
+    test = arm.get("test", "McNemar")  # a pair bootstrap when the seeds shared their pairs
     if base["flip_rate"] == arm["flip_rate"]:
-        return f"{what} left the flip rate at {_value_ci(arm, 'flip_rate', 'flip_ci')} (McNemar {fmt_p(arm.get(p_key))})"
+        return f"{what} left the flip rate at {_value_ci(arm, 'flip_rate', 'flip_ci')} ({test} {fmt_p(arm.get(p_key))})"
     return (f"{what} {_change(base['flip_rate'], arm['flip_rate'])} the flip rate from "
             f"{_value_ci(base, 'flip_rate', 'flip_ci')} to {_value_ci(arm, 'flip_rate', 'flip_ci')} "
-            f"({signed_change(base['flip_rate'], arm['flip_rate'])}; McNemar {fmt_p(arm.get(p_key))})")
+            f"({signed_change(base['flip_rate'], arm['flip_rate'])}; {test} {fmt_p(arm.get(p_key))})")
 
 
 def _per_seed(results: dict, arm: str, method: str) -> dict:
@@ -566,7 +578,7 @@ def _ablation_headlines(results: dict) -> list[str]:
                 if b:
                     parts.append(f"on the {F.SET_LABELS.get(name, name)} from {_value_ci(b, 'flip_rate', 'flip_ci')} "
                                  f"to {_value_ci(st, 'flip_rate', 'flip_ci')} ({signed_change(b['flip_rate'], st['flip_rate'])}; "
-                                 f"McNemar {fmt_p(st.get('p_vs_base'))})")
+                                 f"{sel.get('test', 'McNemar')} {fmt_p(st.get('p_vs_base'))})")
             if parts:
                 out.append(f"Beside the main set, training the selected layers ({label}) moved the flip rate "
                            + "; ".join(parts) + ".")
@@ -663,8 +675,8 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
         if table:
             sec.blocks.append(("Flip rate by phenomenon",
                                "The held-out flip rate of each phenomenon (and of each set reported beside the main "
-                               "one) with its number of pairs, for the base model and every arm; p is the exact "
-                               "McNemar test of the selected arm against the base on those pairs.",
+                               "one) with its number of pairs, for the base model and every arm; p is the "
+                               + _test_phrase(run.ablation) + " of the selected arm against the base on those pairs.",
                                _html_grid(*table), _md_grid(*table)))
         examples = attempt("example pairs", lambda: example_pairs(run.ablation_dir, run.ablation))
         if examples:
@@ -830,7 +842,8 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
              or (run.train_cfg or {}).get("model") or (run.layer_scores or {}).get("model"))
     meta = (f"Run directory {run_dir}" + (f"; model {model}" if model else "")
             + f"; mechmed {__version__}; written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. "
-            "Intervals are 95% CIs; p-values are exact McNemar tests on the same held-out pairs.")
+            f"Intervals are 95% CIs; p-values are {_test_phrase(run.ablation or {}, plural=True)} on the same "
+            "held-out pairs.")
     html_path = write_text(out / "report.html", _html(title, meta, headlines, sections, run.notes, files))
     md_path = write_text(out / "report.md", _markdown(title, meta, headlines, sections, run.notes, files,
                                                       run.ablation))

@@ -200,3 +200,66 @@ def test_each_arm_shows_its_progress(tiny_workspace, tmp_path, monkeypatch, caps
     run_ablation(cfg_file, tmp_path / "out", progress=True)
     err = capsys.readouterr().err
     assert "ablation arms" in err and "arm selected-lora-s0" in err
+
+
+def test_seeds_on_the_same_pairs_are_tested_with_the_pair_as_the_unit():
+    """A real model on a fixed data set evaluates the same pairs with the same base in every seed:
+    the summary then averages each arm's flips over seeds per pair and tests by paired bootstrap
+    over pairs (by hand here), instead of counting each pair once per seed. The demo's seeds
+    (a model and data each) keep the pooled McNemar test."""
+    import numpy as np
+
+    from mechmed import stats
+    from mechmed.ablate import shared_pairs, summarise
+
+    rng = np.random.default_rng(0)
+    ids = [f"p{i}" for i in range(80)]
+    phen = ["scope" if k % 2 else "lexical_substitution" for k in range(80)]
+
+    def run(p_flip, margins=None):
+        flips = rng.random(80) < p_flip
+        margins = rng.random(80) if margins is None else margins
+        return {i: {"id": i, "flip": bool(f), "margin_diff": float(m), "margin_question": 1.0,
+                    "margin_paraphrase": float(m), "phenomenon": ph} for i, f, m, ph in zip(ids, flips, margins, phen)}
+
+    def grid(base_runs):
+        rows, pairs = [], {}
+        for arm, method, runs in (("base", "none", base_runs), ("selected", "lora", [run(0.12) for _ in range(3)]),
+                                  ("ce_only", "lora", [run(0.2) for _ in range(3)])):
+            for seed, r in enumerate(runs):
+                pairs[len(rows)] = r
+                rows.append({"arm": arm, "method": method, "seed": seed, "layers": [1], "trainable_parameters": 1,
+                             "flip_rate": float(np.mean([v["flip"] for v in r.values()])), "n_pairs": 80,
+                             "canonical_accuracy": 0.8, "_n_questions": 40, "yes_rate": 0.5, "collapsed": False})
+        return rows, pairs, {s: base_runs[s] for s in range(3)}
+
+    base = run(0.3)
+    rows, pairs, base_pairs = grid([base, base, base])
+    assert shared_pairs(base_pairs) == sorted(ids)
+    summary = {r["arm"]: r for r in summarise(rows, pairs, base_pairs)}
+    sel, ce, b = summary["selected"], summary["ce_only"], summary["base"]
+    assert ce["p_vs_ce_only"] is None and ce["p_vs_base"] is not None
+    mean = lambda arm: np.mean([[float(pairs[i][k]["flip"]) for k in sorted(ids)]  # noqa: E731
+                                for i, r in enumerate(rows) if r["arm"] == arm], axis=0)
+    base_f = np.array([float(base[k]["flip"]) for k in sorted(ids)])
+    assert sel["unit"] == "pair" and sel["n_pairs"] == b["n_pairs"] == 80
+    assert sel["p_vs_base"] == pytest.approx(stats.paired_bootstrap(base_f, mean("selected"), seed=0).p_value)
+    assert sel["p_vs_ce_only"] == pytest.approx(stats.paired_bootstrap(mean("ce_only"), mean("selected"),
+                                                                       seed=0).p_value)
+    w = stats.wilson_interval(int(base_f.sum()), 80)
+    assert b["flip_ci"] == pytest.approx([w.low, w.high]) and sel["flip_rate"] == pytest.approx(mean("selected").mean())
+    scope = [k for k, ph in zip(sorted(ids), [base[k]["phenomenon"] for k in sorted(ids)]) if ph == "scope"]
+    pos = [sorted(ids).index(k) for k in scope]
+    assert sel["phenomena"]["scope"]["p_vs_base"] == pytest.approx(
+        stats.paired_bootstrap(base_f[pos], mean("selected")[pos], seed=0).p_value)
+
+    # each seed its own base (the demo): pooled over seeds, exact McNemar on the seed-prefixed pairs
+    other = [base, run(0.3), run(0.3)]
+    rows, pairs, base_pairs = grid(other)
+    assert shared_pairs(base_pairs) is None
+    sel = next(r for r in summarise(rows, pairs, base_pairs) if r["arm"] == "selected")
+    pooled = lambda arm: {f"{r['seed']}:{k}": v for i, r in enumerate(rows) if r["arm"] == arm  # noqa: E731
+                          for k, v in pairs[i].items()}
+    a, bb = pooled("base"), pooled("selected")
+    want = stats.mcnemar_from_pairs([a[k]["flip"] for k in sorted(a)], [bb[k]["flip"] for k in sorted(a)]).p_value
+    assert sel["unit"] == "pair × seed" and sel["p_vs_base"] == pytest.approx(want) and sel["n_pairs"] == 240
