@@ -246,11 +246,14 @@ def _by_phenomenon(pairs: dict) -> dict:
 def _phenomenon_stats(pairs: dict, base: dict | None) -> dict:
     """:func:`_set_stats` of each phenomenon's pairs (flip rate, Wilson interval, McNemar against the
     base's pairs of that phenomenon)."""
-    def of(rows: dict, name: str) -> dict:
-        return {k: v for k, v in rows.items() if (v.get("phenomenon") or "other") == name}
-
     names = sorted({v.get("phenomenon") or "other" for v in pairs.values()})
-    return {n: _set_stats(of(pairs, n), None if base is None else of(base, n)) for n in names}
+    return {n: _set_stats(_of_phenomenon(pairs, n), None if base is None else _of_phenomenon(base, n))
+            for n in names}
+
+
+def _of_phenomenon(pairs: dict, name: str) -> dict:
+    """The per-pair rows of one phenomenon."""
+    return {k: v for k, v in pairs.items() if (v.get("phenomenon") or "other") == name}
 
 
 def _pool(pairs_by_row: dict, rows: Sequence[dict], idx) -> dict:
@@ -345,8 +348,7 @@ def _pair_unit(runs: Sequence[dict], base: dict | None) -> dict:
     return {"n_pairs": len(ids), "flip_rate": float(f.mean()), "flip_ci": [ci.low, ci.high], "p_vs_base": p}
 
 
-def _by_pair(summary: list[dict], rows: Sequence[dict], pairs_by_row: dict, sets_by_row: dict | None,
-             groups: dict, ids: list) -> None:
+def _by_pair(summary: list[dict], pairs_by_row: dict, sets_by_row: dict | None, groups: dict, ids: list) -> None:
     """Redo ``summary``'s tests with the pair as the unit (seeds on the same pairs, see
     :func:`shared_pairs`): pooling them as new pairs would count each pair once per seed."""
     from mechmed import stats
@@ -354,9 +356,6 @@ def _by_pair(summary: list[dict], rows: Sequence[dict], pairs_by_row: dict, sets
     base_idx = groups[("base", "none")]
     base_run = pairs_by_row[base_idx[0]]
     ce_runs = {m: [pairs_by_row[i] for i in idx] for (a, m), idx in groups.items() if a == "ce_only"}
-
-    def phen(run: dict, name: str) -> dict:
-        return {k: v for k, v in run.items() if (v.get("phenomenon") or "other") == name}
 
     def mean_over_seeds(runs: list, key: str) -> np.ndarray:
         return np.mean([[float(run[i][key]) for i in ids] for run in runs], axis=0)
@@ -373,8 +372,9 @@ def _by_pair(summary: list[dict], rows: Sequence[dict], pairs_by_row: dict, sets
         r.update(unit="pair", test="pair bootstrap", n_pairs=main["n_pairs"], flip_ci=main["flip_ci"],
                  margin_diff_ci=[md.low, md.high], p_vs_base=main["p_vs_base"], p_vs_ce_only=p_ce)
         names = sorted({v.get("phenomenon") or "other" for v in base_run.values()})
-        r["phenomena"] = {n: _set_stats(phen(base_run, n), None) if is_base else
-                          _pair_unit([phen(run, n) for run in runs], phen(base_run, n)) for n in names}
+        r["phenomena"] = {n: _set_stats(_of_phenomenon(base_run, n), None) if is_base else
+                          _pair_unit([_of_phenomenon(run, n) for run in runs], _of_phenomenon(base_run, n))
+                          for n in names}
         if sets_by_row:
             for name in list(r.get("sets") or {}):
                 set_runs = [sets_by_row[i][name] for i in idx]
@@ -439,7 +439,7 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
         })
     ids = shared_pairs(base_pairs)
     if ids is not None:  # the same pairs in every seed: test with the pair as the unit
-        _by_pair(out, rows, pairs_by_row, sets_by_row, groups, ids)
+        _by_pair(out, pairs_by_row, sets_by_row, groups, ids)
     return out
 
 
