@@ -22,6 +22,13 @@ Definitions (one place; docs/metrics.md repeats them):
 - yes_rate: fraction of all answers (questions and paraphrases) that are yes.
 - blank_image_agreement: fraction of questions whose answer is unchanged when the image is replaced
   by uniform gray (1.0 = the image is ignored).
+- image-reliant pair: the answer to its question changes when the image is replaced by uniform gray
+  (the blank control). ``quadrants`` crosses it with consistency over the headline pairs:
+  ``consistent_reliant``, ``consistent_blind`` (consistent, but the same answer without the image),
+  ``flipped_reliant`` and ``flipped_blind``, each a count and a share with its Wilson 95% interval.
+- near-tie flip: a flip whose two margins are both within ``near_tie`` logits of 0 (default 0.1);
+  ``n_near_tie_flips`` and ``near_tie_flip_rate`` (over the headline pairs) show how much of a
+  flip rate is this fragile part.
 - swap_sensitivity: fraction of questions whose answer changes when the image is replaced by another
   question's image (a fixed, seeded derangement over distinct images).
 """
@@ -40,6 +47,26 @@ from mechmed.readout import pair_margins
 
 #: The image controls :func:`evaluate` can run: a uniform gray image, and another pair's image.
 CONTROLS = ("blank", "swap")
+#: Margins within this many logits of 0 on both phrasings make a flip a near tie.
+NEAR_TIE = 0.1
+#: The four cells of consistency × image reliance, in display order.
+QUADRANTS = ("consistent_reliant", "consistent_blind", "flipped_reliant", "flipped_blind")
+
+
+def quadrant_counts(flips: Sequence[bool], reliant: Sequence[bool]) -> dict:
+    """Consistency × image reliance over pairs: per cell ``n``, ``share`` and its Wilson 95% ``ci``."""
+    from mechmed import stats
+
+    flips, reliant = np.asarray(flips, bool), np.asarray(reliant, bool)
+    n = len(flips)
+    cells = {"consistent_reliant": ~flips & reliant, "consistent_blind": ~flips & ~reliant,
+             "flipped_reliant": flips & reliant, "flipped_blind": flips & ~reliant}
+    out: dict = {"n_pairs": n}
+    for name in QUADRANTS:
+        k = int(cells[name].sum())
+        ci = stats.wilson_interval(k, n) if n else None
+        out[name] = {"n": k, "share": k / n if n else None, "ci": [ci.low, ci.high] if ci else [None, None]}
+    return out
 
 
 @dataclass
@@ -71,21 +98,35 @@ def _set_metrics(flips: np.ndarray, delta: np.ndarray, correct_p: np.ndarray, se
 
 def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, seed: int = 0,
              controls: bool | Sequence[str] = True, n_bootstrap: int = 2000, progress: bool = False,
-             question_margins: dict | None = None) -> Evaluation:
+             question_margins: dict | None = None, edit=None, near_tie: float = NEAR_TIE) -> Evaluation:
     """Run both phrasings of every pair and compute the consistency metrics (see module doc).
     ``controls``: the image controls to run, ``blank`` and ``swap`` (True: both, False: none).
-    ``question_margins``: as :func:`pair_margins` (share it between sets over the same questions)."""
+    ``question_margins``: as :func:`pair_margins` (share it between sets over the same questions).
+    ``edit``: a training-free fix (:mod:`mechmed.interventions`) that computes every margin,
+    the controls' included. ``near_tie``: the margin tolerance of a near-tie flip (logits)."""
     from mechmed import stats
     from mechmed.readout import gray_like, margins
 
     pairs = list(pairs)
     if not pairs:
         raise MechmedError("the dataset has no pairs: nothing to evaluate")
+    if not (isinstance(near_tie, (int, float)) and near_tie >= 0):
+        raise MechmedError(f"near_tie {near_tie!r}: give a non-negative margin tolerance in logits, e.g. 0.1")
+    if edit is not None:
+        edit.prepare(pairs)
     m_q, m_p, keys, m_unique, images = pair_margins(bundle, pairs, batch_size=batch_size, progress=progress,
-                                                    question_margins=question_margins)
+                                                    question_margins=question_margins, edit=edit)
+
+    def run(questions, imgs, desc):
+        if edit is None:
+            return margins(bundle, questions, imgs, batch_size=batch_size, progress=desc if progress else None)
+        return edit.margins(bundle, questions, imgs, role="question", rows=keys, batch_size=batch_size,
+                            progress=desc if progress else None)
+
     sign = np.array([-1.0 if p.negated else 1.0 for p in pairs])
     yes_q, yes_p = m_q > 0, m_p > 0
     flips = (yes_q != yes_p) ^ (sign < 0)
+    near = flips & (np.abs(m_q) < near_tie) & (np.abs(m_p) < near_tie)
     delta = np.abs(m_q - sign * m_p)
     correct_p = yes_p == np.array([p.expected_paraphrase == "yes" for p in pairs])
     negation = np.array([p.in_negation_set for p in pairs])
@@ -115,6 +156,9 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
         "n_flips": head["n_flips"],
         "flip_rate": head["flip_rate"],
         "flip_rate_ci": head["flip_rate_ci"],
+        "near_tie": near_tie,
+        "n_near_tie_flips": int(near[headline].sum()),
+        "near_tie_flip_rate": float(near[headline].mean()),
         "question_flip_rate": sum(groups.values()) / len(groups),
         "margin_diff": head["margin_diff"],
         "margin_diff_ci": head["margin_diff_ci"],
@@ -136,27 +180,31 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
     controls = set(CONTROLS if controls is True else [controls] if isinstance(controls, str) else controls or ())
     if controls - set(CONTROLS):
         raise MechmedError(f"controls {sorted(controls - set(CONTROLS))}: use some of {', '.join(CONTROLS)}")
-    metrics["blank_image_agreement"] = metrics["swap_sensitivity"] = None
+    metrics["blank_image_agreement"] = metrics["swap_sensitivity"] = metrics["quadrants"] = None
+    reliant = None
     if "blank" in controls and images:
         q_imgs = [images[key[0]] for key in keys]
-        blank = margins(bundle, [key[1] for key in keys], [gray_like(im) for im in q_imgs],
-                        batch_size=batch_size, progress="blank images" if progress else None).numpy()
+        blank = run([key[1] for key in keys], [gray_like(im) for im in q_imgs], "blank images").numpy()
         metrics["blank_image_agreement"] = float(((blank > 0) == yes_unique).mean())
+        changed = dict(zip(keys, (blank > 0) != yes_unique))
+        reliant = np.array([bool(changed[(p.image, p.question)]) for p in pairs])
+        metrics["quadrants"] = quadrant_counts(flips[headline], reliant[headline])
     if "swap" in controls and images:
         distinct = list(images)
         if len(distinct) >= 2:
             rng = np.random.default_rng(seed)
             swap_to = dict(zip(distinct, [distinct[j] for j in _derangement(len(distinct), rng)]))
-            swapped = margins(bundle, [key[1] for key in keys], [images[swap_to[key[0]]] for key in keys],
-                              batch_size=batch_size, progress="swapped images" if progress else None).numpy()
+            swapped = run([key[1] for key in keys], [images[swap_to[key[0]]] for key in keys],
+                          "swapped images").numpy()
             metrics["swap_sensitivity"] = float(((swapped > 0) != yes_unique).mean())
 
     rows = [{
         "id": p.id, "question_id": p.question_id, "phenomenon": p.phenomenon, "answer": p.answer,
         "paraphrase_answer": p.expected_paraphrase, "negation_set": bool(n), "margin_question": float(mq),
         "margin_paraphrase": float(mp), "margin_diff": float(d), "flip": bool(f), "correct_paraphrase": bool(c),
+        "near_tie": bool(t), "image_reliant": None if reliant is None else bool(reliant[i]),
         "question": p.question, "paraphrase": p.paraphrase, "image": None if p.image is None else str(p.image),
-    } for p, mq, mp, d, f, c, n in zip(pairs, m_q, m_p, delta, flips, correct_p, negation)]
+    } for i, (p, mq, mp, d, f, c, n, t) in enumerate(zip(pairs, m_q, m_p, delta, flips, correct_p, negation, near))]
     return Evaluation(metrics, rows)
 
 
@@ -236,6 +284,8 @@ def compare_runs(a, b) -> dict:
         "negation": None,
     }
     out["paired"] = _paired(headline_rows(ra), headline_rows(rb))
+    out["near_tie_flip_rate"] = {"a": ma.get("near_tie_flip_rate"), "b": mb.get("near_tie_flip_rate")}
+    out["quadrants"] = _compare_quadrants(ma, mb, headline_rows(ra), headline_rows(rb))
     if ma.get("negation") and mb.get("negation"):
         na, nb = ma["negation"], mb["negation"]
         out["negation"] = {
@@ -244,6 +294,37 @@ def compare_runs(a, b) -> dict:
             "paired": _paired([r for r in ra if r.get("negation_set")], [r for r in rb if r.get("negation_set")]),
         }
     return out
+
+
+def quadrant_of(row: dict) -> str:
+    """The quadrant of one per-pair row (with ``flip`` and ``image_reliant``)."""
+    return ("flipped" if row["flip"] else "consistent") + ("_reliant" if row["image_reliant"] else "_blind")
+
+
+def quadrant_mcnemar(a: dict, b: dict) -> dict:
+    """Per quadrant, the exact McNemar p of membership over the pair ids ``a`` and ``b`` (per-pair
+    rows by id) share with a known image reliance: did pairs move into or out of that cell?"""
+    from mechmed import stats
+
+    common = [i for i in a if i in b and a[i].get("image_reliant") is not None
+              and b[i].get("image_reliant") is not None]
+    out = {}
+    for name in QUADRANTS:
+        out[name] = (float(stats.mcnemar_from_pairs([quadrant_of(a[i]) == name for i in common],
+                                                    [quadrant_of(b[i]) == name for i in common]).p_value)
+                     if common else None)
+    return out
+
+
+def _compare_quadrants(ma: dict, mb: dict, ra: Sequence[dict], rb: Sequence[dict]) -> dict | None:
+    """Both runs' quadrant shares and, per quadrant, :func:`quadrant_mcnemar` over the pairs both
+    share; None unless both ran the blank control."""
+    if not (ma.get("quadrants") and mb.get("quadrants")):
+        return None
+    ia, ib = {r["id"]: r for r in ra}, {r["id"]: r for r in rb}
+    n = sum(1 for i in ia if i in ib and ia[i].get("image_reliant") is not None
+            and ib[i].get("image_reliant") is not None)
+    return {"a": ma["quadrants"], "b": mb["quadrants"], "n_common_pairs": n, "p": quadrant_mcnemar(ia, ib)}
 
 
 def _paired(ra: Sequence[dict], rb: Sequence[dict]) -> dict | None:

@@ -242,12 +242,17 @@ def warn_text_only(bundle, pairs: Sequence[ParaphrasePair]) -> bool:
 
 
 def pair_margins(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, progress: bool = False,
-                 question_margins: dict | None = None):
+                 question_margins: dict | None = None, edit=None):
     """Margins of each unique (image, question) and of each pair's paraphrase.
 
     ``question_margins`` ((image, question) -> margin) holds margins already computed with this
     model, e.g. by another pair set over the same images and questions: those are not run again, and
     the new ones are added to it.
+
+    ``edit`` (a :class:`mechmed.interventions.PromptEdit`) computes the margins instead of a plain
+    forward: its ``margins(bundle, texts, images, role=, rows=, ...)`` gets the question prompts
+    (``role="question"``, ``rows`` their (image, question) keys) and the paraphrases
+    (``role="paraphrase"``, ``rows`` the pairs).
 
     Returns (m_q per pair, m_p per pair, unique keys, unique margins, images by key).
     """
@@ -266,14 +271,19 @@ def pair_margins(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 1
     index = {k: i for i, k in enumerate(keys)}
     known = {} if question_margins is None else question_margins
     todo = [k for k in keys if k not in known]
+
+    def run(texts, imgs, role, rows):
+        desc = (role + "s") if progress else None
+        if edit is None:
+            return margins(bundle, texts, imgs, batch_size=batch_size, progress=desc).numpy()
+        return edit.margins(bundle, texts, imgs, role=role, rows=rows, batch_size=batch_size, progress=desc).numpy()
+
     if todo:
         q_imgs = [images[k[0]] for k in todo] if use_images else None
-        new = margins(bundle, [k[1] for k in todo], q_imgs, batch_size=batch_size,
-                      progress="questions" if progress else None).numpy()
+        new = run([k[1] for k in todo], q_imgs, "question", todo)
         known.update(zip(todo, new.tolist()))
     m_unique = np.array([known[k] for k in keys], dtype=np.float32)
     p_imgs = [images[p.image] for p in pairs] if use_images else None
-    m_p = margins(bundle, [p.paraphrase for p in pairs], p_imgs, batch_size=batch_size,
-                  progress="paraphrases" if progress else None).numpy()
+    m_p = run([p.paraphrase for p in pairs], p_imgs, "paraphrase", list(pairs))
     m_q = m_unique[[index[(p.image, p.question)] for p in pairs]]
     return m_q, m_p, keys, m_unique, images

@@ -137,3 +137,86 @@ def test_sets_over_the_same_questions_share_their_margins(tiny_bundles, pairs):
     assert set(shared) == keys[0] | keys[1]
     assert reused["n_flips"] == alone["n_flips"] and reused["flip_rate"] == alone["flip_rate"]
     assert reused["margin_diff"] == pytest.approx(alone["margin_diff"], abs=1e-5)
+
+
+def test_quadrants_and_near_ties_by_hand(tiny_bundles, pairs):
+    """Each pair's image reliance is its question's answer changing under a uniform gray image (a
+    forward of its own here); the quadrant counts and their Wilson intervals follow by hand, and
+    near-tie flips are the flips with both margins inside the tolerance."""
+    from PIL import Image
+
+    from mechmed.consistency import QUADRANTS
+    from mechmed.readout import gray_like
+
+    b = tiny_bundles["Gemma3ForConditionalGeneration"]
+    imgs = [Image.open(p.image) for p in pairs]
+    mq = margins(b, [p.question for p in pairs], imgs, batch_size=5).numpy()
+    mp = margins(b, [p.paraphrase for p in pairs], imgs, batch_size=5).numpy()
+    gray = margins(b, [p.question for p in pairs], [gray_like(im) for im in imgs], batch_size=5).numpy()
+    s = np.array([-1 if p.negated else 1 for p in pairs])
+    flips = np.sign(mq) != np.sign(s * mp)
+    reliant = (gray > 0) != (mq > 0)
+    keep = ~np.array([p.in_negation_set for p in pairs])
+    tol = float(np.quantile(np.abs(np.concatenate([mq, mp])), 0.8))  # a tolerance some flips fall inside
+    res = evaluate(b, pairs, batch_size=4, n_bootstrap=100, controls="blank", near_tie=tol)
+    m = res.metrics
+    cells = {"consistent_reliant": ~flips & reliant, "consistent_blind": ~flips & ~reliant,
+             "flipped_reliant": flips & reliant, "flipped_blind": flips & ~reliant}
+    n = int(keep.sum())
+    assert m["quadrants"]["n_pairs"] == n
+    z = sps.norm.ppf(0.975)
+    for name in QUADRANTS:
+        k = int(cells[name][keep].sum())
+        centre = (k / n + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * np.sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n))
+        assert m["quadrants"][name]["n"] == k and m["quadrants"][name]["share"] == pytest.approx(k / n)
+        assert m["quadrants"][name]["ci"] == pytest.approx([max(0.0, centre - half), min(1.0, centre + half)], abs=1e-9)
+    assert sum(m["quadrants"][q]["n"] for q in QUADRANTS) == n
+    assert [r["image_reliant"] for r in res.pairs] == list(reliant)
+    near = flips & (np.abs(mq) < tol) & (np.abs(mp) < tol)
+    assert m["n_near_tie_flips"] == int(near[keep].sum()) and m["near_tie"] == tol
+    assert m["near_tie_flip_rate"] == pytest.approx(near[keep].mean())
+    assert [r["near_tie"] for r in res.pairs] == list(near)
+    # without the blank control there is nothing to cross consistency with
+    none = evaluate(b, pairs, batch_size=4, n_bootstrap=100, controls=False)
+    assert none.metrics["quadrants"] is None and all(r["image_reliant"] is None for r in none.pairs)
+    with pytest.raises(MechmedError, match="near_tie"):
+        evaluate(b, pairs, near_tie=-1)
+
+
+def test_compare_crosses_quadrants_with_mcnemar(tiny_bundles, pairs, tmp_path):
+    """compare reports both runs' quadrant shares and, per cell, McNemar of membership over the shared
+    pairs (an exact binomial test of the discordant pairs, by hand)."""
+    import json
+
+    from mechmed.consistency import QUADRANTS, compare_runs
+    from mechmed.io import write_json, write_jsonl
+
+    b = tiny_bundles["Gemma3ForConditionalGeneration"]
+    a = evaluate(b, pairs, batch_size=4, n_bootstrap=100, controls="blank")
+    rows_b = [dict(r) for r in a.pairs]
+    for r in rows_b[::3]:  # a second run: some pairs flip the other way, some lose the image
+        r["flip"] = not r["flip"]
+    for r in rows_b[1::4]:
+        r["image_reliant"] = not r["image_reliant"]
+    from mechmed.consistency import headline_rows, quadrant_counts
+
+    head_b = headline_rows(rows_b)
+    mb = {**a.metrics, "quadrants": quadrant_counts([r["flip"] for r in head_b], [r["image_reliant"] for r in head_b]),
+          "n_flips": sum(r["flip"] for r in head_b)}
+    for d, m, rows in ((tmp_path / "a", a.metrics, a.pairs), (tmp_path / "b", mb, rows_b)):
+        d.mkdir()
+        write_json(d / "metrics.json", m)
+        write_jsonl(d / "pairs.jsonl", rows)
+    res = compare_runs(tmp_path / "a", tmp_path / "b")
+    q = res["quadrants"]
+    assert q["a"] == json.loads(json.dumps(a.metrics["quadrants"])) and q["b"]["n_pairs"] == len(head_b)
+    head_a = {r["id"]: r for r in headline_rows(a.pairs)}
+    for name in QUADRANTS:
+        def cell(r, name=name):
+            return r["flip"] == name.startswith("flipped") and r["image_reliant"] == name.endswith("reliant")
+
+        b01 = sum(1 for r in head_b if not cell(head_a[r["id"]]) and cell(r))
+        b10 = sum(1 for r in head_b if cell(head_a[r["id"]]) and not cell(r))
+        want = 1.0 if b01 + b10 == 0 else sps.binomtest(min(b01, b10), b01 + b10, 0.5).pvalue
+        assert q["p"][name] == pytest.approx(want)
