@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_VERSION = 1
 METHODS = ("lora", "spectral_moe")
-CONSISTENCY_LOSSES = ("teacher_kl", "sym_kl", "js", "margin_mse")
+CONSISTENCY_LOSSES = ("teacher_kl", "sym_kl", "js", "margin_mse", "activation")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SPECTRAL_INITS = ("spectral", "principal", "minor", "random", "zero_b")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -81,12 +81,15 @@ def parse_scaling(scaling) -> float | None:
 # ---------------------------------------------------------------- ablation arms (mechmed.ablate)
 
 #: Arms in their display order. ``base`` is evaluated, not trained.
-ARMS = ("base", "selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only")
+ARMS = ("base", "selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only", "act",
+        "clamp", "steer", "ensemble")
 #: Arms whose layers are a baseline range of the selected width (mechmed.selection.baseline).
 RANGE_ARMS = ("early", "middle", "late", "random", "all")
 #: The consistency loss of the ``consistency_only`` arm, whatever the training config's: the seed
 #: paper's symmetric KL, whose collapse without cross-entropy is the finding this arm tests.
 CONSISTENCY_ONLY_LOSS = "sym_kl"
+#: Arms that train nothing: a fix applied to the base model at inference (mechmed.interventions).
+TRAINING_FREE_ARMS = ("clamp", "steer", "ensemble")
 DEFAULT_ARMS = ("selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only")
 
 #: Rank when the config gives none: LoRA's per layer, spectral experts' total over the experts.
@@ -127,8 +130,16 @@ class TrainConfig:
     consistency_weight: float = 1.0
     """λ, the weight of the consistency term."""
     consistency: str = "teacher_kl"
-    """Consistency between the two phrasings' yes/no distributions: teacher_kl (the paraphrase's pulled toward
-    the original question's, stop-gradient), sym_kl (the seed paper's symmetric KL), js or margin_mse."""
+    """Consistency between the two phrasings: of their yes/no distributions, teacher_kl (the paraphrase's
+    pulled toward the original question's, stop-gradient), sym_kl (the seed paper's symmetric KL), js or
+    margin_mse; or of their residuals, activation (the paraphrase's residual at the answer position pulled
+    toward the original's, stop-gradient, at activation_layers)."""
+    activation_layers: list | None = None
+    """Layers whose residual (after the layer, at the answer position) consistency: activation compares;
+    default: layers. Each must be at or after the first adapted layer (an earlier one gets no gradient)."""
+    activation_norm: bool = True
+    """consistency: activation divides each pair's squared distance by the original residual's squared norm
+    (scale-free across layers and models); false: the mean squared difference per dimension."""
     lr: float = 2e-4
     """Learning rate (AdamW)."""
     lr_schedule: str = "constant"
@@ -197,6 +208,18 @@ class TrainConfig:
         _check(self.consistency in CONSISTENCY_LOSSES, "consistency", self.consistency,
                f"one of {', '.join(CONSISTENCY_LOSSES)}")
         _check(bool(self.layers), "layers", self.layers, "a non-empty list of decoder layer indices")
+        if self.activation_layers is not None:
+            try:
+                self.activation_layers = [int(x) for x in self.activation_layers]
+            except (TypeError, ValueError):
+                _check(False, "activation_layers", self.activation_layers, "a list of decoder layer indices")
+            _check(bool(self.activation_layers) and all(x >= 0 for x in self.activation_layers), "activation_layers",
+                   self.activation_layers, "a non-empty list of non-negative layer indices (or null for layers)")
+        if self.consistency == "activation" and self.consistency_weight > 0:
+            early = [x for x in self.act_layers if x < min(self.layers)]
+            _check(not early, "activation_layers", self.act_layers, f"layers at or after the first adapted layer "
+                   f"{min(self.layers)} (the residual of layer {early[0] if early else ''} does not depend on the "
+                   "adapter)")
         _check(all(x >= 0 for x in self.layers), "layers", self.layers, "non-negative layer indices")
         _check(len(set(self.layers)) == len(self.layers), "layers", self.layers, "distinct layers")
         _check(bool(self.target_modules), "target_modules", self.target_modules, "at least one module name")
@@ -219,6 +242,11 @@ class TrainConfig:
             _check(1 <= s.top_k <= s.n_experts, "spectral.top_k", s.top_k, f"between 1 and n_experts={s.n_experts}")
             _check(self.rank % s.n_experts == 0, "rank", self.rank,
                    f"a multiple of spectral.n_experts={s.n_experts} (each expert gets rank/n_experts)")
+
+    @property
+    def act_layers(self) -> list:
+        """The layers consistency: activation compares (activation_layers, default layers)."""
+        return list(self.activation_layers if self.activation_layers is not None else self.layers)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -14,6 +14,12 @@ thing), and C is one of
 - ``sym_kl``: KL(π_q ‖ π̃_p) + KL(π̃_p ‖ π_q)
 - ``js``: ½ KL(π_q ‖ m) + ½ KL(π̃_p ‖ m), m = ½ (π_q + π̃_p)
 - ``margin_mse``: (m_q − s·m_p)², m the margin, s = −1 for a negated paraphrase.
+- ``activation`` (activation consistency training, ACT): at each layer l of ``activation_layers``
+  (default: the adapted layers), with h the residual after layer l at the answer position,
+  ‖h_p − sg(h_q)‖² / ‖sg(h_q)‖² (``activation_norm``; else the mean squared difference per
+  dimension), averaged over those layers and the pairs whose paraphrase is not negated (a negated
+  paraphrase should not share the original's residual). The flip is pulled toward agreement where
+  the attribution says it enters, not only at the output.
 
 Both phrasings of a pair run in one batched forward. A collapse guard watches the held-out yes-rate
 and accuracy. Checkpoints (adapter weights, optimiser state, RNG state) are written atomically, so
@@ -30,6 +36,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,8 +53,26 @@ class LossParts:
     consistency: object
 
 
-def pair_loss(scores_q, scores_p, yes_q, yes_p, negated, cfg: TrainConfig) -> LossParts:
-    """The loss above, from [B, 2] yes/no scores of both phrasings and bool labels."""
+def activation_consistency(resid_q: dict, resid_p: dict, negated, normalise: bool = True):
+    """The ``activation`` term: mean over layers (``resid_*``: layer -> [B, d_model] residuals at the
+    answer position) and non-negated pairs of ‖h_p − sg(h_q)‖² / ‖sg(h_q)‖² (``normalise``), or of
+    the mean squared difference per dimension."""
+    import torch
+
+    keep = ~negated
+    terms = []
+    for layer in resid_q:
+        hq, hp = resid_q[layer].detach().float()[keep], resid_p[layer].float()[keep]
+        sq = ((hp - hq) ** 2).sum(-1)
+        terms.append(sq / (hq ** 2).sum(-1).clamp_min(1e-12) if normalise else sq / hq.shape[-1])
+    if not terms or not keep.any():  # every pair negated: no term, but a graph for backward
+        return sum(h.sum() for h in resid_p.values()) * 0.0 if resid_p else torch.zeros(())
+    return torch.stack(terms).mean()
+
+
+def pair_loss(scores_q, scores_p, yes_q, yes_p, negated, cfg: TrainConfig, resid: tuple | None = None) -> LossParts:
+    """The loss above, from [B, 2] yes/no scores of both phrasings and bool labels; ``resid``
+    (``consistency: activation``) is (resid_q, resid_p), layer -> [B, d_model] at the answer position."""
     import torch
     import torch.nn.functional as F
 
@@ -67,6 +92,10 @@ def pair_loss(scores_q, scores_p, yes_q, yes_p, negated, cfg: TrainConfig) -> Lo
         pq, pp = logp_q.exp(), aligned_p.exp()
         log_m = torch.log(0.5 * (pq + pp))
         cons = 0.5 * ((pq * (logp_q - log_m)).sum(-1) + (pp * (aligned_p - log_m)).sum(-1)).mean()
+    elif cfg.consistency == "activation":
+        if resid is None:
+            raise MechmedError("consistency: activation needs the residuals of both phrasings (resid=)")
+        cons = activation_consistency(*resid, negated, normalise=cfg.activation_norm)
     else:
         mq = scores_q[:, 0] - scores_q[:, 1]
         mp = scores_p[:, 0] - scores_p[:, 1]
@@ -139,18 +168,39 @@ class _Images:
         return self._cache[path]
 
 
-def _batch_scores(model, bundle, batch, images: _Images):
-    """One forward over both phrasings of each pair: returns [B, 2] scores for q and for p."""
+class PairScores(NamedTuple):
+    """What :func:`_batch_scores` returns for B pairs."""
+
+    q: object
+    """[B, 2] yes/no scores of the questions."""
+    p: object
+    """[B, 2] yes/no scores of the paraphrases."""
+    resid: tuple | None = None
+    """(questions', paraphrases') layer -> [B, d_model] residuals at the answer position, when asked."""
+
+
+def _batch_scores(model, bundle, batch, images: _Images, layers=()) -> PairScores:
+    """One forward over both phrasings of each pair, reading the residual after each of ``layers`` at
+    the answer position (the last token: prompts are left-padded) on the way."""
+    from mechmed.capture import hooks
     from mechmed.readout import answer_logits, build_inputs
+    from mechmed.sites import Site
 
     questions = [p.question for p in batch] + [p.paraphrase for p in batch]
     imgs = None
     if bundle.multimodal and batch[0].image is not None:
         imgs = [images(p.image) for p in batch] * 2
     inputs = build_inputs(bundle.processor, questions, imgs).to(bundle.device)
-    scores = answer_logits(model, inputs, bundle.answers)
+    acts: dict = {}
+
+    def keep(site, act):
+        acts[site.layer] = act[:, -1]
+
+    with hooks(bundle.model, bundle.family, {Site(layer): keep for layer in layers}):
+        scores = answer_logits(model, inputs, bundle.answers)
     n = len(batch)
-    return scores[:n], scores[n:]
+    resid = ({k: v[:n] for k, v in acts.items()}, {k: v[n:] for k, v in acts.items()}) if layers else None
+    return PairScores(scores[:n], scores[n:], resid)
 
 
 def guard_check(bundle, model, pairs, images: _Images, cfg: TrainConfig, batch_size: int = 64) -> dict:
@@ -164,7 +214,7 @@ def guard_check(bundle, model, pairs, images: _Images, cfg: TrainConfig, batch_s
     with torch.no_grad():
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i:i + batch_size]
-            sq, sp = _batch_scores(model, bundle, chunk, images)
+            sq, sp, _ = _batch_scores(model, bundle, chunk, images)
             for s, lab in ((sq, [p.answer == "yes" for p in chunk]),
                            (sp, [p.expected_paraphrase == "yes" for p in chunk])):
                 pred = (s[:, 0] > s[:, 1]).cpu().numpy()
@@ -176,13 +226,20 @@ def guard_check(bundle, model, pairs, images: _Images, cfg: TrainConfig, batch_s
     yes_rate = float(np.concatenate(yes).mean())
     acc = float(np.concatenate(correct).mean())
     label_rate = float(np.concatenate(labels).mean())
-    majority = max(label_rate, 1 - label_rate)
-    reasons = []
-    if not cfg.collapse_low <= yes_rate <= cfg.collapse_high:
-        reasons.append(f"held-out yes-rate {yes_rate:.2f} outside [{cfg.collapse_low}, {cfg.collapse_high}]")
-    if acc <= majority + 0.01:
-        reasons.append(f"held-out accuracy {acc:.2f} no better than the majority answer ({majority:.2f})")
+    reasons = collapse_reasons(yes_rate, acc, label_rate, cfg.collapse_low, cfg.collapse_high)
     return {"yes_rate": yes_rate, "accuracy": acc, "collapsed": bool(reasons), "reason": "; ".join(reasons)}
+
+
+def collapse_reasons(yes_rate: float, accuracy: float, label_yes_rate: float, low: float, high: float) -> list[str]:
+    """Why answers count as collapsed (none: not collapsed): a held-out yes-rate outside [low, high],
+    or accuracy no better than always giving the majority answer (+0.01)."""
+    majority = max(label_yes_rate, 1 - label_yes_rate)
+    reasons = []
+    if not low <= yes_rate <= high:
+        reasons.append(f"held-out yes-rate {yes_rate:.2f} outside [{low}, {high}]")
+    if accuracy <= majority + 0.01:
+        reasons.append(f"held-out accuracy {accuracy:.2f} no better than the majority answer ({majority:.2f})")
+    return reasons
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -306,10 +363,11 @@ def check_against_model(cfg: TrainConfig, skeleton_cache: dict | None = None) ->
 
     _, model_cfg, family, _ = model_config(cfg.model, seed=cfg.seed)
     n_layers = family.n_layers(model_cfg)
-    outside = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
-    if outside:
-        raise MechmedError(f"config option layers: layer {outside[0]} is outside the model's {n_layers} decoder "
-                           f"layers (0-{n_layers - 1}); choose layers inside it")
+    for option, layers in (("layers", cfg.layers), ("activation_layers", cfg.activation_layers or [])):
+        outside = [layer for layer in layers if not 0 <= layer < n_layers]
+        if outside:
+            raise MechmedError(f"config option {option}: layer {outside[0]} is outside the model's {n_layers} "
+                               f"decoder layers (0-{n_layers - 1}); choose layers inside it")
     cache = skeleton_cache if skeleton_cache is not None else {}
     key = (cfg.model, cfg.seed)
     if key not in cache:
@@ -418,6 +476,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         log.info("resumed at step %d", step)
     collapse = next((h for h in history if h.get("collapsed")), None)
 
+    act_layers = cfg.act_layers if cfg.consistency == "activation" else ()
     model.train()
     t0 = time.perf_counter()
     first = step
@@ -431,11 +490,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
             start += accelerator.process_index * cfg.batch_size
             batch = [train_pairs[i] for i in order[start:start + cfg.batch_size]]
             with accelerator.autocast():
-                sq, sp = _batch_scores(model, bundle, batch, images)
+                sq, sp, resid = _batch_scores(model, bundle, batch, images, act_layers)
                 yes_q = torch.tensor([p.answer == "yes" for p in batch], device=sq.device)
                 yes_p = torch.tensor([p.expected_paraphrase == "yes" for p in batch], device=sq.device)
                 neg = torch.tensor([p.negated for p in batch], device=sq.device)
-                parts = pair_loss(sq.float(), sp.float(), yes_q, yes_p, neg, cfg)
+                parts = pair_loss(sq.float(), sp.float(), yes_q, yes_p, neg, cfg, resid)
                 if spectral:
                     balance = balance_loss(model)
                     parts.total = parts.total + cfg.spectral.balance_coef * balance
@@ -518,10 +577,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     return TrainResult(out, metrics, history)
 
 
-def evaluate_sets(bundle, main, extra: dict, out: Path, *, seed: int = 0, progress: bool = False) -> dict:
+def evaluate_sets(bundle, main, extra: dict, out: Path, *, seed: int = 0, progress: bool = False,
+                  edit=None) -> dict:
     """Evaluate the main pair set into ``out`` and each named extra set into ``out/<name>`` (``metrics.json``
     and ``pairs.jsonl`` each; the image controls only on the main set, which is written last); returns
-    name ("main" for the main set) -> metrics."""
+    name ("main" for the main set) -> metrics. ``edit``: a training-free fix (:mod:`mechmed.interventions`)
+    that computes every margin."""
     from mechmed.consistency import evaluate
     from mechmed.io import ensure_dir, write_json, write_jsonl
 
@@ -530,7 +591,7 @@ def evaluate_sets(bundle, main, extra: dict, out: Path, *, seed: int = 0, progre
     for name, pairs in {**extra, "main": main}.items():  # main last: its metrics.json marks the whole as done
         d = ensure_dir(out if name == "main" else out / name)
         ev = evaluate(bundle, pairs, seed=seed, batch_size=64, controls=name == "main", progress=progress,
-                      question_margins=shared)
+                      question_margins=None if edit is not None else shared, edit=edit)
         write_jsonl(d / "pairs.jsonl", ev.pairs)
         write_json(d / "metrics.json", ev.metrics)
         out_metrics[name] = ev.metrics

@@ -167,3 +167,72 @@ def test_finished_run_is_not_overwritten(tiny_workspace, tmp_path):
     train(cfg, tmp_path / "r", evaluate_before_after=False)
     with pytest.raises(MechmedError, match="finished run"):
         train(cfg, tmp_path / "r", evaluate_before_after=False)
+
+
+def test_activation_consistency_by_hand():
+    """‖h_p − h_q‖² / ‖h_q‖² (or the mean squared difference) over layers and non-negated pairs; the
+    gradient reaches the paraphrase's residuals only (the original's is stop-gradient)."""
+    from mechmed.train import activation_consistency
+
+    g = torch.Generator().manual_seed(0)
+    hq = {1: torch.randn(4, 6, generator=g, requires_grad=True), 3: torch.randn(4, 6, generator=g, requires_grad=True)}
+    hp = {k: torch.randn(4, 6, generator=g, requires_grad=True) for k in hq}
+    neg = torch.tensor([False, True, False, False])
+    keep = ~neg.numpy()
+    q = {k: v.detach().numpy()[keep] for k, v in hq.items()}
+    p = {k: v.detach().numpy()[keep] for k, v in hp.items()}
+    normed = np.mean([((p[k] - q[k]) ** 2).sum(1) / (q[k] ** 2).sum(1) for k in hq])
+    plain = np.mean([((p[k] - q[k]) ** 2).mean(1) for k in hq])
+    assert activation_consistency(hq, hp, neg).item() == pytest.approx(normed, rel=1e-5)
+    term = activation_consistency(hq, hp, neg, normalise=False)
+    assert term.item() == pytest.approx(plain, rel=1e-5)
+    term.backward()
+    assert all(v.grad is None for v in hq.values())
+    assert all(torch.count_nonzero(v.grad[1]) == 0 and torch.count_nonzero(v.grad[0]) > 0 for v in hp.values())
+    # every pair negated: a zero term that still backpropagates
+    assert activation_consistency(hq, {k: v.detach().requires_grad_() for k, v in hp.items()},
+                                  torch.ones(4, dtype=torch.bool)).item() == 0.0
+    sq = torch.randn(4, 2, generator=g)
+    parts = pair_loss(sq, sq, torch.tensor([True, False, True, True]), torch.tensor([True, True, True, True]), neg,
+                      _cfg(consistency="activation", consistency_weight=0.5), resid=(hq, hp))
+    assert parts.consistency.item() == pytest.approx(normed, rel=1e-5)
+    with pytest.raises(MechmedError, match="needs the residuals"):
+        pair_loss(sq, sq, neg, neg, neg, _cfg(consistency="activation"))
+
+
+def test_activation_layers_are_checked():
+    with pytest.raises(MechmedError, match="activation_layers"):
+        _cfg(layers=[2, 3], consistency="activation", activation_layers=[1, 3])
+    assert _cfg(layers=[2, 3], consistency="activation").act_layers == [2, 3]
+    assert _cfg(layers=[2, 3], consistency="teacher_kl", activation_layers=[1]).act_layers == [1]  # unused: no check
+    with pytest.raises(MechmedError, match="activation_layers"):
+        _cfg(activation_layers=[])
+
+
+def test_activation_consistency_trains_on_the_residuals_output_hidden_states_gives(tiny_workspace, tmp_path):
+    """The first step's logged term is ACT of its batch under the untrained adapter (LoRA B = 0: the
+    base model), by hand from output_hidden_states; the run finishes and evaluates."""
+    from mechmed.data import load_pairs
+    from mechmed.data.images import load_image
+    from mechmed.models import load_model
+    from mechmed.readout import build_inputs
+    from mechmed.train import _order
+
+    cfg = _train_cfg(tiny_workspace, layers=[0, 1], consistency="activation", activation_layers=[0, 1],
+                     consistency_weight=1.0, batch_size=4, grad_accum=1, max_steps=2, eval_every=2, dropout=0.0)
+    res = train(cfg, tmp_path / "act", evaluate_before=False)
+    assert json.loads((tmp_path / "act" / "metrics.json").read_text())["after"]["n_pairs"] > 0
+    bundle = load_model(cfg.model)
+    pairs = load_pairs(cfg.train_data)
+    batch = [pairs[i] for i in _order(len(pairs), cfg.seed, 0)[:4]]
+    inputs = build_inputs(bundle.processor, [p.question for p in batch] + [p.paraphrase for p in batch],
+                          [load_image(p.image) for p in batch] * 2)
+    with torch.no_grad():
+        hs = bundle.model(**inputs, output_hidden_states=True).hidden_states
+    keep = np.array([not p.negated for p in batch])
+    terms = []
+    for layer in (0, 1):  # not the last layer: its hidden_states entry is after the final norm
+        h = hs[layer + 1][:, -1].numpy()
+        hq, hp = h[:4][keep], h[4:][keep]
+        terms.append(((hp - hq) ** 2).sum(1) / (hq ** 2).sum(1))
+    assert res.log[0]["consistency"] == pytest.approx(float(np.mean(terms)), rel=1e-4)
