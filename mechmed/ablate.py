@@ -4,8 +4,18 @@ An arm is a layer range and a loss (see :data:`ARMS`): the mechanistically ``sel
 training config's ``layers``, from ``mechmed select-layers``), baseline ranges of the same width
 (``early``, ``middle``, ``late``, ``random``), ``all`` layers, and two loss controls on the selected
 range: ``ce_only`` (cross-entropy, no consistency term) and ``consistency_only`` (the seed paper's
-symmetric KL and no cross-entropy, which it found to collapse to one answer). The grid is arms × methods (``lora``,
-``spectral_moe``) × seeds; ``base`` (no training) is evaluated once per seed.
+symmetric KL and no cross-entropy, which it found to collapse to one answer), and ``act``
+(activation consistency at the selected layers instead of the output-level term, weighted
+``act_weight``). The grid is arms × methods (``lora``, ``spectral_moe``) × seeds; ``base`` (no
+training) is evaluated once per seed.
+
+Three arms train nothing (:data:`TRAINING_FREE_ARMS`, method ``none``, :mod:`mechmed.interventions`):
+``clamp`` (the top ``clamp_features`` attributed flip features of the selected layers' SAEs set to
+their value on the original question, or to zero), ``steer`` (the mean residual difference between
+original and paraphrase after the last selected layer, fitted on the training pairs, added to the
+paraphrase) and ``ensemble`` (the mean margin over ``ensemble_k`` phrasings). They are evaluated
+on the base model with the same sets and statistics; ``p_vs_best_trained`` tests every arm against
+the trained arm with the lowest flip rate that did not collapse (``best_trained`` in results.json).
 
 Every arm is a ``mechmed train`` run directory under ``OUT/arms/<arm>-<method>-s<seed>``, so the
 grid resumes: finished arms are read back, interrupted ones continue from their checkpoint.
@@ -23,6 +33,13 @@ Configuration (YAML, all keys optional except a training config)::
     seeds: [0]
     match_parameters: false         # scale the LoRA rank so every arm trains ~as many parameters
     workers: 1                      # arms trained in parallel processes
+    act_weight: 0.5                 # consistency_weight of the act arm
+    attribution: runs/demo/attribute  # features.csv for clamp (default: next to train's scores_file)
+    saes: demo                      # SAEs for clamp (default: the attribution's)
+    clamp_features: 4
+    clamp_to: original              # or zero
+    steer_scale: 1.0
+    ensemble_k: 3
 """
 
 from __future__ import annotations
@@ -31,6 +48,7 @@ import concurrent.futures as cf
 import csv
 import io
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,7 +56,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mechmed.config import ARMS, CONSISTENCY_ONLY_LOSS, DEFAULT_ARMS, RANGE_ARMS  # noqa: F401  (public here too)
+from mechmed.config import (  # noqa: F401  (public here too)
+    ARMS,
+    CONSISTENCY_ONLY_LOSS,
+    DEFAULT_ARMS,
+    RANGE_ARMS,
+    TRAINING_FREE_ARMS,
+)
 from mechmed.errors import MechmedError
 from mechmed.io import read_jsonl
 
@@ -46,7 +70,7 @@ log = logging.getLogger(__name__)
 
 RESULT_KEYS = ("arm", "method", "seed", "layers", "trainable_parameters", "flip_rate", "flip_ci", "margin_diff",
                "margin_diff_ci", "canonical_accuracy", "accuracy_ci", "yes_rate", "collapsed", "p_vs_base",
-               "p_vs_ce_only", "n_pairs", "run_dir")
+               "p_vs_ce_only", "p_vs_best_trained", "near_tie_flip_rate", "quadrants", "n_pairs", "run_dir")
 
 
 @dataclass
@@ -65,6 +89,21 @@ class AblationConfig:
     """Scale the rank of every arm so it trains about as many parameters as the selected range."""
     workers: int = 1
     """Arms trained in parallel processes (each gets cores / workers torch threads)."""
+    act_weight: float = 0.5
+    """consistency_weight of the act arm (its normalised L2 is on another scale than the output-level terms)."""
+    attribution: str | None = None
+    """The attribution (a directory with features.csv) whose features clamp uses; default: beside the
+    training config's provenance scores_file."""
+    saes: str | None = None
+    """SAEs of clamp (an --saes spec); default: the attribution's."""
+    clamp_features: int = 4
+    """Features clamp sets: the top attributed ones in the selected layers."""
+    clamp_to: str = "original"
+    """original (the value on the pair's original question, paraphrase prompts only) or zero (every prompt)."""
+    steer_scale: float = 1.0
+    """Multiple of the steering vector steer adds."""
+    ensemble_k: int = 3
+    """Phrasings each ensemble answer averages over (the prompt and k − 1 others of its question)."""
     source: str = "ablation config"
 
     def __post_init__(self):
@@ -83,6 +122,18 @@ class AblationConfig:
             raise MechmedError(f"{src}: seeds must be integers, got {self.seeds}")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise MechmedError(f"{src}: workers must be a positive integer, got {self.workers!r}")
+        from mechmed.interventions import CLAMP_TO
+
+        checks = [("act_weight", isinstance(self.act_weight, (int, float)) and self.act_weight > 0, "a positive number"),
+                  ("clamp_features", isinstance(self.clamp_features, int) and self.clamp_features >= 1,
+                   "a positive integer"),
+                  ("clamp_to", self.clamp_to in CLAMP_TO, f"one of {', '.join(CLAMP_TO)}"),
+                  ("steer_scale", isinstance(self.steer_scale, (int, float)) and math.isfinite(self.steer_scale),
+                   "a number"),
+                  ("ensemble_k", isinstance(self.ensemble_k, int) and self.ensemble_k >= 2, "an integer >= 2")]
+        for key, ok, what in checks:
+            if not ok:
+                raise MechmedError(f"{src}: {key} must be {what}, got {getattr(self, key)!r}")
         self.arms = [a for a in ARMS if a in self.arms and a != "base"]
 
     @classmethod
@@ -156,6 +207,9 @@ def plan(cfg: AblationConfig, n_layers: int) -> list[Arm]:
                            f"(0-{n_layers - 1})")
     out = []
     for arm in cfg.arms:
+        if arm in TRAINING_FREE_ARMS:  # nothing trained: one arm per seed, method none
+            out.extend(Arm(arm, "none", seed, selected) for seed in cfg.seeds)
+            continue
         for method in cfg.methods:
             for seed in cfg.seeds:
                 over: dict = {}
@@ -164,6 +218,8 @@ def plan(cfg: AblationConfig, n_layers: int) -> list[Arm]:
                     over["consistency_weight"] = 0.0
                 elif arm == "consistency_only":  # the paper's pure-consistency control: its symmetric KL
                     over.update(ce_weight=0.0, consistency=CONSISTENCY_ONLY_LOSS)
+                elif arm == "act":  # activation consistency where the attribution found the flip
+                    over.update(consistency="activation", consistency_weight=float(cfg.act_weight))
                 if cfg.match_parameters and len(layers) != width:
                     rank = max(1, round(cfg.train["rank"] * width / len(layers)))
                     if method == "spectral_moe":
@@ -200,6 +256,95 @@ def _run_arm(cfg_dict: dict, run_dir: str, threads: int | None, device: str = "c
     with torch_threads(threads):  # restored: in-process arms run in the caller's process
         return train(cfg, out, resume=(out / "checkpoint").exists(), evaluate_before=False, png=False, device=device,
                      dtype=dtype, progress=f"arm {out.name}" if progress else False).metrics
+
+
+def _attribution_dir(cfg: AblationConfig) -> Path:
+    """Where clamp's ranked features are: ``attribution``, else beside the training config's scores file."""
+    if cfg.attribution:
+        return Path(cfg.attribution)
+    scores = (cfg.train.get("provenance") or {}).get("scores_file")
+    if not scores:
+        raise MechmedError(f"{cfg.source}: the clamp arm needs an attribution with features (features.csv): set "
+                           "attribution: in the ablation config (the directory mechmed attribute wrote)")
+    return Path(scores).parent
+
+
+def _sae_spec(cfg: AblationConfig) -> str:
+    """clamp's SAEs: ``saes``, else the ones the attribution used."""
+    if cfg.saes:
+        return cfg.saes
+    import json
+
+    scores = _attribution_dir(cfg) / "layer_scores.json"
+    spec = json.loads(scores.read_text(encoding="utf-8")).get("saes") if scores.is_file() else None
+    if not spec:
+        raise MechmedError(f"{cfg.source}: the clamp arm needs SAEs: set saes: in the ablation config (an --saes "
+                           "spec, e.g. demo)")
+    return spec
+
+
+def check_training_free(cfg: AblationConfig) -> None:
+    """Check what the training-free arms need (features, SAEs) before any model is loaded."""
+    if "clamp" in cfg.arms:
+        from mechmed.interventions import top_features
+
+        top_features(_attribution_dir(cfg), cfg.train["layers"], cfg.clamp_features)
+        _sae_spec(cfg)
+
+
+def make_edit(cfg: AblationConfig, arm: Arm, bundle):
+    """The training-free fix of ``arm`` (:mod:`mechmed.interventions`) on the base model ``bundle``."""
+    from mechmed import interventions as iv
+    from mechmed.train import resolve_pairs
+
+    t = cfg.train
+    if arm.arm == "steer":
+        train_pairs = resolve_pairs(t["train_data"], split="train", image_root=t.get("image_root"), seed=arm.seed)
+        return iv.fit_steering(bundle, train_pairs, max(arm.layers), scale=float(cfg.steer_scale), batch_size=64)
+    if arm.arm == "clamp":
+        from mechmed.saes import resolve_saes
+
+        features = iv.top_features(_attribution_dir(cfg), arm.layers, cfg.clamp_features)
+        saes = resolve_saes(_sae_spec(cfg), bundle, sorted(features), seed=arm.seed)
+        return iv.Clamp(saes, features, cfg.clamp_to)
+    return iv.Ensemble(cfg.ensemble_k)
+
+
+def evaluate_training_free(cfg: AblationConfig, arm: Arm, out: Path, *, progress: bool = False,
+                           device: str = "cpu", dtype: str | None = None) -> dict:
+    """Evaluate one training-free arm on the base model into ``out`` (``after/`` as a trained arm's,
+    ``metrics.json`` last); reads a finished one back."""
+    import json
+
+    from mechmed.consistency import headline_rows
+    from mechmed.io import ensure_dir, read_jsonl, write_json
+    from mechmed.models import load_model
+    from mechmed.train import collapse_reasons, evaluate_sets, resolve_pairs
+
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    t = cfg.train
+    bundle = load_model(t["model"], answer_words=tuple(t["answer_words"]), seed=arm.seed, device=device, dtype=dtype,
+                        prompt_template=t.get("prompt_template"))
+    edit = make_edit(cfg, arm, bundle)
+    pairs = resolve_pairs(t["eval_data"], split="eval", image_root=t.get("image_root"), seed=arm.seed)
+    extra = {name: resolve_pairs(data, split="eval", image_root=t.get("image_root"), seed=arm.seed)
+             for name, data in (t.get("extra_eval") or {}).items()}
+    after = evaluate_sets(bundle, pairs, extra, ensure_dir(out) / "after", seed=arm.seed, progress=progress,
+                          edit=edit)
+    m = after["main"]
+    rows = headline_rows(read_jsonl(out / "after" / "pairs.jsonl"))
+    n_answers = m["n_questions"] + m["n_pairs"]  # the guard's rule on both phrasings' answers
+    accuracy = (m["n_correct"]["original"] + m["n_correct"]["paraphrase"]) / n_answers
+    labels = [r["answer"] == "yes" for r in rows] + [r["paraphrase_answer"] == "yes" for r in rows]
+    reasons = collapse_reasons(m["yes_rate"], accuracy, float(np.mean(labels)), t.get("collapse_low", 0.05),
+                               t.get("collapse_high", 0.95))
+    metrics = {"arm": arm.name, "training_free": edit.describe(), "trainable_parameters": 0, "layers": list(arm.layers),
+               "collapsed": bool(reasons), "collapse": {"reason": "; ".join(reasons)} if reasons else None,
+               "after": m, "after_sets": {k: v for k, v in after.items() if k != "main"}, "seed": arm.seed,
+               "model_provenance": bundle.provenance}
+    write_json(out / "metrics.json", metrics)
+    return metrics
 
 
 def _read_pairs(path: Path) -> dict:
@@ -308,7 +453,8 @@ def result_row(arm: str, method: str, seed: int, layers, n_params: int, m: dict,
         "canonical_accuracy": m["accuracy"]["original"], "accuracy_ci": [acc.low, acc.high],
         "yes_rate": m["yes_rate"], "collapsed": bool(collapsed),
         "p_vs_base": _mcnemar(base_pairs, pairs) if base_pairs is not None else None,
-        "p_vs_ce_only": _mcnemar(ce_pairs, pairs) if ce_pairs is not None else None,
+        "p_vs_ce_only": _mcnemar(ce_pairs, pairs) if ce_pairs is not None else None, "p_vs_best_trained": None,
+        "near_tie_flip_rate": m.get("near_tie_flip_rate"), "quadrants": m.get("quadrants"),
         "n_pairs": m["n_pairs"], "run_dir": run_dir,
     }
 
@@ -369,6 +515,8 @@ def _by_pair(summary: list[dict], pairs_by_row: dict, sets_by_row: dict | None, 
         ce = ce_runs.get(r["method"]) if r["arm"] not in ("ce_only", "base") else None
         p_ce = None if ce is None else float(stats.paired_bootstrap(
             mean_over_seeds(ce, "flip"), mean_over_seeds(runs, "flip"), n_resamples=10_000, seed=0).p_value)
+        if r.get("quadrants"):  # McNemar over pair × seed would count each pair once per seed
+            r["quadrants"]["p_vs_base"] = None
         r.update(unit="pair", test="pair bootstrap", n_pairs=main["n_pairs"], flip_ci=main["flip_ci"],
                  margin_diff_ci=[md.low, md.high], p_vs_base=main["p_vs_base"], p_vs_ce_only=p_ce)
         names = sorted({v.get("phenomenon") or "other" for v in base_run.values()})
@@ -433,6 +581,9 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
             "collapsed": any(rows[i]["collapsed"] for i in idx),
             "p_vs_base": None if arm == "base" else _mcnemar(base_pool, pooled),
             "p_vs_ce_only": _mcnemar(ce, pooled) if ce else None,
+            "p_vs_best_trained": None, "near_tie_flip_rate": float(np.mean([bool(v.get("near_tie")) for v in
+                                                                             pooled.values()])),
+            "quadrants": _pooled_quadrants(pooled, None if arm == "base" else base_pool),
             "n_pairs": n_pairs, "run_dir": None, "sets": sets, "by_phenomenon": _by_phenomenon(pooled),
             "phenomena": _phenomenon_stats(pooled, None if arm == "base" else base_pool),
             "unit": "pair" if len(base_pairs) == 1 else "pair × seed", "test": "McNemar",
@@ -441,6 +592,51 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
     if ids is not None:  # the same pairs in every seed: test with the pair as the unit
         _by_pair(out, pairs_by_row, sets_by_row, groups, ids)
     return out
+
+
+def _pooled_quadrants(pairs: dict, base: dict | None = None) -> dict | None:
+    """:func:`mechmed.consistency.quadrant_counts` over per-pair rows (None without the blank
+    control), with ``p_vs_base``: per cell, McNemar of membership against ``base``'s pairs."""
+    from mechmed.consistency import quadrant_counts, quadrant_mcnemar
+
+    rows = [v for v in pairs.values() if v.get("image_reliant") is not None]
+    if not rows or len(rows) < len(pairs):
+        return None
+    out = quadrant_counts([v["flip"] for v in rows], [v["image_reliant"] for v in rows])
+    out["p_vs_base"] = None if base is None else quadrant_mcnemar(base, pairs)
+    return out
+
+
+def against_best_trained(rows: list[dict], summary: list[dict], pairs_by_row: dict) -> str | None:
+    """Set ``p_vs_best_trained`` of every row and summary row: McNemar of its per-pair flips against
+    those of the trained arm (same seed; pooled over seeds in the summary) with the lowest summary
+    flip rate among those that did not collapse. Returns that arm's ``arm-method`` name."""
+    trained = [r for r in summary if r["arm"] not in ("base", *TRAINING_FREE_ARMS) and not r["collapsed"]]
+    if not trained:
+        return None
+    best = min(trained, key=lambda r: r["flip_rate"])
+    key = (best["arm"], best["method"])
+    best_rows = {r["seed"]: i for i, r in enumerate(rows) if (r["arm"], r["method"]) == key}
+    for i, r in enumerate(rows):
+        if (r["arm"], r["method"]) != key and r["seed"] in best_rows:
+            r["p_vs_best_trained"] = _mcnemar(pairs_by_row[best_rows[r["seed"]]], pairs_by_row[i])
+    best_pool = _pool(pairs_by_row, rows, list(best_rows.values()))
+    for r in summary:
+        if (r["arm"], r["method"]) == key:
+            continue
+        idx = [i for i, x in enumerate(rows) if (x["arm"], x["method"]) == (r["arm"], r["method"])]
+        if r.get("test") == "pair bootstrap":  # seeds on the same pairs: paired bootstrap of mean flips per pair
+            from mechmed import stats
+
+            ids = sorted(set.intersection(*(set(pairs_by_row[i]) for i in idx + list(best_rows.values()))))
+
+            best_f, arm_f = (np.mean([[float(pairs_by_row[j][k]["flip"]) for k in ids] for j in run], axis=0)
+                             for run in (list(best_rows.values()), idx))
+            r["p_vs_best_trained"] = float(stats.paired_bootstrap(best_f, arm_f, n_resamples=10_000,
+                                                                  seed=0).p_value)
+        else:
+            r["p_vs_best_trained"] = _mcnemar(best_pool, _pool(pairs_by_row, rows, idx))
+    return f"{best['arm']}-{best['method']}"
 
 
 def _n_questions(row: dict) -> int:
@@ -505,16 +701,23 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
     from mechmed.train import check_against_model
 
     skeletons: dict = {}  # every arm's layers and target modules, before the base model is evaluated
-    for a in arms:
+    trained = [a for a in arms if a.arm not in TRAINING_FREE_ARMS]
+    for a in trained:
         check_against_model(arm_config(cfg, a), skeletons)
+    check_training_free(cfg)
     write_json(out / "ablation_config.json", {**cfg.to_dict(), "plan": [a.name for a in arms], "device": device,
                                               "dtype": dtype})
 
     small = cpu_threads_for(t["model"], device)  # 1 for demo-sized models on the CPU, else None
     with torch_threads(small):
         base = {s: evaluate_base(cfg, s, out, progress=progress, device=device, dtype=dtype) for s in cfg.seeds}
-    jobs = {a.name: (arm_config(cfg, a).to_dict(), str(out / "arms" / a.name)) for a in arms}
     metrics: dict = {}
+    with torch_threads(small):
+        for a in arms:
+            if a.arm in TRAINING_FREE_ARMS:
+                metrics[a.name] = evaluate_training_free(cfg, a, out / "arms" / a.name, progress=progress,
+                                                         device=device, dtype=dtype)
+    jobs = {a.name: (arm_config(cfg, a).to_dict(), str(out / "arms" / a.name)) for a in trained}
     if workers > 1:
         import multiprocessing as mp
 
@@ -553,10 +756,11 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
         r["sets"] = {n: _set_stats(p, (base_sets or {}).get(n)) for n, p in sets_by_row[i].items()}
         r["by_phenomenon"] = _by_phenomenon(pairs_by_row[i])
     summary = summarise(rows, pairs_by_row, {s: base[s][1] for s in cfg.seeds}, sets_by_row)
+    best = against_best_trained(rows, summary, pairs_by_row)
     for r in rows + summary:
         r.pop("_n_questions", None)
     base_summary = next(r for r in summary if r["arm"] == "base")
-    result = {"rows": rows, "summary": summary, "base": base_summary, "config": cfg.to_dict()}
+    result = {"rows": rows, "summary": summary, "base": base_summary, "best_trained": best, "config": cfg.to_dict()}
     write_text(out / "results.csv", table_csv(rows))
     write_text(out / "summary.csv", table_csv(summary))
     write_json(out / "results.json", result)

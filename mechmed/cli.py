@@ -75,6 +75,8 @@ def _fmt(x) -> str:
 
 
 def print_metrics(m: dict, out=sys.stdout) -> None:
+    from mechmed.consistency import QUADRANTS
+
     rows = [
         ("pairs / questions", f"{m['n_pairs']} / {m['n_questions']}"),
         ("accuracy (original)", _fmt(m["accuracy"]["original"])),
@@ -83,12 +85,16 @@ def print_metrics(m: dict, out=sys.stdout) -> None:
          f"{_fmt(m['flip_rate'])} {_fmt(m['flip_rate_ci'])} ({m['n_flips']}/{m['n_pairs']})"),
         *([("negation-set flip rate", f"{_fmt(n['flip_rate'])} {_fmt(n['flip_rate_ci'])} "
                                       f"({n['n_flips']}/{n['n_pairs']})")] if (n := m.get("negation")) else []),
+        *([("near-tie flips", f"{_fmt(m['near_tie_flip_rate'])} ({m['n_near_tie_flips']} with both margins "
+                               f"within {m['near_tie']} of 0)")] if "near_tie_flip_rate" in m else []),
         ("question flip rate", _fmt(m["question_flip_rate"])),
         ("mean |Δmargin|", f"{_fmt(m['margin_diff'])} {_fmt(m['margin_diff_ci'])}"),
         ("AUC", _fmt(m["auc"])),
         ("yes rate", _fmt(m["yes_rate"])),
         ("blank-image agreement", _fmt(m.get("blank_image_agreement"))),
         ("swap sensitivity", _fmt(m.get("swap_sensitivity"))),
+        *[(f"  {name.replace('_', ' ')}", f"{_fmt(c['share'])} {_fmt(c['ci'])} ({c['n']})")
+          for name, c in ((k, m["quadrants"][k]) for k in QUADRANTS if m.get("quadrants"))],
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -107,7 +113,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from mechmed.consistency import compare_runs
+    from mechmed.consistency import QUADRANTS, compare_runs
     from mechmed.io import write_json
 
     res = compare_runs(args.a, args.b)
@@ -136,6 +142,18 @@ def cmd_compare(args) -> int:
         if neg["paired"]:
             line += f"; McNemar p = {neg['paired']['mcnemar_flips']['p_value']:.4f}"
         print(line)
+    nt = res.get("near_tie_flip_rate") or {}
+    if nt.get("a") is not None and nt.get("b") is not None:
+        print(f"{'near-tie flips':<20} A {nt['a']:.3f} -> B {nt['b']:.3f}   (both margins within the near-tie "
+              "tolerance of 0)")
+    quad = res.get("quadrants")
+    if quad:
+        print(f"quadrants (consistency × image reliance, {quad['n_common_pairs']} shared pairs):")
+        for name in QUADRANTS:
+            a, b, p = quad["a"][name], quad["b"][name], quad["p"][name]
+            print(f"  {name:<20} A {a['share']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] -> "
+                  f"B {b['share']:.3f} [{b['ci'][0]:.3f}, {b['ci'][1]:.3f}]" + ("" if p is None else
+                                                                             f"   McNemar p = {p:.4f}"))
     if args.out:
         write_json(args.out, res)
         print(f"written {args.out}")
@@ -453,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "plus images for a model that ships image prompts, as the demo does)")
     p.add_argument("--threshold", type=float, default=0.95, help="R² threshold of the t-test (default 0.95)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--no-ce", action="store_true", help="skip CE-loss recovered (one extra forward per layer)")
+    p.add_argument("--no-ce", action="store_true", help="skip CE-loss recovered (2 to 7 extra forwards per layer and batch: the splices, by token "
+                   "type, and the answer position)")
     p.add_argument("--out", default="runs/sae_check")
     p.set_defaults(func=cmd_sae_check)
 

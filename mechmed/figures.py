@@ -165,12 +165,42 @@ def _finite(v) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def r2_by_layer(rows: Sequence[dict], threshold: float | None = 0.95, *, title: str | None = None):
+def _type_r2(t: str):
+    return lambda r: ((r.get("by_token_type") or {}).get(t) or {}).get("r2_pooled")
+
+
+def _massive(key: str):
+    return lambda r: (r.get("massive_dims") or {}).get(key)
+
+
+#: What ``r2_by_layer(detail=True)`` draws beside the headline R², one marker per layer each:
+#: (legend label, caption phrase, value of a sae-check row, marker symbol, colour); a phrase of
+#: None is a token type, named together in the caption. ``{k}`` is ``massive_dims["k"]``. The
+#: colours are not the text sets' (PALETTE[:3]).
+R2_DETAIL_SERIES = (
+    ("text tokens", None, _type_r2("text"), "triangle-up", "#56B4E9"),
+    ("image tokens", None, _type_r2("image"), "square", "#D55E00"),
+    ("special tokens", None, _type_r2("special"), "diamond", "#CC79A7"),
+    ("without the top-{k} dims", "without the top-{k} variance dimensions", _massive("r2_without"), "x", "#000000"),
+    ("dims standardised", "with every dimension divided by its std", _massive("r2_standardised"), "star",
+     "#7F7F7F"),
+)
+
+
+def r2_by_layer(rows: Sequence[dict], threshold: float | None = 0.95, *, title: str | None = None,
+                detail: bool = False):
     """R² by layer, one line per text set, with CI error bars and the threshold as a dashed line.
 
     ``rows`` are sae-check rows (``layer``, ``text_set``, ``r2``, optional ``r2_ci``,
     ``n_prompts``, ``exceeds_threshold``). The y axis zooms onto the data and the threshold.
+
+    With ``detail`` each text set gets its own panel, and beside its line (the mean R² over prompts)
+    one marker per layer for each of :data:`R2_DETAIL_SERIES` the rows hold: the pooled R² over the
+    text, image and special tokens (``by_token_type``), and the pooled R² without the top-k variance
+    dimensions and with every dimension standardised (``massive_dims``); the title names what is drawn.
     """
+    if detail:
+        return _r2_detail(rows, threshold, title)
     import plotly.graph_objects as go
 
     sets = list(dict.fromkeys(r["text_set"] for r in rows))
@@ -233,12 +263,98 @@ def r2_by_layer(rows: Sequence[dict], threshold: float | None = 0.95, *, title: 
     return fig
 
 
+def _r2_detail(rows: Sequence[dict], threshold: float | None, title: str | None):
+    """:func:`r2_by_layer` with ``detail``: a panel per text set, the extra series as markers."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    sets = list(dict.fromkeys(r["text_set"] for r in rows))
+    layers = sorted({int(r["layer"]) for r in rows})
+    ks = {(r.get("massive_dims") or {}).get("k") for r in rows} - {None}
+    k = ks.pop() if len(ks) == 1 else "k"
+    by_set = {s: sorted((r for r in rows if r["text_set"] == s), key=lambda r: r["layer"]) for s in sets}
+    titles = []
+    for s in sets:
+        n = next((r.get("n_prompts") for r in by_set[s] if r.get("n_prompts")), None)
+        titles.append(TEXT_SET_LABELS.get(s, s) + (f" (n={n})" if n else ""))
+    fig = make_subplots(rows=1, cols=max(1, len(sets)), shared_yaxes=True, subplot_titles=titles,
+                        horizontal_spacing=0.04)
+    # the line on the layer's tick, token types to its left, the massive-dimension numbers to its right
+    offsets = (0.0, -0.3, -0.2, -0.1, 0.12, 0.24)
+    values, drawn = [], []
+    for col, s in enumerate(sets, start=1):
+        rs = [r for r in by_set[s] if _finite(r.get("r2"))]
+        colour = PALETTE[(col - 1) % len(PALETTE)]
+        if rs:
+            y = [r["r2"] for r in rs]
+            ci = [r.get("r2_ci") or [r["r2"], r["r2"]] for r in rs]
+            lo = [c[0] if _finite(c[0]) else v for c, v in zip(ci, y)]
+            hi = [c[1] if _finite(c[1]) else v for c, v in zip(ci, y)]
+            values += lo + hi
+            passed = [bool(r.get("exceeds_threshold")) for r in rs]
+            fig.add_trace(go.Scatter(
+                x=[r["layer"] + offsets[0] for r in rs], y=y, name=titles[col - 1], legendgroup=s, legendrank=col,
+                mode="lines+markers", line=dict(color=colour, width=2),
+                marker=dict(size=9, color=[colour if p else "white" for p in passed], line=dict(color=colour, width=2)),
+                error_y=dict(type="data", symmetric=False, array=[h - v for h, v in zip(hi, y)],
+                             arrayminus=[v - lo_ for v, lo_ in zip(y, lo)], color=colour, thickness=1.5, width=4),
+                customdata=[[r["layer"], c[0], c[1], r.get("r2_pooled")] for r, c in zip(rs, ci)],
+                hovertemplate=("layer %{customdata[0]}<br>mean R² over prompts %{y:.4f} [%{customdata[1]:.4f}, "
+                               "%{customdata[2]:.4f}]<br>pooled R² %{customdata[3]:.4f}<extra></extra>"),
+            ), row=1, col=col)
+        for i, (label, _, get, symbol, mcolour) in enumerate(R2_DETAIL_SERIES, start=1):
+            pts = [(r["layer"], get(r)) for r in by_set[s] if _finite(get(r))]
+            if not pts:
+                continue
+            label = label.format(k=k)
+            values += [v for _, v in pts]
+            fig.add_trace(go.Scatter(
+                x=[L + offsets[i] for L, _ in pts], y=[v for _, v in pts], name=label, legendgroup=label,
+                mode="markers", showlegend=label not in drawn, legendrank=100 + i,
+                marker=dict(size=8, symbol=symbol, color=mcolour, line=dict(color=mcolour, width=1)),
+                customdata=[[L] for L, _ in pts],
+                hovertemplate="layer %{customdata[0]}<br>" + label + " R² %{y:.4f}<extra></extra>",
+            ), row=1, col=col)
+            if label not in drawn:
+                drawn.append(label)
+    if threshold is not None and _finite(threshold):
+        fig.add_hline(y=threshold, line=dict(color="#B22222", dash="dash", width=1.5), row="all", col="all")
+        values.append(threshold)
+        fig.add_annotation(text=f"threshold {threshold:g}", xref="paper", x=1.0, xanchor="right", yref="y",
+                           y=threshold, yanchor="top", showarrow=False, font=dict(color="#B22222", size=12))
+    if values:
+        lo, hi = min(values), max(values)
+        pad = max(0.004, 0.06 * (hi - lo))
+        fig.update_yaxes(range=[lo - pad, min(1.0, hi) + pad])
+    shown = [(label.format(k=k), phrase) for label, phrase, *_ in R2_DETAIL_SERIES if label.format(k=k) in drawn]
+    types = [label.removesuffix(" tokens") for label, phrase in shown if phrase is None]
+    parts = ["pooled R² over " + " / ".join(types) + " tokens"] if types else []
+    parts += ["pooled R² " + phrase.format(k=k) for _, phrase in shown if phrase is not None]
+    sub = "lines: mean R² over prompts, 95% CI (filled marker: above the threshold, one-sided t test p < 0.05)"
+    if parts:
+        sub += "<br>markers: " + "; ".join(parts)
+    width = max(PNG_WIDTH, 120 + 330 * len(sets))
+    fig.update_layout(
+        title=dict(text=title or f"SAE reconstruction R² by layer<br><sup>{sub}</sup>", x=0.02, font=dict(size=16)),
+        template="plotly_white", width=width, height=PNG_HEIGHT + 60, font=dict(size=13),
+        legend=dict(orientation="h", yanchor="top", y=-0.16, xanchor="center", x=0.5),
+        margin=dict(l=70, r=30, t=135, b=110),
+    )
+    fig.update_xaxes(title="decoder layer (resid_post)", tickmode="array", tickvals=layers, showgrid=False,
+                     zeroline=False)
+    fig.update_yaxes(tickformat=".3f", zeroline=False)
+    fig.update_yaxes(title="R²", row=1, col=1)
+    return fig
+
+
 # ---------------------------------------------------------------- shared helpers
 
-ARM_ORDER = ("base", "selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only")
+ARM_ORDER = ("base", "selected", "early", "middle", "late", "all", "random", "ce_only", "consistency_only", "act",
+             "clamp", "steer", "ensemble")
 ARM_LABELS = {"selected": "selected", "early": "early", "middle": "middle", "late": "late", "all": "all layers",
-              "random": "random", "ce_only": "CE only", "consistency_only": "consistency only", "base": "base"}
-METHOD_LABELS = {"lora": "LoRA", "spectral_moe": "spectral experts", "none": "base model"}
+              "random": "random", "ce_only": "CE only", "consistency_only": "consistency only", "base": "base",
+              "act": "activation consistency", "clamp": "SAE clamp", "steer": "steering", "ensemble": "prompt ensemble"}
+METHOD_LABELS = {"lora": "LoRA", "spectral_moe": "spectral experts", "none": "no training"}
 COLLAPSE_COLOUR = "#B22222"
 SCORE_LABELS = {
     "gain_flipped": "flip entering at each layer (|a_L| − |a_L−1|, flipped pairs)",
@@ -657,6 +773,54 @@ def flip_by_arm(rows: Sequence[dict], base: dict | None = None, *, title: str | 
     return fig
 
 
+def trained_methods(rows: Sequence[dict]) -> list[str]:
+    """The adapter methods among ablation rows (the base and the training-free arms, method ``none``, aside)."""
+    return list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
+
+
+def arm_label(r: dict, rows: Sequence[dict]) -> str:
+    """An arm's label, with its method when ``rows`` hold more than one adapter method."""
+    label = ARM_LABELS.get(r["arm"], r["arm"])
+    if len(trained_methods(rows)) > 1 and r["method"] != "none":
+        label += f" ({METHOD_LABELS.get(r['method'], r['method'])})"
+    return label
+
+
+QUADRANT_LABELS = {"consistent_reliant": "consistent, image-reliant", "consistent_blind": "consistent, not image-reliant",
+                   "flipped_reliant": "flipped, image-reliant", "flipped_blind": "flipped, not image-reliant"}
+QUADRANT_COLOURS = {"consistent_reliant": "#009E73", "consistent_blind": "#F0E442", "flipped_reliant": "#56B4E9",
+                    "flipped_blind": "#D55E00"}
+
+
+def quadrant_bars(rows: Sequence[dict], *, title: str | None = None):
+    """Per arm (summary rows with ``quadrants``; the base first), the held-out pairs split into
+    consistency × image reliance as stacked horizontal bars that sum to 1, each segment's share
+    written on it and its 95% Wilson interval in the hover."""
+    import plotly.graph_objects as go
+
+    from mechmed.consistency import QUADRANTS
+
+    rows = sorted([r for r in rows if r.get("quadrants")], key=_arm_key)
+    labels = [arm_label(r, rows) for r in rows]
+    fig = go.Figure()
+    for name in QUADRANTS:
+        cells = [r["quadrants"][name] for r in rows]
+        fig.add_trace(go.Bar(
+            y=labels, x=[c["share"] for c in cells], orientation="h", name=QUADRANT_LABELS[name],
+            marker=dict(color=QUADRANT_COLOURS[name], line=dict(color="white", width=1)),
+            text=[f"{c['share']:.2f}" if c["share"] >= 0.04 else "" for c in cells], textposition="inside",
+            insidetextanchor="middle", customdata=[[c["n"], *c["ci"]] for c in cells],
+            hovertemplate="%{y}: %{x:.3f} (%{customdata[0]} pairs; 95% CI %{customdata[1]:.3f}–%{customdata[2]:.3f})"
+                          f"<extra>{QUADRANT_LABELS[name]}</extra>"))
+    _base_layout(fig, title or ("Consistency × image reliance of the held-out pairs<br><sup>image-reliant: the "
+                                "question's answer changes when the image is replaced by uniform gray</sup>"),
+                 width=900, height=140 + 34 * len(rows), legend_y=-0.12, bottom=90)
+    fig.update_layout(barmode="stack", legend_traceorder="normal")
+    fig.update_xaxes(range=[0, 1], tickformat=".0%", title_text="share of pairs")
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
 PHENOMENON_LABELS = {"syntactic_restructuring": "syntactic", "lexical_substitution": "lexical",
                      "negation_pattern": "negation", "formality": "formality", "scope": "scope",
                      "specificity": "specificity"}
@@ -673,15 +837,12 @@ def flip_heatmap(rows: Sequence[dict], *, title: str | None = None):
     import plotly.graph_objects as go
 
     rows = sorted(rows, key=_arm_key)
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["arm"] != "base"))
     phenomena = list(dict.fromkeys(k for r in rows for k in (r.get("by_phenomenon") or {})))
     sets = list(dict.fromkeys(k for r in rows for k in (r.get("sets") or {})))
     cols = ["all (main set)"] + [PHENOMENON_LABELS.get(k, k) for k in phenomena] + [SET_LABELS.get(k, k) for k in sets]
     z, labels = [], []
     for r in rows:
-        label = ARM_LABELS.get(r["arm"], r["arm"])
-        if len(methods) > 1 and r["arm"] != "base":
-            label += f" ({METHOD_LABELS.get(r['method'], r['method'])})"
+        label = arm_label(r, rows)
         if r.get("layers"):
             label += f" · L{layer_text(r['layers'])}"
         if r.get("collapsed"):
@@ -764,7 +925,8 @@ def tradeoff(rows: Sequence[dict], base: dict | None = None, *, title: str | Non
         xp, xm = _err([p[1] for p in pts], [p[3] for p in pts])
         yp, ym = _err([p[2] for p in pts], [p[4] for p in pts])
         text = [ARM_LABELS.get(p[0], p[0]) + (" (collapsed)" if p[5] else "") for p in pts]
-        suffix = f" ({METHOD_LABELS.get(method, method)})" if len(methods) > 1 else ""
+        suffix = (f" ({METHOD_LABELS.get(method, method)})" if len(trained_methods(arms)) > 1 and method != "none"
+                  else "")
         labels += [(p[1], p[2], t + suffix, colour) for p, t in zip(pts, text)]
         fig.add_trace(go.Scatter(
             x=[p[1] for p in pts], y=[p[2] for p in pts], mode="markers", name=METHOD_LABELS.get(method, method),

@@ -17,8 +17,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-#: Arms the demo ablates: the selected range, early, late and all layers, and the two loss controls.
-DEMO_ARMS = ("selected", "early", "late", "all", "ce_only", "consistency_only")
+#: Arms the demo ablates: the selected range, early, late and all layers, the two loss controls,
+#: activation consistency, and the three training-free fixes (clamp, steer, ensemble).
+DEMO_ARMS = ("selected", "early", "late", "all", "ce_only", "consistency_only", "act", "clamp", "steer", "ensemble")
 
 
 @dataclass
@@ -176,12 +177,18 @@ def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, wor
     _say(f"[select_layers] selected layers {res.selected} ({cfg_path})", echo)
     ab = AblationConfig(train={k: v for k, v in train_cfg.to_dict().items() if k != "config_version"},
                         arms=list(arms), methods=list(methods), seeds=list(seeds or [seed]), workers=workers,
-                        source=str(cfg_path))
+                        attribution=str(out / "attribute"), saes=saes or None, source=str(cfg_path))
     result = None
 
-    n_arms = len(ab.arms) * len(ab.methods) * len(ab.seeds)
-    _say(f"[ablation] base model, then {n_arms} arms ({', '.join(ab.arms)} × {', '.join(ab.methods)} × "
-         f"seed {', '.join(map(str, ab.seeds))}), {workers} in parallel", echo)
+    from mechmed.config import TRAINING_FREE_ARMS
+
+    trained = [a for a in ab.arms if a not in TRAINING_FREE_ARMS]
+    free = [a for a in ab.arms if a in TRAINING_FREE_ARMS]
+    n_arms = (len(trained) * len(ab.methods) + len(free)) * len(ab.seeds)
+    what = [f"{', '.join(trained)} × {', '.join(ab.methods)}"] if trained else []
+    what += [f"{', '.join(free)} without training"] if free else []
+    _say(f"[ablation] base model, then {n_arms} arms ({'; '.join(what)}; seed {', '.join(map(str, ab.seeds))}), "
+         f"{workers} trained in parallel", echo)
 
     def ablate():
         nonlocal result

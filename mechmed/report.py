@@ -27,6 +27,7 @@ from pathlib import Path
 
 from mechmed.config import ARMS, CONSISTENCY_ONLY_LOSS
 from mechmed.config import RANGE_ARMS as _BASELINE_ARMS
+from mechmed.consistency import NEAR_TIE
 from mechmed.io import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def _value_ci(row: dict, key: str, ci_key: str, digits: int = 3) -> str:
 # ---------------------------------------------------------------- the summary table
 
 COLUMNS = ("arm", "method", "layers", "params", "seeds", "flip rate [95% CI]", "|Δmargin| [95% CI]",
-           "accuracy [95% CI]", "yes-rate", "p vs base", "p vs CE only", "collapsed")
+           "accuracy [95% CI]", "yes-rate", "p vs base", "p vs CE only", "p vs best trained", "collapsed")
 
 
 def _table_rows(results) -> tuple[list[str], list[list[str]]]:
@@ -87,7 +88,8 @@ def _table_rows(results) -> tuple[list[str], list[list[str]]]:
         out.append([r["arm"], r["method"], layer_text(r.get("layers") or []), str(r.get("trainable_parameters", "")),
                     str(seeds), _value_ci(r, "flip_rate", "flip_ci"), _value_ci(r, "margin_diff", "margin_diff_ci", 2),
                     _value_ci(r, "canonical_accuracy", "accuracy_ci"), fmt(r.get("yes_rate"), 2),
-                    p_cell(r.get("p_vs_base")), p_cell(r.get("p_vs_ce_only")), "yes" if r.get("collapsed") else ""]
+                    p_cell(r.get("p_vs_base")), p_cell(r.get("p_vs_ce_only")), p_cell(r.get("p_vs_best_trained")),
+                    "yes" if r.get("collapsed") else ""]
                    + [fmt(((r.get("sets") or {}).get(k) or {}).get("flip_rate")) for k in sets])
     return [*COLUMNS, *(f"flip: {SET_LABELS.get(k, k)}" for k in sets)], out
 
@@ -130,34 +132,24 @@ def _html_table(results) -> str:
 
 # ---------------------------------------------------------------- per phenomenon, and examples
 
-def _arm_label(r: dict, n_methods: int) -> str:
-    from mechmed.figures import ARM_LABELS, METHOD_LABELS
-
-    label = ARM_LABELS.get(r["arm"], r["arm"])
-    if n_methods > 1 and r["arm"] != "base":
-        label += f" ({METHOD_LABELS.get(r['method'], r['method'])})"
-    return label
-
-
 def phenomenon_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
     """(columns, cells) of the flip rate per phenomenon of the main set and per extra set (rows):
     pairs, the base model and the selected arm with 95% CIs, McNemar p between them, then every
     other arm's flip rate. None when the results hold no per-phenomenon statistics."""
-    from mechmed.figures import PHENOMENON_LABELS, SET_LABELS
+    from mechmed.figures import PHENOMENON_LABELS, SET_LABELS, arm_label
 
     summary = [r for r in results.get("summary") or [] if r.get("phenomena")]
     base = next((r for r in summary if r["arm"] == "base"), None)
     if base is None:
         return None
     arms = [r for r in summary if r["arm"] != "base"]
-    methods = list(dict.fromkeys(r["method"] for r in arms))
     selected = next((r for r in arms if r["arm"] == "selected"), None)
     others = [r for r in arms if r is not selected]
     cols = ["phenomenon", "pairs", "base [95% CI]"]
     if selected is not None:
-        cols += [f"{_arm_label(selected, len(methods))} [95% CI]",
+        cols += [f"{arm_label(selected, summary)} [95% CI]",
                  "p (pair bootstrap)" if selected.get("test") == "pair bootstrap" else "p (McNemar)"]
-    cols += [_arm_label(r, len(methods)) for r in others]
+    cols += [arm_label(r, summary) for r in others]
 
     def stats(r: dict, kind: str, name: str) -> dict:
         return ((r.get("phenomena") if kind == "phenomenon" else r.get("sets")) or {}).get(name) or {}
@@ -505,14 +497,13 @@ def _per_seed(results: dict, arm: str, method: str) -> dict:
 
 def _ablation_headlines(results: dict) -> list[str]:
     from mechmed import figures as F
-    from mechmed.figures import METHOD_LABELS, layer_text
+    from mechmed.figures import METHOD_LABELS, layer_text, trained_methods
 
     summary = results.get("summary") or results.get("rows") or []
     base = results.get("base") or next((r for r in summary if r["arm"] == "base"), None)
     train = (results.get("config") or {}).get("train") or {}
     out = []
-    methods = list(dict.fromkeys(r["method"] for r in summary if r["arm"] != "base"))
-    for method in methods:
+    for method in trained_methods(summary):
         label = METHOD_LABELS.get(method, method)
         rows = {r["arm"]: r for r in summary if r["method"] == method}
         sel = rows.get("selected")
@@ -582,10 +573,123 @@ def _ablation_headlines(results: dict) -> list[str]:
             if parts:
                 out.append(f"Beside the main set, training the selected layers ({label}) moved the flip rate "
                            + "; ".join(parts) + ".")
+    out += _training_free_headlines(results)
     collapsed = [f"{r['arm']} ({r['method']})" for r in summary if r.get("collapsed") and r["arm"] != "consistency_only"]
     if collapsed:
         out.append("The collapse guard fired for " + ", ".join(collapsed) + ".")
     return out
+
+
+#: How each training-free arm works, for the report's sentences.
+TRAINING_FREE_TEXT = {
+    "clamp": "Clamping the top {n} attributed SAE features of the selected layers {to}",
+    "steer": "Adding the steering vector (the mean original − paraphrase residual over the training pairs) to "
+             "the paraphrase",
+    "ensemble": "Prompt ensembling (each answer the mean margin over {k} phrasings of its question)",
+}
+#: Which training-free arms read the original phrasing at inference (a bound, not a deployable fix).
+NEEDS_ORIGINAL = {"clamp": lambda cfg: cfg.get("clamp_to", "original") == "original", "steer": lambda cfg: True,
+                  "ensemble": lambda cfg: False}
+
+
+def _training_free_headlines(results: dict) -> list[str]:
+    """Sentences on activation consistency against the output-level loss, on each training-free arm
+    (its flip rate against the base and the best trained arm, and what it cost in accuracy), and on
+    how the selected arm and the fixes moved pairs between consistency × image reliance."""
+    from mechmed.config import TRAINING_FREE_ARMS
+    from mechmed.figures import ARM_LABELS, METHOD_LABELS
+
+    summary = results.get("summary") or []
+    base = results.get("base") or next((r for r in summary if r["arm"] == "base"), None)
+    if base is None:
+        return []
+    cfg = results.get("config") or {}
+    train = cfg.get("train") or {}
+    out = []
+    for method in dict.fromkeys(r["method"] for r in summary if r["arm"] == "act"):
+        rows = {r["arm"]: r for r in summary if r["method"] == method}
+        act, sel = rows["act"], rows.get("selected")
+        text = _verdict(f"Activation consistency at the selected {layers_phrase(act['layers'])} "
+                        f"({METHOD_LABELS.get(method, method)}; CE + the residual L2 at the answer position)", base, act)
+        if sel:
+            text += (f"; the output-level loss ({_loss_name(train, 'selected')}) on the same layers reached "
+                     f"{_value_ci(sel, 'flip_rate', 'flip_ci')}; canonical accuracy "
+                     f"{_value_ci(act, 'canonical_accuracy', 'accuracy_ci')} against "
+                     f"{_value_ci(sel, 'canonical_accuracy', 'accuracy_ci')}")
+        out.append(text + ".")
+    best_name = results.get("best_trained")
+    best = next((x for x in summary if f"{x['arm']}-{x['method']}" == best_name), None)
+    for arm in TRAINING_FREE_ARMS:
+        r = next((x for x in summary if x["arm"] == arm), None)
+        if r is None:
+            continue
+        how = TRAINING_FREE_TEXT[arm].format(
+            n=cfg.get("clamp_features", 4), k=cfg.get("ensemble_k", 3),
+            to="to their value on the original question, in the paraphrase" if cfg.get("clamp_to", "original")
+            == "original" else "to zero, in every prompt")
+        text = _verdict(how + ", without training,", base, r)
+        if r["canonical_accuracy"] == base["canonical_accuracy"]:
+            text += f"; canonical accuracy stayed {fmt(base['canonical_accuracy'])}"
+        else:
+            text += (f"; canonical accuracy went from {fmt(base['canonical_accuracy'])} to "
+                     f"{_value_ci(r, 'canonical_accuracy', 'accuracy_ci')} "
+                     f"({signed_change(base['canonical_accuracy'], r['canonical_accuracy'])})")
+        if best and r.get("p_vs_best_trained") is not None:
+            text += (f"; against the best trained arm ({ARM_LABELS.get(best['arm'], best['arm'])}, "
+                     f"{fmt(best['flip_rate'])}) {r.get('test', 'McNemar')} {fmt_p(r['p_vs_best_trained'])}")
+        if NEEDS_ORIGINAL[arm](cfg):
+            text += ". It reads the original phrasing at inference: a bound on a fix at these layers, not a deployable one"
+        out.append(text + ".")
+    out += _quadrant_headline(summary, base)
+    return out
+
+
+def _quadrant_headline(summary: list[dict], base: dict) -> list[str]:
+    """How the selected arm, and the arm that made the most pairs consistent without the image, moved
+    the shares of consistent pairs that do and do not use the image."""
+    from mechmed.figures import ARM_LABELS
+
+    if not base.get("quadrants"):
+        return []
+    arms = [r for r in summary if r["arm"] != "base" and r.get("quadrants") and not r.get("collapsed")]
+    sel = next((r for r in arms if r["arm"] == "selected"), None)
+    blind = max(arms, key=lambda r: r["quadrants"]["consistent_blind"]["share"], default=None)
+    bq = base["quadrants"]
+
+    def move(r):
+        q = r["quadrants"]
+        ps = q.get("p_vs_base") or {}
+        test = "" if not ps else (f"; McNemar {fmt_p(ps.get('consistent_reliant'))} and "
+                                  f"{fmt_p(ps.get('consistent_blind'))}")
+        return (f"consistent and image-reliant {fmt(bq['consistent_reliant']['share'])} → "
+                f"{_value_ci(q['consistent_reliant'], 'share', 'ci')}, consistent without using the image "
+                f"{fmt(bq['consistent_blind']['share'])} → {_value_ci(q['consistent_blind'], 'share', 'ci')}{test}")
+
+    parts = []
+    for r in [x for i, x in enumerate((sel, blind)) if x is not None and (i == 0 or x is not sel)]:
+        parts.append(f"{ARM_LABELS.get(r['arm'], r['arm'])} ({move(r)})")
+    if not parts:
+        return []
+    return ["Image reliance (a pair is image-reliant when its question's answer changes with a uniform gray "
+            "image): of the held-out pairs, " + "; ".join(parts) + "."]
+
+
+def quadrant_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """(columns, cells): per summary row, the share of held-out pairs in each cell of consistency ×
+    image reliance with its Wilson 95% interval, and the near-tie flips; None without the blank control."""
+    from mechmed.consistency import QUADRANTS
+    from mechmed.figures import QUADRANT_LABELS, arm_label
+
+    summary = [r for r in results.get("summary") or [] if r.get("quadrants")]
+    if not summary:
+        return None
+    body = []
+    for r in summary:
+        q = r["quadrants"]
+        body.append([arm_label(r, summary), str(q["n_pairs"]),
+                     *(f"{fmt(q[k]['share'])} {fmt_ci(q[k]['ci'])}" for k in QUADRANTS),
+                     fmt(r.get("near_tie_flip_rate"))])
+    return ["arm", "pairs", *(QUADRANT_LABELS[k] for k in QUADRANTS), "near-tie flips"], body
 
 
 # ---------------------------------------------------------------- building
@@ -671,6 +775,17 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
         figure(sec, "tradeoff", "trade-off figure", lambda: F.tradeoff(summary, base),
                "Each arm's accuracy against its flip rate: arms up and to the left of the base star reduce flips "
                "without costing accuracy.")
+        if any(r.get("quadrants") for r in summary):
+            figure(sec, "quadrants", "quadrant figure", lambda: F.quadrant_bars(summary),
+                   "Each bar splits the held-out pairs of one arm into consistent or flipped × image-reliant or not "
+                   "(the question's answer changes with a uniform gray image). Green growing means fewer flips with "
+                   "the image still used; yellow growing means pairs made consistent by answering without the image.")
+        quads = attempt("quadrant table", lambda: quadrant_table(run.ablation))
+        if quads:
+            sec.blocks.append(("Consistency × image reliance",
+                               "Shares of the held-out pairs in each cell, with Wilson 95% intervals (pooled over "
+                               "seeds); near-tie flips are flips whose two margins are both within "
+                               f"{NEAR_TIE} logits of 0 (the evaluation's default).", _html_grid(*quads), _md_grid(*quads)))
         table = attempt("phenomenon table", lambda: phenomenon_table(run.ablation))
         if table:
             sec.blocks.append(("Flip rate by phenomenon",

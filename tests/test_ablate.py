@@ -263,3 +263,74 @@ def test_seeds_on_the_same_pairs_are_tested_with_the_pair_as_the_unit():
     a, bb = pooled("base"), pooled("selected")
     want = stats.mcnemar_from_pairs([a[k]["flip"] for k in sorted(a)], [bb[k]["flip"] for k in sorted(a)]).p_value
     assert sel["unit"] == "pair × seed" and sel["p_vs_base"] == pytest.approx(want) and sel["n_pairs"] == 240
+
+
+def test_training_free_arms_and_the_best_trained_arm(tiny_workspace, tmp_path):
+    """steer and ensemble are evaluated on the base model (no parameters, method none) into arm
+    directories like a trained arm's; act trains with the activation term at the selected layers;
+    p_vs_best_trained is McNemar (by hand) against the non-collapsed trained arm with the fewest flips."""
+    cfg = AblationConfig.from_dict({"train": _train(tiny_workspace), "arms": ["selected", "act", "steer", "ensemble"]})
+    arms = plan(cfg, n_layers=3)
+    assert [(a.arm, a.method) for a in arms] == [("selected", "lora"), ("act", "lora"), ("steer", "none"),
+                                                 ("ensemble", "none")]
+    assert dict(arms[1].overrides) == {"consistency": "activation", "consistency_weight": 0.5}
+    res = run_ablation(cfg, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {r["arm"]: r for r in saved["rows"]}
+    for arm in ("steer", "ensemble"):
+        d = tmp_path / "out" / "arms" / f"{arm}-none-s0"
+        m = json.loads((d / "metrics.json").read_text())
+        assert m["trainable_parameters"] == 0 and m["training_free"]["kind"] == arm
+        assert rows[arm]["flip_rate"] == m["after"]["flip_rate"] and rows[arm]["method"] == "none"
+        assert rows[arm]["quadrants"] == m["after"]["quadrants"] and m["after"]["quadrants"]["n_pairs"] == 8
+    act_cfg = yaml.safe_load((tmp_path / "out" / "arms" / "act-lora-s0" / "config.yaml").read_text())
+    assert act_cfg["consistency"] == "activation" and act_cfg["layers"] == [1]
+    # the tiny random model's trained arms answer no better than the majority: the guard calls them collapsed,
+    # and a collapsed arm is no reference
+    assert all(r["collapsed"] for r in saved["summary"] if r["arm"] in ("selected", "act"))
+    assert saved["best_trained"] is None and all(r["p_vs_best_trained"] is None for r in saved["rows"])
+    assert "p vs best trained" in format_table(res.summary)
+
+
+def test_training_free_config_errors(tiny_workspace, tmp_path):
+    for bad, match in (({"ensemble_k": 1}, "ensemble_k"), ({"clamp_to": "mean"}, "clamp_to"),
+                       ({"act_weight": 0}, "act_weight"), ({"clamp_features": 0}, "clamp_features")):
+        with pytest.raises(MechmedError, match=match):
+            AblationConfig.from_dict({"train": _train(tiny_workspace), "arms": ["clamp"], **bad})
+    # clamp without an attribution to rank features: an error before any model loads
+    cfg = AblationConfig.from_dict({"train": _train(tiny_workspace), "arms": ["clamp"]})
+    with pytest.raises(MechmedError, match="clamp arm needs an attribution"):
+        run_ablation(cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / "base-s0").exists()
+
+
+def test_p_vs_best_trained_by_hand():
+    """Against the non-collapsed trained arm with the lowest pooled flip rate, per seed and pooled over
+    seeds (McNemar by hand); collapsed and training-free arms are never the reference."""
+    from mechmed.ablate import against_best_trained
+
+    rng = np.random.default_rng(0)
+    ids = [f"p{i}" for i in range(40)]
+    spec = [("base", "none", 0.4, False), ("selected", "lora", 0.2, False), ("all", "lora", 0.1, False),
+            ("consistency_only", "lora", 0.0, True), ("ensemble", "none", 0.05, False)]
+    rows, pairs_by_row = [], {}
+    for seed in (0, 1):
+        for arm, method, rate, collapsed in spec:
+            pairs_by_row[len(rows)] = {i: {"flip": bool(rng.random() < rate)} for i in ids}
+            rows.append({"arm": arm, "method": method, "seed": seed, "collapsed": collapsed,
+                         "p_vs_best_trained": None})
+    summary = []
+    for arm, method, _, collapsed in spec:
+        idx = [i for i, r in enumerate(rows) if r["arm"] == arm]
+        flips = [v["flip"] for i in idx for v in pairs_by_row[i].values()]
+        summary.append({"arm": arm, "method": method, "collapsed": collapsed, "flip_rate": float(np.mean(flips)),
+                        "unit": "pair × seed", "test": "McNemar"})
+    assert against_best_trained(rows, summary, pairs_by_row) == "all-lora"
+    best = {r["seed"]: i for i, r in enumerate(rows) if r["arm"] == "all"}
+    for i, r in enumerate(rows):
+        want = None if r["arm"] == "all" else _mcnemar_by_hand(pairs_by_row[best[r["seed"]]], pairs_by_row[i])
+        assert r["p_vs_best_trained"] == (None if want is None else pytest.approx(want))
+    pooled = {f"{r['seed']}:{k}": v for i, r in enumerate(rows) if r["arm"] == "all" for k, v in pairs_by_row[i].items()}
+    ens = {f"{r['seed']}:{k}": v for i, r in enumerate(rows) if r["arm"] == "ensemble" for k, v in pairs_by_row[i].items()}
+    assert next(r for r in summary if r["arm"] == "ensemble")["p_vs_best_trained"] == pytest.approx(
+        _mcnemar_by_hand(pooled, ens))

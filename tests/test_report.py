@@ -63,8 +63,9 @@ def run_dir(tiny_workspace, tmp_path_factory):
         cfg, _ = run_select_layers(str(scores), str(run / "train.yaml"), width=1, model=str(ckpt),
                                    data=str(ws / "pairs.jsonl"), saes=None, overrides=tiny, **extra)
         train = {k: v for k, v in cfg.to_dict().items() if k != "config_version"}
-        run_ablation(AblationConfig(train=train, arms=["selected", "late", "ce_only", "consistency_only"]),
-                     run / "ablation")
+        run_ablation(AblationConfig(train=train, arms=["selected", "late", "ce_only", "consistency_only", "act", "clamp",
+                                                       "steer", "ensemble"], saes=str(saes),
+                                    attribution=str(run / "attribute")), run / "ablation")
     torch.set_num_threads(2)
     return run
 
@@ -106,7 +107,8 @@ def test_markdown_table_is_results_json(run_dir, report):
         assert cells["accuracy [95% CI]"] == _ci(row["canonical_accuracy"], row["accuracy_ci"], 3)
         assert cells["yes-rate"] == f"{row['yes_rate']:.2f}"
         assert cells["collapsed"] == ("yes" if row["collapsed"] else "")
-        for key, col in (("p_vs_base", "p vs base"), ("p_vs_ce_only", "p vs CE only")):
+        for key, col in (("p_vs_base", "p vs base"), ("p_vs_ce_only", "p vs CE only"),
+                         ("p_vs_best_trained", "p vs best trained")):
             p = row[key]
             if p is None:
                 assert cells[col] == ""
@@ -141,6 +143,8 @@ def _source_numbers(run_dir) -> set[str]:
     summary = json.loads((run_dir / "ablation" / "results.json").read_text())["summary"]
     refs = [r["flip_rate"] for r in summary if r["arm"] in ("base", "ce_only")]
     values += [abs(r["flip_rate"] - ref) for r in summary for ref in refs]
+    base_acc = next(r["canonical_accuracy"] for r in summary if r["arm"] == "base")  # accuracy each arm cost
+    values += [abs(r["canonical_accuracy"] - base_acc) for r in summary]
     walk(yaml.safe_load((run_dir / "train.yaml").read_text()))
     out = set()
     for v in values:
@@ -175,6 +179,16 @@ def test_every_headline_number_comes_from_the_run(run_dir, report):
     assert ("The late range is the selected layers" in key) == (late["layers"] == sel["layers"])
     selected = yaml.safe_load((run_dir / "train.yaml").read_text())["layers"]
     assert f"select-layers chose {layers_phrase(selected)}" in md
+    # the training-free arms and activation consistency, each with its test against the base and the best trained arm
+    best = res["best_trained"]
+    for arm, words in (("clamp", "Clamping the top 4 attributed SAE features"), ("steer", "Adding the steering vector"),
+                       ("ensemble", "Prompt ensembling")):
+        r = next(x for x in res["summary"] if x["arm"] == arm)
+        sentence = next(h for h in report["headlines"] if h.startswith(words))
+        assert _ci(r["flip_rate"], r["flip_ci"], 3) in sentence and "without training" in sentence
+        if best and r["p_vs_best_trained"] is not None:
+            assert "against the best trained arm" in sentence
+    assert any(h.startswith("Activation consistency at the selected") for h in report["headlines"])
     assert report["sections"] == ["sae_check", "attribute", "select", "ablation", "training"]
     assert report["headlines"] and all(h in md for h in report["headlines"])
 
@@ -194,7 +208,8 @@ def test_html_is_one_offline_file(run_dir, report):
         assert html.escape(h) in page
     # training curves follow the grid's order, titled from each arm's config
     plan = json.loads((run_dir / "ablation" / "ablation_config.json").read_text())["plan"]
-    assert [n for n in names if n.startswith("training_")] == [f"training_{a}" for a in plan]
+    trained = [a for a in plan if "-none-" not in a]  # the training-free arms have no training curves
+    assert [n for n in names if n.startswith("training_")] == [f"training_{a}" for a in trained]
     cons = yaml.safe_load((run_dir / "ablation" / "arms" / "consistency_only-lora-s0" / "config.yaml").read_text())
     assert cons["ce_weight"] == 0
     assert "cross-entropy × 0 + consistency × 1" in page
@@ -353,6 +368,17 @@ def test_each_caption_claims_what_its_figure_draws(run_dir, tmp_path):
         assert list(z[1:1 + len(r["by_phenomenon"])]) == list(r["by_phenomenon"].values())
     if results["base"].get("sets"):
         assert "right:" in caption and any(s.type == "line" for s in fig.layout.shapes)
+
+    fig, caption = figs["quadrants"]
+    assert "consistent or flipped × image-reliant or not" in caption and "uniform gray" in caption
+    with_q = sorted((r for r in results["summary"] if r.get("quadrants")), key=F._arm_key)
+    assert with_q[0]["arm"] == "base" and len(with_q) == len(results["summary"])
+    for trace, name in zip(fig.data, ("consistent_reliant", "consistent_blind", "flipped_reliant", "flipped_blind")):
+        assert trace.name == F.QUADRANT_LABELS[name]
+        assert list(trace.x) == [r["quadrants"][name]["share"] for r in with_q]
+        assert list(trace.y) == [F.ARM_LABELS[r["arm"]] for r in with_q]
+    assert fig.layout.barmode == "stack"
+    assert all(sum(t.x[i] for t in fig.data) == pytest.approx(1.0) for i in range(len(with_q)))
 
     lo, hi = results["config"]["train"]["collapse_low"], results["config"]["train"]["collapse_high"]
     curves = [name for name in figs if name.startswith("training_")]

@@ -1,0 +1,313 @@
+"""Training-free fixes for paraphrase flips, placed where the attribution found them.
+
+Each fix is a :class:`PromptEdit`: it computes the yes/no margins of a batch of prompts in its own
+way, and :func:`mechmed.consistency.evaluate` (``edit=``) runs it in place of a plain forward, so a
+fix gets exactly the metrics, controls and tests a trained adapter gets. The question prompts come
+with ``role="question"`` (``rows``: their (image, question) keys), the paraphrases with
+``role="paraphrase"`` (``rows``: their pairs).
+
+- :class:`Steering` (``steer``): v = mean over training pairs (negated ones left out) of
+  h_q − h_p, h the residual after layer L at the answer position (L the last selected layer);
+  ``scale``·v is added at that position and layer to every *paraphrase* prompt (the rewording of
+  a canonical question; the canonical prompt is run as it is).
+- :class:`Clamp` (``clamp``): the top attributed flip features (SAE latents at the selected layers,
+  ranked by mean |attribution| over the flipped pairs, :func:`top_features`) are set, at the
+  answer position, to their value on the pair's original question (``to="original"``:
+  paraphrase prompts only) or to zero (``to="zero"``: every prompt, as PSF-Med clamps), with the
+  SAE's error term kept: x ← x + Σᵢ (targetᵢ − fᵢ(x))·W_dec[i].
+- :class:`Ensemble` (``ensemble``): each prompt is answered by the mean margin over itself and
+  k − 1 other phrasings of the same question in the evaluated set (an oracle paraphraser: the
+  set's own rewordings, drawn with a fixed seed; a paraphrase's draws never include its own
+  pair's question, nor a question's its own pair). Margins of a negated phrasing enter with their
+  sign turned, so every term speaks of the same answer.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mechmed.capture import hooks
+from mechmed.errors import MechmedError
+from mechmed.readout import margins
+from mechmed.sites import Site
+
+#: Where a clamped feature goes: its value on the pair's original question, or zero.
+CLAMP_TO = ("original", "zero")
+
+
+class PromptEdit:
+    """A way to compute margins (see the module doc); the base class runs the plain model."""
+
+    name = "plain"
+
+    def prepare(self, pairs: Sequence) -> None:
+        """Called by :func:`mechmed.consistency.evaluate` with the pairs it evaluates, before any margin."""
+
+    def margins(self, bundle, texts, images, *, role: str, rows: Sequence, batch_size: int = 16,
+                progress: str | None = None):
+        return margins(bundle, texts, images, batch_size=batch_size, progress=progress)
+
+    def describe(self) -> dict:
+        return {"kind": self.name}
+
+
+def _last_position_edit(fn):
+    """A hook function that edits the activation at the answer position (the last: left-padded)."""
+
+    def hook(site, act):
+        new = act.clone()
+        new[:, -1] = fn(site, act[:, -1])
+        return new
+
+    return hook
+
+
+def _batched_margins(bundle, texts, images, batch_size, progress, fns_for_batch):
+    """Margins batch by batch, with ``fns_for_batch(start, stop)`` -> {Site: hook fn} active."""
+    import torch
+
+    from mechmed.progress import progress_bar
+
+    texts = list(texts)
+    out = []
+    starts = range(0, len(texts), batch_size)
+    for start in progress_bar(starts, desc=progress, total=len(starts)):
+        stop = min(start + batch_size, len(texts))
+        with hooks(bundle.model, bundle.family, fns_for_batch(start, stop)):
+            out.append(margins(bundle, texts[start:stop], None if images is None else list(images[start:stop]),
+                               batch_size=stop - start))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# ---------------------------------------------------------------------------- steering
+
+
+def answer_residuals(bundle, texts, images, layers: Sequence[int], *, batch_size: int = 16) -> dict:
+    """Residuals after each of ``layers`` at the answer position: layer -> [n, d_model] float32 (CPU)."""
+    import torch
+
+    from mechmed.readout import answer_logits, build_inputs
+
+    texts = list(texts)
+    out: dict = {layer: [] for layer in layers}
+
+    def keep(site, act):
+        out[site.layer].append(act[:, -1].float().cpu())
+
+    with torch.inference_mode(), hooks(bundle.model, bundle.family, {Site(layer): keep for layer in layers}):
+        for start in range(0, len(texts), batch_size):
+            sl = slice(start, start + batch_size)
+            inputs = build_inputs(bundle.processor, texts[sl], None if images is None else list(images[sl]))
+            answer_logits(bundle.model, inputs.to(bundle.device), bundle.answers)
+    return {layer: torch.cat(v) for layer, v in out.items()}
+
+
+def _pair_images(bundle, pairs):
+    from mechmed.data.images import load_image
+
+    if not (bundle.multimodal and all(p.image is not None for p in pairs)):
+        return None
+    cache: dict = {}
+    for p in pairs:
+        if p.image not in cache:
+            cache[p.image] = load_image(p.image)
+    return [cache[p.image] for p in pairs]
+
+
+@dataclass
+class Steering(PromptEdit):
+    """Add ``scale``·``vector`` after ``layer`` at the answer position of every paraphrase prompt."""
+
+    vector: object
+    layer: int
+    scale: float = 1.0
+    n_fit: int = 0
+    name = "steer"
+
+    def margins(self, bundle, texts, images, *, role, rows, batch_size=16, progress=None):
+        if role != "paraphrase":
+            return super().margins(bundle, texts, images, role=role, rows=rows, batch_size=batch_size,
+                                   progress=progress)
+        v = self.scale * self.vector
+
+        def add(site, x):
+            return x + v.to(x.device, x.dtype)
+
+        return _batched_margins(bundle, texts, images, batch_size, progress,
+                                lambda a, b: {Site(self.layer): _last_position_edit(add)})
+
+    def describe(self) -> dict:
+        return {"kind": self.name, "layer": self.layer, "scale": self.scale, "norm": float(self.vector.norm()),
+                "n_fit_pairs": self.n_fit}
+
+
+def fit_steering(bundle, train_pairs: Sequence, layer: int, *, scale: float = 1.0, batch_size: int = 16) -> Steering:
+    """The steering vector from training pairs only: mean of h_q − h_p after ``layer`` at the answer
+    position over the pairs whose paraphrase is not negated."""
+    pairs = [p for p in train_pairs if not p.negated]
+    if not pairs:
+        raise MechmedError("steer: the training pairs have no meaning-preserving pair to fit the vector on")
+    Site(layer).check(bundle.n_layers)
+    imgs = _pair_images(bundle, pairs)
+    hq = answer_residuals(bundle, [p.question for p in pairs], imgs, [layer], batch_size=batch_size)[layer]
+    hp = answer_residuals(bundle, [p.paraphrase for p in pairs], imgs, [layer], batch_size=batch_size)[layer]
+    return Steering((hq - hp).mean(0), layer, scale, len(pairs))
+
+
+# ---------------------------------------------------------------------------- SAE feature clamping
+
+
+def top_features(features_csv: str | Path, layers: Sequence[int], n: int) -> dict[int, list[int]]:
+    """The ``n`` features with the largest mean |attribution| (``mean_abs_attr`` of an attribution's
+    ``features.csv``) among ``layers``: layer -> feature indices."""
+    path = Path(features_csv)
+    if path.is_dir():
+        path = path / "features.csv"
+    if not path.is_file():
+        raise MechmedError(f"clamp: {path}: no such file; give the directory mechmed attribute wrote "
+                           "(it holds features.csv), or run mechmed attribute with --saes")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    need = {"layer", "feature", "mean_abs_attr"}
+    if rows and not need <= set(rows[0]):
+        raise MechmedError(f"clamp: {path}: needs columns {sorted(need)}; it has {sorted(rows[0])}")
+    wanted = {int(x) for x in layers}
+    ranked = sorted((r for r in rows if int(r["layer"]) in wanted), key=lambda r: -float(r["mean_abs_attr"]))
+    if not ranked:
+        raise MechmedError(f"clamp: {path} ranks no feature in layers {sorted(wanted)}; attribute with SAEs at "
+                           "those layers")
+    out: dict[int, list[int]] = {}
+    for r in ranked[:n]:
+        out.setdefault(int(r["layer"]), []).append(int(r["feature"]))
+    return dict(sorted(out.items()))
+
+
+@dataclass
+class Clamp(PromptEdit):
+    """Clamp ``features`` (layer -> indices) of ``saes`` (layer -> SAE) at the answer position."""
+
+    saes: dict
+    features: dict
+    to: str = "original"
+    name = "clamp"
+    _originals: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.to not in CLAMP_TO:
+            raise MechmedError(f"clamp_to {self.to!r}: use one of {', '.join(CLAMP_TO)}")
+        missing = [layer for layer in self.features if layer not in self.saes]
+        if missing:
+            raise MechmedError(f"clamp: no SAE for layer {missing[0]}; give SAEs covering the clamped layers")
+
+    def _delta(self, layer, x, target):
+        """x's change when the clamped features of ``layer`` go from f(x) to ``target`` ([B, k])."""
+        import torch
+
+        sae = self.saes[layer]
+        idx = torch.tensor(self.features[layer], device=x.device)
+        with torch.no_grad():
+            f = sae.encode(x.to(sae.W_dec.dtype).to(sae.W_dec.device))[:, idx.to(sae.W_dec.device)]
+            d = (target.to(f.device, f.dtype) - f) @ sae.W_dec[idx.to(sae.W_dec.device)]
+        return x + d.to(x.device, x.dtype)
+
+    def _question_features(self, bundle, pairs, images) -> dict:
+        """Per pair, the clamped features' values on its original question (layer -> [n, k])."""
+        import torch
+
+        res = answer_residuals(bundle, [p.question for p in pairs], images, list(self.features))
+        out = {}
+        for layer, h in res.items():
+            sae = self.saes[layer]
+            with torch.no_grad():
+                f = sae.encode(h.to(sae.W_dec.device, sae.W_dec.dtype))
+            out[layer] = f[:, self.features[layer]].cpu()
+        return out
+
+    def margins(self, bundle, texts, images, *, role, rows, batch_size=16, progress=None):
+        import torch
+
+        if self.to == "zero":
+            def zero(site, x):
+                return self._delta(site.layer, x, torch.zeros(x.shape[0], len(self.features[site.layer])))
+
+            return _batched_margins(bundle, texts, images, batch_size, progress,
+                                    lambda a, b: {Site(layer): _last_position_edit(zero) for layer in self.features})
+        if role != "paraphrase":
+            return super().margins(bundle, texts, images, role=role, rows=rows, batch_size=batch_size,
+                                   progress=progress)
+        target = self._question_features(bundle, rows, images)
+
+        def fns(a, b):
+            def to_original(site, x):
+                return self._delta(site.layer, x, target[site.layer][a:b])
+
+            return {Site(layer): _last_position_edit(to_original) for layer in self.features}
+
+        return _batched_margins(bundle, texts, images, batch_size, progress, fns)
+
+    def describe(self) -> dict:
+        return {"kind": self.name, "to": self.to, "features": {str(k): v for k, v in self.features.items()}}
+
+
+# ---------------------------------------------------------------------------- prompt ensembling
+
+
+def _draw(pool: list, k: int, key: str) -> list:
+    """``k`` items of ``pool`` drawn without replacement with a seed fixed by ``key`` (all if fewer)."""
+    if len(pool) <= k:
+        return list(pool)
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    return [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), k, replace=False))]
+
+
+@dataclass
+class Ensemble(PromptEdit):
+    """Answer each prompt by the mean margin over it and ``k`` − 1 other phrasings of its question."""
+
+    k: int = 3
+    name = "ensemble"
+    _groups: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or self.k < 2:
+            raise MechmedError(f"ensemble_k {self.k!r}: give at least 2 phrasings to average over")
+
+    def prepare(self, pairs):
+        self._groups = {}
+        for p in pairs:
+            self._groups.setdefault((p.image, p.question), []).append(p)
+
+    def margins(self, bundle, texts, images, *, role, rows, batch_size=16, progress=None):
+        import torch
+
+        if not self._groups:
+            raise MechmedError("ensemble: call prepare(pairs) first (mechmed.consistency.evaluate does)")
+        # each prompt: its own text, then (text, sign) of its k − 1 draws, signs turning negated phrasings
+        plans = []
+        for text, row in zip(texts, rows):
+            if role == "question":
+                pool = [(p.paraphrase, -1.0 if p.negated else 1.0) for p in self._groups[row]]
+                plans.append([(text, 1.0), *_draw(pool, self.k - 1, f"q|{row[1]}|{row[0]}")])
+            else:
+                own = -1.0 if row.negated else 1.0
+                pool = [(p.paraphrase, own * (-1.0 if p.negated else 1.0))
+                        for p in self._groups[(row.image, row.question)] if p.id != row.id]
+                plans.append([(text, 1.0), *_draw(pool, self.k - 1, f"p|{row.id}")])
+        flat_t = [t for plan in plans for t, _ in plan]
+        flat_i = None if images is None else [images[i] for i, plan in enumerate(plans) for _ in plan]
+        m = margins(bundle, flat_t, flat_i, batch_size=batch_size, progress=progress).numpy()
+        out, j = [], 0
+        for plan in plans:
+            signs = np.array([s for _, s in plan])
+            out.append(float((signs * m[j:j + len(plan)]).mean()))
+            j += len(plan)
+        return torch.tensor(out, dtype=torch.float32)
+
+    def describe(self) -> dict:
+        return {"kind": self.name, "k": self.k}

@@ -1,0 +1,190 @@
+"""Training-free fixes on a tiny real Gemma 3 VLM, each checked against what it must give by
+construction: a steering vector fitted on one pair at the last layer turns the paraphrase's final
+residual into the question's (so their margins agree); clamping every latent of an exact SAE does
+the same, or zeroes the residual (margin log #yes − log #no ids); ensembling is the mean of plain
+margins."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mechmed import interventions as iv
+from mechmed.consistency import evaluate
+from mechmed.data import load_pairs
+from mechmed.errors import MechmedError
+from mechmed.readout import margins
+from mechmed.sites import Site
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_workspace):
+    from mechmed.models import load_model
+
+    root, ckpt = tiny_workspace
+    bundle = load_model(str(ckpt))
+    pairs = load_pairs(root / "pairs.jsonl")
+    return bundle, pairs
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+def identity_sae(layer: int, d: int):
+    """x̂ = relu(x) − relu(−x) = x: a JumpReLU SAE with 2d latents, threshold 0."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    eye = torch.eye(d)
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d, d_sae=2 * d, apply_b_dec_to_input=False,
+                                        metadata=SAEMetadata(hook_name=Site(layer).hook_name)))
+    sae.load_state_dict({"W_enc": torch.cat([eye, -eye], 1), "W_dec": torch.cat([eye, -eye], 0),
+                         "b_enc": torch.zeros(2 * d), "b_dec": torch.zeros(d), "threshold": torch.zeros(2 * d)})
+    return sae.eval()
+
+
+def _plain(bundle, pairs):
+    from mechmed.data.images import load_image
+
+    imgs = [load_image(p.image) for p in pairs]
+    return (margins(bundle, [p.question for p in pairs], imgs).numpy(),
+            margins(bundle, [p.paraphrase for p in pairs], imgs).numpy(), imgs)
+
+
+def test_steering_fitted_on_one_pair_at_the_last_layer_makes_its_paraphrase_answer_as_the_question(setup):
+    bundle, pairs = setup
+    last = bundle.n_layers - 1
+    one = [p for p in pairs if not p.negated][:1]
+    steer = iv.fit_steering(bundle, one, last)
+    hq = iv.answer_residuals(bundle, [one[0].question], _plain(bundle, one)[2], [last])[last][0]
+    hp = iv.answer_residuals(bundle, [one[0].paraphrase], _plain(bundle, one)[2], [last])[last][0]
+    assert torch.allclose(steer.vector, hq - hp, atol=1e-6) and steer.n_fit == 1
+    # the residual the steering reads is the one output_hidden_states gives before the final norm
+    m_q, m_p, _ = _plain(bundle, one)
+    ev = evaluate(bundle, one, edit=steer, controls=False, n_bootstrap=50).pairs[0]
+    assert ev["margin_question"] == pytest.approx(float(m_q[0]), abs=1e-5)  # the question runs as it is
+    assert ev["margin_paraphrase"] == pytest.approx(float(m_q[0]), abs=1e-4)
+    assert abs(float(m_p[0]) - float(m_q[0])) > 1e-3  # it did move the paraphrase
+    # half the vector: the margin is not the question's (the edit is linear in scale, the readout is not fixed)
+    half = iv.Steering(steer.vector, last, 0.5)
+    assert evaluate(bundle, one, edit=half, controls=False, n_bootstrap=50).pairs[0]["margin_paraphrase"] != \
+        pytest.approx(float(m_q[0]), abs=1e-4)
+
+
+def test_steering_vector_is_the_mean_difference_over_meaning_preserving_pairs(setup):
+    bundle, pairs = setup
+    layer = 1
+    steer = iv.fit_steering(bundle, pairs, layer)
+    kept = [p for p in pairs if not p.negated]
+    diffs = []
+    for p in kept:  # one prompt at a time through output_hidden_states: an independent reading
+        from mechmed.data.images import load_image
+        from mechmed.readout import build_inputs
+
+        out = {}
+        for role, text in (("q", p.question), ("p", p.paraphrase)):
+            inputs = build_inputs(bundle.processor, [text], [load_image(p.image)])
+            with torch.no_grad():
+                hs = bundle.model(**inputs, output_hidden_states=True).hidden_states
+            out[role] = hs[layer + 1][0, -1]
+        diffs.append(out["q"] - out["p"])
+    assert steer.n_fit == len(kept)
+    assert torch.allclose(steer.vector, torch.stack(diffs).mean(0), atol=1e-4)
+
+
+def test_clamping_every_latent_of_an_exact_sae(setup):
+    bundle, pairs = setup
+    last = bundle.n_layers - 1
+    sae = identity_sae(last, bundle.d_model)
+    every = {last: list(range(2 * bundle.d_model))}
+    m_q, m_p, _ = _plain(bundle, pairs)
+    # to the original: the paraphrase's last residual becomes the question's, so the margins agree
+    ev = evaluate(bundle, pairs, edit=iv.Clamp({last: sae}, every, "original"), controls=False, n_bootstrap=50)
+    got_q = np.array([r["margin_question"] for r in ev.pairs])
+    got_p = np.array([r["margin_paraphrase"] for r in ev.pairs])
+    np.testing.assert_allclose(got_q, m_q, atol=1e-5)
+    np.testing.assert_allclose(got_p, m_q, atol=1e-4)
+    assert ev.metrics["flip_rate"] == pytest.approx(np.mean([p.negated for p in pairs if not p.in_negation_set]))
+    # to zero: the residual is 0, RMSNorm keeps it 0, and every logit is 0: margin log #yes − log #no
+    ev0 = evaluate(bundle, pairs, edit=iv.Clamp({last: sae}, every, "zero"), controls=False, n_bootstrap=50)
+    expected = math.log(len(bundle.answers.yes_ids)) - math.log(len(bundle.answers.no_ids))
+    for r in ev0.pairs:
+        assert r["margin_question"] == pytest.approx(expected, abs=1e-5)
+        assert r["margin_paraphrase"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_clamp_of_a_few_latents_is_the_decoder_difference(setup):
+    """Clamping latents i to values t adds Σᵢ (tᵢ − fᵢ(x))·W_dec[i] at the answer position: at the
+    last layer, by hand through the model's final norm and output head."""
+    bundle, pairs = setup
+    last = bundle.n_layers - 1
+    torch.manual_seed(0)
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae = TopKSAE(TopKSAEConfig(d_in=bundle.d_model, d_sae=32, k=8,
+                                metadata=SAEMetadata(hook_name=Site(last).hook_name))).eval()
+    feats = {last: [3, 7, 11]}
+    _, _, imgs = _plain(bundle, pairs)
+    x = iv.answer_residuals(bundle, [p.paraphrase for p in pairs], imgs, [last])[last]
+    with torch.no_grad():
+        f = sae.encode(x)[:, feats[last]]
+        edited = x - f @ sae.W_dec[feats[last]]  # to zero
+        lm = bundle.model.get_decoder() if hasattr(bundle.model, "get_decoder") else bundle.model.model
+        norm = getattr(lm, "norm", None) or lm.language_model.norm
+        logits = bundle.model.get_output_embeddings()(norm(edited))
+        cap = getattr(bundle.model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+    yes = torch.logsumexp(logits[:, list(bundle.answers.yes_ids)], -1)
+    no = torch.logsumexp(logits[:, list(bundle.answers.no_ids)], -1)
+    ev = evaluate(bundle, pairs, edit=iv.Clamp({last: sae}, feats, "zero"), controls=False, n_bootstrap=50)
+    np.testing.assert_allclose([r["margin_paraphrase"] for r in ev.pairs], (yes - no).numpy(), atol=1e-4)
+
+
+def test_ensemble_is_the_mean_of_plain_margins(setup):
+    bundle, pairs = setup
+    m_q, m_p, _ = _plain(bundle, pairs)
+    ev = evaluate(bundle, pairs, edit=iv.Ensemble(k=10), controls=False, n_bootstrap=50)  # k ≥ group: all phrasings
+    by_key: dict = {}
+    for i, p in enumerate(pairs):
+        by_key.setdefault((p.image, p.question), []).append(i)
+    for i, (p, r) in enumerate(zip(pairs, ev.pairs)):
+        group = by_key[(p.image, p.question)]
+        s = [-1.0 if pairs[j].negated else 1.0 for j in group]
+        q_side = np.mean([m_q[i], *(sj * m_p[j] for sj, j in zip(s, group))])
+        own = -1.0 if p.negated else 1.0
+        p_side = own * np.mean([own * m_p[i], *(sj * m_p[j] for sj, j in zip(s, group) if j != i)])
+        assert r["margin_question"] == pytest.approx(q_side, abs=1e-5)
+        assert r["margin_paraphrase"] == pytest.approx(p_side, abs=1e-5)
+
+
+def test_ensemble_draws_are_fixed_and_k_sized():
+    pool = list(range(10))
+    a = iv._draw(pool, 3, "p|x")
+    assert a == iv._draw(pool, 3, "p|x") and len(set(a)) == 3 and set(a) <= set(pool)
+    assert iv._draw(pool[:2], 3, "p|x") == [0, 1]
+
+
+def test_errors(setup, tmp_path):
+    bundle, pairs = setup
+    with pytest.raises(MechmedError, match="ensemble_k"):
+        iv.Ensemble(k=1)
+    with pytest.raises(MechmedError, match="clamp_to"):
+        iv.Clamp({}, {}, "median")
+    with pytest.raises(MechmedError, match="no SAE for layer 1"):
+        iv.Clamp({}, {1: [0]})
+    with pytest.raises(MechmedError, match="features.csv"):
+        iv.top_features(tmp_path, [1], 4)
+    (tmp_path / "features.csv").write_text("layer,rank,feature,mean_abs_attr\n0,0,5,0.9\n1,0,3,0.2\n1,1,9,0.5\n")
+    assert iv.top_features(tmp_path, [1], 4) == {1: [9, 3]}
+    assert iv.top_features(tmp_path, [0, 1], 2) == {0: [5], 1: [9]}
+    with pytest.raises(MechmedError, match="ranks no feature in layers"):
+        iv.top_features(tmp_path, [3], 4)
+    with pytest.raises(MechmedError, match="meaning-preserving"):
+        iv.fit_steering(bundle, [p for p in pairs if p.negated] or [], 1)
