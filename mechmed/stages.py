@@ -166,7 +166,7 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
         "seconds": time.perf_counter() - t0,
     }
     json_path = write_json(out_dir / "sae_check.json", payload)
-    figures = save_figure(r2_by_layer(rows, threshold), out_dir / "r2_by_layer")
+    figures = save_figure(r2_by_layer(rows, threshold, detail=True), out_dir / "r2_by_layer")
     return SAECheckResult(rows, json_path, figures, payload)
 
 

@@ -1,6 +1,6 @@
-"""Fidelity metrics (R² about the set mean, per prompt, L0, cosine, CE recovered, margin change),
-their agreement with sae-lens's explained variance, the one-forward-per-batch streaming evaluation,
-the sae-check runner and its figure."""
+"""Fidelity metrics (R² about the set mean, per prompt, L0, cosine, CE recovered, margin change, by
+token type, massive dimensions), their agreement with sae-lens's explained variance, the
+one-forward-per-batch streaming evaluation, the sae-check runner and its figure."""
 
 from __future__ import annotations
 
@@ -166,6 +166,13 @@ def test_identity_sae_is_perfect_and_splices_cleanly(vlm, small_sets):
             assert r["ce_recon"] == pytest.approx(r["ce_clean"], abs=1e-4)
             assert abs(r["ce_zero"] - r["ce_clean"]) > 1e-3  # zero-ablation does change the loss
             assert r["ce_recovered"] == pytest.approx(1.0, abs=1e-3)
+            for t in ("text", "image"):  # the splice at one type's positions loses nothing either
+                if t in r["by_token_type"]:
+                    assert r["by_token_type"][t]["ce_recovered"] == pytest.approx(1.0, abs=1e-3), (name, t)
+            assert r["by_token_type"]["special"]["ce_recovered"] is None  # not spliced apart
+            md = r["massive_dims"]
+            assert md["r2_without"] == pytest.approx(1.0, abs=1e-5)
+            assert md["r2_standardised"] == pytest.approx(1.0, abs=1e-5)
             if name == "images":
                 assert r["margin_change"] == pytest.approx(0.0, abs=1e-4) and r["margin_flips"] == 0
             else:
@@ -186,9 +193,27 @@ def test_mean_predicting_sae_scores_zero(vlm, small_sets):
     assert row["l0"] == 0 and not row["exceeds_threshold"] and row["p_value"] > 0.5
 
 
+def _ce_type_splits(vlm, ps, batch_size):
+    """Per batch, how many of CE_TOKEN_TYPES hold some but not all evaluated positions (each costs
+    two forwards per layer)."""
+    from mechmed.fidelity import CE_TOKEN_TYPES, token_types
+    from mechmed.saes import token_mask
+
+    out = []
+    for start in range(0, len(ps), batch_size):
+        inputs = ps.inputs(vlm, start, start + batch_size)
+        mask, types = token_mask(inputs, vlm.tokenizer), token_types(vlm, inputs)
+        out.append(sum(0 < int((types[t] & mask).sum()) < int(mask.sum()) for t in CE_TOKEN_TYPES))
+    return out
+
+
 def test_one_forward_per_batch_whatever_the_layers(vlm, small_sets):
     from mechmed.fidelity import evaluate_saes
 
+    # the tiny tokenizer turns unseen words into <unk>, a special token: every text batch splits
+    # text from special (T = 1); image prompts split text from image (T = 2)
+    assert _ce_type_splits(vlm, small_sets["medical"], 4) == [1, 1, 1]
+    assert _ce_type_splits(vlm, small_sets["images"], 4) == [2, 2]
     calls = []
     handle = vlm.model.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
@@ -200,10 +225,10 @@ def test_one_forward_per_batch_whatever_the_layers(vlm, small_sets):
             assert [r["layer"] for r in ev.rows] == layers
         calls.clear()
         ev = evaluate_saes(vlm, {L: noisy_sae(L, L) for L in (0, 2)}, ps, batch_size=4, ce=True)
-        assert ev.n_forwards == len(calls) == 3 * (1 + 2 * 2)
+        assert ev.n_forwards == len(calls) == 3 * (1 + 2 * (2 + 2 * 1))  # 1 + L·(2 + 2T)
         calls.clear()
         ev = evaluate_saes(vlm, {0: noisy_sae(0, 0)}, small_sets["images"], batch_size=4, ce=True)
-        assert ev.n_forwards == len(calls) == 2 * (1 + 3)  # + the answer-position splice
+        assert ev.n_forwards == len(calls) == 2 * (1 + 2 + 2 * 2 + 1)  # + the answer-position splice
     finally:
         handle.remove()
 
@@ -213,9 +238,16 @@ def test_rows_have_every_field(vlm, small_sets):
 
     ev = evaluate_saes(vlm, {0: noisy_sae(0, 3)}, small_sets["images"], batch_size=3, ce=True)
     r = ev.rows[0]
-    for key in ("layer", "text_set", "r2", "r2_ci", "fvu", "l0", "cosine", "ce_recovered", "margin_change",
-                "p_value", "exceeds_threshold", "n_prompts", "n_tokens"):
+    for key in ("layer", "text_set", "r2", "r2_ci", "r2_pooled", "fvu", "fvu_pooled", "l0", "cosine",
+                "ce_recovered", "margin_change", "p_value", "exceeds_threshold", "n_prompts", "n_tokens",
+                "by_token_type", "massive_dims", "r2_definitions"):
         assert key in r, key
+    assert {"r2", "r2_pooled"} <= set(r["r2_definitions"])
+    assert set(r["massive_dims"]) == {"k", "dims", "shares", "variance_share", "r2_without", "r2_standardised"}
+    assert r["massive_dims"]["k"] == 5 and len(r["massive_dims"]["dims"]) == 5
+    for t in ("text", "image", "special", "bos"):
+        assert {"r2_pooled", "fvu_pooled", "l0", "ce_recovered"} <= set(r["by_token_type"][t]), t
+    json.dumps(r)  # the row is plain JSON
     assert r["n_prompts"] == 6 and r["n_tokens"] > 6 and r["l0"] <= 4
     assert r["r2_ci"][0] <= r["r2"] <= r["r2_ci"][1]
     assert r["fvu"] == pytest.approx(1 - r["r2"])
@@ -259,6 +291,250 @@ def test_r2_by_token_type_is_each_types_own_explained_variance(vlm, small_sets):
         else:
             assert by[t]["r2_pooled"] == pytest.approx(explained_variance(x, x_hat), abs=1e-6), t
     assert sum(by[t]["n_tokens"] for t in ("text", "image", "special")) == row["n_tokens"]  # BOS outside
+
+
+# ----------------------------------------------------------------------------- by hand on a tiny model
+
+
+def _capture(bundle, ps, layer, batch_size):
+    """Per batch of ``evaluate_saes``: (inputs, resid_post [b, T, d] of ``layer``, clean logits)."""
+    from mechmed.capture import hooks
+
+    out = []
+    for start in range(0, len(ps), batch_size):
+        inputs = ps.inputs(bundle, start, start + batch_size)
+        got = {}
+
+        def keep(site, act, store=got):
+            store["a"] = act
+
+        with torch.no_grad(), hooks(bundle.model, bundle.family, {Site(layer): keep}):
+            logits = bundle.model(**inputs, use_cache=False).logits
+        out.append((inputs, got["a"], logits))
+    return out
+
+
+def _evaluated(bundle, batches, sae):
+    """The evaluated tokens over ``batches``: x, x̂ (float64 [tokens, d]) and each token's prompt."""
+    from mechmed.saes import token_mask
+
+    xs, xhs, prompt, start = [], [], [], 0
+    for inputs, act, _ in batches:
+        mask = token_mask(inputs, bundle.tokenizer)
+        x = act[mask]
+        with torch.no_grad():
+            xh = sae.decode(sae.encode(x))
+        xs.append(x.double())
+        xhs.append(xh.double())
+        prompt.append(torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask] + start)
+        start += mask.shape[0]
+    return torch.cat(xs).numpy(), torch.cat(xhs).numpy(), torch.cat(prompt).numpy()
+
+
+def _massive_by_hand(X, XH, k):
+    """massive_dims from the formulas, over the tokens' activations X and reconstructions XH."""
+    n = X.shape[0]
+    V = ((X - X.mean(0)) ** 2).sum(0)  # Σ_t (x_d − μ_d)²
+    E = ((X - XH) ** 2).sum(0)  # Σ_t (x_d − x̂_d)²
+    top = np.argsort(-V)[:k]
+    rest = np.setdiff1d(np.arange(X.shape[1]), top)
+    sigma2 = V / n  # each dimension's variance over the evaluated tokens
+    std_err = (((X - XH) ** 2) / sigma2).sum()  # Σ_d Σ_t (x − x̂)²/σ_d²
+    std_tot = (((X - X.mean(0)) ** 2) / sigma2).sum()  # Σ_d Σ_t (x − μ)²/σ_d²
+    return {"dims": top.tolist(), "shares": (V[top] / V.sum()).tolist(), "variance_share": V[top].sum() / V.sum(),
+            "r2_without": 1 - E[rest].sum() / V[rest].sum(), "r2_standardised": 1 - std_err / std_tot,
+            "r2_pooled": 1 - E.sum() / V.sum()}
+
+
+@pytest.fixture(scope="module")
+def noisy_on_images(vlm, small_sets):
+    """A noisy SAE on layer 1 over the image prompts (text, image and special tokens), ce=True:
+    the row, the SAE, and the captured batches."""
+    from mechmed.fidelity import evaluate_saes
+
+    ps = small_sets["images"]
+    sae = noisy_sae(1, 11)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the function-scoped one_thread does (module fixtures set up before it)
+    try:
+        row = evaluate_saes(vlm, {1: sae}, ps, batch_size=3, ce=True, top_dims=4).rows[0]
+        return row, sae, _capture(vlm, ps, 1, 3)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_pooled_and_prompt_mean_r2_on_the_evaluated_tokens_agree_with_sae_lens(vlm, noisy_on_images):
+    """r2_pooled over the evaluated tokens of a tiny VLM's image prompts is sae-lens's
+    ExplainedVarianceCalculator fed the same tokens batch by batch (tolerance 1e-6: sae-lens squares in
+    float32, mechmed in float64); r2 is the mean over prompts of R²ᵢ against the global mean, by hand."""
+    from sae_lens.evals import ExplainedVarianceCalculator
+
+    from mechmed.fidelity import R2_DEFINITIONS
+    from mechmed.saes import token_mask
+
+    row, sae, batches = noisy_on_images
+    calc = ExplainedVarianceCalculator()
+    for inputs, act, _ in batches:
+        x = act[token_mask(inputs, vlm.tokenizer)]
+        with torch.no_grad():
+            calc.add_batch(sae_output=sae.decode(sae.encode(x)), hidden_acts=x)
+    assert calc.num_samples == row["n_tokens"]
+    assert row["r2_pooled"] == pytest.approx(calc.compute(), abs=1e-6)
+    assert row["fvu_pooled"] == pytest.approx(1 - calc.compute(), abs=1e-6)
+
+    X, XH, prompt = _evaluated(vlm, batches, sae)
+    mu = X.mean(0)
+    per_prompt = [1 - ((X[prompt == i] - XH[prompt == i]) ** 2).sum() / ((X[prompt == i] - mu) ** 2).sum()
+                  for i in range(prompt.max() + 1)]
+    assert row["r2"] == pytest.approx(float(np.mean(per_prompt)), rel=1e-6)
+    assert abs(row["r2"] - row["r2_pooled"]) > 1e-4  # two different numbers, both reported
+    assert row["r2_definitions"] == R2_DEFINITIONS
+
+
+def test_massive_dims_by_hand(vlm, noisy_on_images):
+    """Variance share of the top-k dimensions, their indices, R² without them and R² standardised
+    per dimension, each from the formulas over the captured activations (tolerance rel 1e-6)."""
+    row, sae, batches = noisy_on_images
+    X, XH, _ = _evaluated(vlm, batches, sae)
+    want = _massive_by_hand(X, XH, 4)
+    md = row["massive_dims"]
+    assert md["k"] == 4 and md["dims"] == want["dims"]
+    np.testing.assert_allclose(md["shares"], want["shares"], rtol=1e-6)
+    for key in ("variance_share", "r2_without", "r2_standardised"):
+        assert md[key] == pytest.approx(want[key], rel=1e-6), key
+    assert row["r2_pooled"] == pytest.approx(want["r2_pooled"], rel=1e-6)
+
+
+def test_ce_recovered_by_token_type_by_hand(vlm, noisy_on_images):
+    """CE recovered with x̂ (or zero) spliced in at the text or the image positions only, x elsewhere,
+    scored on the headline's targets (a real token after an evaluated source, not an image token):
+    forwards and cross-entropies by hand (tolerance 1e-5 on the losses, relative 1e-4 on the ratio:
+    mechmed sums the float32 losses in float32, this test in float64)."""
+    from mechmed.capture import hooks
+    from mechmed.fidelity import token_types
+    from mechmed.saes import token_mask
+
+    row, sae, batches = noisy_on_images
+    image_id = vlm.model.config.image_token_id
+    sums = {k: 0.0 for k in ("clean", "text_recon", "text_zero", "image_recon", "image_zero")}
+    count = 0
+    for inputs, act, logits in batches:
+        mask = token_mask(inputs, vlm.tokenizer)
+        ids = inputs["input_ids"]
+        valid = mask[:, :-1] & inputs["attention_mask"][:, 1:].bool() & (ids[:, 1:] != image_id)
+
+        def ce(lg, valid=valid, ids=ids):
+            lp = torch.nn.functional.cross_entropy(lg[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                                   reduction="none").view(valid.shape)
+            return float(lp[valid].double().sum())
+
+        sums["clean"] += ce(logits)
+        count += int(valid.sum())
+        with torch.no_grad():
+            recon = act.clone()
+            recon[mask] = sae.decode(sae.encode(act[mask]))
+        types = token_types(vlm, inputs)
+        for t in ("text", "image"):
+            at = (types[t] & mask)[..., None]
+            assert at.any() and not at.all()
+            for kind, new in (("recon", torch.where(at, recon, act)), ("zero", act.masked_fill(at, 0))):
+                with torch.no_grad(), hooks(vlm.model, vlm.family, {Site(1): lambda s, a, v=new: v}):
+                    sums[f"{t}_{kind}"] += ce(vlm.model(**inputs, use_cache=False).logits)
+    clean = sums["clean"] / count
+    assert row["ce_clean"] == pytest.approx(clean, abs=1e-5)
+    for t in ("text", "image"):
+        got = row["by_token_type"][t]
+        r, z = sums[f"{t}_recon"] / count, sums[f"{t}_zero"] / count
+        assert got["ce_recon"] == pytest.approx(r, abs=1e-5) and got["ce_zero"] == pytest.approx(z, abs=1e-5)
+        assert got["ce_recovered"] == pytest.approx((z - r) / (z - clean), rel=1e-4), t
+    assert row["by_token_type"]["special"]["ce_recovered"] is None and row["by_token_type"]["bos"]["ce_recovered"] is None
+
+
+def test_ce_by_type_on_text_prompts(vlm, small_sets):
+    """Text prompts have no image tokens (no image entry); with every evaluated token text, the text
+    splice is the headline's and costs no forward."""
+    from mechmed.fidelity import PromptSet, evaluate_saes
+
+    ps = small_sets["medical"]
+    known = PromptSet("known", ("chest radiograph", "a left pleural effusion"))  # words the tiny tokenizer knows
+    for prompts, all_text in ((ps, False), (known, True)):
+        ev = evaluate_saes(vlm, {1: noisy_sae(1, 2)}, prompts, batch_size=4, ce=True)
+        r = ev.rows[0]
+        assert "image" not in r["by_token_type"]
+        if all_text:
+            assert "special" not in r["by_token_type"]
+            assert r["by_token_type"]["text"]["ce_recovered"] == r["ce_recovered"]
+            assert ev.forwards_per_batch == 1 + 2
+        else:
+            assert r["by_token_type"]["text"]["ce_recovered"] != r["ce_recovered"]
+
+
+def test_a_massive_dimension_carries_r2(vlm, small_sets):
+    """Inject a dimension of huge variance (layer 1's post-feedforward norm scaled on dimension 0)
+    and an SAE that reconstructs that dimension exactly and predicts the mean everywhere else: r2
+    is high, but r2_without (dimension 0 left out) is 0 and r2_standardised is 1/d (one dimension of
+    d explained), each by hand (tolerance 1e-4: the mean is decoded in float32)."""
+    import copy
+
+    from mechmed.fidelity import evaluate_saes
+    from mechmed.models import ModelBundle
+
+    model = copy.deepcopy(vlm.model)
+    with torch.no_grad():
+        model.model.language_model.layers[1].post_feedforward_layernorm.weight[0] += 100.0
+    big = ModelBundle(model, vlm.processor, vlm.family, vlm.answers, "massive")
+    ps = small_sets["medical"]
+    batches = _capture(big, ps, 1, 4)
+    ident = identity_sae(1)
+    X, _, _ = _evaluated(big, batches, ident)
+    b_dec = torch.tensor(X.mean(0), dtype=torch.float32)
+    b_dec[0] = 0.0
+    e0 = torch.zeros(D, 1)
+    e0[0] = 1.0
+    sae = _jumprelu(torch.cat([e0, -e0], 1), torch.cat([e0, -e0], 1).T.contiguous(), torch.zeros(2), b_dec,
+                    torch.zeros(2), 1)  # x̂ = (x_0, μ_1, ..., μ_{d−1})
+    row = evaluate_saes(big, {1: sae}, ps, batch_size=4, ce=False, top_dims=1).rows[0]
+    _, XH, _ = _evaluated(big, batches, sae)
+    want = _massive_by_hand(X, XH, 1)
+    md = row["massive_dims"]
+    assert md["dims"] == [0] and md["variance_share"] > 0.95
+    assert row["r2_pooled"] == pytest.approx(want["r2_pooled"], abs=1e-4)
+    assert row["r2"] > 0.9 and row["r2_pooled"] > 0.95
+    assert md["r2_without"] == pytest.approx(want["r2_without"], abs=1e-4) and abs(md["r2_without"]) < 1e-4
+    assert md["r2_standardised"] == pytest.approx(want["r2_standardised"], abs=1e-4)
+    assert md["r2_standardised"] == pytest.approx(1 / D, abs=1e-4)
+
+
+def test_massive_dims_stream_and_standardising_ignores_scale():
+    """From the streaming sums: the same numbers however the tokens are batched; standardised R²
+    does not change when each dimension is rescaled, pooled R² does; k = 0 leaves r2_pooled."""
+    from mechmed.fidelity import massive_dims
+
+    xs, idxs = _batches(seed=3)
+    g = torch.Generator().manual_seed(9)
+    xhs = [x + 0.4 * torch.randn(x.shape, generator=g) for x in xs]
+    out = _stats(xs, xhs, idxs)
+    X, XH = torch.cat(xs).double().numpy(), torch.cat(xhs).double().numpy()
+    want = _massive_by_hand(X, XH, 5)
+    got = massive_dims(out, 5)
+    assert got["dims"] == want["dims"]
+    for key in ("variance_share", "r2_without", "r2_standardised"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    one = massive_dims(_stats([torch.cat(xs)], [torch.cat(xhs)], [(torch.cat(
+        [i + 3 * b for b, (i, _) in enumerate(idxs)]), 3 * len(idxs))]), 5)
+    for key in ("variance_share", "r2_without", "r2_standardised"):
+        assert one[key] == pytest.approx(got[key], rel=1e-9), key
+    scale = torch.logspace(-2, 2, D)
+    scaled = _stats([x * scale for x in xs], [xh * scale for xh in xhs], idxs)
+    assert massive_dims(scaled, 5)["r2_standardised"] == pytest.approx(got["r2_standardised"], rel=1e-6)
+    assert abs(scaled.r2_pooled - out.r2_pooled) > 0.01
+    none = massive_dims(out, 0)
+    assert none["dims"] == [] and none["variance_share"] == 0.0
+    assert none["r2_without"] == pytest.approx(out.r2_pooled, rel=1e-12)
+    with pytest.raises(MechmedError, match="top_dims -1"):
+        from mechmed.fidelity import PromptSet, evaluate_saes
+
+        evaluate_saes(None, {}, PromptSet("x", ("a",)), top_dims=-1)
 
 
 def test_nan_activations_are_named(vlm, small_sets):
@@ -333,7 +609,10 @@ def test_run_sae_check_writes_json_and_figure(check_dirs):
     by = {(r["text_set"], r["layer"]): r for r in data["rows"]}
     assert by["medical", 0]["exceeds_threshold"] and not by["medical", 1]["exceeds_threshold"]
     assert by["general", 2]["margin_change"] is None  # text prompts have no yes/no margin (images: see above)
-    assert data["cost"]["medical"]["forwards_per_batch"] == 1 + 2 * 3
+    # 3 layers, each 2 splices + 2 for the text-only splice (the tiny tokenizer's <unk> are special tokens)
+    assert data["cost"]["medical"]["forwards_per_batch"] == 1 + 3 * (2 + 2)
+    assert "massive_dims" in by["medical", 1] and "R2 pool" in res.table() and "R2 stdz" in res.table()
+    assert "without the top-5 variance dimensions" in (root / "out" / "r2_by_layer.html").read_text()
     assert (root / "out" / "r2_by_layer.html").stat().st_size > 100_000  # plotly.js inlined
     assert res.figures["png"] or res.figures["png_skipped"]
     assert "layer" in res.table()
@@ -420,3 +699,60 @@ def test_save_figure_html_and_png(tmp_path, monkeypatch, caplog):
         out = figures.save_figure(fig, tmp_path / "a")
     assert out["png"] is None and "Chromium" in out["png_skipped"] and "PNG skipped" in caplog.text
     assert (tmp_path / "a.html").read_text().count("<script") >= 1 and not (tmp_path / "a.png").exists()
+
+
+def _detail_rows(with_image=True):
+    rows = []
+    for s, n in (("medical", 70), ("images", 100)):
+        for L in range(3):
+            by = {"text": {"r2_pooled": 0.96 - 0.01 * L}, "special": {"r2_pooled": 0.9 - 0.02 * L},
+                  "bos": {"r2_pooled": None}}
+            if s == "images" and with_image:
+                by["image"] = {"r2_pooled": 0.93 - 0.015 * L}
+            rows.append({"layer": L, "text_set": s, "r2": 0.97 - 0.01 * L, "r2_ci": [0.96 - 0.01 * L, 0.98 - 0.01 * L],
+                         "r2_pooled": 0.965 - 0.01 * L, "n_prompts": n, "exceeds_threshold": L < 2, "by_token_type": by,
+                         "massive_dims": {"k": 5, "r2_without": 0.8 - 0.05 * L, "r2_standardised": 0.7 - 0.04 * L}})
+    return rows
+
+
+def test_r2_by_layer_detail_figure():
+    """``detail``: a panel per text set; beside each set's line, a marker per layer for the pooled R²
+    over text / image / special tokens, without the top-k dimensions and standardised, each the
+    row's number; the title names every series drawn and none that is not."""
+    from mechmed.figures import r2_by_layer
+
+    rows = _detail_rows()
+    fig = r2_by_layer(rows, 0.95, detail=True)
+    assert [a.text for a in fig.layout.annotations][:2] == ["medical text (n=70)", "image + question (n=100)"]
+    shown = sorted((t for t in fig.data if t.showlegend is not False), key=lambda t: t.legendrank)
+    assert [t.name for t in shown] == ["medical text (n=70)", "image + question (n=100)", "text tokens", "image tokens",
+                                       "special tokens", "without the top-5 dims", "dims standardised"]
+    getters = {"text tokens": lambda r: r["by_token_type"]["text"]["r2_pooled"],
+               "image tokens": lambda r: r["by_token_type"]["image"]["r2_pooled"],
+               "special tokens": lambda r: r["by_token_type"]["special"]["r2_pooled"],
+               "without the top-5 dims": lambda r: r["massive_dims"]["r2_without"],
+               "dims standardised": lambda r: r["massive_dims"]["r2_standardised"]}
+    for s, axis in (("medical", "x"), ("images", "x2")):
+        mine = [r for r in rows if r["text_set"] == s]
+        traces = {t.name: t for t in fig.data if t.xaxis == axis}
+        line = next(t for t in traces.values() if t.mode == "lines+markers")
+        assert list(line.y) == [r["r2"] for r in mine] and list(line.x) == [0, 1, 2]
+        assert [c != "white" for c in line.marker.color] == [r["exceeds_threshold"] for r in mine]
+        for name, get in getters.items():
+            if s == "medical" and name == "image tokens":
+                assert name not in traces  # no image tokens in text prompts: nothing drawn
+                continue
+            assert list(traces[name].y) == pytest.approx([get(r) for r in mine]), (s, name)
+    title = fig.layout.title.text
+    for phrase in ("mean R² over prompts, 95% CI", "pooled R² over text / image / special tokens",
+                   "without the top-5 variance dimensions", "divided by its std"):
+        assert phrase in title
+    assert fig.layout.yaxis.range[0] < 0.62 and 0.98 < fig.layout.yaxis.range[1] < 1.01
+    assert sum(s.type == "line" and s.y0 == 0.95 for s in fig.layout.shapes) == 2  # the threshold in both panels
+
+    plain = r2_by_layer(_detail_rows(with_image=False), 0.95, detail=True)
+    assert "text / special tokens" in plain.layout.title.text and "image" not in plain.layout.title.text.split(
+        "<br>")[-1]
+    old = [{k: v for k, v in r.items() if k not in ("by_token_type", "massive_dims")} for r in rows]
+    bare = r2_by_layer(old, 0.95, detail=True)  # rows of an older sae-check: the lines alone
+    assert "markers" not in bare.layout.title.text and len(bare.data) == 2
