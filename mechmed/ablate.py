@@ -678,37 +678,194 @@ class AblationResult:
     base: dict
 
 
-def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike, *, progress: bool = False,
-                 workers: int | None = None, device: str = "cpu", dtype: str | None = None) -> AblationResult:
-    """Train and evaluate every arm of the grid, resuming what is there; write the results table.
+@dataclass
+class _Grid:
+    """A checked grid: its config, output directory, planned arms and where they run."""
 
-    The base evaluation and every arm run on ``device`` (a torch device or ``auto``) with base
-    weights in ``dtype``; parallel workers share it."""
-    from mechmed.io import ensure_dir, write_json, write_text
+    cfg: AblationConfig
+    out: Path
+    arms: list
+    device: str
+    dtype: str | None
+    threads: int | None
+    """Torch CPU threads for demo-sized models (1), else None."""
+
+    @property
+    def trained(self) -> list:
+        return [a for a in self.arms if a.arm not in TRAINING_FREE_ARMS]
+
+
+def _prepare(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike, device: str,
+             dtype: str | None) -> _Grid:
+    """Load and check the grid (every arm's layers and target modules on a meta-device skeleton, the
+    training-free arms' inputs) before any weights load; write ``ablation_config.json`` and the plan."""
+    from mechmed.io import ensure_dir, write_json
     from mechmed.models import cpu_threads_for, model_config
-    from mechmed.progress import progress_bar
-    from mechmed.runtime import check_device, torch_threads
+    from mechmed.runtime import check_device
+    from mechmed.train import check_against_model
 
     device = check_device(device)
     if not isinstance(cfg, AblationConfig):
         cfg = AblationConfig.load(cfg)
     out = ensure_dir(Path(out))
-    workers = workers or cfg.workers
     t = cfg.train
     _, config, family, _ = model_config(t["model"], seed=cfg.seeds[0])  # the layer count needs no weights
-    n_layers = family.n_layers(config)
-    arms = plan(cfg, n_layers)
-    from mechmed.train import check_against_model
-
+    arms = plan(cfg, family.n_layers(config))
+    grid = _Grid(cfg, out, arms, device, dtype, cpu_threads_for(t["model"], device))
     skeletons: dict = {}  # every arm's layers and target modules, before the base model is evaluated
-    trained = [a for a in arms if a.arm not in TRAINING_FREE_ARMS]
-    for a in trained:
+    for a in grid.trained:
         check_against_model(arm_config(cfg, a), skeletons)
     check_training_free(cfg)
     write_json(out / "ablation_config.json", {**cfg.to_dict(), "plan": [a.name for a in arms], "device": device,
                                               "dtype": dtype})
+    _write_plan(grid)
+    return grid
 
-    small = cpu_threads_for(t["model"], device)  # 1 for demo-sized models on the CPU, else None
+
+#: Where a grid writes its plan: one training config per trained arm, the grid's config, and the commands.
+PLAN_DIR = "plan"
+
+
+def _write_plan(grid: _Grid) -> Path:
+    """``OUT/plan/``: ``ablation.yaml`` (the resolved grid), ``<arm>.yaml`` (each trained arm's resolved
+    training config, runnable by ``mechmed train``) and ``commands.txt``: one self-contained command per
+    base evaluation and per arm (e.g. one job-array task each, run from this directory), then the
+    command that collects them into the table."""
+    import shlex
+
+    import yaml
+
+    from mechmed.io import ensure_dir, write_text
+
+    d = ensure_dir(grid.out / PLAN_DIR)
+    write_text(d / "ablation.yaml", yaml.safe_dump(grid.cfg.to_dict(), sort_keys=False))
+    for a in grid.trained:
+        arm_config(grid.cfg, a).save(d / f"{a.name}.yaml")
+    opts = [f"--device {shlex.quote(grid.device)}"] + ([f"--dtype {shlex.quote(grid.dtype)}"] if grid.dtype else [])
+    head = f"mechmed ablate --config {shlex.quote(str(d / 'ablation.yaml'))} --out {shlex.quote(str(grid.out))}"
+    names = [f"base-s{s}" for s in grid.cfg.seeds] + [a.name for a in grid.arms]
+    lines = [f"{head} --arm {n} {' '.join(opts)}" for n in names]
+    write_text(d / "commands.txt", "\n".join(lines) + f"\n# when every line above has run:\n{head} --collect\n")
+    return d
+
+
+def write_plan(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike, *, device: str = "cpu",
+               dtype: str | None = None) -> Path:
+    """Check the grid and write its plan (:func:`_write_plan`) without running anything; returns the
+    plan directory. Run its ``commands.txt`` anywhere (a job array, other machines), put every
+    finished ``arms/<name>`` and ``base-s<seed>`` directory under ``out``, then collect them
+    (:func:`run_ablation` with ``collect=True``)."""
+    return _prepare(cfg, out, device, dtype).out / PLAN_DIR
+
+
+def run_arms(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike, names: Sequence[str], *,
+             progress: bool = False, device: str = "cpu", dtype: str | None = None) -> dict:
+    """Run only the named parts of the grid (``base-s<seed>`` or an arm's name from the plan), each
+    as the whole grid would; returns name -> metrics. Finished ones are read back."""
+    from mechmed.runtime import torch_threads
+
+    grid = _prepare(cfg, out, device, dtype)
+    by_name = {a.name: a for a in grid.arms}
+    bases = {f"base-s{s}": s for s in grid.cfg.seeds}
+    unknown = [n for n in names if n not in by_name and n not in bases]
+    if unknown:
+        raise MechmedError(f"--arm {unknown[0]}: not in this grid's plan; choose from "
+                           f"{', '.join([*bases, *by_name])}")
+    done = {}
+    with torch_threads(grid.threads):
+        for n in names:
+            if n in bases:
+                done[n] = evaluate_base(grid.cfg, bases[n], grid.out, progress=progress, device=grid.device,
+                                        dtype=grid.dtype)[0]
+            elif by_name[n].arm in TRAINING_FREE_ARMS:
+                done[n] = evaluate_training_free(grid.cfg, by_name[n], grid.out / "arms" / n, progress=progress,
+                                                 device=grid.device, dtype=grid.dtype)
+            else:
+                done[n] = _run_arm(arm_config(grid.cfg, by_name[n]).to_dict(), str(grid.out / "arms" / n), None,
+                                   grid.device, grid.dtype, progress)
+    return done
+
+
+def _check_collected(grid: _Grid) -> None:
+    """Every base and arm of the plan is finished under ``out``, and each trained arm was trained
+    with its planned config (layers, method, seed, loss, rank)."""
+    import yaml
+
+    missing = [f"base-s{s}" for s in grid.cfg.seeds if not (grid.out / f"base-s{s}" / "metrics.json").is_file()]
+    missing += [a.name for a in grid.arms if not (grid.out / "arms" / a.name / "metrics.json").is_file()]
+    if missing:
+        raise MechmedError(f"--collect {grid.out}: {len(missing)} of the plan's runs are not finished there "
+                           f"({', '.join(missing[:4])}{', …' if len(missing) > 4 else ''}); run their lines of "
+                           f"{grid.out / PLAN_DIR / 'commands.txt'} and put each directory under {grid.out}")
+    keys = ("layers", "method", "seed", "consistency", "consistency_weight", "ce_weight", "rank", "model",
+            "target_modules", "train_data", "eval_data")
+    for a in grid.trained:
+        path = grid.out / "arms" / a.name / "config.yaml"
+        if not path.is_file():
+            continue
+        got = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        want = arm_config(grid.cfg, a).to_dict()
+        bad = [k for k in keys if k in got and got[k] != want.get(k)]
+        if bad:
+            raise MechmedError(f"--collect: {path} was trained with {bad[0]} {got[bad[0]]!r}, the plan has "
+                               f"{want.get(bad[0])!r}; re-run arm {a.name} from {grid.out / PLAN_DIR}")
+
+
+def _parallel(grid: _Grid, jobs: dict, workers: int, devices: Sequence[str] | None, progress: bool) -> dict:
+    """Train ``jobs`` (name -> (config dict, run dir)) in worker processes: ``workers`` of them on the
+    grid's device, or, with ``devices``, one per device, each training its share of the arms one
+    after another there (never two arms on one device)."""
+    import multiprocessing as mp
+
+    from mechmed.progress import progress_bar
+
+    metrics: dict = {}
+    names = list(jobs)
+    if devices:
+        lanes = [(dev, names[i::len(devices)]) for i, dev in enumerate(devices)]
+        threads = grid.threads or max(1, (os.cpu_count() or 1) // len(devices))
+        with cf.ProcessPoolExecutor(len(lanes), mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_lane, [jobs[n] for n in lane], dev, threads, grid.dtype)
+                       for dev, lane in lanes if lane]
+            for fut in progress_bar(cf.as_completed(futures), desc="devices" if progress else None,
+                                    total=len(futures)):
+                metrics.update(fut.result())
+        return metrics
+    threads = grid.threads or max(1, (os.cpu_count() or 1) // workers)
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_arm, d, r, threads, grid.device, grid.dtype): name for name, (d, r) in jobs.items()}
+        for fut in progress_bar(cf.as_completed(futures), desc="ablation arms" if progress else None,
+                                total=len(futures)):
+            metrics[futures[fut]] = fut.result()
+    return metrics
+
+
+def _run_lane(jobs: list, device: str, threads: int | None, dtype: str | None) -> dict:
+    """Arms one after another on one device (a worker process of :func:`_parallel`)."""
+    return {Path(run_dir).name: _run_arm(d, run_dir, threads, device, dtype) for d, run_dir in jobs}
+
+
+def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike, *, progress: bool = False,
+                 workers: int | None = None, device: str = "cpu", dtype: str | None = None,
+                 devices: Sequence[str] | None = None, collect: bool = False) -> AblationResult:
+    """Train and evaluate every arm of the grid, resuming what is there; write the results table.
+
+    The base evaluation and every arm run on ``device`` (a torch device or ``auto``) with base
+    weights in ``dtype``; parallel workers share it, or, with ``devices`` (e.g. ``["cuda:0",
+    "cuda:1"]``), each device trains its share of the arms, one at a time. ``collect=True`` runs
+    nothing: it checks that every base and arm of the plan is finished under ``out`` (trained here
+    or elsewhere, :func:`write_plan`) and writes the table from them."""
+    from mechmed.io import write_json, write_text
+    from mechmed.progress import progress_bar
+    from mechmed.runtime import check_device, torch_threads
+
+    grid = _prepare(cfg, out, device, dtype)
+    cfg, out, arms, t = grid.cfg, grid.out, grid.arms, grid.cfg.train
+    device, small = grid.device, grid.threads
+    workers = workers or cfg.workers
+    devices = [check_device(d) for d in devices] if devices else None
+    if collect:
+        _check_collected(grid)
     with torch_threads(small):
         base = {s: evaluate_base(cfg, s, out, progress=progress, device=device, dtype=dtype) for s in cfg.seeds}
     metrics: dict = {}
@@ -717,16 +874,9 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
             if a.arm in TRAINING_FREE_ARMS:
                 metrics[a.name] = evaluate_training_free(cfg, a, out / "arms" / a.name, progress=progress,
                                                          device=device, dtype=dtype)
-    jobs = {a.name: (arm_config(cfg, a).to_dict(), str(out / "arms" / a.name)) for a in trained}
-    if workers > 1:
-        import multiprocessing as mp
-
-        threads = small or max(1, (os.cpu_count() or 1) // workers)
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_arm, d, r, threads, device, dtype): name for name, (d, r) in jobs.items()}
-            for fut in progress_bar(cf.as_completed(futures), desc="ablation arms" if progress else None,
-                                    total=len(futures)):
-                metrics[futures[fut]] = fut.result()
+    jobs = {a.name: (arm_config(cfg, a).to_dict(), str(out / "arms" / a.name)) for a in grid.trained}
+    if devices or workers > 1:
+        metrics.update(_parallel(grid, jobs, workers, devices, progress))
     else:
         for name in progress_bar(list(jobs), desc="ablation arms" if progress else None):
             metrics[name] = _run_arm(*jobs[name], small, device, dtype, progress)

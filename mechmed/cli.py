@@ -264,10 +264,30 @@ def cmd_demo(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from mechmed.ablate import format_table, run_ablation
+    from mechmed.ablate import format_table, run_ablation, run_arms, write_plan
 
+    modes = [m for m in ("plan", "arm", "collect") if getattr(args, m)]
+    if len(modes) > 1:
+        raise MechmedError(f"ablate: --{modes[0]} and --{modes[1]} are separate steps; give one of them")
+    if args.devices and (args.plan or args.arm or args.collect):
+        raise MechmedError("ablate: --devices spreads a whole grid over local devices; with --plan, --arm or "
+                           "--collect give --device")
+    if args.plan:
+        d = write_plan(args.config, args.out, device=args.device, dtype=args.dtype)
+        n = sum(1 for line in (d / "commands.txt").read_text().splitlines() if " --arm " in line)
+        print(f"plan: {n} runs in {d / 'commands.txt'} (one per line; a job array can run line $TASK_ID), one "
+              f"training config per trained arm in {d}/; then: mechmed ablate --config {args.config} --out "
+              f"{args.out} --collect")
+        return 0
+    if args.arm:
+        done = run_arms(args.config, args.out, args.arm, progress=True, device=args.device, dtype=args.dtype)
+        for name, m in done.items():
+            after = m.get("after", m)
+            print(f"{name}: flip rate {after['flip_rate']:.3f}, accuracy {after['accuracy']['original']:.3f} "
+                  f"({args.out}/{'arms/' if not name.startswith('base-') else ''}{name})")
+        return 0
     res = run_ablation(args.config, args.out, progress=True, workers=args.workers, device=args.device,
-                       dtype=args.dtype)
+                       dtype=args.dtype, devices=args.devices, collect=args.collect)
     print(format_table(res.rows))
     print(f"written {args.out}/results.json, results.csv, summary.csv")
     if args.report:
@@ -395,7 +415,11 @@ def cmd_train(args) -> int:
             raise MechmedError("train: give --config FILE (from mechmed select-layers) or --layers, e.g. --layers 2-4")
         base = train_defaults(given.get("model", "demo"))
     cfg = TrainConfig.from_dict({**base, **given}, source=args.config or "command line")
-    result = train(cfg, args.out, resume=args.resume, device=args.device, dtype=args.dtype, progress=True)
+    from mechmed.models import cpu_threads_for
+    from mechmed.runtime import torch_threads
+
+    with torch_threads(cpu_threads_for(cfg.model, args.device)):  # as the ablation grid trains it
+        result = train(cfg, args.out, resume=args.resume, device=args.device, dtype=args.dtype, progress=True)
     m = result.metrics
     print(f"trained {cfg.method} on layers {cfg.layers} ({m['trainable_parameters']} parameters, "
           f"{m['n_adapted_modules']} modules) in {m['train_seconds']:.1f} s: {args.out}/adapter")
@@ -541,6 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/ablation", help="output directory (default runs/ablation); "
                    "finished arms are reused, interrupted ones resumed")
     p.add_argument("--workers", type=int, default=None, help="arms trained in parallel (overrides the config)")
+    p.add_argument("--devices", type=_words, default=None, metavar="DEV,DEV",
+                   help="train the arms spread over these devices, one arm per device at a time (e.g. cuda:0,cuda:1)")
+    p.add_argument("--plan", action="store_true", help="write OUT/plan/ (a training config per arm and "
+                   "commands.txt, one command per run, e.g. for a job array) and run nothing")
+    p.add_argument("--arm", type=_words, default=None, metavar="NAME[,NAME]",
+                   help="run only these runs of the plan (base-s0, selected-lora-s0, ...)")
+    p.add_argument("--collect", action="store_true", help="run nothing: write the table and statistics from "
+                   "the finished runs under --out (trained here or elsewhere)")
     p.add_argument("--report", action="store_true", help="also write report.html / report.md there")
     _add_device_options(p)
     p.set_defaults(func=cmd_ablate)

@@ -348,6 +348,20 @@ def _order(n: int, seed: int, epoch: int) -> np.ndarray:
 BASE_MODEL_FILE = "base_model.json"
 
 
+def check_launch_precision(cfg: TrainConfig) -> None:
+    """The config's ``bf16`` decides autocast. Under ``accelerate launch --mixed_precision X`` (which
+    sets ACCELERATE_MIXED_PRECISION) a different X is refused, not silently overridden: bf16 needs
+    ``bf16: true`` in the config, and fp16/fp8 are not supported."""
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if asked in ("", "no") or (asked == "bf16" and cfg.bf16):
+        return
+    if asked == "bf16":
+        raise MechmedError("accelerate launch --mixed_precision bf16, but the training config has bf16: false; set "
+                           "bf16: true in the config (or pass --bf16), or launch with --mixed_precision no")
+    raise MechmedError(f"accelerate launch --mixed_precision {asked}: mechmed trains in float32 or bf16 autocast "
+                       "(config bf16: true); launch with --mixed_precision no or bf16")
+
+
 def check_against_model(cfg: TrainConfig, skeleton_cache: dict | None = None) -> None:
     """Check ``cfg``'s layers against the model's config and its target modules against the model's
     module tree (built on the meta device: no weights are read). ``skeleton_cache`` reuses one tree
@@ -405,6 +419,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     device = check_device(device)
     out = Path(out)
     check_against_model(cfg)  # before any data, weights or evaluation
+    check_launch_precision(cfg)
     train_pairs = resolve_pairs(cfg.train_data, split="train", image_root=cfg.image_root, seed=cfg.seed)
     eval_pairs = resolve_pairs(cfg.eval_data, split="eval", image_root=cfg.image_root, seed=cfg.seed)
     extra_pairs = {name: resolve_pairs(data, split="eval", image_root=cfg.image_root, seed=cfg.seed)
@@ -451,7 +466,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
 
         init_deviation = init_margin_deviation(model, bundle, guard_pairs)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: the activation term's hooks must see tensors that carry grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from scipy import stats as sps
 
-from mechmed.ablate import AblationConfig, format_table, plan, run_ablation, table_csv
+from mechmed.ablate import AblationConfig, format_table, plan, run_ablation, run_arms, table_csv
 from mechmed.errors import MechmedError
 
 
@@ -334,3 +334,54 @@ def test_p_vs_best_trained_by_hand():
     ens = {f"{r['seed']}:{k}": v for i, r in enumerate(rows) if r["arm"] == "ensemble" for k, v in pairs_by_row[i].items()}
     assert next(r for r in summary if r["arm"] == "ensemble")["p_vs_best_trained"] == pytest.approx(
         _mcnemar_by_hand(pooled, ens))
+
+
+@pytest.mark.slow
+def test_plan_separate_runs_and_collect_give_the_one_process_table(demo_data_dir, tmp_path):
+    """On the embedded default: the one-process grid; its plan run line by line (mechmed train on each
+    planned config, mechmed ablate --arm for the base) and collected; and the grid spread over two
+    device lanes: the same results table, byte for byte."""
+    import shlex
+
+    from mechmed.cli import main
+    from mechmed.config import demo_defaults
+
+    train = {**demo_defaults(), "model": "demo", "layers": [1, 2], "max_steps": 6, "eval_every": 6,
+             "checkpoint_every": 6, "extra_eval": {}}
+    cfg_file = tmp_path / "ablation.yaml"
+    cfg_file.write_text(yaml.safe_dump({"train": train, "arms": ["selected", "ce_only"], "seeds": [0]}))
+    one = run_ablation(cfg_file, tmp_path / "one", device="cpu")
+
+    two = tmp_path / "two"
+    assert main(["ablate", "--config", str(cfg_file), "--out", str(two), "--plan", "--device", "cpu"]) == 0
+    text = (two / "plan" / "commands.txt").read_text()
+    lines = [x for x in text.splitlines() if " --arm " in x]
+    assert text.rstrip().endswith(f"--out {two} --collect")
+    assert [shlex.split(x)[shlex.split(x).index("--arm") + 1] for x in lines] == \
+        ["base-s0", "selected-lora-s0", "ce_only-lora-s0"]
+    with pytest.raises(MechmedError, match="3 of the plan's runs are not finished"):
+        run_ablation(two / "plan" / "ablation.yaml", two, collect=True)
+    assert main(shlex.split(lines[0])[1:]) == 0  # the base, as its plan line says
+    for name in ("selected-lora-s0", "ce_only-lora-s0"):  # each arm by mechmed train on its planned config
+        assert main(["train", "--config", str(two / "plan" / f"{name}.yaml"), "--out", str(two / "arms" / name),
+                     "--device", "cpu"]) == 0
+    assert main(["ablate", "--config", str(two / "plan" / "ablation.yaml"), "--out", str(two), "--collect"]) == 0
+    assert (two / "results.csv").read_text() == (tmp_path / "one" / "results.csv").read_text()
+    assert (two / "summary.csv").read_text() == (tmp_path / "one" / "summary.csv").read_text()
+
+    three = run_ablation(cfg_file, tmp_path / "three", device="cpu", devices=["cpu", "cpu"])
+    assert table_csv(three.rows) == table_csv(one.rows)
+
+
+def test_collect_refuses_an_arm_trained_with_another_config(tiny_workspace, tmp_path):
+    cfg = AblationConfig.from_dict({"train": _train(tiny_workspace), "arms": ["selected", "ensemble"]})
+    done = run_arms(
+        cfg, tmp_path, ["base-s0", "ensemble-none-s0", "selected-lora-s0"])
+    assert set(done) == {"base-s0", "ensemble-none-s0", "selected-lora-s0"}
+    assert run_ablation(cfg, tmp_path, collect=True).rows[2]["arm"] == "ensemble"
+    path = tmp_path / "arms" / "selected-lora-s0" / "config.yaml"
+    path.write_text(path.read_text().replace("rank: 4", "rank: 8"))
+    with pytest.raises(MechmedError, match="trained with rank 8, the plan has 4"):
+        run_ablation(cfg, tmp_path, collect=True)
+    with pytest.raises(MechmedError, match="--arm late-lora-s0: not in this grid's plan"):
+        run_arms(cfg, tmp_path, ["late-lora-s0"])

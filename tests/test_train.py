@@ -236,3 +236,60 @@ def test_activation_consistency_trains_on_the_residuals_output_hidden_states_giv
         hq, hp = h[:4][keep], h[4:][keep]
         terms.append(((hp - hq) ** 2).sum(1) / (hq ** 2).sum(1))
     assert res.log[0]["consistency"] == pytest.approx(float(np.mean(terms)), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_training_equals_one_process(demo_data_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): each process trains on its
+    half of every batch of B pairs and DDP averages the gradients, so 2 processes at batch B/2 take
+    the steps of 1 process at batch B. Adapters agree to 1e-5 and the evaluations are the same
+    (float reductions in another order are the only difference)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from mechmed.config import demo_defaults
+
+    base = {**demo_defaults(), "model": "demo", "layers": [1, 2], "max_steps": 3, "eval_every": 3,
+            "checkpoint_every": 3, "extra_eval": {}}
+    for name, batch in (("two", 8), ("one", 16)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**base, "batch_size": batch}))
+    env = {**os.environ, "MECHMED_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mechmed.cli"]
+    two = subprocess.run([*launch, "train", "--config", str(tmp_path / "two.yaml"), "--out", str(tmp_path / "two"),
+                          "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "mechmed.cli", "train", "--config", str(tmp_path / "one.yaml"),
+                          "--out", str(tmp_path / "one"), "--device", "cpu"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert m1["steps"] == m2["steps"] == 3
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("one", "two"))
+    assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert any(float(a[k].abs().max()) > 1e-3 for k in a if "lora_B" in k)  # it did train
+    assert m2["after"]["n_flips"] == m1["after"]["n_flips"]
+    assert m2["after"]["margin_diff"] == pytest.approx(m1["after"]["margin_diff"], abs=1e-4)
+    # accelerate's own precision flag is refused when the config says otherwise, before any weights load
+    bad = subprocess.run([*launch[:-2], "--mixed_precision", "fp16", "-m", "mechmed.cli", "train", "--config",
+                          str(tmp_path / "one.yaml"), "--out", str(tmp_path / "fp16"), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode != 0 and "--mixed_precision fp16" in bad.stderr and not (tmp_path / "fp16").exists()
+
+
+def test_launch_precision_is_checked(monkeypatch):
+    from mechmed.train import check_launch_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(MechmedError, match="bf16: false"):
+        check_launch_precision(_cfg())
+    check_launch_precision(_cfg(bf16=True))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    check_launch_precision(_cfg(bf16=True))  # the config decides
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(MechmedError, match="fp8"):
+        check_launch_precision(_cfg(bf16=True))
