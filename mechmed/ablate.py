@@ -258,6 +258,11 @@ def _run_arm(cfg_dict: dict, run_dir: str, threads: int | None, device: str = "c
                      dtype=dtype, progress=f"arm {out.name}" if progress else False).metrics
 
 
+#: The ablation config's options each training-free arm depends on (a finished arm is reused only with the same).
+TRAINING_FREE_SETTINGS = {"clamp": ("clamp_features", "clamp_to", "attribution", "saes"), "steer": ("steer_scale",),
+                          "ensemble": ("ensemble_k",)}
+
+
 def _attribution_dir(cfg: AblationConfig) -> Path:
     """Where clamp's ranked features are: ``attribution``, else beside the training config's scores file."""
     if cfg.attribution:
@@ -284,12 +289,24 @@ def _sae_spec(cfg: AblationConfig) -> str:
 
 
 def check_training_free(cfg: AblationConfig) -> None:
-    """Check what the training-free arms need (features, SAEs) before any model is loaded."""
+    """Check what the training-free arms need (features, SAEs) before any model is loaded: the
+    features were ranked on the SAEs clamp will load (for a model that is built per seed, as the
+    embedded default is, the attribution's seed must be the grid's)."""
     if "clamp" in cfg.arms:
+        import json
+
         from mechmed.interventions import top_features
+        from mechmed.sources import get
 
         top_features(_attribution_dir(cfg), cfg.train["layers"], cfg.clamp_features)
         _sae_spec(cfg)
+        scores = _attribution_dir(cfg) / "layer_scores.json"
+        seed = json.loads(scores.read_text(encoding="utf-8")).get("seed") if scores.is_file() else None
+        other = [s for s in cfg.seeds if seed is not None and s != seed]
+        if other and get(cfg.train["model"]) is not None:
+            raise MechmedError(f"{cfg.source}: clamp: the attribution {scores.parent} ranked the features of seed "
+                               f"{seed}'s {cfg.train['model']} model and SAEs, but seed {other[0]} has its own; run "
+                               f"one grid per seed (mechmed demo --seed {other[0]}) with that seed's attribution")
 
 
 def make_edit(cfg: AblationConfig, arm: Arm, bundle):
@@ -316,13 +333,17 @@ def evaluate_training_free(cfg: AblationConfig, arm: Arm, out: Path, *, progress
     ``metrics.json`` last); reads a finished one back."""
     import json
 
-    from mechmed.consistency import headline_rows
-    from mechmed.io import ensure_dir, read_jsonl, write_json
+    from mechmed.io import ensure_dir, write_json
     from mechmed.models import load_model
     from mechmed.train import collapse_reasons, evaluate_sets, resolve_pairs
 
+    settings = {k: getattr(cfg, k) for k in TRAINING_FREE_SETTINGS[arm.arm]}
     if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        done = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        if done.get("settings", settings) != settings:
+            raise MechmedError(f"{out}: was evaluated with {done['settings']}, the config now asks for {settings}; "
+                               "delete that directory to evaluate it again, or give another --out")
+        return done
     t = cfg.train
     bundle = load_model(t["model"], answer_words=tuple(t["answer_words"]), seed=arm.seed, device=device, dtype=dtype,
                         prompt_template=t.get("prompt_template"))
@@ -333,13 +354,12 @@ def evaluate_training_free(cfg: AblationConfig, arm: Arm, out: Path, *, progress
     after = evaluate_sets(bundle, pairs, extra, ensure_dir(out) / "after", seed=arm.seed, progress=progress,
                           edit=edit)
     m = after["main"]
-    rows = headline_rows(read_jsonl(out / "after" / "pairs.jsonl"))
     n_answers = m["n_questions"] + m["n_pairs"]  # the guard's rule on both phrasings' answers
     accuracy = (m["n_correct"]["original"] + m["n_correct"]["paraphrase"]) / n_answers
-    labels = [r["answer"] == "yes" for r in rows] + [r["paraphrase_answer"] == "yes" for r in rows]
-    reasons = collapse_reasons(m["yes_rate"], accuracy, float(np.mean(labels)), t.get("collapse_low", 0.05),
+    reasons = collapse_reasons(m["yes_rate"], accuracy, m["label_yes_rate"], t.get("collapse_low", 0.05),
                                t.get("collapse_high", 0.95))
-    metrics = {"arm": arm.name, "training_free": edit.describe(), "trainable_parameters": 0, "layers": list(arm.layers),
+    metrics = {"arm": arm.name, "training_free": edit.describe(), "settings": settings,
+               "trainable_parameters": 0, "layers": list(arm.layers),
                "collapsed": bool(reasons), "collapse": {"reason": "; ".join(reasons)} if reasons else None,
                "after": m, "after_sets": {k: v for k, v in after.items() if k != "main"}, "seed": arm.seed,
                "model_provenance": bundle.provenance}

@@ -113,6 +113,9 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
     if not (isinstance(near_tie, (int, float)) and near_tie >= 0):
         raise MechmedError(f"near_tie {near_tie!r}: give a non-negative margin tolerance in logits, e.g. 0.1")
     if edit is not None:
+        if question_margins:
+            raise MechmedError("evaluate: question_margins holds plain margins and edit computes its own; give one "
+                               "of them")
         edit.prepare(pairs)
     m_q, m_p, keys, m_unique, images = pair_margins(bundle, pairs, batch_size=batch_size, progress=progress,
                                                     question_margins=question_margins, edit=edit)

@@ -15,11 +15,18 @@ with ``role="question"`` (``rows``: their (image, question) keys), the paraphras
   answer position, to their value on the pair's original question (``to="original"``:
   paraphrase prompts only) or to zero (``to="zero"``: every prompt, as PSF-Med clamps), with the
   SAE's error term kept: x ← x + Σᵢ (targetᵢ − fᵢ(x))·W_dec[i].
-- :class:`Ensemble` (``ensemble``): each prompt is answered by the mean margin over itself and
-  k − 1 other phrasings of the same question in the evaluated set (an oracle paraphraser: the
-  set's own rewordings, drawn with a fixed seed; a paraphrase's draws never include its own
-  pair's question, nor a question's its own pair). Margins of a negated phrasing enter with their
-  sign turned, so every term speaks of the same answer.
+- :class:`Ensemble` (``ensemble``): each prompt is answered by the mean margin over itself and up
+  to k − 1 other phrasings of the same question from the evaluated set (an oracle paraphraser:
+  the set's own rewordings). Within a pair the two sides share no phrasing: the other paraphrases
+  of the question (the pair's own left out) are shuffled with a seed fixed by the pair and dealt
+  alternately to the question and to the paraphrase, up to k − 1 each; so the question's answer
+  within a pair (:meth:`Ensemble.pair_question_margins`) never averages in its own pair's
+  paraphrase. The canonical question alone (accuracy, the image controls) averages over k − 1 of
+  all its paraphrases. Margins of a negated phrasing enter with their sign turned, so every term
+  speaks of the same answer.
+
+Clamp (to the original) and steer edit the rewording toward the original; a pair whose paraphrase
+inverts the answer (negated) is left unedited, as the steering fit and the activation loss leave it out.
 """
 
 from __future__ import annotations
@@ -52,6 +59,10 @@ class PromptEdit:
     def margins(self, bundle, texts, images, *, role: str, rows: Sequence, batch_size: int = 16,
                 progress: str | None = None):
         return margins(bundle, texts, images, batch_size=batch_size, progress=progress)
+
+    def pair_question_margins(self, bundle, pairs, images, *, batch_size: int = 16):
+        """Per pair, the question's margin where it depends on the pair (None: the question's own)."""
+        return None
 
     def describe(self) -> dict:
         return {"kind": self.name}
@@ -86,6 +97,13 @@ def _batched_margins(bundle, texts, images, batch_size, progress, fns_for_batch)
 
 
 # ---------------------------------------------------------------------------- steering
+
+
+def _edited(rows) -> object:
+    """1.0 for each paraphrase row that an edit toward the original applies to, 0.0 for a negated one."""
+    import torch
+
+    return torch.tensor([0.0 if p.negated else 1.0 for p in rows])
 
 
 def answer_residuals(bundle, texts, images, layers: Sequence[int], *, batch_size: int = 16) -> dict:
@@ -135,12 +153,15 @@ class Steering(PromptEdit):
             return super().margins(bundle, texts, images, role=role, rows=rows, batch_size=batch_size,
                                    progress=progress)
         v = self.scale * self.vector
+        keep = _edited(rows)
 
-        def add(site, x):
-            return x + v.to(x.device, x.dtype)
+        def fns(a, b):
+            def add(site, x):
+                return x + keep[a:b, None].to(x.device, x.dtype) * v.to(x.device, x.dtype)
 
-        return _batched_margins(bundle, texts, images, batch_size, progress,
-                                lambda a, b: {Site(self.layer): _last_position_edit(add)})
+            return {Site(self.layer): _last_position_edit(add)}
+
+        return _batched_margins(bundle, texts, images, batch_size, progress, fns)
 
     def describe(self) -> dict:
         return {"kind": self.name, "layer": self.layer, "scale": self.scale, "norm": float(self.vector.norm()),
@@ -196,7 +217,6 @@ class Clamp(PromptEdit):
     features: dict
     to: str = "original"
     name = "clamp"
-    _originals: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.to not in CLAMP_TO:
@@ -205,22 +225,29 @@ class Clamp(PromptEdit):
         if missing:
             raise MechmedError(f"clamp: no SAE for layer {missing[0]}; give SAEs covering the clamped layers")
 
-    def _delta(self, layer, x, target):
-        """x's change when the clamped features of ``layer`` go from f(x) to ``target`` ([B, k])."""
+    def _delta(self, layer, x, target, keep=None):
+        """``x`` plus decode(f') − decode(f), f = encode(x) and f' = f with the clamped features of
+        ``layer`` set to ``target`` ([B, k]); the SAE's error term x − decode(f) stays. Rows with
+        ``keep`` 0 are left as they are."""
         import torch
 
         sae = self.saes[layer]
-        idx = torch.tensor(self.features[layer], device=x.device)
+        idx = list(self.features[layer])
         with torch.no_grad():
-            f = sae.encode(x.to(sae.W_dec.dtype).to(sae.W_dec.device))[:, idx.to(sae.W_dec.device)]
-            d = (target.to(f.device, f.dtype) - f) @ sae.W_dec[idx.to(sae.W_dec.device)]
+            f = sae.encode(x.to(sae.W_dec.device, sae.W_dec.dtype))
+            clamped = f.clone()
+            clamped[:, idx] = target.to(f.device, f.dtype)
+            d = sae.decode(clamped) - sae.decode(f)
+            if keep is not None:
+                d = d * keep[:, None].to(d.device, d.dtype)
         return x + d.to(x.device, x.dtype)
 
-    def _question_features(self, bundle, pairs, images) -> dict:
+    def _question_features(self, bundle, pairs, images, batch_size: int) -> dict:
         """Per pair, the clamped features' values on its original question (layer -> [n, k])."""
         import torch
 
-        res = answer_residuals(bundle, [p.question for p in pairs], images, list(self.features))
+        res = answer_residuals(bundle, [p.question for p in pairs], images, list(self.features),
+                               batch_size=batch_size)
         out = {}
         for layer, h in res.items():
             sae = self.saes[layer]
@@ -241,11 +268,12 @@ class Clamp(PromptEdit):
         if role != "paraphrase":
             return super().margins(bundle, texts, images, role=role, rows=rows, batch_size=batch_size,
                                    progress=progress)
-        target = self._question_features(bundle, rows, images)
+        target = self._question_features(bundle, rows, images, batch_size)
+        keep = _edited(rows)
 
         def fns(a, b):
             def to_original(site, x):
-                return self._delta(site.layer, x, target[site.layer][a:b])
+                return self._delta(site.layer, x, target[site.layer][a:b], keep[a:b])
 
             return {Site(layer): _last_position_edit(to_original) for layer in self.features}
 
@@ -268,7 +296,7 @@ def _draw(pool: list, k: int, key: str) -> list:
 
 @dataclass
 class Ensemble(PromptEdit):
-    """Answer each prompt by the mean margin over it and ``k`` − 1 other phrasings of its question."""
+    """Answer each prompt by the mean margin over it and up to ``k`` − 1 other phrasings of its question."""
 
     k: int = 3
     name = "ensemble"
@@ -283,22 +311,24 @@ class Ensemble(PromptEdit):
         for p in pairs:
             self._groups.setdefault((p.image, p.question), []).append(p)
 
-    def margins(self, bundle, texts, images, *, role, rows, batch_size=16, progress=None):
+    @staticmethod
+    def _aligned(p, own: float = 1.0) -> tuple[str, float]:
+        """A paraphrase and the sign that turns its margin into ``own``'s polarity."""
+        return p.paraphrase, own * (-1.0 if p.negated else 1.0)
+
+    def _deal(self, pair) -> tuple[list, list]:
+        """The pair's other paraphrases, shuffled with a seed fixed by the pair and dealt alternately
+        to its question and to its paraphrase, up to k − 1 each: the two sides share none."""
+        others = [p for p in self._groups[(pair.image, pair.question)] if p.id != pair.id]
+        seed = int.from_bytes(hashlib.sha256(f"deal|{pair.id}".encode()).digest()[:8], "little")
+        order = [others[i] for i in np.random.default_rng(seed).permutation(len(others))]
+        q_side, p_side = order[0::2][:self.k - 1], order[1::2][:self.k - 1]
+        return q_side, p_side
+
+    def _mean_margins(self, bundle, plans, images, batch_size, progress):
+        """For each plan (a list of (text, sign)), the mean of sign × margin, with that plan's image."""
         import torch
 
-        if not self._groups:
-            raise MechmedError("ensemble: call prepare(pairs) first (mechmed.consistency.evaluate does)")
-        # each prompt: its own text, then (text, sign) of its k − 1 draws, signs turning negated phrasings
-        plans = []
-        for text, row in zip(texts, rows):
-            if role == "question":
-                pool = [(p.paraphrase, -1.0 if p.negated else 1.0) for p in self._groups[row]]
-                plans.append([(text, 1.0), *_draw(pool, self.k - 1, f"q|{row[1]}|{row[0]}")])
-            else:
-                own = -1.0 if row.negated else 1.0
-                pool = [(p.paraphrase, own * (-1.0 if p.negated else 1.0))
-                        for p in self._groups[(row.image, row.question)] if p.id != row.id]
-                plans.append([(text, 1.0), *_draw(pool, self.k - 1, f"p|{row.id}")])
         flat_t = [t for plan in plans for t, _ in plan]
         flat_i = None if images is None else [images[i] for i, plan in enumerate(plans) for _ in plan]
         m = margins(bundle, flat_t, flat_i, batch_size=batch_size, progress=progress).numpy()
@@ -308,6 +338,23 @@ class Ensemble(PromptEdit):
             out.append(float((signs * m[j:j + len(plan)]).mean()))
             j += len(plan)
         return torch.tensor(out, dtype=torch.float32)
+
+    def margins(self, bundle, texts, images, *, role, rows, batch_size=16, progress=None):
+        if not self._groups:
+            raise MechmedError("ensemble: call prepare(pairs) first (mechmed.consistency.evaluate does)")
+        plans = []
+        for text, row in zip(texts, rows):
+            if role == "question":  # the canonical question alone: k − 1 of all its paraphrases
+                pool = [self._aligned(p) for p in self._groups[row]]
+                plans.append([(text, 1.0), *_draw(pool, self.k - 1, f"q|{row[1]}|{row[0]}")])
+            else:
+                own = -1.0 if row.negated else 1.0
+                plans.append([(text, 1.0), *(self._aligned(p, own) for p in self._deal(row)[1])])
+        return self._mean_margins(bundle, plans, images, batch_size, progress)
+
+    def pair_question_margins(self, bundle, pairs, images, *, batch_size=16):
+        plans = [[(p.question, 1.0), *(self._aligned(o) for o in self._deal(p)[0])] for p in pairs]
+        return self._mean_margins(bundle, plans, images, batch_size, None).numpy()
 
     def describe(self) -> dict:
         return {"kind": self.name, "k": self.k}

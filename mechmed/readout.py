@@ -286,4 +286,8 @@ def pair_margins(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 1
     p_imgs = [images[p.image] for p in pairs] if use_images else None
     m_p = run([p.paraphrase for p in pairs], p_imgs, "paraphrase", list(pairs))
     m_q = m_unique[[index[(p.image, p.question)] for p in pairs]]
+    if edit is not None:  # a fix whose question answer depends on the pair (prompt ensembling)
+        per_pair = edit.pair_question_margins(bundle, pairs, p_imgs, batch_size=batch_size)
+        if per_pair is not None:
+            m_q = np.asarray(per_pair, dtype=np.float32)
     return m_q, m_p, keys, m_unique, images

@@ -585,11 +585,17 @@ TRAINING_FREE_TEXT = {
     "clamp": "Clamping the top {n} attributed SAE features of the selected layers {to}",
     "steer": "Adding the steering vector (the mean original − paraphrase residual over the training pairs) to "
              "the paraphrase",
-    "ensemble": "Prompt ensembling (each answer the mean margin over {k} phrasings of its question)",
+    "ensemble": "Prompt ensembling (each answer the mean margin over up to {k} phrasings of its question, the "
+                "two sides of a pair sharing none)",
 }
-#: Which training-free arms read the original phrasing at inference (a bound, not a deployable fix).
-NEEDS_ORIGINAL = {"clamp": lambda cfg: cfg.get("clamp_to", "original") == "original", "steer": lambda cfg: True,
-                  "ensemble": lambda cfg: False}
+#: What each training-free arm needs at inference that a deployed model does not have.
+NEEDS = {
+    "clamp": lambda cfg: ("It reads the original phrasing's features at inference: a bound on a fix at these "
+                          "features, not a deployable one" if cfg.get("clamp_to", "original") == "original" else None),
+    "steer": lambda cfg: "It needs to know which prompt is the rewording of a canonical question",
+    "ensemble": lambda cfg: ("Its rewordings are the evaluated set's own (an oracle paraphraser); deployed, it needs "
+                             "a paraphraser"),
+}
 
 
 def _training_free_headlines(results: dict) -> list[str]:
@@ -635,11 +641,13 @@ def _training_free_headlines(results: dict) -> list[str]:
                      f"{_value_ci(r, 'canonical_accuracy', 'accuracy_ci')} "
                      f"({signed_change(base['canonical_accuracy'], r['canonical_accuracy'])})")
         if best and r.get("p_vs_best_trained") is not None:
-            text += (f"; against the best trained arm ({ARM_LABELS.get(best['arm'], best['arm'])}, "
-                     f"{fmt(best['flip_rate'])}) {r.get('test', 'McNemar')} {fmt_p(r['p_vs_best_trained'])}")
-        if NEEDS_ORIGINAL[arm](cfg):
-            text += ". It reads the original phrasing at inference: a bound on a fix at these layers, not a deployable one"
-        out.append(text + ".")
+            side = "lower than" if r["flip_rate"] < best["flip_rate"] else "higher than" \
+                if r["flip_rate"] > best["flip_rate"] else "equal to"
+            text += (f"; {side} the best trained arm ({ARM_LABELS.get(best['arm'], best['arm'])}, "
+                     f"{fmt(best['flip_rate'])}, chosen as the lowest on these pairs; {r.get('test', 'McNemar')} "
+                     f"{fmt_p(r['p_vs_best_trained'])})")
+        need = NEEDS[arm](cfg)
+        out.append(text + "." + (f" {need}." if need else ""))
     out += _quadrant_headline(summary, base)
     return out
 
@@ -657,21 +665,22 @@ def _quadrant_headline(summary: list[dict], base: dict) -> list[str]:
     bq = base["quadrants"]
 
     def move(r):
-        q = r["quadrants"]
-        ps = q.get("p_vs_base") or {}
-        test = "" if not ps else (f"; McNemar {fmt_p(ps.get('consistent_reliant'))} and "
-                                  f"{fmt_p(ps.get('consistent_blind'))}")
-        return (f"consistent and image-reliant {fmt(bq['consistent_reliant']['share'])} → "
-                f"{_value_ci(q['consistent_reliant'], 'share', 'ci')}, consistent without using the image "
-                f"{fmt(bq['consistent_blind']['share'])} → {_value_ci(q['consistent_blind'], 'share', 'ci')}{test}")
+        q, ps = r["quadrants"], r["quadrants"].get("p_vs_base") or {}
+
+        def cell(name, words):
+            p = f" ({r.get('test', 'McNemar')} {fmt_p(ps[name])})" if ps.get(name) is not None else ""
+            return f"{words} {fmt(bq[name]['share'])} → {_value_ci(q[name], 'share', 'ci')}{p}"
+
+        return (cell("consistent_reliant", "consistent and image-reliant") + ", "
+                + cell("consistent_blind", "consistent without using the image"))
 
     parts = []
     for r in [x for i, x in enumerate((sel, blind)) if x is not None and (i == 0 or x is not sel)]:
-        parts.append(f"{ARM_LABELS.get(r['arm'], r['arm'])} ({move(r)})")
+        parts.append(f"{ARM_LABELS.get(r['arm'], r['arm'])}: {move(r)}")
     if not parts:
         return []
     return ["Image reliance (a pair is image-reliant when its question's answer changes with a uniform gray "
-            "image): of the held-out pairs, " + "; ".join(parts) + "."]
+            "image), shares of the held-out pairs against the base's: " + "; ".join(parts) + "."]
 
 
 def quadrant_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
@@ -689,7 +698,7 @@ def quadrant_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
         body.append([arm_label(r, summary), str(q["n_pairs"]),
                      *(f"{fmt(q[k]['share'])} {fmt_ci(q[k]['ci'])}" for k in QUADRANTS),
                      fmt(r.get("near_tie_flip_rate"))])
-    return ["arm", "pairs", *(QUADRANT_LABELS[k] for k in QUADRANTS), "near-tie flips"], body
+    return ["arm", "pairs", *(QUADRANT_LABELS[k] for k in QUADRANTS), "near-tie flips (share of pairs)"], body
 
 
 # ---------------------------------------------------------------- building

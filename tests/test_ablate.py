@@ -385,3 +385,32 @@ def test_collect_refuses_an_arm_trained_with_another_config(tiny_workspace, tmp_
         run_ablation(cfg, tmp_path, collect=True)
     with pytest.raises(MechmedError, match="--arm late-lora-s0: not in this grid's plan"):
         run_arms(cfg, tmp_path, ["late-lora-s0"])
+
+
+def test_p_vs_best_trained_with_the_pair_as_the_unit():
+    """Seeds on the same pairs: the paired bootstrap of each pair's flip averaged over seeds, best arm
+    against the other (10,000 resamples, as the other pair-unit tests)."""
+    from mechmed import stats
+    from mechmed.ablate import against_best_trained
+
+    rng = np.random.default_rng(1)
+    ids = [f"p{i}" for i in range(30)]
+    rows, pairs_by_row = [], {}
+    for seed in (0, 1):
+        for arm, rate in (("base", 0.4), ("selected", 0.1), ("steer", 0.35)):
+            pairs_by_row[len(rows)] = {i: {"flip": bool(rng.random() < rate)} for i in ids}
+            rows.append({"arm": arm, "method": "none" if arm != "selected" else "lora", "seed": seed,
+                         "collapsed": False, "p_vs_best_trained": None})
+    summary = [{"arm": a, "method": m, "collapsed": False, "test": "pair bootstrap", "unit": "pair",
+                "flip_rate": float(np.mean([v["flip"] for i, r in enumerate(rows) if r["arm"] == a
+                                            for v in pairs_by_row[i].values()]))}
+               for a, m in (("base", "none"), ("selected", "lora"), ("steer", "none"))]
+    assert against_best_trained(rows, summary, pairs_by_row) == "selected-lora"
+
+    def mean_flips(arm):
+        return np.mean([[float(pairs_by_row[i][k]["flip"]) for k in sorted(ids)] for i, r in enumerate(rows)
+                        if r["arm"] == arm], axis=0)  # pairs in sorted id order, as the summary resamples them
+
+    want = stats.paired_bootstrap(mean_flips("selected"), mean_flips("steer"), n_resamples=10_000, seed=0).p_value
+    assert summary[2]["p_vs_best_trained"] == pytest.approx(float(want))
+    assert summary[1].get("p_vs_best_trained") is None

@@ -6,6 +6,7 @@ margins."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -109,7 +110,7 @@ def test_clamping_every_latent_of_an_exact_sae(setup):
     got_p = np.array([r["margin_paraphrase"] for r in ev.pairs])
     np.testing.assert_allclose(got_q, m_q, atol=1e-5)
     np.testing.assert_allclose(got_p, m_q, atol=1e-4)
-    assert ev.metrics["flip_rate"] == pytest.approx(np.mean([p.negated for p in pairs if not p.in_negation_set]))
+    assert ev.metrics["flip_rate"] == 0.0 and not any(p.in_negation_set for p in pairs)  # agree: nothing flips
     # to zero: the residual is 0, RMSNorm keeps it 0, and every logit is 0: margin log #yes − log #no
     ev0 = evaluate(bundle, pairs, edit=iv.Clamp({last: sae}, every, "zero"), controls=False, n_bootstrap=50)
     expected = math.log(len(bundle.answers.yes_ids)) - math.log(len(bundle.answers.no_ids))
@@ -147,21 +148,56 @@ def test_clamp_of_a_few_latents_is_the_decoder_difference(setup):
     np.testing.assert_allclose([r["margin_paraphrase"] for r in ev.pairs], (yes - no).numpy(), atol=1e-4)
 
 
-def test_ensemble_is_the_mean_of_plain_margins(setup):
+def test_ensemble_is_the_mean_of_plain_margins_over_disjoint_phrasings(setup):
+    """Each pair's question and paraphrase average over phrasings they do not share: the pair's other
+    paraphrases dealt alternately (never the pair's own paraphrase on the question's side); the
+    canonical question (accuracy) over k − 1 of all its paraphrases; all by hand from plain margins."""
     bundle, pairs = setup
+    extra = [dataclasses.replace(p, id=p.id + "x", paraphrase=p.question + " Please answer.") for p in pairs[:4]]
+    pairs = pairs + extra  # 3 and 4 phrasings per question: something to deal
     m_q, m_p, _ = _plain(bundle, pairs)
-    ev = evaluate(bundle, pairs, edit=iv.Ensemble(k=10), controls=False, n_bootstrap=50)  # k ≥ group: all phrasings
-    by_key: dict = {}
-    for i, p in enumerate(pairs):
-        by_key.setdefault((p.image, p.question), []).append(i)
+    ens = iv.Ensemble(k=3)
+    ev = evaluate(bundle, pairs, edit=ens, controls=False, n_bootstrap=50)
+    index = {p.id: i for i, p in enumerate(pairs)}
     for i, (p, r) in enumerate(zip(pairs, ev.pairs)):
-        group = by_key[(p.image, p.question)]
-        s = [-1.0 if pairs[j].negated else 1.0 for j in group]
-        q_side = np.mean([m_q[i], *(sj * m_p[j] for sj, j in zip(s, group))])
-        own = -1.0 if p.negated else 1.0
-        p_side = own * np.mean([own * m_p[i], *(sj * m_p[j] for sj, j in zip(s, group) if j != i)])
-        assert r["margin_question"] == pytest.approx(q_side, abs=1e-5)
-        assert r["margin_paraphrase"] == pytest.approx(p_side, abs=1e-5)
+        q_side, p_side = ens._deal(p)
+        assert not {o.id for o in q_side} & {o.id for o in p_side} and p.id not in {o.id for o in q_side + p_side}
+        group = [o for o in pairs if (o.image, o.question) == (p.image, p.question) and o.id != p.id]
+        assert len(q_side) == min(2, (len(group) + 1) // 2) and len(q_side) + len(p_side) == min(4, len(group))
+        assert r["margin_question"] == pytest.approx(np.mean([m_q[i], *(m_p[index[o.id]] for o in q_side)]), abs=1e-5)
+        assert r["margin_paraphrase"] == pytest.approx(np.mean([m_p[i], *(m_p[index[o.id]] for o in p_side)]),
+                                                       abs=1e-5)
+    # the canonical question: itself and k − 1 = 2 of its paraphrases
+    keys = list(dict.fromkeys((p.image, p.question) for p in pairs))
+    unique = {k: m_q[next(i for i, p in enumerate(pairs) if (p.image, p.question) == k)] for k in keys}
+    correct = 0
+    for key in keys:
+        pool = [(p.paraphrase, 1.0) for p in pairs if (p.image, p.question) == key]
+        drawn = iv._draw(pool, 2, f"q|{key[1]}|{key[0]}")
+        by_text = {p.paraphrase: m_p[i] for i, p in enumerate(pairs) if (p.image, p.question) == key}
+        value = np.mean([unique[key], *(by_text[t] for t, _ in drawn)])
+        answer = next(p.answer for p in pairs if (p.image, p.question) == key)
+        correct += (value > 0) == (answer == "yes")
+    assert ev.metrics["accuracy"]["original"] == pytest.approx(correct / len(keys))
+
+
+def test_edits_toward_the_original_leave_negated_pairs_alone(setup):
+    """A paraphrase that inverts the answer must not be pulled toward the question's answer: steer
+    and clamp-to-original leave its margin as the plain model's."""
+    bundle, pairs = setup
+    last = bundle.n_layers - 1
+    neg = [dataclasses.replace(p, id=p.id + "n", paraphrase="Is the chest normal?",
+                               paraphrase_answer="no" if p.answer == "yes" else "yes") for p in pairs[:3]]
+    mixed = pairs[:3] + neg
+    assert [p.negated for p in mixed] == [False] * 3 + [True] * 3
+    _, m_p, _ = _plain(bundle, mixed)
+    steer = iv.fit_steering(bundle, pairs[:1], last)
+    sae = identity_sae(last, bundle.d_model)
+    clamp = iv.Clamp({last: sae}, {last: list(range(2 * bundle.d_model))}, "original")
+    for edit in (steer, clamp):
+        got = [r["margin_paraphrase"] for r in evaluate(bundle, mixed, edit=edit, controls=False, n_bootstrap=50).pairs]
+        np.testing.assert_allclose(got[3:], m_p[3:], atol=1e-5)
+        assert not np.allclose(got[:3], m_p[:3], atol=1e-4)
 
 
 def test_ensemble_draws_are_fixed_and_k_sized():
