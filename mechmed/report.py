@@ -653,16 +653,23 @@ def _training_free_headlines(results: dict) -> list[str]:
 
 
 def _quadrant_headline(summary: list[dict], base: dict) -> list[str]:
-    """How the selected arm, and the arm that made the most pairs consistent without the image, moved
-    the shares of consistent pairs that do and do not use the image."""
+    """How the selected arm, and the arm whose gain in consistency leaned most on answers that do not
+    use the image (the largest rise of the consistent, not image-reliant share over that of the
+    consistent, image-reliant one), moved those two shares."""
     from mechmed.figures import ARM_LABELS
 
     if not base.get("quadrants"):
         return []
     arms = [r for r in summary if r["arm"] != "base" and r.get("quadrants") and not r.get("collapsed")]
     sel = next((r for r in arms if r["arm"] == "selected"), None)
-    blind = max(arms, key=lambda r: r["quadrants"]["consistent_blind"]["share"], default=None)
     bq = base["quadrants"]
+
+    def leaning(r):
+        q = r["quadrants"]
+        return ((q["consistent_blind"]["share"] - bq["consistent_blind"]["share"])
+                - (q["consistent_reliant"]["share"] - bq["consistent_reliant"]["share"]))
+
+    blind = max(arms, key=leaning, default=None)
 
     def move(r):
         q, ps = r["quadrants"], r["quadrants"].get("p_vs_base") or {}
