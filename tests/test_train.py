@@ -293,3 +293,29 @@ def test_launch_precision_is_checked(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
     with pytest.raises(MechmedError, match="fp8"):
         check_launch_precision(_cfg(bf16=True))
+
+
+def test_the_activation_term_alone_reaches_the_adapter(tiny_workspace):
+    """With ce_weight 0 the activation term is the whole loss: its gradient reaches the LoRA weights of
+    the adapted layer at or before the compared one, and none of an adapted layer after it."""
+    from mechmed.data import load_pairs
+    from mechmed.models import load_model
+    from mechmed.train import _batch_scores, _Images
+
+    cfg = _cfg(model=str(tiny_workspace[1]), layers=[0, 2], consistency="activation", activation_layers=[0],
+               ce_weight=0.0, rank=4, dropout=0.0)
+    bundle = load_model(cfg.model)
+    for p in bundle.model.parameters():
+        p.requires_grad_(False)
+    model, _ = apply_adapter(bundle, cfg)
+    batch = load_pairs(tiny_workspace[0] / "train_pairs.jsonl")[:4]
+    sq, sp, resid = _batch_scores(model, bundle, batch, _Images(), cfg.act_layers)
+    neg = torch.tensor([p.negated for p in batch])
+    parts = pair_loss(sq, sp, neg, neg, neg, cfg, resid)
+    assert parts.ce.item() > 0 and parts.total.item() == pytest.approx(parts.consistency.item())
+    parts.total.backward()
+    # LoRA B starts at zero, so at the first step the gradient lands on B (A's passes through B = 0)
+    b_grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+    assert any(".layers.0." in n for n in b_grads) and any(".layers.2." in n for n in b_grads)
+    assert any(g is not None and g.abs().sum() > 0 for n, g in b_grads.items() if ".layers.0." in n)
+    assert all(g is None or g.abs().sum() == 0 for n, g in b_grads.items() if ".layers.2." in n)
