@@ -471,6 +471,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sharded = _check_sharding(accelerator, cfg, resume)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     steps_per_epoch = max(1, len(train_pairs) // per_step)
@@ -536,13 +537,16 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         history.append(record)
         if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == total):
             write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
-            save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, done, {"total": total})
+            if not sharded:  # a sharded model's parameters are not all on this process
+                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, done, {"total": total})
         if collapse is not None and cfg.stop_on_collapse:
             break
         if stop_after is not None and done >= stop_after:
             return TrainResult(out, {"interrupted_at": done}, history)
     train_seconds = time.perf_counter() - t0
 
+    # under FSDP every process takes part in gathering the full weights (to the main process's CPU)
+    gathered = accelerator.get_state_dict(model) if sharded else None
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     metrics: dict = {
@@ -561,7 +565,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         tmp = out / "adapter.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        unwrapped.save_pretrained(tmp)
+        unwrapped.save_pretrained(tmp, **({"state_dict": gathered} if sharded else {}))
         write_json(tmp / BASE_MODEL_FILE, bundle.provenance)  # which weights (a GGUF file's hash) and prompts
         follow_umask(tmp)  # safetensors writes owner-only files
         if adapter_dir.exists():
@@ -570,8 +574,16 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         if spectral:
             metrics["expert_utilisation"] = _utilisation(unwrapped, bundle, guard_pairs, out, png=png)["layers"]
         if evaluate_before_after:
-            adapted_bundle = bundle.__class__(unwrapped, bundle.processor, bundle.family, bundle.answers,
-                                              bundle.name + "+adapter")
+            if sharded:  # the saved adapter on a fresh copy of the base model, on this process alone
+                from mechmed.models import attach_adapter
+
+                del model, unwrapped, gathered
+                fresh = load_model(cfg.model, device=placed, dtype=dtype, answer_words=tuple(cfg.answer_words),
+                                   seed=cfg.seed, prompt_template=cfg.prompt_template)
+                adapted_bundle = attach_adapter(fresh, adapter_dir)
+            else:
+                adapted_bundle = bundle.__class__(unwrapped, bundle.processor, bundle.family, bundle.answers,
+                                                  bundle.name + "+adapter")
             after = evaluate_sets(adapted_bundle, eval_pairs, extra_pairs, out / "after", seed=cfg.seed,
                                   progress=progress)
             metrics["after"] = after["main"]
@@ -591,6 +603,24 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         _curve_figure(history, out, png=png)
         write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
     return TrainResult(out, metrics, history)
+
+
+def _check_sharding(accelerator, cfg: TrainConfig, resume: bool) -> bool:
+    """True under FSDP (``accelerate launch --use_fsdp``). There the adapter is saved from the weights
+    every process gathers (``accelerator.get_state_dict``) and evaluated on a fresh base model; the
+    resumable checkpoints, which hold one process's parameters, are not written, so ``--resume`` and
+    spectral experts (saved by their own writer) are refused."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    if resume:
+        raise MechmedError("--resume under FSDP: sharded runs write no resumable checkpoint; start again, or "
+                           "train data parallel (accelerate launch --multi_gpu) to resume")
+    if cfg.method == "spectral_moe":
+        raise MechmedError("method spectral_moe under FSDP: not supported; train it data parallel (accelerate "
+                           "launch --multi_gpu) or on one GPU")
+    return True
 
 
 def evaluate_sets(bundle, main, extra: dict, out: Path, *, seed: int = 0, progress: bool = False,

@@ -319,3 +319,22 @@ def test_the_activation_term_alone_reaches_the_adapter(tiny_workspace):
     assert any(".layers.0." in n for n in b_grads) and any(".layers.2." in n for n in b_grads)
     assert any(g is not None and g.abs().sum() > 0 for n, g in b_grads.items() if ".layers.0." in n)
     assert all(g is None or g.abs().sum() == 0 for n, g in b_grads.items() if ".layers.2." in n)
+
+
+def test_sharded_runs_refuse_what_they_cannot_do():
+    """Under FSDP: no resumable checkpoints, so --resume is refused, as are spectral experts; data
+    parallel and single-process runs are not sharded."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from mechmed.train import _check_sharding
+
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    assert _check_sharding(fsdp, _cfg(), resume=False) is True
+    with pytest.raises(MechmedError, match="--resume under FSDP"):
+        _check_sharding(fsdp, _cfg(), resume=True)
+    with pytest.raises(MechmedError, match="spectral_moe under FSDP"):
+        _check_sharding(fsdp, _cfg(method="spectral_moe"), resume=False)
+    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        assert _check_sharding(SimpleNamespace(distributed_type=kind), _cfg(), resume=True) is False
