@@ -380,7 +380,17 @@ def _sae_headline(payload: dict) -> str:
             f"and {sets} prompts")
     if thr is not None:
         text += f"; {passed} of {len(rows)} layer × text-set rows are shown to be above R² = {thr:g} (one-sided t test)"
-    return text + "."
+    text += "."
+    md = [r["massive_dims"] for r in rows if r.get("massive_dims") and r["massive_dims"].get("r2_without") is not None]
+    if md:  # does a handful of high-variance dimensions carry it?
+        k = md[0]["k"]
+        share = [m["variance_share"] for m in md]
+        without = [m["r2_without"] for m in md]
+        std = [m["r2_standardised"] for m in md]
+        text += (f" The top {k} residual dimensions carry {min(share):.3f}–{max(share):.3f} of the variance; pooled "
+                 f"R² without them is {min(without):.4f}–{max(without):.4f}, and with every dimension standardised "
+                 f"{min(std):.4f}–{max(std):.4f} (sae_check/r2_by_layer draws these and R² by token type).")
+    return text
 
 
 def _profile_key(scores: dict, train_cfg: dict | None) -> str:
