@@ -496,6 +496,11 @@ def shared_pairs(base_pairs: dict) -> list | None:
     return None
 
 
+def _mean_over_seeds(runs: Sequence[dict], ids: Sequence[str], key: str) -> np.ndarray:
+    """Per pair (``ids``, in that order), ``key`` of its per-pair rows averaged over ``runs`` (seeds)."""
+    return np.mean([[float(run[i][key]) for i in ids] for run in runs], axis=0)
+
+
 def _pair_unit(runs: Sequence[dict], base: dict | None) -> dict:
     """:func:`_set_stats` with the pair as the unit, for seeds that ran on the same pairs: each pair's
     flip is its mean over the seeds (``runs``, per-pair rows by id); the interval is a bootstrap over
@@ -505,7 +510,7 @@ def _pair_unit(runs: Sequence[dict], base: dict | None) -> dict:
     ids = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
     if not ids:
         return {"n_pairs": 0, "flip_rate": None, "flip_ci": [None, None], "p_vs_base": None}
-    f = np.mean([[float(r[i]["flip"]) for i in ids] for r in runs], axis=0)
+    f = _mean_over_seeds(runs, ids, "flip")
     ci = stats.bootstrap_ci(f, n_resamples=2000, seed=0)
     p = None
     if base is not None:
@@ -524,7 +529,7 @@ def _by_pair(summary: list[dict], pairs_by_row: dict, sets_by_row: dict | None, 
     ce_runs = {m: [pairs_by_row[i] for i in idx] for (a, m), idx in groups.items() if a == "ce_only"}
 
     def mean_over_seeds(runs: list, key: str) -> np.ndarray:
-        return np.mean([[float(run[i][key]) for i in ids] for run in runs], axis=0)
+        return _mean_over_seeds(runs, ids, key)
 
     for r in summary:
         idx = groups[(r["arm"], r["method"])]
@@ -650,7 +655,7 @@ def against_best_trained(rows: list[dict], summary: list[dict], pairs_by_row: di
 
             ids = sorted(set.intersection(*(set(pairs_by_row[i]) for i in idx + list(best_rows.values()))))
 
-            best_f, arm_f = (np.mean([[float(pairs_by_row[j][k]["flip"]) for k in ids] for j in run], axis=0)
+            best_f, arm_f = (_mean_over_seeds([pairs_by_row[j] for j in run], ids, "flip")
                              for run in (list(best_rows.values()), idx))
             r["p_vs_best_trained"] = float(stats.paired_bootstrap(best_f, arm_f, n_resamples=10_000,
                                                                   seed=0).p_value)

@@ -29,6 +29,7 @@ import numpy as np
 
 from mechmed.capture import hooks
 from mechmed.errors import MechmedError
+from mechmed.readout import pair_images
 from mechmed.sites import Site
 
 
@@ -66,19 +67,6 @@ def _grad_from_embeddings(bundle):
         handle.remove()
 
 
-def _images(pairs, image_cache):
-    from mechmed.data.images import load_image
-
-    out = []
-    for p in pairs:
-        if p.image is None:
-            return None
-        if p.image not in image_cache:
-            image_cache[p.image] = load_image(p.image)
-        out.append(image_cache[p.image])
-    return out
-
-
 def _inputs(bundle, questions, images):
     from mechmed.readout import build_inputs
 
@@ -112,7 +100,7 @@ def attribute_batch(bundle, pairs: Sequence, *, saes: Mapping[int, object] | Non
         return []
     image_cache = {} if image_cache is None else image_cache
     n_layers, B = bundle.n_layers, len(pairs)
-    imgs = _images(pairs, image_cache)
+    imgs = pair_images(pairs, image_cache)
     inputs = _inputs(bundle, [p.question for p in pairs] + [p.paraphrase for p in pairs],
                      None if imgs is None else imgs * 2)
     sites = [Site(layer) for layer in range(n_layers)]
@@ -177,7 +165,7 @@ def delta_patch(bundle, pair, layer: int, sae, features: Sequence[int], image_ca
     import torch
 
     image_cache = {} if image_cache is None else image_cache
-    imgs = _images([pair], image_cache)
+    imgs = pair_images([pair], image_cache)
     both = _inputs(bundle, [pair.question, pair.paraphrase], None if imgs is None else imgs * 2)
     store = {}
 

@@ -107,35 +107,28 @@ def _edited(rows) -> object:
 
 
 def answer_residuals(bundle, texts, images, layers: Sequence[int], *, batch_size: int = 16) -> dict:
-    """Residuals after each of ``layers`` at the answer position: layer -> [n, d_model] float32 (CPU)."""
+    """Residuals after each of ``layers`` at the answer position (:func:`mechmed.capture.capture`,
+    ``positions="last"``): layer -> [n, d_model] float32 (CPU)."""
     import torch
 
-    from mechmed.readout import answer_logits, build_inputs
+    from mechmed.capture import capture
+    from mechmed.readout import build_inputs
 
     texts = list(texts)
     out: dict = {layer: [] for layer in layers}
-
-    def keep(site, act):
-        out[site.layer].append(act[:, -1].float().cpu())
-
-    with torch.inference_mode(), hooks(bundle.model, bundle.family, {Site(layer): keep for layer in layers}):
-        for start in range(0, len(texts), batch_size):
-            sl = slice(start, start + batch_size)
-            inputs = build_inputs(bundle.processor, texts[sl], None if images is None else list(images[sl]))
-            answer_logits(bundle.model, inputs.to(bundle.device), bundle.answers)
+    for start in range(0, len(texts), batch_size):
+        sl = slice(start, start + batch_size)
+        inputs = build_inputs(bundle.processor, texts[sl], None if images is None else list(images[sl]))
+        acts = capture(bundle, inputs.to(bundle.device), [Site(layer) for layer in layers], positions="last").acts
+        for layer in layers:
+            out[layer].append(acts[Site(layer)][:, -1].float().cpu())
     return {layer: torch.cat(v) for layer, v in out.items()}
 
 
 def _pair_images(bundle, pairs):
-    from mechmed.data.images import load_image
+    from mechmed.readout import pair_images
 
-    if not (bundle.multimodal and all(p.image is not None for p in pairs)):
-        return None
-    cache: dict = {}
-    for p in pairs:
-        if p.image not in cache:
-            cache[p.image] = load_image(p.image)
-    return [cache[p.image] for p in pairs]
+    return pair_images(pairs) if bundle.multimodal else None
 
 
 @dataclass
@@ -286,12 +279,16 @@ class Clamp(PromptEdit):
 # ---------------------------------------------------------------------------- prompt ensembling
 
 
+def _rng(key: str) -> np.random.Generator:
+    """A generator seeded by ``key`` (the same draws in every run and process)."""
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+
+
 def _draw(pool: list, k: int, key: str) -> list:
     """``k`` items of ``pool`` drawn without replacement with a seed fixed by ``key`` (all if fewer)."""
     if len(pool) <= k:
         return list(pool)
-    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
-    return [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), k, replace=False))]
+    return [pool[i] for i in sorted(_rng(key).choice(len(pool), k, replace=False))]
 
 
 @dataclass
@@ -320,8 +317,7 @@ class Ensemble(PromptEdit):
         """The pair's other paraphrases, shuffled with a seed fixed by the pair and dealt alternately
         to its question and to its paraphrase, up to k − 1 each: the two sides share none."""
         others = [p for p in self._groups[(pair.image, pair.question)] if p.id != pair.id]
-        seed = int.from_bytes(hashlib.sha256(f"deal|{pair.id}".encode()).digest()[:8], "little")
-        order = [others[i] for i in np.random.default_rng(seed).permutation(len(others))]
+        order = [others[i] for i in _rng(f"deal|{pair.id}").permutation(len(others))]
         q_side, p_side = order[0::2][:self.k - 1], order[1::2][:self.k - 1]
         return q_side, p_side
 

@@ -225,6 +225,20 @@ def margins(bundle, questions: Sequence[str], images: Sequence | None = None, *,
     return result
 
 
+def pair_images(pairs: Sequence[ParaphrasePair], cache: dict | None = None) -> list | None:
+    """Each pair's image, each file loaded once (``cache``: path -> image, shared between calls); None
+    when a pair has no image."""
+    cache = {} if cache is None else cache
+    out = []
+    for p in pairs:
+        if p.image is None:
+            return None
+        if p.image not in cache:
+            cache[p.image] = load_image(p.image)
+        out.append(cache[p.image])
+    return out
+
+
 def warn_text_only(bundle, pairs: Sequence[ParaphrasePair]) -> bool:
     """Warn (once per call) when a model that takes images is given pairs without any: a pair file
     whose image column has a name mechmed does not know reads as text-only pairs. True if warned."""
