@@ -421,6 +421,8 @@ def cmd_train(args) -> int:
     with torch_threads(cpu_threads_for(cfg.model, args.device)):  # as the ablation grid trains it
         result = train(cfg, args.out, resume=args.resume, device=args.device, dtype=args.dtype, progress=True)
     m = result.metrics
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under accelerate launch the main process reports
     print(f"trained {cfg.method} on layers {cfg.layers} ({m['trainable_parameters']} parameters, "
           f"{m['n_adapted_modules']} modules) in {m['train_seconds']:.1f} s: {args.out}/adapter")
     if m.get("collapsed"):

@@ -348,18 +348,36 @@ def _order(n: int, seed: int, epoch: int) -> np.ndarray:
 BASE_MODEL_FILE = "base_model.json"
 
 
-def check_launch_precision(cfg: TrainConfig) -> None:
-    """The config's ``bf16`` decides autocast. Under ``accelerate launch --mixed_precision X`` (which
-    sets ACCELERATE_MIXED_PRECISION) a different X is refused, not silently overridden: bf16 needs
-    ``bf16: true`` in the config, and fp16/fp8 are not supported."""
+def check_launch(cfg: TrainConfig, device: str, resume: bool = False) -> None:
+    """What ``accelerate launch`` asks for, checked before any weights load.
+
+    The config's ``bf16`` decides autocast: a different ``--mixed_precision X`` (which sets
+    ACCELERATE_MIXED_PRECISION) is refused, not silently overridden; bf16 needs ``bf16: true`` in the
+    config, and fp16/fp8 are not supported.
+
+    ``--use_fsdp`` (ACCELERATE_USE_FSDP) shards only on accelerators: on the CPU accelerate would train
+    whole copies data parallel instead, so it is refused there. A sharded run writes no resumable
+    checkpoint (they hold one process's parameters), so ``--resume`` and spectral experts (saved by
+    their own writer) are refused under it."""
     asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
-    if asked in ("", "no") or (asked == "bf16" and cfg.bf16):
-        return
-    if asked == "bf16":
+    if asked == "bf16" and not cfg.bf16:
         raise MechmedError("accelerate launch --mixed_precision bf16, but the training config has bf16: false; set "
                            "bf16: true in the config (or pass --bf16), or launch with --mixed_precision no")
-    raise MechmedError(f"accelerate launch --mixed_precision {asked}: mechmed trains in float32 or bf16 autocast "
-                       "(config bf16: true); launch with --mixed_precision no or bf16")
+    if asked not in ("", "no", "bf16"):
+        raise MechmedError(f"accelerate launch --mixed_precision {asked}: mechmed trains in float32 or bf16 autocast "
+                           "(config bf16: true); launch with --mixed_precision no or bf16")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() != "true":
+        return
+    if device == "cpu":
+        raise MechmedError("accelerate launch --use_fsdp with --device cpu: accelerate shards only on GPUs (on the "
+                           "CPU it would train whole copies data parallel); launch with --multi_gpu for data "
+                           "parallel on the CPU, or train on GPUs")
+    if resume:
+        raise MechmedError("--resume under FSDP: sharded runs write no resumable checkpoint; start again, or "
+                           "train data parallel (accelerate launch --multi_gpu) to resume")
+    if cfg.method == "spectral_moe":
+        raise MechmedError("method spectral_moe under FSDP: not supported; train it data parallel (accelerate "
+                           "launch --multi_gpu) or on one GPU")
 
 
 def check_against_model(cfg: TrainConfig, skeleton_cache: dict | None = None) -> None:
@@ -408,6 +426,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     """
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     from mechmed.consistency import compare_runs
     from mechmed.io import ensure_dir, follow_umask, read_jsonl, write_json, write_text
@@ -419,7 +438,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     device = check_device(device)
     out = Path(out)
     check_against_model(cfg)  # before any data, weights or evaluation
-    check_launch_precision(cfg)
+    check_launch(cfg, device, resume)
     train_pairs = resolve_pairs(cfg.train_data, split="train", image_root=cfg.image_root, seed=cfg.seed)
     eval_pairs = resolve_pairs(cfg.eval_data, split="eval", image_root=cfg.image_root, seed=cfg.seed)
     extra_pairs = {name: resolve_pairs(data, split="eval", image_root=cfg.image_root, seed=cfg.seed)
@@ -471,7 +490,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sharded = _check_sharding(accelerator, cfg, resume)
+    sharded = accelerator.distributed_type == DistributedType.FSDP  # check_launch refused what it cannot do
     model, optimizer = accelerator.prepare(model, optimizer)
 
     steps_per_epoch = max(1, len(train_pairs) // per_step)
@@ -603,24 +622,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         _curve_figure(history, out, png=png)
         write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
     return TrainResult(out, metrics, history)
-
-
-def _check_sharding(accelerator, cfg: TrainConfig, resume: bool) -> bool:
-    """True under FSDP (``accelerate launch --use_fsdp``). There the adapter is saved from the weights
-    every process gathers (``accelerator.get_state_dict``) and evaluated on a fresh base model; the
-    resumable checkpoints, which hold one process's parameters, are not written, so ``--resume`` and
-    spectral experts (saved by their own writer) are refused."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return False
-    if resume:
-        raise MechmedError("--resume under FSDP: sharded runs write no resumable checkpoint; start again, or "
-                           "train data parallel (accelerate launch --multi_gpu) to resume")
-    if cfg.method == "spectral_moe":
-        raise MechmedError("method spectral_moe under FSDP: not supported; train it data parallel (accelerate "
-                           "launch --multi_gpu) or on one GPU")
-    return True
 
 
 def evaluate_sets(bundle, main, extra: dict, out: Path, *, seed: int = 0, progress: bool = False,

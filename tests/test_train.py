@@ -263,6 +263,7 @@ def test_two_process_data_parallel_training_equals_one_process(demo_data_dir, tm
     two = subprocess.run([*launch, "train", "--config", str(tmp_path / "two.yaml"), "--out", str(tmp_path / "two"),
                           "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("trained lora") == 1  # the main process reports
     one = subprocess.run([sys.executable, "-m", "mechmed.cli", "train", "--config", str(tmp_path / "one.yaml"),
                           "--out", str(tmp_path / "one"), "--device", "cpu"], capture_output=True, text=True,
                          timeout=300, env=env)
@@ -279,20 +280,25 @@ def test_two_process_data_parallel_training_equals_one_process(demo_data_dir, tm
                           str(tmp_path / "one.yaml"), "--out", str(tmp_path / "fp16"), "--device", "cpu"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode != 0 and "--mixed_precision fp16" in bad.stderr and not (tmp_path / "fp16").exists()
+    # FSDP on the CPU would be data parallel under another name: refused, with what to launch instead
+    fsdp = subprocess.run([*(a for a in launch[:-2] if a != "--multi_gpu"), "--use_fsdp", "-m", "mechmed.cli", "train", "--config",
+                           str(tmp_path / "one.yaml"), "--out", str(tmp_path / "fsdp"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert fsdp.returncode != 0 and "shards only on GPUs" in fsdp.stderr and not (tmp_path / "fsdp").exists()
 
 
 def test_launch_precision_is_checked(monkeypatch):
-    from mechmed.train import check_launch_precision
+    from mechmed.train import check_launch
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(MechmedError, match="bf16: false"):
-        check_launch_precision(_cfg())
-    check_launch_precision(_cfg(bf16=True))
+        check_launch(_cfg(), "cuda")
+    check_launch(_cfg(bf16=True), "cuda")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    check_launch_precision(_cfg(bf16=True))  # the config decides
+    check_launch(_cfg(bf16=True), "cuda")  # the config decides
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
     with pytest.raises(MechmedError, match="fp8"):
-        check_launch_precision(_cfg(bf16=True))
+        check_launch(_cfg(bf16=True), "cuda")
 
 
 def test_the_activation_term_alone_reaches_the_adapter(tiny_workspace):
@@ -321,20 +327,21 @@ def test_the_activation_term_alone_reaches_the_adapter(tiny_workspace):
     assert all(g is None or g.abs().sum() == 0 for n, g in b_grads.items() if ".layers.2." in n)
 
 
-def test_sharded_runs_refuse_what_they_cannot_do():
-    """Under FSDP: no resumable checkpoints, so --resume is refused, as are spectral experts; data
-    parallel and single-process runs are not sharded."""
-    from types import SimpleNamespace
+def test_sharded_runs_refuse_what_they_cannot_do(monkeypatch):
+    """Under `accelerate launch --use_fsdp`: no resumable checkpoints, so --resume is refused, as are
+    spectral experts; on the CPU accelerate would silently train data parallel, so FSDP is refused there.
+    Without the flag all of these are allowed."""
+    from mechmed.train import check_launch
 
-    from accelerate.utils import DistributedType
-
-    from mechmed.train import _check_sharding
-
-    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
-    assert _check_sharding(fsdp, _cfg(), resume=False) is True
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    check_launch(_cfg(), "cuda")
     with pytest.raises(MechmedError, match="--resume under FSDP"):
-        _check_sharding(fsdp, _cfg(), resume=True)
+        check_launch(_cfg(), "cuda", resume=True)
     with pytest.raises(MechmedError, match="spectral_moe under FSDP"):
-        _check_sharding(fsdp, _cfg(method="spectral_moe"), resume=False)
-    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
-        assert _check_sharding(SimpleNamespace(distributed_type=kind), _cfg(), resume=True) is False
+        check_launch(_cfg(method="spectral_moe"), "cuda:1")
+    with pytest.raises(MechmedError, match="--use_fsdp with --device cpu.*--multi_gpu"):
+        check_launch(_cfg(), "cpu")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    for device in ("cpu", "cuda"):
+        check_launch(_cfg(method="spectral_moe"), device, resume=True)
