@@ -198,8 +198,8 @@ def cmd_attribute(args) -> int:
 
     s = run_attribute(args.model, args.data, None if args.saes == "none" else args.saes, args.out,
                       max_pairs=args.max_pairs, exact=not args.no_exact, top_features=args.top_features,
-                      batch_size=args.batch_size, device=args.device, image_root=args.image_root, seed=args.seed,
-                      progress=True, **model_options(args))
+                      batch_size=args.batch_size, split=args.split, device=args.device, image_root=args.image_root,
+                      seed=args.seed, progress=True, **model_options(args))
     a = s["scores"]["attr_flipped" if s["n_flipped"] else "attr_all"]["mean"]
     print(f"attributed {s['n_pairs']} pairs ({s['n_flipped']} flipped) over {s['n_layers']} layers: {args.out}")
     print("  layer  mean |attribution|" + ("   exact |patch|" if "patch_flipped" in s["scores"] else ""))
@@ -522,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="demo", help="pairs file, directory, hf:OWNER/NAME, or 'demo'")
     p.add_argument("--image-root", default=None)
     p.add_argument("--saes", default="demo", help="SAEs as for sae-check, or 'none' for layers only")
+    p.add_argument("--split", default="train", choices=["train", "eval"],
+                   help="which pairs of demo or a hub dataset: train (default; what training reads, so the layers "
+                   "and features chosen here leave the held-out pairs unseen) or eval (the held-out flips)")
     p.add_argument("--max-pairs", type=int, default=300, help="pairs to attribute (a seeded sample; default 300)")
     p.add_argument("--no-exact", action="store_true", help="skip exact activation patching (L forwards per pair)")
     p.add_argument("--top-features", type=int, default=10, help="features per layer in features.csv")

@@ -173,11 +173,16 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
 
 def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "demo", out: str = "runs/attribute",
                   *, max_pairs: int = 300, exact: bool = True, top_features: int = 10, batch_size: int = 8,
-                  device: str = "cpu", image_root=None, seed: int = 0, progress: bool = False,
+                  split: str = "train", device: str = "cpu", image_root=None, seed: int = 0, progress: bool = False,
                   dtype: str | None = None, answer_words=("yes", "no"), trust_remote_code: bool = False,
                   revision: str | None = None, local_files_only: bool | None = None, cache_dir: str | None = None,
                   device_map=None, prompt_template: str | None = None) -> dict:
-    """Attribute flips on ``data`` and write ``layer_scores.json``, ``features.csv`` and figures."""
+    """Attribute flips on ``data`` and write ``layer_scores.json``, ``features.csv`` and figures.
+
+    ``split``: which pairs of a named source (``demo``, a hub dataset) to attribute. ``train`` (the
+    default) is what training reads, so the layers select-layers picks from these scores and the
+    features the clamp arm edits are chosen without the held-out pairs they are scored on; ``eval``
+    attributes the held-out flips themselves. A file or directory is read whole either way."""
     import csv
     import io
 
@@ -186,9 +191,11 @@ def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "d
 
     if max_pairs < 1:
         raise MechmedError(f"--max-pairs {max_pairs}: must be at least 1")
-    pairs = [p for p in resolve_data(data, image_root=image_root, seed=seed) if not p.negated]
+    if split not in ("train", "eval"):
+        raise MechmedError(f"--split {split}: use train or eval")
+    pairs = [p for p in resolve_data(data, image_root=image_root, seed=seed, split=split) if not p.negated]
     if not pairs:
-        raise MechmedError(f"--data {data}: has no pairs without negation to attribute")
+        raise MechmedError(f"--data {data} (split {split}): has no pairs without negation to attribute")
     rng = np.random.default_rng(seed)
     pairs = [pairs[i] for i in sorted(rng.permutation(len(pairs))[:max_pairs])]
     bundle = load_model(model, device=device, seed=seed, dtype=dtype, answer_words=tuple(answer_words),
@@ -219,7 +226,8 @@ def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "d
                                        for r in flipped[:20]]), axis=0)
             for row, value in zip([r for r in rows if r["layer"] == layer], rec):
                 row["recovery"] = None if not np.isfinite(value) else float(value)
-    scores.update({"model": model, "model_provenance": bundle.provenance, "data": str(data), "saes": saes,
+    scores.update({"model": model, "model_provenance": bundle.provenance, "data": str(data), "split": split,
+                   "saes": saes,
                    "exact": exact, "seed": seed,
                    "pairs": [{"id": r.id, "m_q": r.m_q, "m_p": r.m_p, "flipped": r.flipped,
                               "layer_attr": r.layer_attr.tolist(),

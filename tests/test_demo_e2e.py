@@ -79,8 +79,12 @@ def test_demo_report_and_results(demo_run):
         if F.browser_path() is not None:
             assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
             assert f"(figures/{name}.png)" in md
-    layers = json.loads((out / "attribute" / "layer_scores.json").read_text())["n_layers"]
-    assert all(0 <= x < layers for x in sel["layers"])
+    scores = json.loads((out / "attribute" / "layer_scores.json").read_text())
+    assert all(0 <= x < scores["n_layers"] for x in sel["layers"])
+    # the layers (and clamp's features) are chosen on training pairs, none of them held out
+    attributed = {p["id"] for p in scores["pairs"]}
+    held_out = {json.loads(line)["id"] for line in (out / "ablation" / "base-s0" / "pairs.jsonl").open()}
+    assert scores["split"] == "train" and len(attributed) == 40 and not attributed & held_out
 
 
 def test_demo_rerun_reuses_finished_stages(demo_run):
