@@ -388,16 +388,23 @@ def evaluation_sets(eval_dir: Path, names: Sequence[str]) -> dict:
     return out
 
 
-def _set_stats(pairs: dict, base: dict | None) -> dict:
-    """Flip rate with its Wilson interval over one evaluation set, and McNemar against the base's."""
+def _set_stats(pairs: dict, base: dict | None, by_seed: bool = False) -> dict:
+    """Flip rate with its Wilson interval (plain and clustered by question) over one evaluation set,
+    and McNemar against the base's (exact, and clustered by question). ``by_seed``: ids are
+    ``seed:id`` (pooled over seeds) and each seed's questions are its own."""
     from mechmed import stats
+    from mechmed.consistency import pair_clusters
 
     flips = [bool(v["flip"]) for v in pairs.values()]
     if not flips:
-        return {"n_pairs": 0, "flip_rate": None, "flip_ci": [None, None], "p_vs_base": None}
+        return {"n_pairs": 0, "flip_rate": None, "flip_ci": [None, None], "flip_ci_clustered": [None, None],
+                "p_vs_base": None, "p_vs_base_clustered": None}
     ci = stats.wilson_interval(sum(flips), len(flips))
+    cl = stats.clustered_wilson_interval(flips, pair_clusters(pairs, list(pairs), by_seed))
     return {"n_pairs": len(flips), "flip_rate": sum(flips) / len(flips), "flip_ci": [ci.low, ci.high],
-            "p_vs_base": None if base is None else _mcnemar(base, pairs)}
+            "flip_ci_clustered": [cl.low, cl.high],
+            "p_vs_base": None if base is None else _mcnemar(base, pairs),
+            "p_vs_base_clustered": None if base is None else _mcnemar(base, pairs, True, by_seed)}
 
 
 def _by_phenomenon(pairs: dict) -> dict:
@@ -408,11 +415,11 @@ def _by_phenomenon(pairs: dict) -> dict:
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
-def _phenomenon_stats(pairs: dict, base: dict | None) -> dict:
+def _phenomenon_stats(pairs: dict, base: dict | None, by_seed: bool = False) -> dict:
     """:func:`_set_stats` of each phenomenon's pairs (flip rate, Wilson interval, McNemar against the
     base's pairs of that phenomenon)."""
     names = sorted({v.get("phenomenon") or "other" for v in pairs.values()})
-    return {n: _set_stats(_of_phenomenon(pairs, n), None if base is None else _of_phenomenon(base, n))
+    return {n: _set_stats(_of_phenomenon(pairs, n), None if base is None else _of_phenomenon(base, n), by_seed)
             for n in names}
 
 
@@ -449,14 +456,12 @@ def evaluate_base(cfg: AblationConfig, seed: int, out: Path, progress: bool = Fa
     return json.loads((d / "metrics.json").read_text(encoding="utf-8")), _read_pairs(d / "pairs.jsonl")
 
 
-def _mcnemar(a: dict, b: dict) -> float | None:
-    """Exact McNemar p of per-pair flips, over the pairs both evaluations share."""
-    from mechmed import stats
+def _mcnemar(a: dict, b: dict, clustered: bool = False, by_seed: bool = False) -> float | None:
+    """McNemar p of per-pair flips over the pairs both evaluations share: exact, or clustered by
+    question (``by_seed``: ids ``seed:id``, each seed's questions its own)."""
+    from mechmed.consistency import paired_flips
 
-    common = sorted(set(a) & set(b))
-    if not common:
-        return None
-    return float(stats.mcnemar_from_pairs([a[i]["flip"] for i in common], [b[i]["flip"] for i in common]).p_value)
+    return paired_flips(a, b, clustered=clustered, by_seed=by_seed)
 
 
 def result_row(arm: str, method: str, seed: int, layers, n_params: int, m: dict, pairs: dict,
@@ -469,10 +474,12 @@ def result_row(arm: str, method: str, seed: int, layers, n_params: int, m: dict,
     return {
         "arm": arm, "method": method, "seed": seed, "layers": list(layers), "trainable_parameters": n_params,
         "flip_rate": m["flip_rate"], "flip_ci": list(m["flip_rate_ci"]),
+        "flip_ci_clustered": list(m.get("flip_rate_ci_clustered") or [None, None]),
         "margin_diff": m["margin_diff"], "margin_diff_ci": list(m["margin_diff_ci"]),
         "canonical_accuracy": m["accuracy"]["original"], "accuracy_ci": [acc.low, acc.high],
         "yes_rate": m["yes_rate"], "collapsed": bool(collapsed),
         "p_vs_base": _mcnemar(base_pairs, pairs) if base_pairs is not None else None,
+        "p_vs_base_clustered": _mcnemar(base_pairs, pairs, clustered=True) if base_pairs is not None else None,
         "p_vs_ce_only": _mcnemar(ce_pairs, pairs) if ce_pairs is not None else None, "p_vs_best_trained": None,
         "near_tie_flip_rate": m.get("near_tie_flip_rate"), "quadrants": m.get("quadrants"),
         "n_pairs": m["n_pairs"], "run_dir": run_dir,
@@ -566,11 +573,14 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
     flip per pair is its mean over seeds, intervals are bootstraps over pairs, and the tests against
     the base and CE only are paired bootstraps over pairs (``unit``: ``pair``)."""
     from mechmed import stats
+    from mechmed.consistency import pair_clusters
 
     groups: dict = {}
     for i, r in enumerate(rows):
         groups.setdefault((r["arm"], r["method"]), []).append(i)
     ce_key = {m: idx for (a, m), idx in groups.items() if a == "ce_only"}
+    ids = shared_pairs(base_pairs)
+    by_seed = ids is None  # each seed's own data: its questions are its own clusters
     out = []
     for (arm, method), idx in groups.items():
         pooled = _pool(pairs_by_row, rows, idx)
@@ -580,6 +590,7 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
         acc_k = sum(round(rows[i]["canonical_accuracy"] * _n_questions(rows[i])) for i in idx)
         acc_n = sum(_n_questions(rows[i]) for i in idx)
         f_ci = stats.wilson_interval(int(flips.sum()), len(flips))
+        f_cl = stats.clustered_wilson_interval(flips, pair_clusters(pooled, list(pooled), by_seed))
         a_ci = stats.wilson_interval(acc_k, acc_n)
         md = stats.bootstrap_ci(deltas, n_resamples=2000, seed=0)
         base_pool = {f"{s}:{k}": v for s, bp in base_pairs.items() for k, v in bp.items()}
@@ -594,41 +605,44 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
                 base_set = None
                 if arm != "base" and all(name in sets_by_row[i] for i in base_idx):
                     base_set = _pool({i: sets_by_row[i][name] for i in base_idx}, rows, base_idx)
-                sets[name] = _set_stats(pooled_set, base_set)
+                sets[name] = _set_stats(pooled_set, base_set, by_seed)
         out.append({
             "arm": arm, "method": method, "seed": None, "n_seeds": len(idx),
             "layers": rows[idx[0]]["layers"], "trainable_parameters": rows[idx[0]]["trainable_parameters"],
             "flip_rate": float(flips.mean()), "flip_ci": [f_ci.low, f_ci.high],
-            "flip_rate_seeds": [rows[i]["flip_rate"] for i in idx],
+            "flip_ci_clustered": [f_cl.low, f_cl.high], "flip_rate_seeds": [rows[i]["flip_rate"] for i in idx],
             "margin_diff": float(deltas.mean()), "margin_diff_ci": [md.low, md.high],
             "canonical_accuracy": acc_k / acc_n, "accuracy_ci": [a_ci.low, a_ci.high],
             "yes_rate": float(np.mean([rows[i]["yes_rate"] for i in idx])),
             "collapsed": any(rows[i]["collapsed"] for i in idx),
             "p_vs_base": None if arm == "base" else _mcnemar(base_pool, pooled),
+            "p_vs_base_clustered": None if arm == "base" else _mcnemar(base_pool, pooled, True, by_seed),
             "p_vs_ce_only": _mcnemar(ce, pooled) if ce else None,
             "p_vs_best_trained": None, "near_tie_flip_rate": float(np.mean([bool(v.get("near_tie")) for v in
                                                                              pooled.values()])),
-            "quadrants": _pooled_quadrants(pooled, None if arm == "base" else base_pool),
+            "quadrants": _pooled_quadrants(pooled, None if arm == "base" else base_pool, by_seed),
             "n_pairs": n_pairs, "run_dir": None, "sets": sets, "by_phenomenon": _by_phenomenon(pooled),
-            "phenomena": _phenomenon_stats(pooled, None if arm == "base" else base_pool),
+            "phenomena": _phenomenon_stats(pooled, None if arm == "base" else base_pool, by_seed),
             "unit": "pair" if len(base_pairs) == 1 else "pair × seed", "test": "McNemar",
         })
-    ids = shared_pairs(base_pairs)
     if ids is not None:  # the same pairs in every seed: test with the pair as the unit
         _by_pair(out, pairs_by_row, sets_by_row, groups, ids)
     return out
 
 
-def _pooled_quadrants(pairs: dict, base: dict | None = None) -> dict | None:
+def _pooled_quadrants(pairs: dict, base: dict | None = None, by_seed: bool = False) -> dict | None:
     """:func:`mechmed.consistency.quadrant_counts` over per-pair rows (None without the blank
-    control), with ``p_vs_base``: per cell, McNemar of membership against ``base``'s pairs."""
-    from mechmed.consistency import quadrant_counts, quadrant_mcnemar
+    control; intervals clustered by question), with ``p_vs_base`` and ``p_vs_base_clustered``: per
+    cell, McNemar of membership against ``base``'s pairs, exact and clustered by question."""
+    from mechmed.consistency import pair_clusters, quadrant_counts, quadrant_mcnemar
 
     rows = [v for v in pairs.values() if v.get("image_reliant") is not None]
     if not rows or len(rows) < len(pairs):
         return None
-    out = quadrant_counts([v["flip"] for v in rows], [v["image_reliant"] for v in rows])
+    out = quadrant_counts([v["flip"] for v in rows], [v["image_reliant"] for v in rows],
+                          pair_clusters(pairs, list(pairs), by_seed))
     out["p_vs_base"] = None if base is None else quadrant_mcnemar(base, pairs)
+    out["p_vs_base_clustered"] = None if base is None else quadrant_mcnemar(base, pairs, True, by_seed)
     return out
 
 
@@ -674,16 +688,18 @@ def table_csv(rows: Sequence[dict]) -> str:
 
     buf = io.StringIO()
     cols = ["arm", "method", "seed", "layers", "trainable_parameters", "flip_rate", "flip_lo", "flip_hi",
-            "margin_diff", "margin_diff_lo", "margin_diff_hi", "canonical_accuracy", "accuracy_lo", "accuracy_hi",
-            "yes_rate", "collapsed", "p_vs_base", "p_vs_ce_only", "n_pairs"]
+            "flip_lo_clustered", "flip_hi_clustered", "margin_diff", "margin_diff_lo", "margin_diff_hi",
+            "canonical_accuracy", "accuracy_lo", "accuracy_hi", "yes_rate", "collapsed", "p_vs_base",
+            "p_vs_base_clustered", "p_vs_ce_only", "n_pairs"]
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for r in rows:
         w.writerow([r["arm"], r["method"], "" if r["seed"] is None else r["seed"], format_layers(r["layers"]),
-                    r["trainable_parameters"], r["flip_rate"], *r["flip_ci"], r["margin_diff"], *r["margin_diff_ci"],
-                    r["canonical_accuracy"], *r["accuracy_ci"], r["yes_rate"], r["collapsed"],
-                    "" if r["p_vs_base"] is None else r["p_vs_base"],
-                    "" if r["p_vs_ce_only"] is None else r["p_vs_ce_only"], r["n_pairs"]])
+                    r["trainable_parameters"], r["flip_rate"], *r["flip_ci"],
+                    *("" if x is None else x for x in r.get("flip_ci_clustered") or [None, None]),
+                    r["margin_diff"], *r["margin_diff_ci"], r["canonical_accuracy"], *r["accuracy_ci"], r["yes_rate"],
+                    r["collapsed"], *("" if r.get(k) is None else r[k] for k in ("p_vs_base", "p_vs_base_clustered",
+                                                                                  "p_vs_ce_only")), r["n_pairs"]])
     return buf.getvalue()
 
 

@@ -74,15 +74,17 @@ def _fmt(x) -> str:
     return str(x)
 
 
-def print_metrics(m: dict, out=sys.stdout) -> None:
+def print_metrics(m: dict, out=None) -> None:
     from mechmed.consistency import QUADRANTS
 
+    out = out or sys.stdout  # looked up at the call, not at import: sys.stdout may have been replaced
     rows = [
         ("pairs / questions", f"{m['n_pairs']} / {m['n_questions']}"),
         ("accuracy (original)", _fmt(m["accuracy"]["original"])),
         ("accuracy (paraphrase)", _fmt(m["accuracy"]["paraphrase"])),
         ("flip rate" + (" (negation set)" if m.get("headline") == "negation" else ""),
-         f"{_fmt(m['flip_rate'])} {_fmt(m['flip_rate_ci'])} ({m['n_flips']}/{m['n_pairs']})"),
+         f"{_fmt(m['flip_rate'])} {_fmt(m['flip_rate_ci'])} ({m['n_flips']}/{m['n_pairs']})"
+         + (f"; by question {_fmt(m['flip_rate_ci_clustered'])}" if m.get("flip_rate_ci_clustered") else "")),
         *([("negation-set flip rate", f"{_fmt(n['flip_rate'])} {_fmt(n['flip_rate_ci'])} "
                                       f"({n['n_flips']}/{n['n_pairs']})")] if (n := m.get("negation")) else []),
         *([("near-tie flips", f"{_fmt(m['near_tie_flip_rate'])} ({m['n_near_tie_flips']} with both margins "
@@ -124,7 +126,8 @@ def cmd_compare(args) -> int:
         first = ""
         if key == "flip_rate" and paired:
             first = (f"McNemar p = {paired['mcnemar_flips']['p_value']:.4f} (paired, {paired['n_common_pairs']} "
-                     "pairs); ")
+                     "pairs)" + (f", clustered by question p = {c['p_value']:.4f} ({paired['n_common_questions']} "
+                                 "questions)" if (c := paired.get("mcnemar_flips_clustered")) else "") + "; ")
         print(f"{key:<20} A {r['a']['estimate']:.3f} -> B {r['b']['estimate']:.3f}   {first}"
               f"two-proportion z = {t['statistic']:.2f}, p = {t['p_value']:.4f}")
     md = res["margin_diff"]
@@ -151,9 +154,11 @@ def cmd_compare(args) -> int:
         print(f"quadrants (consistency × image reliance, {quad['n_common_pairs']} shared pairs):")
         for name in QUADRANTS:
             a, b, p = quad["a"][name], quad["b"][name], quad["p"][name]
+            pc = (quad.get("p_clustered") or {}).get(name)
             print(f"  {name:<20} A {a['share']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] -> "
-                  f"B {b['share']:.3f} [{b['ci'][0]:.3f}, {b['ci'][1]:.3f}]" + ("" if p is None else
-                                                                             f"   McNemar p = {p:.4f}"))
+                  f"B {b['share']:.3f} [{b['ci'][0]:.3f}, {b['ci'][1]:.3f}]"
+                  + ("" if p is None else f"   McNemar p = {p:.4f}")
+                  + ("" if pc is None else f", clustered by question p = {pc:.4f}"))
     if args.out:
         write_json(args.out, res)
         print(f"written {args.out}")

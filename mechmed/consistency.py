@@ -53,18 +53,29 @@ NEAR_TIE = 0.1
 QUADRANTS = ("consistent_reliant", "consistent_blind", "flipped_reliant", "flipped_blind")
 
 
-def quadrant_counts(flips: Sequence[bool], reliant: Sequence[bool]) -> dict:
-    """Consistency × image reliance over pairs: per cell ``n``, ``share`` and its Wilson 95% ``ci``."""
+def pair_group(row: dict) -> str:
+    """The question a per-pair row belongs to (``question_id``, else image + question), as
+    :attr:`mechmed.data.ParaphrasePair.group`: the pairs of one question are one cluster."""
+    return row.get("question_id") or f"{row.get('image')}::{row.get('question')}"
+
+
+def quadrant_counts(flips: Sequence[bool], reliant: Sequence[bool], clusters: Sequence | None = None) -> dict:
+    """Consistency × image reliance over pairs: per cell ``n``, ``share`` and its Wilson 95% ``ci``;
+    with ``clusters`` (the question of each pair, which all its pairs share the image reliance of)
+    the interval is :func:`mechmed.stats.clustered_wilson_interval`'s and ``clustered`` is True."""
     from mechmed import stats
 
     flips, reliant = np.asarray(flips, bool), np.asarray(reliant, bool)
     n = len(flips)
     cells = {"consistent_reliant": ~flips & reliant, "consistent_blind": ~flips & ~reliant,
              "flipped_reliant": flips & reliant, "flipped_blind": flips & ~reliant}
-    out: dict = {"n_pairs": n}
+    out: dict = {"n_pairs": n, "clustered": clusters is not None}
     for name in QUADRANTS:
         k = int(cells[name].sum())
-        ci = stats.wilson_interval(k, n) if n else None
+        ci = None
+        if n:
+            ci = (stats.wilson_interval(k, n) if clusters is None
+                  else stats.clustered_wilson_interval(cells[name], clusters))
         out[name] = {"n": k, "share": k / n if n else None, "ci": [ci.low, ci.high] if ci else [None, None]}
     return out
 
@@ -84,14 +95,18 @@ def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.roll(perm, 1)[np.argsort(perm)]  # each i goes to a different j
 
 
-def _set_metrics(flips: np.ndarray, delta: np.ndarray, correct_p: np.ndarray, seed: int, n_bootstrap: int) -> dict:
-    """Flip rate (Wilson interval), |Δmargin| (bootstrap interval) and paraphrase accuracy of one set."""
+def _set_metrics(flips: np.ndarray, delta: np.ndarray, correct_p: np.ndarray, clusters: list, seed: int,
+                 n_bootstrap: int) -> dict:
+    """Flip rate (Wilson interval, and clustered by question), |Δmargin| (bootstrap interval) and
+    paraphrase accuracy of one set."""
     from mechmed import stats
 
     n, k = len(flips), int(flips.sum())
     ci = stats.wilson_interval(k, n)
+    cl = stats.clustered_wilson_interval(flips, clusters)
     md = stats.bootstrap_ci(delta, n_resamples=n_bootstrap, seed=seed)
     return {"n_pairs": n, "n_flips": k, "flip_rate": k / n, "flip_rate_ci": [ci.low, ci.high],
+            "flip_rate_ci_clustered": [cl.low, cl.high], "flip_rate_design_effect": cl.design_effect,
             "margin_diff": float(delta.mean()), "margin_diff_ci": [md.low, md.high],
             "accuracy_paraphrase": float(correct_p.mean()), "n_correct_paraphrase": int(correct_p.sum())}
 
@@ -147,7 +162,9 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
         if h:
             groups[p.group] = groups.get(p.group, False) | bool(f)
 
-    head = _set_metrics(flips[headline], delta[headline], correct_p[headline], seed, n_bootstrap)
+    group = np.array([p.group for p in pairs], dtype=object)
+    head = _set_metrics(flips[headline], delta[headline], correct_p[headline], list(group[headline]), seed,
+                        n_bootstrap)
     metrics = {
         "model": bundle.name,
         "headline": "meaning_preserving" if (~negation).any() else "negation",
@@ -159,13 +176,16 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
         "n_flips": head["n_flips"],
         "flip_rate": head["flip_rate"],
         "flip_rate_ci": head["flip_rate_ci"],
+        "flip_rate_ci_clustered": head["flip_rate_ci_clustered"],
+        "flip_rate_design_effect": head["flip_rate_design_effect"],
         "near_tie": near_tie,
         "n_near_tie_flips": int(near[headline].sum()),
         "near_tie_flip_rate": float(near[headline].mean()),
         "question_flip_rate": sum(groups.values()) / len(groups),
         "margin_diff": head["margin_diff"],
         "margin_diff_ci": head["margin_diff_ci"],
-        "negation": (_set_metrics(flips[negation], delta[negation], correct_p[negation], seed, n_bootstrap)
+        "negation": (_set_metrics(flips[negation], delta[negation], correct_p[negation], list(group[negation]),
+                                  seed, n_bootstrap)
                      if negation.any() and (~negation).any() else None),
         "all": {"n_pairs": len(pairs), "n_flips": int(flips.sum()), "flip_rate": float(flips.mean())},
         "auc": stats.auc(m_unique, label_q),
@@ -191,7 +211,7 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
         metrics["blank_image_agreement"] = float(((blank > 0) == yes_unique).mean())
         changed = dict(zip(keys, (blank > 0) != yes_unique))
         reliant = np.array([bool(changed[(p.image, p.question)]) for p in pairs])
-        metrics["quadrants"] = quadrant_counts(flips[headline], reliant[headline])
+        metrics["quadrants"] = quadrant_counts(flips[headline], reliant[headline], list(group[headline]))
     if "swap" in controls and images:
         distinct = list(images)
         if len(distinct) >= 2:
@@ -304,19 +324,41 @@ def quadrant_of(row: dict) -> str:
     return ("flipped" if row["flip"] else "consistent") + ("_reliant" if row["image_reliant"] else "_blind")
 
 
-def quadrant_mcnemar(a: dict, b: dict) -> dict:
+def quadrant_mcnemar(a: dict, b: dict, clustered: bool = False, by_seed: bool = False) -> dict:
     """Per quadrant, the exact McNemar p of membership over the pair ids ``a`` and ``b`` (per-pair
-    rows by id) share with a known image reliance: did pairs move into or out of that cell?"""
-    from mechmed import stats
-
+    rows by id) share with a known image reliance: did pairs move into or out of that cell?
+    ``clustered``: McNemar clustered by question (:func:`mechmed.stats.mcnemar_clustered`); a
+    question's pairs share its image reliance. ``by_seed``: ids are ``seed:id`` and each seed's
+    questions are their own (the demo builds its data per seed)."""
     common = [i for i in a if i in b and a[i].get("image_reliant") is not None
               and b[i].get("image_reliant") is not None]
-    out = {}
-    for name in QUADRANTS:
-        out[name] = (float(stats.mcnemar_from_pairs([quadrant_of(a[i]) == name for i in common],
-                                                    [quadrant_of(b[i]) == name for i in common]).p_value)
-                     if common else None)
-    return out
+    return {name: (paired_test([quadrant_of(a[i]) == name for i in common],
+                               [quadrant_of(b[i]) == name for i in common],
+                               pair_clusters(a, common, by_seed) if clustered else None) if common else None)
+            for name in QUADRANTS}
+
+
+def pair_clusters(rows: dict, ids: Sequence[str], by_seed: bool = False) -> list[str]:
+    """The question (:func:`pair_group`) of each id; ``by_seed``: of its seed (ids ``seed:id``)."""
+    return [(i.split(":", 1)[0] + "|" if by_seed else "") + pair_group(rows[i]) for i in ids]
+
+
+def paired_test(before, after, clusters: Sequence | None = None) -> float:
+    """p of exact McNemar on paired booleans, or with ``clusters`` McNemar clustered by them."""
+    from mechmed import stats
+
+    if clusters is None:
+        return float(stats.mcnemar_from_pairs(before, after).p_value)
+    return float(stats.mcnemar_clustered(before, after, clusters).p_value)
+
+
+def paired_flips(a: dict, b: dict, clustered: bool = False, by_seed: bool = False) -> float | None:
+    """:func:`paired_test` of the per-pair flips over the pair ids ``a`` and ``b`` share (None: none)."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    return paired_test([a[i]["flip"] for i in common], [b[i]["flip"] for i in common],
+                       pair_clusters(a, common, by_seed) if clustered else None)
 
 
 def _compare_quadrants(ma: dict, mb: dict, ra: Sequence[dict], rb: Sequence[dict]) -> dict | None:
@@ -327,7 +369,8 @@ def _compare_quadrants(ma: dict, mb: dict, ra: Sequence[dict], rb: Sequence[dict
     ia, ib = {r["id"]: r for r in ra}, {r["id"]: r for r in rb}
     n = sum(1 for i in ia if i in ib and ia[i].get("image_reliant") is not None
             and ib[i].get("image_reliant") is not None)
-    return {"a": ma["quadrants"], "b": mb["quadrants"], "n_common_pairs": n, "p": quadrant_mcnemar(ia, ib)}
+    return {"a": ma["quadrants"], "b": mb["quadrants"], "n_common_pairs": n, "p": quadrant_mcnemar(ia, ib),
+            "p_clustered": quadrant_mcnemar(ia, ib, clustered=True)}
 
 
 def _paired(ra: Sequence[dict], rb: Sequence[dict]) -> dict | None:
@@ -346,5 +389,7 @@ def _paired(ra: Sequence[dict], rb: Sequence[dict]) -> dict | None:
     return {
         "n_common_pairs": len(common),
         "mcnemar_flips": stats.mcnemar_from_pairs(fa, fb).to_dict(),
+        "mcnemar_flips_clustered": stats.mcnemar_clustered(fa, fb, pair_clusters(ia, common)).to_dict(),
+        "n_common_questions": len(set(pair_clusters(ia, common))),
         "margin_diff_bootstrap": stats.paired_bootstrap(da, db).to_dict(),
     }

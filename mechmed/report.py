@@ -70,7 +70,8 @@ def _value_ci(row: dict, key: str, ci_key: str, digits: int = 3) -> str:
 # ---------------------------------------------------------------- the summary table
 
 COLUMNS = ("arm", "method", "layers", "params", "seeds", "flip rate [95% CI]", "|Δmargin| [95% CI]",
-           "accuracy [95% CI]", "yes-rate", "p vs base", "p vs CE only", "p vs best trained", "collapsed")
+           "accuracy [95% CI]", "yes-rate", "p vs base", "p vs base, by question", "p vs CE only",
+           "p vs best trained", "collapsed")
 
 
 def _table_rows(results) -> tuple[list[str], list[list[str]]]:
@@ -88,7 +89,8 @@ def _table_rows(results) -> tuple[list[str], list[list[str]]]:
         out.append([r["arm"], r["method"], layer_text(r.get("layers") or []), str(r.get("trainable_parameters", "")),
                     str(seeds), _value_ci(r, "flip_rate", "flip_ci"), _value_ci(r, "margin_diff", "margin_diff_ci", 2),
                     _value_ci(r, "canonical_accuracy", "accuracy_ci"), fmt(r.get("yes_rate"), 2),
-                    p_cell(r.get("p_vs_base")), p_cell(r.get("p_vs_ce_only")), p_cell(r.get("p_vs_best_trained")),
+                    p_cell(r.get("p_vs_base")), p_cell(r.get("p_vs_base_clustered")), p_cell(r.get("p_vs_ce_only")),
+                    p_cell(r.get("p_vs_best_trained")),
                     "yes" if r.get("collapsed") else ""]
                    + [fmt(((r.get("sets") or {}).get(k) or {}).get("flip_rate")) for k in sets])
     return [*COLUMNS, *(f"flip: {SET_LABELS.get(k, k)}" for k in sets)], out
@@ -494,11 +496,14 @@ def _test_phrase(results: dict, plural: bool = False) -> str:
 def _verdict(what: str, base: dict, arm: dict, p_key: str = "p_vs_base") -> str:
     """"<what> lowered the <…> flip rate from A [CI] to B [CI] (−x, −y% relative; McNemar p = …)"."""
     test = arm.get("test", "McNemar")  # a pair bootstrap when the seeds shared their pairs
+    p = f"{test} {fmt_p(arm.get(p_key))}"
+    if p_key == "p_vs_base" and arm.get("p_vs_base_clustered") is not None:
+        p += f"; clustered by question {fmt_p(arm['p_vs_base_clustered'])}"
     if base["flip_rate"] == arm["flip_rate"]:
-        return f"{what} left the flip rate at {_value_ci(arm, 'flip_rate', 'flip_ci')} ({test} {fmt_p(arm.get(p_key))})"
+        return f"{what} left the flip rate at {_value_ci(arm, 'flip_rate', 'flip_ci')} ({p})"
     return (f"{what} {_change(base['flip_rate'], arm['flip_rate'])} the flip rate from "
             f"{_value_ci(base, 'flip_rate', 'flip_ci')} to {_value_ci(arm, 'flip_rate', 'flip_ci')} "
-            f"({signed_change(base['flip_rate'], arm['flip_rate'])}; {test} {fmt_p(arm.get(p_key))})")
+            f"({signed_change(base['flip_rate'], arm['flip_rate'])}; {p})")
 
 
 def _per_seed(results: dict, arm: str, method: str) -> dict:
@@ -682,10 +687,11 @@ def _quadrant_headline(summary: list[dict], base: dict) -> list[str]:
     blind = max(arms, key=leaning, default=None)
 
     def move(r):
-        q, ps = r["quadrants"], r["quadrants"].get("p_vs_base") or {}
+        # a question's pairs share its image reliance: the test is clustered by question
+        q, ps = r["quadrants"], r["quadrants"].get("p_vs_base_clustered") or {}
 
         def cell(name, words):
-            p = f" ({r.get('test', 'McNemar')} {fmt_p(ps[name])})" if ps.get(name) is not None else ""
+            p = f" (McNemar clustered by question {fmt_p(ps[name])})" if ps.get(name) is not None else ""
             return f"{words} {fmt(bq[name]['share'])} → {_value_ci(q[name], 'share', 'ci')}{p}"
 
         return (cell("consistent_reliant", "consistent and image-reliant") + ", "
@@ -809,8 +815,8 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
         quads = attempt("quadrant table", lambda: quadrant_table(run.ablation))
         if quads:
             sec.blocks.append(("Consistency × image reliance",
-                               "Shares of the held-out pairs in each cell, with Wilson 95% intervals (pooled over "
-                               "seeds); near-tie flips are flips whose two margins are both within "
+                               "Shares of the held-out pairs in each cell, with Wilson 95% intervals clustered by "
+                               "question (pooled over seeds; a question's pairs share its image reliance); near-tie flips are flips whose two margins are both within "
                                f"{NEAR_TIE} logits of 0 (the evaluation's default).", _html_grid(*quads), _md_grid(*quads)))
         table = attempt("phenomenon table", lambda: phenomenon_table(run.ablation))
         if table:

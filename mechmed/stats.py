@@ -7,8 +7,11 @@ Alternatives use scipy's names: ``"two-sided"``, ``"greater"`` (estimate_1 > est
 threshold) and ``"less"``.
 
 - :func:`wilson_interval`: Wilson score interval for a proportion.
+- :func:`clustered_wilson_interval`: the same for trials that come in clusters (the pairs of one
+  question), with the cluster-robust design effect.
 - :func:`two_proportion_ztest`: pooled-variance z test for two independent proportions.
 - :func:`mcnemar_exact`, :func:`mcnemar_from_pairs`: exact McNemar test for paired binary outcomes.
+- :func:`mcnemar_clustered`: McNemar's test for pairs that come in clusters (Durkalski et al. 2003).
 - :func:`bootstrap_ci`, :func:`paired_bootstrap`: percentile bootstrap (vectorised resampling).
 - :func:`one_sample_ttest`: Student t test of a mean against a threshold.
 - :func:`auc`: ROC AUC by the Mann-Whitney rank formula.
@@ -29,11 +32,14 @@ from mechmed.errors import MechmedError
 
 __all__ = [
     "BootstrapResult",
+    "ClusteredInterval",
     "Interval",
     "TestResult",
     "auc",
     "bootstrap_ci",
+    "clustered_wilson_interval",
     "compare_proportions",
+    "mcnemar_clustered",
     "mcnemar_exact",
     "mcnemar_from_pairs",
     "one_sample_ttest",
@@ -68,6 +74,15 @@ class Interval(_ToDict):
     high: float
     estimate: float
     confidence: float = 0.95
+
+
+@dataclass(frozen=True)
+class ClusteredInterval(Interval):
+    """A Wilson interval over clustered trials: ``n_effective`` = n / ``design_effect`` trials."""
+
+    design_effect: float = 1.0
+    n_clusters: int = 0
+    n_effective: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +217,14 @@ def _z_p_value(z: float, alternative: str) -> float:
 # proportions
 
 
+def _wilson(p: float, n: float, c: float) -> tuple[float, float]:
+    z = float(_sps.norm.ppf(0.5 + c / 2.0))
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2.0 * n)) / denom
+    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denom
+    return (0.0 if p == 0 else max(0.0, centre - half)), (1.0 if p == 1 else min(1.0, centre + half))
+
+
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> Interval:
     """Wilson score interval for the proportion p̂ = k/n.
 
@@ -210,14 +233,46 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> Interval:
     """
     k, n = _successes("k", k, "n", n)
     c = _confidence(confidence)
-    z = float(_sps.norm.ppf(0.5 + c / 2.0))
-    p = k / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2.0 * n)) / denom
-    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denom
-    low = 0.0 if k == 0 else max(0.0, centre - half)
-    high = 1.0 if k == n else min(1.0, centre + half)
-    return Interval(low=low, high=high, estimate=p, confidence=c)
+    low, high = _wilson(k / n, n, c)
+    return Interval(low=low, high=high, estimate=k / n, confidence=c)
+
+
+def _cluster_codes(name: str, clusters, n: int) -> np.ndarray:
+    """Cluster labels (any hashable values, one per trial) as codes 0..G−1."""
+    labels = list(clusters)
+    if len(labels) != n:
+        raise MechmedError(f"{name}: {len(labels)} labels for {n} trials; give one cluster label per trial")
+    codes: dict = {}
+    return np.array([codes.setdefault(x, len(codes)) for x in labels], dtype=np.int64)
+
+
+def clustered_wilson_interval(successes, clusters, confidence: float = 0.95) -> ClusteredInterval:
+    """Wilson interval for a proportion whose trials come in clusters (several pairs of one question
+    share its image and its answer, so they are not independent).
+
+    p̂ = Σy/N. The cluster-robust variance of p̂ over G clusters is
+    V = G/(G−1) · Σ_g (Σ_{i∈g} (y_i − p̂))² / N² (statsmodels' cluster covariance of a mean); the design
+    effect d = max(1, V / (p̂(1−p̂)/N)) (1 when p̂ is 0 or 1; N when G = 1), and the interval is the
+    Wilson interval at the effective sample size N/d (Korn & Graubard 1998). With one trial per
+    cluster d = N/(N−1): the plain Wilson interval at N − 1 trials.
+    """
+    y = _booleans("successes", successes).astype(float)
+    n = y.shape[0]
+    codes = _cluster_codes("clusters", clusters, n)
+    c = _confidence(confidence)
+    p = float(y.mean())
+    g = int(codes.max()) + 1
+    if g == 1:
+        d = float(n)
+    elif p in (0.0, 1.0):
+        d = 1.0
+    else:
+        sums = np.bincount(codes, weights=y - p, minlength=g)
+        v = g / (g - 1) * float(np.sum(sums ** 2)) / n ** 2
+        d = max(1.0, v / (p * (1.0 - p) / n))
+    low, high = _wilson(p, n / d, c)
+    return ClusteredInterval(low=low, high=high, estimate=p, confidence=c, design_effect=d, n_clusters=g,
+                             n_effective=n / d)
 
 
 def two_proportion_ztest(k1: int, n1: int, k2: int, n2: int, alternative: str = "two-sided") -> TestResult:
@@ -294,6 +349,30 @@ def mcnemar_from_pairs(before, after) -> TestResult:
     n = int(x.shape[0])
     r1, r2 = float(x.mean()), float(y.mean())
     return replace(mcnemar_exact(b, c), estimate_1=r1, estimate_2=r2, difference=(b - c) / n, n1=n, n2=n)
+
+
+def mcnemar_clustered(before, after, clusters) -> TestResult:
+    """McNemar's test for paired binary outcomes that come in clusters (Durkalski, Palesch, Lipsitz
+    & Rust 2003, Stat Med 22:2417): with D_g = Σ_{i∈g} (before_i − after_i) over cluster g,
+
+        X² = (Σ_g D_g)² / Σ_g D_g²  ~ χ²₁ under H₀,
+
+    p = P(χ²₁ ≥ X²) (1 when no pair is discordant). With one pair per cluster it is McNemar's
+    uncorrected χ² (b − c)²/(b + c); copying every pair k times within its cluster leaves it as it is.
+    estimate_1 and estimate_2 are the rates mean(before) and mean(after), n1 = n2 = the pairs.
+    """
+    x = _booleans("before", before)
+    y = _booleans("after", after)
+    _same_length("before", x, "after", y)
+    n = int(x.shape[0])
+    codes = _cluster_codes("clusters", clusters, n)
+    dg = np.bincount(codes, weights=x.astype(float) - y.astype(float))
+    den = float(np.sum(dg ** 2))
+    stat = float(dg.sum() ** 2 / den) if den > 0 else 0.0
+    p_value = float(_sps.chi2.sf(stat, 1)) if den > 0 else 1.0
+    r1, r2 = float(x.mean()), float(y.mean())
+    return TestResult(statistic=stat, p_value=p_value, estimate_1=r1, estimate_2=r2, difference=r1 - r2,
+                      method="McNemar clustered (Durkalski 2003)", n1=n, n2=n)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,6 +89,16 @@ def test_results_table(grid, tiny_workspace):
         half = z / (1 + z * z / n) * np.sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n))
         assert r["accuracy_ci"] == pytest.approx([centre - half, centre + half], abs=1e-9)
         assert r["p_vs_base"] == pytest.approx(_mcnemar_by_hand(base_pairs, _pairs(run / "after" / "pairs.jsonl")))
+        assert r["flip_ci_clustered"] == m["flip_rate_ci_clustered"]
+        after = _pairs(run / "after" / "pairs.jsonl")
+        common = sorted(base_pairs)
+        d = {}  # clustered by question (Durkalski): per question, the sum of base flip − arm flip
+        for i in common:
+            q = base_pairs[i]["question_id"]
+            d[q] = d.get(q, 0) + int(base_pairs[i]["flip"]) - int(after[i]["flip"])
+        den = sum(v * v for v in d.values())
+        want = 1.0 if den == 0 else sps.chi2.sf(sum(d.values()) ** 2 / den, 1)
+        assert r["p_vs_base_clustered"] == pytest.approx(want)
         # the extra set: its own flips, tested against the base's on the same pairs
         neg, base_neg = _pairs(run / "after" / "negation" / "pairs.jsonl"), _pairs(out / "base-s0" / "negation" / "pairs.jsonl")
         assert len(neg) == 4 and all(p["negation_set"] for p in neg.values())
@@ -219,8 +229,9 @@ def test_seeds_on_the_same_pairs_are_tested_with_the_pair_as_the_unit():
     def run(p_flip, margins=None):
         flips = rng.random(80) < p_flip
         margins = rng.random(80) if margins is None else margins
-        return {i: {"id": i, "flip": bool(f), "margin_diff": float(m), "margin_question": 1.0,
-                    "margin_paraphrase": float(m), "phenomenon": ph} for i, f, m, ph in zip(ids, flips, margins, phen)}
+        return {i: {"id": i, "question_id": f"q{k // 2}", "flip": bool(f), "margin_diff": float(m),
+                    "margin_question": 1.0, "margin_paraphrase": float(m), "phenomenon": ph}
+                for k, (i, f, m, ph) in enumerate(zip(ids, flips, margins, phen))}
 
     def grid(base_runs):
         rows, pairs = [], {}
@@ -246,6 +257,13 @@ def test_seeds_on_the_same_pairs_are_tested_with_the_pair_as_the_unit():
     assert sel["p_vs_base"] == pytest.approx(stats.paired_bootstrap(base_f, mean("selected"), seed=0).p_value)
     assert sel["p_vs_ce_only"] == pytest.approx(stats.paired_bootstrap(mean("ce_only"), mean("selected"),
                                                                        seed=0).p_value)
+    # clustered by question: the pairs of every seed pooled, each question one cluster across seeds
+    a, bb = ({f"{r['seed']}:{k}": v for i, r in enumerate(rows) if r["arm"] == arm for k, v in pairs[i].items()}
+             for arm in ("base", "selected"))
+    keys = sorted(a)
+    want = stats.mcnemar_clustered([a[k]["flip"] for k in keys], [bb[k]["flip"] for k in keys],
+                                   [a[k]["question_id"] for k in keys]).p_value
+    assert sel["p_vs_base_clustered"] == pytest.approx(want) and want > sel["p_vs_base"] / 100
     w = stats.wilson_interval(int(base_f.sum()), 80)
     assert b["flip_ci"] == pytest.approx([w.low, w.high]) and sel["flip_rate"] == pytest.approx(mean("selected").mean())
     scope = [k for k, ph in zip(sorted(ids), [base[k]["phenomenon"] for k in sorted(ids)]) if ph == "scope"]
@@ -263,6 +281,13 @@ def test_seeds_on_the_same_pairs_are_tested_with_the_pair_as_the_unit():
     a, bb = pooled("base"), pooled("selected")
     want = stats.mcnemar_from_pairs([a[k]["flip"] for k in sorted(a)], [bb[k]["flip"] for k in sorted(a)]).p_value
     assert sel["unit"] == "pair × seed" and sel["p_vs_base"] == pytest.approx(want) and sel["n_pairs"] == 240
+    # each seed's questions are its own clusters
+    keys = sorted(a)
+    labels = [f"{k.split(':')[0]}|{a[k]['question_id']}" for k in keys]
+    want = stats.mcnemar_clustered([a[k]["flip"] for k in keys], [bb[k]["flip"] for k in keys], labels).p_value
+    assert sel["p_vs_base_clustered"] == pytest.approx(want)
+    cl = stats.clustered_wilson_interval([bb[k]["flip"] for k in keys], labels)
+    assert sel["flip_ci_clustered"] == pytest.approx([cl.low, cl.high])
 
 
 def test_training_free_arms_and_the_best_trained_arm(tiny_workspace, tmp_path):

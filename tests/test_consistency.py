@@ -139,10 +139,33 @@ def test_sets_over_the_same_questions_share_their_margins(tiny_bundles, pairs):
     assert reused["margin_diff"] == pytest.approx(alone["margin_diff"], abs=1e-5)
 
 
+def _clustered_wilson_by_hand(y, groups):
+    """Wilson's interval at n / d trials, d the cluster-robust variance of the mean over the binomial one."""
+    y, n = np.asarray(y, float), len(y)
+    p, g = y.mean(), sorted(set(groups))
+    if p in (0.0, 1.0):
+        d = 1.0
+    else:
+        sums = [sum(v - p for v, q in zip(y, groups) if q == c) for c in g]
+        d = max(1.0, len(g) / (len(g) - 1) * sum(x * x for x in sums) / n ** 2 / (p * (1 - p) / n))
+    ne, z = n / d, sps.norm.ppf(0.975)
+    centre = (p + z * z / (2 * ne)) / (1 + z * z / ne)
+    half = z / (1 + z * z / ne) * np.sqrt(p * (1 - p) / ne + z * z / (4 * ne * ne))
+    return [0.0 if p == 0 else max(0.0, centre - half), 1.0 if p == 1 else min(1.0, centre + half)]
+
+
+def _durkalski_by_hand(before, after, groups):
+    d = {}
+    for x, y, q in zip(before, after, groups):
+        d[q] = d.get(q, 0) + int(x) - int(y)
+    den = sum(v * v for v in d.values())
+    return 1.0 if den == 0 else float(sps.chi2.sf(sum(d.values()) ** 2 / den, 1))
+
+
 def test_quadrants_and_near_ties_by_hand(tiny_bundles, pairs):
     """Each pair's image reliance is its question's answer changing under a uniform gray image (a
-    forward of its own here); the quadrant counts and their Wilson intervals follow by hand, and
-    near-tie flips are the flips with both margins inside the tolerance."""
+    forward of its own here); the quadrant counts and their Wilson intervals, clustered by question
+    (whose pairs share its image reliance), follow by hand, and near-tie flips are the flips with both margins inside the tolerance."""
     from PIL import Image
 
     from mechmed.consistency import QUADRANTS
@@ -163,14 +186,14 @@ def test_quadrants_and_near_ties_by_hand(tiny_bundles, pairs):
     cells = {"consistent_reliant": ~flips & reliant, "consistent_blind": ~flips & ~reliant,
              "flipped_reliant": flips & reliant, "flipped_blind": flips & ~reliant}
     n = int(keep.sum())
-    assert m["quadrants"]["n_pairs"] == n
-    z = sps.norm.ppf(0.975)
+    assert m["quadrants"]["n_pairs"] == n and m["quadrants"]["clustered"]
+    groups = [p.group for p, k in zip(pairs, keep) if k]
     for name in QUADRANTS:
         k = int(cells[name][keep].sum())
-        centre = (k / n + z * z / (2 * n)) / (1 + z * z / n)
-        half = z / (1 + z * z / n) * np.sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n))
         assert m["quadrants"][name]["n"] == k and m["quadrants"][name]["share"] == pytest.approx(k / n)
-        assert m["quadrants"][name]["ci"] == pytest.approx([max(0.0, centre - half), min(1.0, centre + half)], abs=1e-9)
+        assert m["quadrants"][name]["ci"] == pytest.approx(_clustered_wilson_by_hand(cells[name][keep], groups),
+                                                            abs=1e-9)
+    assert m["flip_rate_ci_clustered"] == pytest.approx(_clustered_wilson_by_hand(flips[keep], groups), abs=1e-9)
     assert sum(m["quadrants"][q]["n"] for q in QUADRANTS) == n
     assert [r["image_reliant"] for r in res.pairs] == list(reliant)
     near = flips & (np.abs(mq) < tol) & (np.abs(mp) < tol)
@@ -186,7 +209,8 @@ def test_quadrants_and_near_ties_by_hand(tiny_bundles, pairs):
 
 def test_compare_crosses_quadrants_with_mcnemar(tiny_bundles, pairs, tmp_path):
     """compare reports both runs' quadrant shares and, per cell, McNemar of membership over the shared
-    pairs (an exact binomial test of the discordant pairs, by hand)."""
+    pairs (an exact binomial test of the discordant pairs, by hand), and McNemar clustered by question
+    (Durkalski's statistic, by hand) of the cells and of the flips."""
     import json
 
     from mechmed.consistency import QUADRANTS, compare_runs
@@ -220,3 +244,11 @@ def test_compare_crosses_quadrants_with_mcnemar(tiny_bundles, pairs, tmp_path):
         b10 = sum(1 for r in head_b if cell(head_a[r["id"]]) and not cell(r))
         want = 1.0 if b01 + b10 == 0 else sps.binomtest(min(b01, b10), b01 + b10, 0.5).pvalue
         assert q["p"][name] == pytest.approx(want)
+        assert q["p_clustered"][name] == pytest.approx(_durkalski_by_hand(
+            [cell(head_a[r["id"]]) for r in head_b], [cell(r) for r in head_b], [head_a[r["id"]]["question_id"]
+                                                                                 for r in head_b]))
+    paired = res["paired"]
+    assert paired["mcnemar_flips_clustered"]["p_value"] == pytest.approx(_durkalski_by_hand(
+        [head_a[r["id"]]["flip"] for r in head_b], [r["flip"] for r in head_b],
+        [head_a[r["id"]]["question_id"] for r in head_b]))
+    assert paired["n_common_questions"] == len({r["question_id"] for r in head_b})

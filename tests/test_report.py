@@ -107,7 +107,8 @@ def test_markdown_table_is_results_json(run_dir, report):
         assert cells["accuracy [95% CI]"] == _ci(row["canonical_accuracy"], row["accuracy_ci"], 3)
         assert cells["yes-rate"] == f"{row['yes_rate']:.2f}"
         assert cells["collapsed"] == ("yes" if row["collapsed"] else "")
-        for key, col in (("p_vs_base", "p vs base"), ("p_vs_ce_only", "p vs CE only"),
+        for key, col in (("p_vs_base", "p vs base"), ("p_vs_base_clustered", "p vs base, by question"),
+                         ("p_vs_ce_only", "p vs CE only"),
                          ("p_vs_best_trained", "p vs best trained")):
             p = row[key]
             if p is None:

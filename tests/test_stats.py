@@ -117,6 +117,81 @@ def test_mcnemar_from_pairs_counts_and_rates():
 
 
 # ---------------------------------------------------------------------------------------------
+# clustered pairs (several pairs of one question)
+
+
+def _clustered_sample(seed: int, g: int = 60):
+    """Clusters of 1-5 pairs whose flips share a cluster-level propensity (correlated within)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 6, size=g)
+    labels = np.repeat([f"q{i}" for i in range(g)], sizes)
+    prop_b = np.repeat(rng.beta(0.4, 1.2, size=g), sizes)
+    before = rng.random(labels.size) < prop_b
+    after = before & (rng.random(labels.size) < 0.6) | (~before & (rng.random(labels.size) < 0.05))
+    return before, after, labels
+
+
+def test_mcnemar_clustered_by_hand_and_against_statsmodels():
+    # one pair per cluster: McNemar's uncorrected chi-square
+    before, after, _ = _clustered_sample(0)
+    b, c = int((before & ~after).sum()), int((~before & after).sum())
+    table = [[int((before & after).sum()), b], [c, int((~before & ~after).sum())]]
+    ref = sm_mcnemar(table, exact=False, correction=False)
+    r = stats.mcnemar_clustered(before, after, np.arange(before.size))
+    assert r.statistic == pytest.approx(ref.statistic, rel=1e-12)
+    assert r.p_value == pytest.approx(ref.pvalue, rel=1e-9)
+    # clustered: (sum of per-cluster differences)^2 / sum of their squares, by hand
+    before, after, labels = _clustered_sample(1)
+    d = {}
+    for x, y, q in zip(before, after, labels):
+        d[q] = d.get(q, 0) + int(x) - int(y)
+    x2 = sum(d.values()) ** 2 / sum(v * v for v in d.values())
+    r = stats.mcnemar_clustered(before, after, labels.tolist())
+    assert r.statistic == pytest.approx(x2, rel=1e-12)
+    assert r.p_value == pytest.approx(float(sps.chi2.sf(x2, 1)), rel=1e-9)
+    assert (r.estimate_1, r.estimate_2, r.n1) == (before.mean(), after.mean(), before.size)
+    # no discordant pair: p = 1
+    assert stats.mcnemar_clustered([1, 0, 1], [1, 0, 1], ["a", "a", "b"]).p_value == 1.0
+
+
+def test_copies_within_a_cluster_add_no_evidence():
+    """Each pair copied three times into its own cluster: the plain McNemar p shrinks as if there
+    were three times the data, the clustered test and interval stay where they were."""
+    before, after, _ = _clustered_sample(2)
+    ids = np.arange(before.size)
+    b3, a3, l3 = np.repeat(before, 3), np.repeat(after, 3), np.repeat(ids, 3)
+    one, three = stats.mcnemar_clustered(before, after, ids), stats.mcnemar_clustered(b3, a3, l3)
+    assert three.statistic == pytest.approx(one.statistic, rel=1e-12)
+    assert stats.mcnemar_from_pairs(b3, a3).p_value < stats.mcnemar_from_pairs(before, after).p_value / 10
+    w1, w3 = stats.clustered_wilson_interval(after, ids), stats.clustered_wilson_interval(a3, l3)
+    assert (w3.low, w3.high) == pytest.approx((w1.low, w1.high), rel=1e-12)
+    assert w1.n_effective == pytest.approx(before.size - 1) and w3.design_effect == pytest.approx(
+        3 * before.size / (before.size - 1))
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_clustered_wilson_against_statsmodels(seed):
+    """The design effect is statsmodels' cluster-robust variance of the mean over the binomial one;
+    the interval statsmodels' Wilson interval at the effective sample size."""
+    import statsmodels.api as sm
+
+    y, _, labels = _clustered_sample(seed)
+    groups = np.unique(labels, return_inverse=True)[1]
+    fit = sm.OLS(y.astype(float), np.ones(y.size)).fit(cov_type="cluster", cov_kwds={"groups": groups})
+    n, p = y.size, y.mean()
+    r = stats.clustered_wilson_interval(y, labels)
+    assert r.design_effect == pytest.approx(max(1.0, fit.bse[0] ** 2 / (p * (1 - p) / n)), rel=1e-9)
+    assert r.design_effect > 1.2  # the sample is clustered: intervals are wider than Wilson's
+    low, high = proportion_confint(p * r.n_effective, r.n_effective, alpha=0.05, method="wilson")
+    assert (r.low, r.high) == pytest.approx((low, high), abs=TIGHT)
+    plain = stats.wilson_interval(int(y.sum()), n)
+    assert r.low < plain.low and r.high > plain.high and r.n_clusters == len(set(labels))
+    # every trial in one cluster: one effective trial; none flipped: no design effect
+    assert stats.clustered_wilson_interval([1, 0, 1, 1], ["a"] * 4).n_effective == pytest.approx(1.0)
+    assert stats.clustered_wilson_interval([0, 0, 0], ["a", "b", "b"]).design_effect == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
 # bootstrap
 
 
@@ -311,6 +386,8 @@ def test_results_are_frozen_and_serialisable():
         stats.wilson_interval(np.int64(3), np.int64(10)),
         stats.two_proportion_ztest(3, 10, 5, 10),
         stats.mcnemar_exact(np.int64(3), 4),
+        stats.mcnemar_clustered([1, 0, 1], [0, 0, 1], ["a", "a", "b"]),
+        stats.clustered_wilson_interval([1, 0, 1], ["a", "a", "b"]),
         stats.bootstrap_ci([1.0, 2.0, 4.0], n_resamples=50),
         stats.one_sample_ttest([1.0, 2.0, 4.0], 1.0),
     ]
@@ -343,6 +420,8 @@ def test_results_are_frozen_and_serialisable():
     (lambda: stats.mcnemar_from_pairs([True, False], [True]), "before has 2 values but after has 1"),
     (lambda: stats.mcnemar_from_pairs([], []), "before: is empty"),
     (lambda: stats.mcnemar_from_pairs([0, 2], [0, 1]), r"before\[1\]"),
+    (lambda: stats.mcnemar_clustered([0, 1], [0, 1], ["a"]), "clusters: 1 labels for 2 trials"),
+    (lambda: stats.clustered_wilson_interval([], []), "successes: is empty"),
     (lambda: stats.paired_bootstrap([1.0, 2.0], [1.0]), "a has 2 values but b has 1"),
     (lambda: stats.paired_bootstrap([1.0, np.nan], [1.0, 2.0]), r"a\[1\] = nan"),
     (lambda: stats.paired_bootstrap([1.0, 2.0], [1.0, 2.0], n_resamples=0), "n_resamples"),
