@@ -480,7 +480,9 @@ def result_row(arm: str, method: str, seed: int, layers, n_params: int, m: dict,
         "yes_rate": m["yes_rate"], "collapsed": bool(collapsed),
         "p_vs_base": _mcnemar(base_pairs, pairs) if base_pairs is not None else None,
         "p_vs_base_clustered": _mcnemar(base_pairs, pairs, clustered=True) if base_pairs is not None else None,
-        "p_vs_ce_only": _mcnemar(ce_pairs, pairs) if ce_pairs is not None else None, "p_vs_best_trained": None,
+        "p_vs_ce_only": _mcnemar(ce_pairs, pairs) if ce_pairs is not None else None,
+        "p_vs_ce_only_clustered": _mcnemar(ce_pairs, pairs, clustered=True) if ce_pairs is not None else None,
+        "p_vs_best_trained": None,
         "near_tie_flip_rate": m.get("near_tie_flip_rate"), "quadrants": m.get("quadrants"),
         "n_pairs": m["n_pairs"], "run_dir": run_dir,
     }
@@ -618,6 +620,7 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
             "p_vs_base": None if arm == "base" else _mcnemar(base_pool, pooled),
             "p_vs_base_clustered": None if arm == "base" else _mcnemar(base_pool, pooled, True, by_seed),
             "p_vs_ce_only": _mcnemar(ce, pooled) if ce else None,
+            "p_vs_ce_only_clustered": _mcnemar(ce, pooled, True, by_seed) if ce else None,
             "p_vs_best_trained": None, "near_tie_flip_rate": float(np.mean([bool(v.get("near_tie")) for v in
                                                                              pooled.values()])),
             "quadrants": _pooled_quadrants(pooled, None if arm == "base" else base_pool, by_seed),

@@ -410,14 +410,15 @@ def _attr_headline(scores: dict, selected: list[int], key: str = "attr_flipped")
     from mechmed.figures import SCORE_LABELS
 
     n_f, n = scores.get("n_flipped"), scores.get("n_pairs")
+    which = {"train": " training", "eval": " held-out", "test": " held-out"}.get(scores.get("split"), "")
     table = scores["scores"]
     s = table.get(key) or {"mean": [], "ci": []}
     means = s["mean"]
     ok = [i for i, v in enumerate(means) if v is not None]
     if not ok:
-        return f"{n_f} of {n} attributed pairs flipped, too few to score layers."
+        return f"{n_f} of {n} attributed{which} pairs flipped, too few to score layers."
     peak = max(ok, key=lambda i: means[i])
-    text = (f"{n_f} of {n} attributed pairs flipped; the {SCORE_LABELS.get(key, key)} peaks at layer {peak} "
+    text = (f"{n_f} of {n} attributed{which} pairs flipped; the {SCORE_LABELS.get(key, key)} peaks at layer {peak} "
             f"({means[peak]:.2f} {fmt_ci(s['ci'][peak], 2)} logits")
     stable = table.get("attr_stable", {}).get("mean") or []
     if key == "attr_flipped" and peak < len(stable) and stable[peak] is not None:
@@ -497,8 +498,8 @@ def _verdict(what: str, base: dict, arm: dict, p_key: str = "p_vs_base") -> str:
     """"<what> lowered the <…> flip rate from A [CI] to B [CI] (−x, −y% relative; McNemar p = …)"."""
     test = arm.get("test", "McNemar")  # a pair bootstrap when the seeds shared their pairs
     p = f"{test} {fmt_p(arm.get(p_key))}"
-    if p_key == "p_vs_base" and arm.get("p_vs_base_clustered") is not None:
-        p += f"; clustered by question {fmt_p(arm['p_vs_base_clustered'])}"
+    if arm.get(f"{p_key}_clustered") is not None:
+        p += f"; clustered by question {fmt_p(arm[f'{p_key}_clustered'])}"
     if base["flip_rate"] == arm["flip_rate"]:
         return f"{what} left the flip rate at {_value_ci(arm, 'flip_rate', 'flip_ci')} ({p})"
     return (f"{what} {_change(base['flip_rate'], arm['flip_rate'])} the flip rate from "
@@ -990,7 +991,8 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     meta = (f"Run directory {run_dir}" + (f"; model {model}" if model else "")
             + f"; mechmed {__version__}; written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. "
             f"Intervals are 95% CIs; p-values are {_test_phrase(run.ablation or {}, plural=True)} on the same "
-            "held-out pairs.")
+            "held-out pairs, and, where marked “by question”, McNemar tests clustered by question (a question's "
+            "pairs share its image and answer, so they are not independent).")
     html_path = write_text(out / "report.html", _html(title, meta, headlines, sections, run.notes, files))
     md_path = write_text(out / "report.md", _markdown(title, meta, headlines, sections, run.notes, files,
                                                       run.ablation))

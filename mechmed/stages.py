@@ -171,6 +171,20 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
 
 
 
+def _attributed_set(data: str, split: str) -> str | None:
+    """Which pairs of ``data`` are attributed: a named source's set (``demo:unseen``, else ``split``),
+    a hub dataset's split (``@SPLIT``, else ``split``); None for a file or directory."""
+    from mechmed.data.loaders import parse_hub_data
+    from mechmed.sources import get
+
+    hub = parse_hub_data(data)
+    if hub is not None:
+        return hub[2] or split
+    if get(data) is not None:
+        return str(data).partition(":")[2] or split
+    return None
+
+
 def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "demo", out: str = "runs/attribute",
                   *, max_pairs: int = 300, exact: bool = True, top_features: int = 10, batch_size: int = 8,
                   split: str = "train", device: str = "cpu", image_root=None, seed: int = 0, progress: bool = False,
@@ -226,7 +240,8 @@ def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "d
                                        for r in flipped[:20]]), axis=0)
             for row, value in zip([r for r in rows if r["layer"] == layer], rec):
                 row["recovery"] = None if not np.isfinite(value) else float(value)
-    scores.update({"model": model, "model_provenance": bundle.provenance, "data": str(data), "split": split,
+    scores.update({"model": model, "model_provenance": bundle.provenance, "data": str(data),
+                   "split": _attributed_set(data, split),
                    "saes": saes,
                    "exact": exact, "seed": seed,
                    "pairs": [{"id": r.id, "m_q": r.m_q, "m_p": r.m_p, "flipped": r.flipped,

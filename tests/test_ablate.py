@@ -50,6 +50,17 @@ def _mcnemar_by_hand(a: dict, b: dict) -> float:
     return sps.binomtest(min(b01, b10), b01 + b10, 0.5).pvalue
 
 
+def _clustered_by_hand(a: dict, b: dict) -> float:
+    """McNemar clustered by question (Durkalski): per question D = sum of flip in a − flip in b;
+    X² = (ΣD)² / ΣD² on one degree of freedom."""
+    d = {}
+    for i in sorted(set(a) & set(b)):
+        q = a[i]["question_id"]
+        d[q] = d.get(q, 0) + int(a[i]["flip"]) - int(b[i]["flip"])
+    den = sum(v * v for v in d.values())
+    return 1.0 if den == 0 else float(sps.chi2.sf(sum(d.values()) ** 2 / den, 1))
+
+
 def _pairs(path):
     return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
 
@@ -91,14 +102,7 @@ def test_results_table(grid, tiny_workspace):
         assert r["p_vs_base"] == pytest.approx(_mcnemar_by_hand(base_pairs, _pairs(run / "after" / "pairs.jsonl")))
         assert r["flip_ci_clustered"] == m["flip_rate_ci_clustered"]
         after = _pairs(run / "after" / "pairs.jsonl")
-        common = sorted(base_pairs)
-        d = {}  # clustered by question (Durkalski): per question, the sum of base flip − arm flip
-        for i in common:
-            q = base_pairs[i]["question_id"]
-            d[q] = d.get(q, 0) + int(base_pairs[i]["flip"]) - int(after[i]["flip"])
-        den = sum(v * v for v in d.values())
-        want = 1.0 if den == 0 else sps.chi2.sf(sum(d.values()) ** 2 / den, 1)
-        assert r["p_vs_base_clustered"] == pytest.approx(want)
+        assert r["p_vs_base_clustered"] == pytest.approx(_clustered_by_hand(base_pairs, after))
         # the extra set: its own flips, tested against the base's on the same pairs
         neg, base_neg = _pairs(run / "after" / "negation" / "pairs.jsonl"), _pairs(out / "base-s0" / "negation" / "pairs.jsonl")
         assert len(neg) == 4 and all(p["negation_set"] for p in neg.values())
@@ -108,6 +112,7 @@ def test_results_table(grid, tiny_workspace):
     ce_pairs = _pairs(out / "arms" / "ce_only-lora-s0" / "after" / "pairs.jsonl")
     sel_pairs = _pairs(out / "arms" / "selected-lora-s0" / "after" / "pairs.jsonl")
     assert rows["selected"]["p_vs_ce_only"] == pytest.approx(_mcnemar_by_hand(ce_pairs, sel_pairs))
+    assert rows["selected"]["p_vs_ce_only_clustered"] == pytest.approx(_clustered_by_hand(ce_pairs, sel_pairs))
     assert rows["ce_only"]["p_vs_ce_only"] is None and rows["base"]["p_vs_base"] is None
     # LoRA weights scale with the layers: 3 layers (all) train 3× the parameters of 1 (selected)
     assert rows["all"]["trainable_parameters"] == 3 * rows["selected"]["trainable_parameters"]

@@ -195,3 +195,15 @@ def test_a_base_text_only_checkpoint_end_to_end(tmp_path):
     import yaml
 
     assert yaml.safe_load((tmp_path / "train2.yaml").read_text())["prompt_template"] == "Q: {question} A:"
+
+
+def test_the_attributed_set_is_named_for_sources_only():
+    """layer_scores.json says which pairs were attributed: a source's set or a hub dataset's split
+    (``--split`` where the name gives none); a file is read whole and names none."""
+    from mechmed.stages import _attributed_set
+
+    assert _attributed_set("demo", "train") == "train" and _attributed_set("demo", "eval") == "eval"
+    assert _attributed_set("demo:unseen", "train") == "unseen"
+    assert _attributed_set("hf:owner/name@test", "train") == "test"
+    assert _attributed_set("hf:owner/name", "train") == "train"
+    assert _attributed_set("pairs.jsonl", "train") is None

@@ -85,6 +85,7 @@ def test_demo_report_and_results(demo_run):
     attributed = {p["id"] for p in scores["pairs"]}
     held_out = {json.loads(line)["id"] for line in (out / "ablation" / "base-s0" / "pairs.jsonl").open()}
     assert scores["split"] == "train" and len(attributed) == 40 and not attributed & held_out
+    assert f"{scores['n_flipped']} of 40 attributed training pairs flipped" in md
 
 
 def test_demo_rerun_reuses_finished_stages(demo_run):

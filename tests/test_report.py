@@ -170,7 +170,7 @@ def test_every_headline_number_comes_from_the_run(run_dir, report):
         diff = sel["flip_rate"] - base["flip_rate"]
         rel = f", {100 * diff / base['flip_rate']:+.0f}% relative" if base["flip_rate"] else ""
         assert f"({diff:+.3f}{rel}; McNemar".replace("-", "−") in key
-    assert f"{scores['n_flipped']} of {scores['n_pairs']} attributed pairs flipped" in key
+    assert f"{scores['n_flipped']} of {scores['n_pairs']} attributed pairs flipped" in key  # a file: no split named
     rows = json.loads((run_dir / "sae_check" / "sae_check.json").read_text())["rows"]
     assert f"R² from {min(r['r2'] for r in rows):.4f}" in key and f"to {max(r['r2'] for r in rows):.4f}" in key
     cons = next(r for r in res["summary"] if r["arm"] == "consistency_only")
