@@ -135,7 +135,7 @@ def test_attribution_table(attribution):
     assert [int(r["layer"]) for r in _csv(out / "layer_table.csv")] == [r["layer"] for r in table["layers"]]
     # the per-pair numbers themselves: the first batch (8 pairs, in file order) attributed again
     bundle = load_model("demo")
-    by_id = {p.id: p for p in resolve_data("demo")}
+    by_id = {p.id: p for p in resolve_data("demo", split=scores["split"])}  # the attributed (training) pairs
     first = scores["pairs"][:8]
     with _threads(bundle):
         again = attribute_batch(bundle, [by_id[p["id"]] for p in first], saes=resolve_saes("demo", bundle, "all"),
