@@ -11,8 +11,9 @@ Prompts: demo corpus reports (about 40 tokens each, the same length distribution
    1, 3 and all layers, ``ce=False``, counted with a forward pre-hook on the model: must be 1
    whatever the number of layers. With ``ce=True``: 1 + layers·(2 + 2T), the recon and zero-ablation
    splices and, per token type T that holds some but not all of a batch's positions, the same at
-   that type's positions (``mechmed.fidelity`` module doc; on the demo's text prompts T = 1: its
-   tokenizer makes unseen words ``<unk>``, a special token), counted against what the evaluator reports.
+   that type's positions (``mechmed.fidelity`` module doc), counted against what the evaluator reports.
+   The demo corpus reports are written in the demo tokenizer's own words, so every evaluated token is
+   text (T = 0: 1 + 2·layers); image + question prompts, with image tokens and ``<unk>``, reach 1 + 7·layers.
 2. **Memory and throughput.** For n = 100 and 1000 prompts, each in a fresh process: all layers,
    ``ce=False``; peak RSS of the process (``resource.getrusage``), its growth over the RSS after
    loading and one warm-up batch, the tracemalloc peak (Python and numpy allocations) during the
