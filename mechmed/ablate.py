@@ -505,6 +505,18 @@ def shared_pairs(base_pairs: dict) -> list | None:
     return None
 
 
+def shared_questions(base_pairs: dict) -> bool:
+    """Whether every seed evaluated the same pairs of the same questions (the same ids, each with the
+    same question id, image and wording), whatever the margins: then one question is one cluster
+    across the seeds; else (the demo: each seed its own data) each seed's questions are its own."""
+    runs = list(base_pairs.values())
+
+    def key(r):
+        return r.get("question_id"), r.get("image"), r.get("question")
+
+    return all(set(r) == set(runs[0]) and all(key(r[i]) == key(runs[0][i]) for i in r) for r in runs[1:])
+
+
 def _mean_over_seeds(runs: Sequence[dict], ids: Sequence[str], key: str) -> np.ndarray:
     """Per pair (``ids``, in that order), ``key`` of its per-pair rows averaged over ``runs`` (seeds)."""
     return np.mean([[float(run[i][key]) for i in ids] for run in runs], axis=0)
@@ -513,19 +525,27 @@ def _mean_over_seeds(runs: Sequence[dict], ids: Sequence[str], key: str) -> np.n
 def _pair_unit(runs: Sequence[dict], base: dict | None) -> dict:
     """:func:`_set_stats` with the pair as the unit, for seeds that ran on the same pairs: each pair's
     flip is its mean over the seeds (``runs``, per-pair rows by id); the interval is a bootstrap over
-    pairs, and p the paired bootstrap of (base flip − mean flip) over pairs (10,000 resamples)."""
+    pairs, and p the paired bootstrap of (base flip − mean flip) over pairs (10,000 resamples). The
+    clustered interval and McNemar test are over pair × seed with one question one cluster across
+    the seeds (copies within a cluster add no evidence)."""
     from mechmed import stats
+    from mechmed.consistency import pair_clusters
 
     ids = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
     if not ids:
-        return {"n_pairs": 0, "flip_rate": None, "flip_ci": [None, None], "p_vs_base": None}
+        return {"n_pairs": 0, "flip_rate": None, "flip_ci": [None, None], "flip_ci_clustered": [None, None],
+                "p_vs_base": None, "p_vs_base_clustered": None}
     f = _mean_over_seeds(runs, ids, "flip")
     ci = stats.bootstrap_ci(f, n_resamples=2000, seed=0)
-    p = None
+    pooled = {f"{j}:{i}": run[i] for j, run in enumerate(runs) for i in ids}
+    cl = stats.clustered_wilson_interval([v["flip"] for v in pooled.values()], pair_clusters(pooled, list(pooled)))
+    p = p_cl = None
     if base is not None:
         b = np.array([float(base[i]["flip"]) for i in ids])
         p = float(stats.paired_bootstrap(b, f, n_resamples=10_000, seed=0).p_value)
-    return {"n_pairs": len(ids), "flip_rate": float(f.mean()), "flip_ci": [ci.low, ci.high], "p_vs_base": p}
+        p_cl = _mcnemar({f"{j}:{i}": base[i] for j in range(len(runs)) for i in ids}, pooled, clustered=True)
+    return {"n_pairs": len(ids), "flip_rate": float(f.mean()), "flip_ci": [ci.low, ci.high],
+            "flip_ci_clustered": [cl.low, cl.high], "p_vs_base": p, "p_vs_base_clustered": p_cl}
 
 
 def _by_pair(summary: list[dict], pairs_by_row: dict, sets_by_row: dict | None, groups: dict, ids: list) -> None:
@@ -582,7 +602,7 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
         groups.setdefault((r["arm"], r["method"]), []).append(i)
     ce_key = {m: idx for (a, m), idx in groups.items() if a == "ce_only"}
     ids = shared_pairs(base_pairs)
-    by_seed = ids is None  # each seed's own data: its questions are its own clusters
+    by_seed = not shared_questions(base_pairs)  # each seed's own data: its questions are its own clusters
     out = []
     for (arm, method), idx in groups.items():
         pooled = _pool(pairs_by_row, rows, idx)
@@ -693,7 +713,7 @@ def table_csv(rows: Sequence[dict]) -> str:
     cols = ["arm", "method", "seed", "layers", "trainable_parameters", "flip_rate", "flip_lo", "flip_hi",
             "flip_lo_clustered", "flip_hi_clustered", "margin_diff", "margin_diff_lo", "margin_diff_hi",
             "canonical_accuracy", "accuracy_lo", "accuracy_hi", "yes_rate", "collapsed", "p_vs_base",
-            "p_vs_base_clustered", "p_vs_ce_only", "n_pairs"]
+            "p_vs_base_clustered", "p_vs_ce_only", "p_vs_ce_only_clustered", "n_pairs"]
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for r in rows:
@@ -701,8 +721,8 @@ def table_csv(rows: Sequence[dict]) -> str:
                     r["trainable_parameters"], r["flip_rate"], *r["flip_ci"],
                     *("" if x is None else x for x in r.get("flip_ci_clustered") or [None, None]),
                     r["margin_diff"], *r["margin_diff_ci"], r["canonical_accuracy"], *r["accuracy_ci"], r["yes_rate"],
-                    r["collapsed"], *("" if r.get(k) is None else r[k] for k in ("p_vs_base", "p_vs_base_clustered",
-                                                                                  "p_vs_ce_only")), r["n_pairs"]])
+                    r["collapsed"], *("" if r.get(k) is None else r[k] for k in (
+                        "p_vs_base", "p_vs_base_clustered", "p_vs_ce_only", "p_vs_ce_only_clustered")), r["n_pairs"]])
     return buf.getvalue()
 
 

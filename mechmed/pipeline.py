@@ -9,6 +9,7 @@ already there, so an interrupted run continues where it stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -157,6 +158,12 @@ def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, wor
     stage("attribute", (out / "attribute" / "layer_scores.json").is_file(),
           lambda: run_attribute(model, data, saes, str(out / "attribute"), max_pairs=max_pairs, seed=seed,
                                 progress=echo, device=device, dtype=dtype))
+    scores_file = out / "attribute" / "layer_scores.json"
+    attributed = json.loads(scores_file.read_text(encoding="utf-8"))
+    if attributed.get("split", "eval") in ("eval", "test"):  # no split recorded: an earlier mechmed, held-out pairs
+        log.warning("%s was attributed on held-out pairs: the layers and clamp's features are chosen on pairs the "
+                    "grid evaluates; delete %s and %s to choose them on training pairs", scores_file,
+                    scores_file.parent, out / "train.yaml")
     cfg_path = out / "train.yaml"
 
     def select():

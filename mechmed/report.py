@@ -499,7 +499,7 @@ def _verdict(what: str, base: dict, arm: dict, p_key: str = "p_vs_base") -> str:
     test = arm.get("test", "McNemar")  # a pair bootstrap when the seeds shared their pairs
     p = f"{test} {fmt_p(arm.get(p_key))}"
     if arm.get(f"{p_key}_clustered") is not None:
-        p += f"; clustered by question {fmt_p(arm[f'{p_key}_clustered'])}"
+        p += f"; McNemar clustered by question {fmt_p(arm[f'{p_key}_clustered'])}"
     if base["flip_rate"] == arm["flip_rate"]:
         return f"{what} left the flip rate at {_value_ci(arm, 'flip_rate', 'flip_ci')} ({p})"
     return (f"{what} {_change(base['flip_rate'], arm['flip_rate'])} the flip rate from "
@@ -688,11 +688,15 @@ def _quadrant_headline(summary: list[dict], base: dict) -> list[str]:
     blind = max(arms, key=leaning, default=None)
 
     def move(r):
-        # a question's pairs share its image reliance: the test is clustered by question
-        q, ps = r["quadrants"], r["quadrants"].get("p_vs_base_clustered") or {}
+        # a question's pairs share its image reliance: the test is clustered by question (results
+        # written before it existed have the pair-level one only)
+        q = r["quadrants"]
+        clustered = q.get("p_vs_base_clustered") is not None
+        ps = q.get("p_vs_base_clustered") or q.get("p_vs_base") or {}
+        test = "McNemar clustered by question" if clustered else r.get("test", "McNemar")
 
         def cell(name, words):
-            p = f" (McNemar clustered by question {fmt_p(ps[name])})" if ps.get(name) is not None else ""
+            p = f" ({test} {fmt_p(ps[name])})" if ps.get(name) is not None else ""
             return f"{words} {fmt(bq[name]['share'])} → {_value_ci(q[name], 'share', 'ci')}{p}"
 
         return (cell("consistent_reliant", "consistent and image-reliant") + ", "
@@ -815,9 +819,13 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
                    "the image still used; yellow growing means pairs made consistent by answering without the image.")
         quads = attempt("quadrant table", lambda: quadrant_table(run.ablation))
         if quads:
+            clustered = all(r["quadrants"].get("clustered") for r in run.ablation.get("summary") or []
+                            if r.get("quadrants"))  # results written before the intervals were clustered: not
+            how = ("clustered by question (pooled over seeds; a question's pairs share its image reliance)"
+                   if clustered else "(pooled over seeds)")
             sec.blocks.append(("Consistency × image reliance",
-                               "Shares of the held-out pairs in each cell, with Wilson 95% intervals clustered by "
-                               "question (pooled over seeds; a question's pairs share its image reliance); near-tie flips are flips whose two margins are both within "
+                               f"Shares of the held-out pairs in each cell, with Wilson 95% intervals {how}; near-tie "
+                               "flips are flips whose two margins are both within "
                                f"{NEAR_TIE} logits of 0 (the evaluation's default).", _html_grid(*quads), _md_grid(*quads)))
         table = attempt("phenomenon table", lambda: phenomenon_table(run.ablation))
         if table:

@@ -173,13 +173,14 @@ def run_sae_check(model: str = "demo", saes: str = "demo", layers: str = "all", 
 
 def _attributed_set(data: str, split: str) -> str | None:
     """Which pairs of ``data`` are attributed: a named source's set (``demo:unseen``, else ``split``),
-    a hub dataset's split (``@SPLIT``, else ``split``); None for a file or directory."""
+    a hub dataset's split (``@SPLIT``, else train when ``split`` is; None where the loader chooses);
+    None for a file or directory."""
     from mechmed.data.loaders import parse_hub_data
     from mechmed.sources import get
 
     hub = parse_hub_data(data)
-    if hub is not None:
-        return hub[2] or split
+    if hub is not None:  # without @SPLIT the loader reads train for training, else the only split or test
+        return hub[2] or ("train" if split == "train" else None)
     if get(data) is not None:
         return str(data).partition(":")[2] or split
     return None

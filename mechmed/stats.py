@@ -11,7 +11,8 @@ threshold) and ``"less"``.
   question), with the cluster-robust design effect.
 - :func:`two_proportion_ztest`: pooled-variance z test for two independent proportions.
 - :func:`mcnemar_exact`, :func:`mcnemar_from_pairs`: exact McNemar test for paired binary outcomes.
-- :func:`mcnemar_clustered`: McNemar's test for pairs that come in clusters (Durkalski et al. 2003).
+- :func:`mcnemar_clustered`: McNemar's test for pairs that come in clusters (an exact sign-flip
+  test of the per-cluster differences; Durkalski et al. 2003's statistic).
 - :func:`bootstrap_ci`, :func:`paired_bootstrap`: percentile bootstrap (vectorised resampling).
 - :func:`one_sample_ttest`: Student t test of a mean against a threshold.
 - :func:`auc`: ROC AUC by the Mann-Whitney rank formula.
@@ -252,7 +253,7 @@ def clustered_wilson_interval(successes, clusters, confidence: float = 0.95) -> 
 
     p̂ = Σy/N. The cluster-robust variance of p̂ over G clusters is
     V = G/(G−1) · Σ_g (Σ_{i∈g} (y_i − p̂))² / N² (statsmodels' cluster covariance of a mean); the design
-    effect d = max(1, V / (p̂(1−p̂)/N)) (1 when p̂ is 0 or 1; N when G = 1), and the interval is the
+    effect d = max(1, V / (p̂(1−p̂)/N)) (N/G when p̂ is 0 or 1: one trial per cluster; N when G = 1), and the interval is the
     Wilson interval at the effective sample size N/d (Korn & Graubard 1998). With one trial per
     cluster d = N/(N−1): the plain Wilson interval at N − 1 trials.
     """
@@ -264,8 +265,8 @@ def clustered_wilson_interval(successes, clusters, confidence: float = 0.95) -> 
     g = int(codes.max()) + 1
     if g == 1:
         d = float(n)
-    elif p in (0.0, 1.0):
-        d = 1.0
+    elif p in (0.0, 1.0):  # no variance to estimate: count each cluster once
+        d = n / g
     else:
         sums = np.bincount(codes, weights=y - p, minlength=g)
         v = g / (g - 1) * float(np.sum(sums ** 2)) / n ** 2
@@ -351,14 +352,33 @@ def mcnemar_from_pairs(before, after) -> TestResult:
     return replace(mcnemar_exact(b, c), estimate_1=r1, estimate_2=r2, difference=(b - c) / n, n1=n, n2=n)
 
 
+def _sign_flip_p(d: np.ndarray) -> float:
+    """Two-sided p of T = Σ_g d_g when each integer d_g keeps or flips its sign with probability ½,
+    independently: P(|T*| ≥ |T|), exactly. With w = |d| ≠ 0 and U the sum of the w that keep a plus
+    sign, T* = 2U − Σw, and U is the sum over distinct weights v (k of them) of v · Binomial(k, ½)."""
+    w = np.abs(d[d != 0]).astype(np.int64)
+    if w.size == 0:
+        return 1.0
+    total, t = int(w.sum()), abs(int(d.sum()))
+    dist = np.ones(1)
+    for v, k in zip(*np.unique(w, return_counts=True)):
+        step = np.zeros(int(v) * int(k) + 1)
+        step[::int(v)] = _sps.binom.pmf(np.arange(k + 1), k, 0.5)
+        dist = np.convolve(dist, step)  # direct (not FFT): tail probabilities keep their relative precision
+    u = np.arange(total + 1)
+    return float(min(1.0, dist[np.abs(2 * u - total) >= t].sum()))
+
+
 def mcnemar_clustered(before, after, clusters) -> TestResult:
-    """McNemar's test for paired binary outcomes that come in clusters (Durkalski, Palesch, Lipsitz
-    & Rust 2003, Stat Med 22:2417): with D_g = Σ_{i∈g} (before_i − after_i) over cluster g,
+    """McNemar's test for paired binary outcomes that come in clusters (the pairs of one question).
 
-        X² = (Σ_g D_g)² / Σ_g D_g²  ~ χ²₁ under H₀,
-
-    p = P(χ²₁ ≥ X²) (1 when no pair is discordant). With one pair per cluster it is McNemar's
-    uncorrected χ² (b − c)²/(b + c); copying every pair k times within its cluster leaves it as it is.
+    With D_g = Σ_{i∈g} (before_i − after_i) over cluster g: under H₀ (within a pair, before and
+    after are exchangeable) each D_g is as likely as −D_g, independently over clusters. p is the
+    exact two-sided sign-flip test of T = Σ_g D_g = b − c over the 2^G sign patterns (computed by
+    convolution, not enumeration); 1 when no pair is discordant. With one pair per cluster it is
+    the exact McNemar test; copying every pair k times within its cluster leaves p as it is. The
+    statistic is Durkalski et al.'s (2003, Stat Med 22:2417) X² = (Σ_g D_g)² / Σ_g D_g², whose χ²₁
+    approximation the exact test replaces (it is too small when few clusters are discordant).
     estimate_1 and estimate_2 are the rates mean(before) and mean(after), n1 = n2 = the pairs.
     """
     x = _booleans("before", before)
@@ -366,13 +386,12 @@ def mcnemar_clustered(before, after, clusters) -> TestResult:
     _same_length("before", x, "after", y)
     n = int(x.shape[0])
     codes = _cluster_codes("clusters", clusters, n)
-    dg = np.bincount(codes, weights=x.astype(float) - y.astype(float))
+    dg = np.bincount(codes, weights=x.astype(np.int64) - y.astype(np.int64)).round().astype(np.int64)
     den = float(np.sum(dg ** 2))
-    stat = float(dg.sum() ** 2 / den) if den > 0 else 0.0
-    p_value = float(_sps.chi2.sf(stat, 1)) if den > 0 else 1.0
+    stat = float(dg.sum()) ** 2 / den if den > 0 else 0.0
     r1, r2 = float(x.mean()), float(y.mean())
-    return TestResult(statistic=stat, p_value=p_value, estimate_1=r1, estimate_2=r2, difference=r1 - r2,
-                      method="McNemar clustered (Durkalski 2003)", n1=n, n2=n)
+    return TestResult(statistic=stat, p_value=_sign_flip_p(dg), estimate_1=r1, estimate_2=r2,
+                      difference=r1 - r2, method="McNemar clustered (exact sign-flip over clusters)", n1=n, n2=n)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -366,9 +366,18 @@ def check_launch(cfg: TrainConfig, device: str, resume: bool = False) -> None:
     if asked not in ("", "no", "bf16"):
         raise MechmedError(f"accelerate launch --mixed_precision {asked}: mechmed trains in float32 or bf16 autocast "
                            "(config bf16: true); launch with --mixed_precision no or bf16")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() != "true":
-        return
-    if device == "cpu":
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):  # accelerate's own reading of the flag
+        check_sharded(cfg, device, resume)
+
+
+def check_sharded(cfg: TrainConfig, device: str, resume: bool) -> None:
+    """What a sharded (FSDP) run refuses; :func:`check_launch` before anything loads, and again once
+    accelerate has decided it shards."""
+    import torch
+
+    if torch.device(device).type == "cpu":
         raise MechmedError("accelerate launch --use_fsdp with --device cpu: accelerate shards only on GPUs (on the "
                            "CPU it would train whole copies data parallel); launch with --multi_gpu for data "
                            "parallel on the CPU, or train on GPUs")
@@ -490,7 +499,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sharded = accelerator.distributed_type == DistributedType.FSDP  # check_launch refused what it cannot do
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded:
+        check_sharded(cfg, device, resume)  # as check_launch did, should accelerate shard on another signal
     model, optimizer = accelerator.prepare(model, optimizer)
 
     steps_per_epoch = max(1, len(train_pairs) // per_step)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from scipy import stats as sps
 
+from mechmed import stats
 from mechmed.ablate import AblationConfig, format_table, plan, run_ablation, run_arms, table_csv
 from mechmed.errors import MechmedError
 
@@ -51,14 +52,11 @@ def _mcnemar_by_hand(a: dict, b: dict) -> float:
 
 
 def _clustered_by_hand(a: dict, b: dict) -> float:
-    """McNemar clustered by question (Durkalski): per question D = sum of flip in a − flip in b;
-    X² = (ΣD)² / ΣD² on one degree of freedom."""
-    d = {}
-    for i in sorted(set(a) & set(b)):
-        q = a[i]["question_id"]
-        d[q] = d.get(q, 0) + int(a[i]["flip"]) - int(b[i]["flip"])
-    den = sum(v * v for v in d.values())
-    return 1.0 if den == 0 else float(sps.chi2.sf(sum(d.values()) ** 2 / den, 1))
+    """McNemar clustered by question over the pairs both share, each labelled by its question_id here
+    (the test itself: tests/test_stats.py)."""
+    common = sorted(set(a) & set(b))
+    return stats.mcnemar_clustered([a[i]["flip"] for i in common], [b[i]["flip"] for i in common],
+                                   [a[i]["question_id"] for i in common]).p_value
 
 
 def _pairs(path):
@@ -224,7 +222,6 @@ def test_seeds_on_the_same_pairs_are_tested_with_the_pair_as_the_unit():
     (a model and data each) keep the pooled McNemar test."""
     import numpy as np
 
-    from mechmed import stats
     from mechmed.ablate import shared_pairs, summarise
 
     rng = np.random.default_rng(0)
@@ -238,16 +235,18 @@ def test_seeds_on_the_same_pairs_are_tested_with_the_pair_as_the_unit():
                     "margin_question": 1.0, "margin_paraphrase": float(m), "phenomenon": ph}
                 for k, (i, f, m, ph) in enumerate(zip(ids, flips, margins, phen))}
 
-    def grid(base_runs):
+    def grid(base_runs, own_data=False):
         rows, pairs = [], {}
         for arm, method, runs in (("base", "none", base_runs), ("selected", "lora", [run(0.12) for _ in range(3)]),
                                   ("ce_only", "lora", [run(0.2) for _ in range(3)])):
             for seed, r in enumerate(runs):
+                if own_data:  # each seed its own images (the demo builds its data per seed)
+                    r = {k: {**v, "image": f"data-s{seed}/{k}.png"} for k, v in r.items()}
                 pairs[len(rows)] = r
                 rows.append({"arm": arm, "method": method, "seed": seed, "layers": [1], "trainable_parameters": 1,
                              "flip_rate": float(np.mean([v["flip"] for v in r.values()])), "n_pairs": 80,
                              "canonical_accuracy": 0.8, "_n_questions": 40, "yes_rate": 0.5, "collapsed": False})
-        return rows, pairs, {s: base_runs[s] for s in range(3)}
+        return rows, pairs, {s: pairs[s] for s in range(3)}  # the base rows come first
 
     base = run(0.3)
     rows, pairs, base_pairs = grid([base, base, base])
@@ -278,7 +277,7 @@ def test_seeds_on_the_same_pairs_are_tested_with_the_pair_as_the_unit():
 
     # each seed its own base (the demo): pooled over seeds, exact McNemar on the seed-prefixed pairs
     other = [base, run(0.3), run(0.3)]
-    rows, pairs, base_pairs = grid(other)
+    rows, pairs, base_pairs = grid(other, own_data=True)
     assert shared_pairs(base_pairs) is None
     sel = next(r for r in summarise(rows, pairs, base_pairs) if r["arm"] == "selected")
     pooled = lambda arm: {f"{r['seed']}:{k}": v for i, r in enumerate(rows) if r["arm"] == arm  # noqa: E731
@@ -293,6 +292,14 @@ def test_seeds_on_the_same_pairs_are_tested_with_the_pair_as_the_unit():
     assert sel["p_vs_base_clustered"] == pytest.approx(want)
     cl = stats.clustered_wilson_interval([bb[k]["flip"] for k in keys], labels)
     assert sel["flip_ci_clustered"] == pytest.approx([cl.low, cl.high])
+    # the same data with other margins in each seed: one question is still one cluster across the seeds
+    rows, pairs, base_pairs = grid(other)
+    assert shared_pairs(base_pairs) is None
+    sel = next(r for r in summarise(rows, pairs, base_pairs) if r["arm"] == "selected")
+    a, bb = pooled("base"), pooled("selected")
+    want = stats.mcnemar_clustered([a[k]["flip"] for k in keys], [bb[k]["flip"] for k in keys],
+                                   [a[k]["question_id"] for k in keys]).p_value
+    assert sel["p_vs_base_clustered"] == pytest.approx(want)
 
 
 def test_training_free_arms_and_the_best_trained_arm(tiny_workspace, tmp_path):
@@ -420,7 +427,6 @@ def test_collect_refuses_an_arm_trained_with_another_config(tiny_workspace, tmp_
 def test_p_vs_best_trained_with_the_pair_as_the_unit():
     """Seeds on the same pairs: the paired bootstrap of each pair's flip averaged over seeds, best arm
     against the other (10,000 resamples, as the other pair-unit tests)."""
-    from mechmed import stats
     from mechmed.ablate import against_best_trained
 
     rng = np.random.default_rng(1)

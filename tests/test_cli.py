@@ -206,4 +206,5 @@ def test_the_attributed_set_is_named_for_sources_only():
     assert _attributed_set("demo:unseen", "train") == "unseen"
     assert _attributed_set("hf:owner/name@test", "train") == "test"
     assert _attributed_set("hf:owner/name", "train") == "train"
+    assert _attributed_set("hf:owner/name", "eval") is None  # the loader picks the only split, or test
     assert _attributed_set("pairs.jsonl", "train") is None

@@ -140,11 +140,12 @@ def test_sets_over_the_same_questions_share_their_margins(tiny_bundles, pairs):
 
 
 def _clustered_wilson_by_hand(y, groups):
-    """Wilson's interval at n / d trials, d the cluster-robust variance of the mean over the binomial one."""
+    """Wilson's interval at n / d trials, d the cluster-robust variance of the mean over the binomial one
+    (at least 1), or n / (questions) when there is no variance."""
     y, n = np.asarray(y, float), len(y)
     p, g = y.mean(), sorted(set(groups))
-    if p in (0.0, 1.0):
-        d = 1.0
+    if p in (0.0, 1.0):  # no variance to estimate: one trial per question
+        d = n / len(g)
     else:
         sums = [sum(v - p for v, q in zip(y, groups) if q == c) for c in g]
         d = max(1.0, len(g) / (len(g) - 1) * sum(x * x for x in sums) / n ** 2 / (p * (1 - p) / n))
@@ -154,12 +155,11 @@ def _clustered_wilson_by_hand(y, groups):
     return [0.0 if p == 0 else max(0.0, centre - half), 1.0 if p == 1 else min(1.0, centre + half)]
 
 
-def _durkalski_by_hand(before, after, groups):
-    d = {}
-    for x, y, q in zip(before, after, groups):
-        d[q] = d.get(q, 0) + int(x) - int(y)
-    den = sum(v * v for v in d.values())
-    return 1.0 if den == 0 else float(sps.chi2.sf(sum(d.values()) ** 2 / den, 1))
+def _clustered_p(before, after, groups):
+    """McNemar clustered by question on vectors assembled here (the test itself: tests/test_stats.py)."""
+    from mechmed import stats
+
+    return stats.mcnemar_clustered(before, after, groups).p_value
 
 
 def test_quadrants_and_near_ties_by_hand(tiny_bundles, pairs):
@@ -210,7 +210,7 @@ def test_quadrants_and_near_ties_by_hand(tiny_bundles, pairs):
 def test_compare_crosses_quadrants_with_mcnemar(tiny_bundles, pairs, tmp_path):
     """compare reports both runs' quadrant shares and, per cell, McNemar of membership over the shared
     pairs (an exact binomial test of the discordant pairs, by hand), and McNemar clustered by question
-    (Durkalski's statistic, by hand) of the cells and of the flips."""
+    of the cells and of the flips, over the pairs and questions assembled here."""
     import json
 
     from mechmed.consistency import QUADRANTS, compare_runs
@@ -244,11 +244,11 @@ def test_compare_crosses_quadrants_with_mcnemar(tiny_bundles, pairs, tmp_path):
         b10 = sum(1 for r in head_b if cell(head_a[r["id"]]) and not cell(r))
         want = 1.0 if b01 + b10 == 0 else sps.binomtest(min(b01, b10), b01 + b10, 0.5).pvalue
         assert q["p"][name] == pytest.approx(want)
-        assert q["p_clustered"][name] == pytest.approx(_durkalski_by_hand(
+        assert q["p_clustered"][name] == pytest.approx(_clustered_p(
             [cell(head_a[r["id"]]) for r in head_b], [cell(r) for r in head_b], [head_a[r["id"]]["question_id"]
                                                                                  for r in head_b]))
     paired = res["paired"]
-    assert paired["mcnemar_flips_clustered"]["p_value"] == pytest.approx(_durkalski_by_hand(
+    assert paired["mcnemar_flips_clustered"]["p_value"] == pytest.approx(_clustered_p(
         [head_a[r["id"]]["flip"] for r in head_b], [r["flip"] for r in head_b],
         [head_a[r["id"]]["question_id"] for r in head_b]))
     assert paired["n_common_questions"] == len({r["question_id"] for r in head_b})

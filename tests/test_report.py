@@ -479,3 +479,28 @@ def test_feature_labels_come_from_the_saes_explanations_only(run_dir, tmp_path, 
     target.parent.mkdir(parents=True)
     target.write_text(json.dumps({"2": "pleural fluid", "3": "  "}))
     assert feature_labels(str(tmp_path / "sae"), sae) == {2: "pleural fluid"}
+
+
+def test_quadrant_sentence_reads_results_with_or_without_clustered_tests(run_dir):
+    """The image-reliance sentence gives the clustered McNemar p of each cell; over results written
+    before the clustered tests existed it falls back to the pair-level p and says so."""
+    import copy
+
+    from mechmed.report import _quadrant_headline, fmt_p
+
+    summary = copy.deepcopy(_results(run_dir)["summary"])
+    for r in summary:
+        r["collapsed"] = False  # the tiny model's arms may collapse; the sentence leaves those out
+    base = next(r for r in summary if r["arm"] == "base")
+    (now,) = _quadrant_headline(summary, base)
+    sel = next(r for r in summary if r["arm"] == "selected")
+    p = sel["quadrants"]["p_vs_base_clustered"]["consistent_reliant"]
+    assert f"(McNemar clustered by question {fmt_p(p)})" in now
+    old = copy.deepcopy(summary)
+    for r in old:
+        if r.get("quadrants"):
+            r["quadrants"].pop("p_vs_base_clustered", None)
+            r["quadrants"].pop("clustered", None)
+    (then,) = _quadrant_headline(old, next(r for r in old if r["arm"] == "base"))
+    p = sel["quadrants"]["p_vs_base"]["consistent_reliant"]
+    assert "clustered" not in then and f"(McNemar {fmt_p(p)})" in then

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -131,25 +132,42 @@ def _clustered_sample(seed: int, g: int = 60):
     return before, after, labels
 
 
-def test_mcnemar_clustered_by_hand_and_against_statsmodels():
-    # one pair per cluster: McNemar's uncorrected chi-square
+def test_mcnemar_clustered_against_statsmodels_and_enumeration():
+    # one pair per cluster: the exact McNemar test
     before, after, _ = _clustered_sample(0)
     b, c = int((before & ~after).sum()), int((~before & after).sum())
     table = [[int((before & after).sum()), b], [c, int((~before & ~after).sum())]]
-    ref = sm_mcnemar(table, exact=False, correction=False)
     r = stats.mcnemar_clustered(before, after, np.arange(before.size))
-    assert r.statistic == pytest.approx(ref.statistic, rel=1e-12)
-    assert r.p_value == pytest.approx(ref.pvalue, rel=1e-9)
-    # clustered: (sum of per-cluster differences)^2 / sum of their squares, by hand
-    before, after, labels = _clustered_sample(1)
-    d = {}
-    for x, y, q in zip(before, after, labels):
-        d[q] = d.get(q, 0) + int(x) - int(y)
-    x2 = sum(d.values()) ** 2 / sum(v * v for v in d.values())
-    r = stats.mcnemar_clustered(before, after, labels.tolist())
-    assert r.statistic == pytest.approx(x2, rel=1e-12)
-    assert r.p_value == pytest.approx(float(sps.chi2.sf(x2, 1)), rel=1e-9)
-    assert (r.estimate_1, r.estimate_2, r.n1) == (before.mean(), after.mean(), before.size)
+    assert r.p_value == pytest.approx(sm_mcnemar(table, exact=True).pvalue, rel=1e-9)
+    assert r.statistic == pytest.approx(sm_mcnemar(table, exact=False, correction=False).statistic, rel=1e-12)
+    # few discordant pairs: five flips one way are p = 1/16 exactly (the chi-square would say 0.025)
+    assert stats.mcnemar_clustered([1] * 5, [0] * 5, range(5)).p_value == pytest.approx(0.0625, rel=1e-12)
+    # clustered: every one of the 2^12 sign patterns of the per-cluster differences, enumerated
+    rng = np.random.default_rng(1)
+    d = rng.integers(-3, 4, size=12)
+    x, y, labels = [], [], []
+    for g, v in enumerate(d):
+        for _ in range(abs(int(v))):
+            x.append(v > 0), y.append(v < 0), labels.append(f"q{g}")
+        x.append(True), y.append(True), labels.append(f"q{g}")  # a concordant pair adds nothing
+    t = abs(int(d.sum()))
+    want = np.mean([abs(int(np.dot(signs, d))) >= t for signs in itertools.product((1, -1), repeat=d.size)])
+    r = stats.mcnemar_clustered(x, y, labels)
+    assert r.p_value == pytest.approx(want, rel=1e-12)
+    assert r.statistic == pytest.approx(d.sum() ** 2 / (d ** 2).sum(), rel=1e-12)  # Durkalski's X²
+    assert (r.estimate_1, r.estimate_2, r.n1) == (np.mean(x), np.mean(y), len(x))
+    # 400 clusters of up to 3 pairs, p near 0.01: the exact p approaches Durkalski's chi-square one,
+    # a little above it (the chi-square is too small by the discreteness it ignores)
+    for seed in (0, 4):
+        d = np.random.default_rng(seed).choice([-2, -1, 0, 1, 2], size=400, p=[0.08, 0.2, 0.42, 0.22, 0.08])
+        x, y, labels = [], [], []
+        for g, v in enumerate(d):
+            x += [v > 0] * abs(int(v)) + [False]
+            y += [v < 0] * abs(int(v)) + [False]
+            labels += [g] * (abs(int(v)) + 1)
+        r = stats.mcnemar_clustered(x, y, labels)
+        approx = float(sps.chi2.sf(r.statistic, 1))
+        assert approx < r.p_value < 1.2 * approx and r.p_value < 0.02
     # no discordant pair: p = 1
     assert stats.mcnemar_clustered([1, 0, 1], [1, 0, 1], ["a", "a", "b"]).p_value == 1.0
 
@@ -186,9 +204,11 @@ def test_clustered_wilson_against_statsmodels(seed):
     assert (r.low, r.high) == pytest.approx((low, high), abs=TIGHT)
     plain = stats.wilson_interval(int(y.sum()), n)
     assert r.low < plain.low and r.high > plain.high and r.n_clusters == len(set(labels))
-    # every trial in one cluster: one effective trial; none flipped: no design effect
+    # every trial in one cluster: one effective trial
     assert stats.clustered_wilson_interval([1, 0, 1, 1], ["a"] * 4).n_effective == pytest.approx(1.0)
-    assert stats.clustered_wilson_interval([0, 0, 0], ["a", "b", "b"]).design_effect == 1.0
+    none = stats.clustered_wilson_interval([0, 0, 0, 0], ["a", "b", "b", "b"])  # no variance: a trial per question
+    assert none.n_effective == pytest.approx(2.0) and (none.low, none.high) == pytest.approx(
+        tuple(proportion_confint(0, 2, alpha=0.05, method="wilson")), abs=TIGHT)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -342,6 +342,9 @@ def test_sharded_runs_refuse_what_they_cannot_do(monkeypatch):
         check_launch(_cfg(method="spectral_moe"), "cuda:1")
     with pytest.raises(MechmedError, match="--use_fsdp with --device cpu.*--multi_gpu"):
         check_launch(_cfg(), "cpu")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "1")  # accelerate reads 1, yes, true alike
+    with pytest.raises(MechmedError, match="--use_fsdp with --device cpu"):
+        check_launch(_cfg(), "cpu:0")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     for device in ("cpu", "cuda"):
         check_launch(_cfg(method="spectral_moe"), device, resume=True)
