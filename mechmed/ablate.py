@@ -246,14 +246,15 @@ def _run_arm(cfg_dict: dict, run_dir: str, threads: int | None, device: str = "c
     import json
 
     from mechmed.config import TrainConfig
-    from mechmed.runtime import torch_threads
+    from mechmed.runtime import deterministic, torch_threads
     from mechmed.train import train
 
     out = Path(run_dir)
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     cfg = TrainConfig.from_dict(cfg_dict, source=str(out / "config.yaml"))
-    with torch_threads(threads):  # restored: in-process arms run in the caller's process
+    # restored: in-process arms run in the caller's process; a spawned worker starts with torch's defaults
+    with torch_threads(threads), deterministic(device):
         return train(cfg, out, resume=(out / "checkpoint").exists(), evaluate_before=False, png=False, device=device,
                      dtype=dtype, progress=f"arm {out.name}" if progress else False).metrics
 
@@ -683,6 +684,7 @@ def against_best_trained(rows: list[dict], summary: list[dict], pairs_by_row: di
         if (r["arm"], r["method"]) != key and r["seed"] in best_rows:
             r["p_vs_best_trained"] = _mcnemar(pairs_by_row[best_rows[r["seed"]]], pairs_by_row[i])
     best_pool = _pool(pairs_by_row, rows, list(best_rows.values()))
+    by_seed = not shared_questions({r["seed"]: pairs_by_row[i] for i, r in enumerate(rows) if r["arm"] == "base"})
     for r in summary:
         if (r["arm"], r["method"]) == key:
             continue
@@ -697,7 +699,9 @@ def against_best_trained(rows: list[dict], summary: list[dict], pairs_by_row: di
             r["p_vs_best_trained"] = float(stats.paired_bootstrap(best_f, arm_f, n_resamples=10_000,
                                                                   seed=0).p_value)
         else:
-            r["p_vs_best_trained"] = _mcnemar(best_pool, _pool(pairs_by_row, rows, idx))
+            arm_pool = _pool(pairs_by_row, rows, idx)
+            r["p_vs_best_trained"] = _mcnemar(best_pool, arm_pool)
+            r["p_vs_best_trained_clustered"] = _mcnemar(best_pool, arm_pool, True, by_seed)
     return f"{best['arm']}-{best['method']}"
 
 
@@ -826,7 +830,7 @@ def run_arms(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike, na
              progress: bool = False, device: str = "cpu", dtype: str | None = None) -> dict:
     """Run only the named parts of the grid (``base-s<seed>`` or an arm's name from the plan), each
     as the whole grid would; returns name -> metrics. Finished ones are read back."""
-    from mechmed.runtime import torch_threads
+    from mechmed.runtime import deterministic, torch_threads
 
     grid = _prepare(cfg, out, device, dtype)
     by_name = {a.name: a for a in grid.arms}
@@ -836,7 +840,7 @@ def run_arms(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike, na
         raise MechmedError(f"--arm {unknown[0]}: not in this grid's plan; choose from "
                            f"{', '.join([*bases, *by_name])}")
     done = {}
-    with torch_threads(grid.threads):
+    with torch_threads(grid.threads), deterministic(grid.device):
         for n in names:
             if n in bases:
                 done[n] = evaluate_base(grid.cfg, bases[n], grid.out, progress=progress, device=grid.device,
@@ -921,7 +925,7 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
     or elsewhere, :func:`write_plan`) and writes the table from them."""
     from mechmed.io import write_json, write_text
     from mechmed.progress import progress_bar
-    from mechmed.runtime import check_device, torch_threads
+    from mechmed.runtime import check_device, deterministic, torch_threads
 
     grid = _prepare(cfg, out, device, dtype)
     cfg, out, arms, t = grid.cfg, grid.out, grid.arms, grid.cfg.train
@@ -930,10 +934,10 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
     devices = [check_device(d) for d in devices] if devices else None
     if collect:
         _check_collected(grid)
-    with torch_threads(small):
+    with torch_threads(small), deterministic(device):
         base = {s: evaluate_base(cfg, s, out, progress=progress, device=device, dtype=dtype) for s in cfg.seeds}
     metrics: dict = {}
-    with torch_threads(small):
+    with torch_threads(small), deterministic(device):
         for a in arms:
             if a.arm in TRAINING_FREE_ARMS:
                 metrics[a.name] = evaluate_training_free(cfg, a, out / "arms" / a.name, progress=progress,
@@ -980,3 +984,39 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
     write_json(out / "results.json", result)
     log.info("ablation: %d arms in %s\n%s", len(arms), out, format_table(summary))
     return AblationResult(out, rows, summary, base_summary)
+
+
+def pool_seed_runs(ablation_dirs: Sequence[str | os.PathLike]) -> dict:
+    """One summary over ablations of one design that differ in their seed alone (``mechmed demo --seed S``
+    writes one per seed, each with its own model and data): every row of every run, and
+    :func:`summarise` over all of them. Each seed's questions are their own clusters, so each pooled
+    clustered p (``*_clustered``) is an exact sign-flip test over (seed, question) clusters, stratified
+    by seed: a claim it supports holds over the seeds, not in one of them. Returns ``{"rows",
+    "summary", "best_trained", "runs"}``."""
+    from mechmed.io import read_json
+
+    rows: list[dict] = []
+    pairs_by_row, sets_by_row, base_pairs, runs = {}, {}, {}, []
+    for d in map(Path, ablation_dirs):
+        res = read_json(d / "results.json", "ablation results")
+        names = list((res.get("config", {}).get("train") or {}).get("extra_eval") or {})
+        for r in res["rows"]:
+            if r["seed"] in base_pairs and r["arm"] == "base":
+                raise MechmedError(f"{d}: seed {r['seed']} is in two of the runs to pool; give one run per seed")
+            r = dict(r)
+            run_dir = d / Path(r["run_dir"]).name if r["arm"] == "base" else d / "arms" / Path(r["run_dir"]).name
+            eval_dir = run_dir if r["arm"] == "base" else run_dir / "after"
+            r["run_dir"], r["_n_questions"] = str(run_dir), read_json(eval_dir / "metrics.json", "metrics")["n_questions"]
+            pairs_by_row[len(rows)] = _read_pairs(eval_dir / "pairs.jsonl")
+            sets_by_row[len(rows)] = evaluation_sets(eval_dir, names)
+            if r["arm"] == "base":
+                base_pairs[r["seed"]] = pairs_by_row[len(rows)]
+            rows.append(r)
+        runs.append(str(d))
+    if not rows:
+        raise MechmedError("pool: no runs given; give the ablation directories of one run per seed")
+    summary = summarise(rows, pairs_by_row, base_pairs, sets_by_row)
+    best = against_best_trained(rows, summary, pairs_by_row)
+    for r in rows + summary:
+        r.pop("_n_questions", None)
+    return {"rows": rows, "summary": summary, "best_trained": best, "runs": runs}

@@ -222,10 +222,18 @@ def cmd_select_layers(args) -> int:
     from mechmed.stages import run_select_layers
 
     overrides = {k: v for k, v in config_from_args(args).items() if k not in ("layers", "model", "method", "seed")}
+    from mechmed.selection import SelectionUncertainty
+
     cfg, chosen = run_select_layers(args.scores, args.out, strategy=args.strategy, width=args.width, k=args.k,
                                     threshold=args.threshold, score=args.score, method=args.method or "lora",
                                     model=args.model, data=args.data, saes=args.saes, seed=args.seed or 0,
-                                    overrides=overrides, device=args.device, dtype=args.dtype)
+                                    overrides=overrides, device=args.device, dtype=args.dtype, p_best=args.p_best)
+    unc = (cfg.provenance or {}).get("uncertainty")
+    if unc:
+        unc = SelectionUncertainty.from_dict(unc)
+        print(f"{args.score} summed over each candidate, with its {unc.confidence:.0%} interval and how often it is "
+              f"the best over {unc.n_bootstrap} resamples of the {unc.n_questions} attributed questions:")
+        print(unc.table())
     print(f"selected layers {list(chosen.layers)} ({chosen.strategy}, {args.score}); config: {args.out}")
     print(f"next: mechmed train --config {args.out} --out runs/train")
     return 0
@@ -544,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=5, help="window width (default 5)")
     p.add_argument("--k", type=int, default=5, help="layers for --strategy topk")
     p.add_argument("--threshold", type=float, default=None, help="score threshold for --strategy threshold")
+    p.add_argument("--p-best", type=float, default=0.8, metavar="P",
+                   help="warn when the selection comes out in fewer than this share of the resamples of the "
+                   "attributed questions (default 0.8)")
     p.add_argument("--score", default="gain_flipped", help="which layer score to select on (default gain_flipped: "
                    "where the flip enters the residual; see layer_scores.json for the others)")
     p.add_argument("--saes", default="demo", help="SAEs, when the scores are computed here")
@@ -627,12 +638,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a failed command leaves --out as it found it; resumable grids keep their finished stages
     guard = rollback_on_error(out) if out and args.command not in ROLLBACK_EXEMPT else nullcontext()
     from mechmed.models import cpu_threads_for
-    from mechmed.runtime import check_device, torch_threads
+    from mechmed.runtime import check_device, deterministic, torch_threads, warn_if_not_deterministic
 
-    model = getattr(args, "model", None) or ("demo" if args.command == "demo" else None)
+    model = model_of(args)
     try:
         if getattr(args, "device", None):  # before any data or weights: a device that is not there is one line
             args.device = check_device(args.device)  # and auto is CUDA where present
+        warn_if_not_deterministic(model)
         if getattr(args, "gguf_file", None):
             from mechmed.checkpoints import gguf_path
 
@@ -643,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             check_template(args.prompt_template)
         threads = cpu_threads_for(str(model), getattr(args, "device", "cpu")) if model else None
-        with guard, torch_threads(threads):
+        with guard, torch_threads(threads), deterministic(getattr(args, "device", None) or "cpu"):
             return int(args.func(args) or 0)
     except MechmedError as e:
         print(f"mechmed {args.command}: error: {e}", file=sys.stderr)
@@ -653,7 +665,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def model_of(args) -> str | None:
+    """The model a parsed command line loads: ``--model``, the ``model`` of its ``--config`` (a training
+    config, or an ablation config's ``train``), ``demo`` for the demo commands; None for commands
+    that load none. Reads no weights and imports no torch."""
+    if args.command in ("demo", "demo-model"):
+        return "demo"
+    given = getattr(args, "model", None)
+    if given or not getattr(args, "config", None):
+        return given or ("demo" if args.command == "train" else None)
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # the command reports what is wrong with its config
+    raw = raw.get("train", raw) if isinstance(raw, dict) else {}
+    model = raw.get("model", "demo") if isinstance(raw, dict) else None
+    return model.get("name") if isinstance(model, dict) else model
+
+
+def requested_model(argv: Sequence[str]) -> str | None:
+    """:func:`model_of` for a raw command line, or None when it does not parse (``main`` then says why)."""
+    import contextlib
+    import io
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args = build_parser().parse_args(argv)
+    except SystemExit:
+        return None
+    return model_of(args) if getattr(args, "func", None) else None
+
+
 def entry() -> None:
+    from mechmed.runtime import reexec_deterministic
+
+    reexec_deterministic(requested_model(sys.argv[1:]))  # before torch loads: it reads the settings once
     sys.exit(main())
 
 

@@ -105,12 +105,13 @@ def run_pipeline(out: str | os.PathLike = "runs/demo", *, model: str = "demo", d
     from mechmed.figures import png_session, shared_plotly
     from mechmed.io import ensure_dir
     from mechmed.models import cpu_threads_for
-    from mechmed.runtime import check_device, torch_threads
+    from mechmed.runtime import check_device, deterministic, torch_threads, warn_if_not_deterministic
 
     device = check_device(device)
+    warn_if_not_deterministic(model)
     out = ensure_dir(Path(out))
     # one headless browser for every PNG the stages write; one torch thread for demo-sized models
-    with png_session(), shared_plotly(out), torch_threads(cpu_threads_for(model, device)):
+    with png_session(), shared_plotly(out), torch_threads(cpu_threads_for(model, device)), deterministic(device):
         return _run(out, model=model, data=data, saes=saes, seed=seed, width=width, arms=arms, methods=methods,
                     seeds=seeds, workers=workers, max_pairs=max_pairs, echo=echo, device=device, dtype=dtype)
 
@@ -121,6 +122,7 @@ def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, wor
     from mechmed.config import TrainConfig
     from mechmed.io import ensure_dir
     from mechmed.runtime import cache_root
+    from mechmed.selection import P_BEST_THRESHOLD
     from mechmed.sources import get
     from mechmed.stages import run_attribute, run_sae_check, run_select_layers
 
@@ -181,7 +183,10 @@ def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, wor
     stage("select_layers", cfg_path.is_file(), select)
     train_cfg = TrainConfig.load(cfg_path)
     res.selected = list(train_cfg.layers)
-    _say(f"[select_layers] selected layers {res.selected} ({cfg_path})", echo)
+    unc = (train_cfg.provenance or {}).get("uncertainty")
+    sure = (f"; the best window in {unc['p_chosen']:.0%} of {unc['n_bootstrap']} resamples of the attributed "
+            "questions" + (" (a near-tie)" if unc["p_chosen"] < P_BEST_THRESHOLD else "")) if unc else ""
+    _say(f"[select_layers] selected layers {res.selected}{sure} ({cfg_path})", echo)
     ab = AblationConfig(train={k: v for k, v in train_cfg.to_dict().items() if k != "config_version"},
                         arms=list(arms), methods=list(methods), seeds=list(seeds or [seed]), workers=workers,
                         attribution=str(out / "attribute"), saes=saes or None, source=str(cfg_path))

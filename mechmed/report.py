@@ -352,6 +352,24 @@ def _load(run_dir: Path) -> _Run:
     return run
 
 
+def _mode_sentence(run: _Run) -> str:
+    """Which CPU mode computed the run (``determinism`` of its base evaluation), as a sentence; empty for
+    runs that did not record it."""
+    state = None
+    if run.ablation_dir is not None:
+        for p in sorted(run.ablation_dir.glob("base-s*/metrics.json")):
+            with contextlib.suppress(OSError, ValueError):
+                state = json.loads(p.read_text(encoding="utf-8")).get("determinism")
+            break
+    if not state:
+        return ""
+    if state.get("mode") == "deterministic":
+        return (f"Computed in deterministic CPU mode (ATen {state.get('aten_cpu_capability')} kernels, MKL_CBWR="
+                f"{(state.get('env') or {}).get('MKL_CBWR')}, fixed threads): the same seed gives these numbers "
+                "on any x86-64 CPU with AVX2. ")
+    return "Computed in the default CPU mode: on another CPU the same seed can give other numbers. "
+
+
 # ---------------------------------------------------------------- headlines
 
 def _selected_layers(run: _Run) -> list[int]:
@@ -998,6 +1016,7 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
              or (run.train_cfg or {}).get("model") or (run.layer_scores or {}).get("model"))
     meta = (f"Run directory {run_dir}" + (f"; model {model}" if model else "")
             + f"; mechmed {__version__}; written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. "
+            + _mode_sentence(run) +
             f"Intervals are 95% CIs; p-values are {_test_phrase(run.ablation or {}, plural=True)} on the same "
             "held-out pairs, and, where marked “by question”, McNemar tests clustered by question (a question's "
             "pairs share its image and answer, so they are not independent).")

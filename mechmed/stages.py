@@ -30,8 +30,8 @@ from mechmed.fidelity import (
     parse_text_sets,
     prompt_set,
 )
-from mechmed.runtime import versions
-from mechmed.selection import file_sha256, load_scores, score_vector, select
+from mechmed.runtime import determinism_state, versions
+from mechmed.selection import P_BEST_THRESHOLD, file_sha256, load_scores, score_vector, select
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,16 @@ def run_select_layers(scores: str | None = None, out: str = "runs/train.yaml", *
                       width: int = 5, k: int = 5, threshold: float | None = None, score: str = "gain_flipped",
                       method: str = "lora", model: str | None = None, data: str = "demo",
                       saes: str | None = "demo", attribute_out: str | None = None, seed: int = 0,
-                      overrides: dict | None = None, device: str = "cpu", dtype: str | None = None):
+                      overrides: dict | None = None, device: str = "cpu", dtype: str | None = None,
+                      p_best: float = P_BEST_THRESHOLD, n_bootstrap: int = 1000):
     """Select layers from a scores file (or compute it on ``device`` in ``dtype``), and write a training
-    config YAML."""
+    config YAML.
+
+    How sure the selection is (:func:`mechmed.selection.selection_uncertainty`: the attributed questions
+    resampled ``n_bootstrap`` times) goes into the config's provenance (``uncertainty``) and into the
+    scores file (``selections``, one entry per strategy, parameters and score); a selection that comes
+    out in fewer than ``p_best`` of the resamples is logged as a near-tie (None for scores that are not
+    per-pair means). Returns (config, range)."""
     from mechmed import __version__
     from mechmed.config import TrainConfig
     from mechmed.sources import get, train_defaults
@@ -54,10 +61,13 @@ def run_select_layers(scores: str | None = None, out: str = "runs/train.yaml", *
     table = load_scores(scores)
     vec = score_vector(table, score, str(scores))
     chosen = select(vec, strategy, width=width, k=k, threshold=threshold)
+    unc = record_uncertainty(table, scores, score, strategy, width=width, k=k, threshold=threshold,
+                             n_bootstrap=n_bootstrap, seed=seed, p_best=p_best)
     model = model or table.get("model", "demo")
     base = train_defaults(model)
     provenance = {"scores_file": str(scores), "scores_sha256": file_sha256(scores), "score_key": score,
-                  **chosen.to_dict(), "mechmed_version": __version__}
+                  **chosen.to_dict(), "mechmed_version": __version__,
+                  "uncertainty": None if unc is None else unc.to_dict()}
     # the prompts the attribution ran with are the prompts to train with
     fmt = (table.get("model_provenance") or {}).get("prompt_format") or {}
     template = {"prompt_template": fmt["template"]} if fmt.get("kind") == "custom" else {}
@@ -74,6 +84,34 @@ def run_select_layers(scores: str | None = None, out: str = "runs/train.yaml", *
                     "model's data", cfg.model, ", ".join(sorted(data_sources)))
     cfg.save(out)
     return cfg, chosen
+
+
+def record_uncertainty(table: dict, path, score: str, strategy: str, *, width: int, k: int,
+                       threshold: float | None, n_bootstrap: int = 1000, seed: int = 0,
+                       p_best: float = P_BEST_THRESHOLD):
+    """:func:`mechmed.selection.selection_uncertainty` of a selection from the scores file ``path`` (its
+    contents ``table``), written into that file's ``selections`` and returned; None (and nothing
+    written) for a score that is not a mean over pairs. A near-tie is logged as one warning line."""
+    from mechmed.io import write_json
+    from mechmed.selection import RESAMPLABLE, per_pair_values, selection_uncertainty
+
+    if score not in RESAMPLABLE or not table.get("pairs"):
+        log.info("select-layers: no uncertainty for --score %s (not a per-pair mean)", score)
+        return None
+    values, mask, clusters = per_pair_values(table, score)
+    unc = selection_uncertainty(values, mask, clusters, strategy, width=width, k=k, threshold=threshold,
+                                n_bootstrap=n_bootstrap, seed=seed)
+    entry = {"score_key": score, **unc.to_dict(), "p_best_threshold": p_best}
+    kept = [e for e in table.get("selections", []) if (e.get("score_key"), e.get("strategy"), e.get("params"))
+            != (score, strategy, unc.params)]
+    table["selections"] = [*kept, entry]
+    try:
+        write_json(path, table)
+    except OSError as e:
+        log.warning("select-layers: could not record the selection's uncertainty in %s (%s)", path, e)
+    if (line := unc.warning(p_best)) is not None:
+        log.warning("select-layers: %s", line)
+    return unc
 
 
 
@@ -241,11 +279,12 @@ def run_attribute(model: str = "demo", data: str = "demo", saes: str | None = "d
                                        for r in flipped[:20]]), axis=0)
             for row, value in zip([r for r in rows if r["layer"] == layer], rec):
                 row["recovery"] = None if not np.isfinite(value) else float(value)
+    by_question = {p.id: p.group for p in pairs}
     scores.update({"model": model, "model_provenance": bundle.provenance, "data": str(data),
                    "split": _attributed_set(data, split),
                    "saes": saes,
                    "exact": exact, "seed": seed,
-                   "pairs": [{"id": r.id, "m_q": r.m_q, "m_p": r.m_p, "flipped": r.flipped,
+                   "pairs": [{"id": r.id, "question": by_question[r.id], "m_q": r.m_q, "m_p": r.m_p, "flipped": r.flipped,
                               "layer_attr": r.layer_attr.tolist(),
                               "patch_effect": None if r.patch_effect is None else r.patch_effect.tolist()}
                              for r in results]})
@@ -292,6 +331,7 @@ def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval"
     result.metrics["adapter"] = None if adapter is None else str(adapter)
     result.metrics["seed"] = seed
     result.metrics["versions"] = versions()
+    result.metrics["determinism"] = determinism_state()
     result.metrics["device"], result.metrics["dtype"] = str(b.device), str(b.model.dtype)
     result.metrics["model_provenance"] = b.provenance
     write_jsonl(out_dir / "pairs.jsonl", result.pairs)

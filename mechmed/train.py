@@ -442,7 +442,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     from mechmed.models import load_model
     from mechmed.progress import progress_bar
     from mechmed.readout import warn_text_only
-    from mechmed.runtime import check_device, versions
+    from mechmed.runtime import check_device, determinism_state, versions
 
     device = check_device(device)
     out = Path(out)
@@ -585,7 +585,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         "adapted_modules": adapted, "n_adapted_modules": len(adapted), "layers": cfg.layers, "method": cfg.method,
         "collapsed": collapse is not None,
         "collapse": None if collapse is None else {"step": collapse["step"], "reason": collapse.get("guard_reason")},
-        "seed": cfg.seed, "versions": versions(), "device": str(bundle.device), "dtype": str(bundle.model.dtype),
+        "seed": cfg.seed, "versions": versions(),
+        "determinism": determinism_state(), "device": str(bundle.device), "dtype": str(bundle.model.dtype),
         "model_provenance": bundle.provenance,
     }
     if init_deviation is not None:

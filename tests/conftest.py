@@ -6,9 +6,17 @@ Session-scoped and read-only: tests must not train or modify them.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-import numpy as np
-import pytest
+from mechmed.runtime import deterministic_env
+
+# The suite runs in deterministic CPU mode, as mechmed's commands do on the embedded default: the
+# settings must be in the environment before numpy and torch load (they read them once).
+for _k, _v in deterministic_env({}).items():
+    os.environ.setdefault(_k, _v)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MECHMED_PROGRESS", "0")
@@ -59,6 +67,16 @@ def tiny_bundles(tiny_models):
     from mechmed.models import bundle
 
     return {name: bundle(m, p, name=name) for name, (m, p) in tiny_models.items()}
+
+
+def recorded_digest(what: str) -> str:
+    """The SHA-256 docs/demo.md records for the seed-0 ``what`` (``model weights`` or ``SAE set``)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "demo.md").read_text(encoding="utf-8")
+    found = re.search(rf"\| {what} \| `([0-9a-f]{{64}})` \|", text)
+    assert found, f"docs/demo.md records no {what} digest"
+    return found.group(1)
 
 
 def make_image(seed: int, size: int = 32):

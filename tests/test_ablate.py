@@ -450,3 +450,35 @@ def test_p_vs_best_trained_with_the_pair_as_the_unit():
     want = stats.paired_bootstrap(mean_flips("selected"), mean_flips("steer"), n_resamples=10_000, seed=0).p_value
     assert summary[2]["p_vs_best_trained"] == pytest.approx(float(want))
     assert summary[1].get("p_vs_best_trained") is None
+
+
+@pytest.mark.slow
+def test_runs_of_one_seed_each_pool_into_the_two_seed_summary(grid, tiny_workspace, tmp_path):
+    """Two ablations of one design, one per seed (as ``mechmed demo --seed S`` writes them), pooled by
+    :func:`pool_seed_runs`, give the summary that one grid over both seeds writes from the same finished
+    runs; pooled clustered p-values are stratified by seed (each seed's questions its own clusters)."""
+    from mechmed.ablate import pool_seed_runs
+
+    cfg_file, seed0, _ = grid
+    cfg = yaml.safe_load(cfg_file.read_text())
+    one = tmp_path / "seed1.yaml"
+    one.write_text(yaml.safe_dump({**cfg, "seeds": [1]}))
+    seed1 = tmp_path / "seed1"
+    run_ablation(one, seed1)
+    # one grid over both seeds that reuses every finished run: it trains nothing
+    both = tmp_path / "both"
+    for src in (seed0, seed1):
+        for d in [*src.glob("base-s*"), *(src / "arms").iterdir()]:
+            shutil.copytree(d, both / d.relative_to(src))
+    two = tmp_path / "two.yaml"
+    two.write_text(yaml.safe_dump({**cfg, "seeds": [0, 1]}))
+    want = run_ablation(two, both)
+    pooled = pool_seed_runs([seed0, seed1])
+    assert [(r["arm"], r["seed"]) for r in pooled["rows"]] == [(r["arm"], r["seed"]) for r in
+                                                               sorted(want.rows, key=lambda r: r["seed"])]
+    assert pooled["summary"] == want.summary
+    assert pooled["best_trained"] == json.loads((both / "results.json").read_text())["best_trained"]
+    sel = next(r for r in pooled["summary"] if r["arm"] == "selected")
+    assert sel["n_seeds"] == 2 and sel["p_vs_base_clustered"] is not None
+    with pytest.raises(MechmedError, match="seed 0 is in two of the runs"):
+        pool_seed_runs([seed0, seed0])

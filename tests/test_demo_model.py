@@ -197,6 +197,15 @@ def test_noisy_variants_keep_the_finding_and_negation():
 # ----------------------------------------------------------------------------- determinism
 
 
+def test_a_fresh_build_reproduces_the_recorded_digest(metrics):
+    """The suite builds the seed-0 demo model in deterministic CPU mode (from nothing on a new machine):
+    its weights are those docs/demo.md records, bit for bit."""
+    assert metrics["determinism"]["mode"] == "deterministic", metrics["determinism"]
+    from conftest import recorded_digest
+
+    assert metrics["weights_sha256"] == recorded_digest("model weights")
+
+
 def test_same_seed_same_weights(demo_cache, tmp_path, monkeypatch, capsys):
     """Two short builds with one seed: identical weights and metrics (timing aside); a build shows
     its progress (both training stages) when progress is on."""

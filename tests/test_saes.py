@@ -317,6 +317,19 @@ def test_demo_saes_reach_the_bar(demo_model_dir):
 
 
 @pytest.mark.slow
+def test_the_demo_sae_set_reproduces_the_recorded_digest(demo_model_dir):
+    """The seed-0 demo SAEs (default recipe, the cache ``mechmed demo`` reads), trained in deterministic
+    CPU mode: bit for bit the set docs/demo.md records."""
+    from conftest import recorded_digest
+    from mechmed.demo.saes import ensure_demo_saes
+    from mechmed.saes import MANIFEST
+
+    manifest = json.loads((ensure_demo_saes() / MANIFEST).read_text())
+    assert manifest["determinism"]["mode"] == "deterministic"
+    assert manifest["weights_sha256"] == recorded_digest("SAE set")
+
+
+@pytest.mark.slow
 def test_ensure_demo_saes_caches_atomically(demo_model_dir):
     from mechmed.demo.saes import ensure_demo_saes
     from mechmed.saes import MANIFEST, resolve_saes

@@ -49,8 +49,11 @@ def model_recipe(
     seed: int = 0, model_config: DemoModelConfig | None = None, train_config: DemoTrainConfig | None = None
 ) -> dict:
     """Everything that determines the demo model's weights (its cache key is a hash of this)."""
+    from mechmed.runtime import cpu_mode
+
     return {
         "recipe": RECIPE_VERSION,
+        "cpu_mode": cpu_mode(),
         "seed": seed,
         "data": data_recipe(seed),
         "model": (model_config or DemoModelConfig()).to_dict(),
@@ -118,16 +121,24 @@ def ensure_demo_model(cache_dir: str | os.PathLike | None = None, seed: int = 0,
     if _complete(final) and not force:
         return final
     log.info("building the demo model (seed %d) in %s", seed, final)
-    return _build_into(final, lambda tmp: build_demo(tmp, seed=seed, cache_dir=cache_dir), replace=force)
+    from mechmed.runtime import deterministic
+
+    with deterministic():
+        return _build_into(final, lambda tmp: build_demo(tmp, seed=seed, cache_dir=cache_dir), replace=force)
 
 
-def weights_digest(model) -> str:
-    """SHA-256 over the state dict (sorted names, raw bytes): equal digests mean equal weights."""
+def state_digest(tensors: dict) -> str:
+    """SHA-256 over named tensors (sorted names, raw bytes): equal digests mean bit-identical tensors."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def weights_digest(model) -> str:
+    """:func:`state_digest` of a model's state dict: equal digests mean equal weights."""
+    return state_digest(model.state_dict())
 
 
 def build_demo(
@@ -150,7 +161,7 @@ def build_demo(
 
     from mechmed.demo.model import build_demo_model
     from mechmed.demo.train import train_demo
-    from mechmed.runtime import torch_threads
+    from mechmed.runtime import determinism_state, torch_threads
     from mechmed.tiny import save
 
     out = Path(out_dir)
@@ -163,7 +174,8 @@ def build_demo(
 
     t1 = time.perf_counter()
     model, processor = build_demo_model(model_config, seed)
-    with torch_threads(BUILD_THREADS):  # float sums depend on the thread count: pin it so a seed means one model
+    # float sums depend on the thread count: pin it so a seed means one model
+    with torch_threads(BUILD_THREADS):
         stats = train_demo(model, processor, train_config, seed)
     t_train = time.perf_counter() - t1
     save(model, processor, out)
@@ -178,6 +190,7 @@ def build_demo(
         "decoder_layers": model.config.text_config.num_hidden_layers,
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "weights_sha256": weights_digest(model),
+        "determinism": determinism_state(),
         **ev,
         "training": stats,
         "data_dir": str(data_dir),

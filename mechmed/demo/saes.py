@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mechmed.io import temp_dir
-from mechmed.runtime import torch_threads
+from mechmed.runtime import determinism_state, deterministic, torch_threads
 from mechmed.saes import (
     MANIFEST,
     SAETrainConfig,
@@ -61,6 +61,14 @@ def _weights_digest(model_dir: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def sae_set_digest(saes: dict) -> str:
+    """SHA-256 over every SAE's weights ({layer: SAE}, names prefixed ``layer_{L}.``): equal digests mean
+    bit-identical SAE sets."""
+    from mechmed.demo.build import state_digest
+
+    return state_digest({f"layer_{layer}.{k}": v for layer, sae in saes.items() for k, v in sae.state_dict().items()})
+
+
 def demo_saes_dir(model_dir: str | os.PathLike, cfg: SAETrainConfig, seed: int = 0) -> Path:
     """Where the demo SAEs for ``model_dir`` and ``cfg`` live: beside the model, keyed by its
     weights and the recipe."""
@@ -94,7 +102,7 @@ def ensure_demo_saes(cache_dir: str | None = None, seed: int = 0, kind: str = "b
 
     t0 = time.perf_counter()
     # the demo model is 64 wide: one thread is fastest, and far faster on shared cores
-    with torch_threads(1):
+    with torch_threads(1), deterministic():
         bundle = load_model(str(model_dir), local_files_only=True)
         layers = list(range(bundle.n_layers))
         acts = collect_activations(bundle, demo_training_batches(bundle, cfg, seed), layers)
@@ -103,7 +111,8 @@ def ensure_demo_saes(cache_dir: str | None = None, seed: int = 0, kind: str = "b
         trained = train_saes(acts, cfg, seed=seed, model_name=f"mechmed-demo:{model_dir.name}", num_threads=1,
                              progress="demo SAEs")
     manifest = {"recipe": cfg.to_dict(), "seed": seed, "model_dir": str(model_dir),
-                "model_weights": _weights_digest(model_dir), "collect_s": collect_s, **trained.stats}
+                "model_weights": _weights_digest(model_dir), "weights_sha256": sae_set_digest(trained.saes),
+                "determinism": determinism_state(), "collect_s": collect_s, **trained.stats}
     tmp = temp_dir(final.parent, prefix=f".{final.name}.")
     try:
         save_sae_set(trained.saes, tmp, manifest)
