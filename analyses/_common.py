@@ -133,8 +133,15 @@ def ablation_figures(summary: list, out: Path) -> dict:
 
 
 def run_script(build_parser, run, argv=None) -> int:
-    """Parse ``argv`` with ``build_parser()`` and call ``run(args)`` under :func:`threads`; 0 when done."""
+    """Parse ``argv`` with ``build_parser()`` and call ``run(args)`` under :func:`threads`, in deterministic
+    CPU mode on the embedded default (a script started from a shell restarts itself into it before
+    torch loads); 0 when done."""
+    from mechmed.runtime import deterministic, reexec_deterministic, warn_if_not_deterministic
+
     args = build_parser().parse_args(argv)
-    with threads(args):
+    if argv is None:
+        reexec_deterministic(args.model)
+    warn_if_not_deterministic(args.model)
+    with threads(args), deterministic(args.device):
         run(args)
     return 0

@@ -105,17 +105,71 @@ def run_row(name: str, seed: int, saes: bool) -> dict:
     return {"machine": name, "env_changes": changes, "cpus": cpus, "mode": mode, **json.loads(lines[-1][7:])}
 
 
+#: The emulated machine of ``--demo``: every emulation above that keeps the mode's settings, at once.
+OTHER_MACHINE = {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "OMP_NUM_THREADS": "16", "MKL_NUM_THREADS": "16",
+                 "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2_Usable,-FMA_Usable,-AVX_Usable"}
+
+
+def _numbers(run: Path) -> dict:
+    """What ``mechmed demo`` computed (no paths, times or versions): every ablation row and summary row,
+    every pair's margins in every evaluation, the SAE check's rows and the layer scores."""
+    drop = ("run_dir", "runs")
+    res = json.loads((run / "ablation" / "results.json").read_text(encoding="utf-8"))
+    rows = [{k: v for k, v in r.items() if k not in drop} for r in res["rows"] + res["summary"]]
+    margins = {str(f.relative_to(run)): hashlib.sha256(
+        "".join(json.dumps([x.get("id"), x.get("m_q"), x.get("m_p")]) for x in map(json.loads, f.read_text(
+            encoding="utf-8").splitlines())).encode()).hexdigest() for f in sorted(run.rglob("pairs.jsonl"))}
+    sae = json.loads((run / "sae_check" / "sae_check.json").read_text(encoding="utf-8"))
+    scores = json.loads((run / "attribute" / "layer_scores.json").read_text(encoding="utf-8"))
+    return {"rows": rows, "margins": margins, "sae_rows": sae.get("rows"), "layer_scores": scores.get("scores")}
+
+
+def demo_twice(seed: int, out: Path) -> dict:
+    """``mechmed demo --seed seed`` from nothing (fresh cache) on this machine as it is and on the
+    emulated :data:`OTHER_MACHINE` (one core, MKL told the CPU has SSE4.2, 16 default threads, glibc's
+    non-FMA maths): are all their numbers the same?"""
+    from mechmed.runtime import DETERMINISTIC_ENV, MODE_VARIABLE
+
+    base = {k: v for k, v in os.environ.items() if k not in DETERMINISTIC_ENV and k != MODE_VARIABLE}
+    runs = {}
+    for name, extra, cpus in (("this machine", {}, None), ("emulated other machine", OTHER_MACHINE, "0")):
+        with tempfile.TemporaryDirectory(prefix="mechmed-det-demo-") as cache:
+            run = out / name.replace(" ", "-")
+            cmd = [sys.executable, "-m", "mechmed", "demo", "--seed", str(seed), "--out", str(run)]
+            if cpus:
+                cmd = ["taskset", "-c", cpus, *cmd]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, env={**base, **extra, "MECHMED_CACHE": cache, "MECHMED_PROGRESS": "0"},
+                           check=True, capture_output=True, text=True)
+            runs[name] = {"wall_s": time.perf_counter() - t0, "numbers": _numbers(run)}
+    a, b = (r["numbers"] for r in runs.values())
+    same = {k: a[k] == b[k] for k in a}
+    print("mechmed demo from nothing, this machine against the emulated one: "
+          + ", ".join(f"{k} {'identical' if v else 'DIFFER'}" for k, v in same.items()))
+    return {"seed": seed, "same": same, "wall_s": {k: r["wall_s"] for k, r in runs.items()},
+            "other_machine": OTHER_MACHINE}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--saes", action="store_true", help="also build the SAE set in the rows of SAE_ROWS")
     ap.add_argument("--rows", nargs="*", default=None, help="only these machines (default all)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "determinism.json")
+    ap.add_argument("--demo", type=Path, default=None, metavar="DIR",
+                    help="instead: run mechmed demo from nothing here and on the emulated other machine, under DIR, "
+                    "and compare every number (about 15 minutes)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child(args.seed, args.saes)
         return 0
+    if args.demo is not None:
+        result = demo_twice(args.seed, args.demo)
+        path = args.out.with_name(args.out.stem + "_demo.json")
+        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+        return 0 if all(result["same"].values()) else 1
     rows = []
     if args.rows and args.out.is_file():  # rerun some rows: keep the others of the earlier run (same seed)
         earlier = json.loads(args.out.read_text(encoding="utf-8"))
@@ -130,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:45s} weights {r['weights_sha256'][:12]} saes {r.get('saes_sha256', '-')[:12]:12s} "
               f"data {r['data_sha256'][:12]} build {r['build_s']:6.1f} s  same: "
               + ", ".join(f"{k.split('_')[0]}={v}" for k, v in same.items()), flush=True)
+        _write(args, rows)  # after every row: an interrupted run keeps what it measured
+    _write(args, rows, final=True)
+    return 0
+
+
+def _write(args, rows: list, final: bool = False) -> None:
     import torch
 
     info = {"machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -140,12 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     if ref and plain:
         info["mode_cost"] = {"build_s_mode": ref["build_s"], "build_s_default": plain["build_s"],
                              "ratio": ref["build_s"] / plain["build_s"]}
-        print(f"the mode's build takes {ref['build_s']:.1f} s against {plain['build_s']:.1f} s "
-              f"({ref['build_s'] / plain['build_s']:.2f}x)")
+        if final:
+            print(f"the mode's build takes {ref['build_s']:.1f} s against {plain['build_s']:.1f} s "
+                  f"({ref['build_s'] / plain['build_s']:.2f}x)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
-    return 0
 
 
 def _cpu_name() -> str:

@@ -468,6 +468,25 @@ def _selection_headline(cfg: dict) -> str:
 
     method = cfg.get("method", "lora")
     text += f" for {METHOD_LABELS.get(method, method)} training"
+    return text + "." + _uncertainty_sentence(prov.get("uncertainty"))
+
+
+def _uncertainty_sentence(unc: dict | None) -> str:
+    """How often the chosen selection wins when the attributed questions are resampled, and the runner-up
+    when it is a near-tie."""
+    if not unc:
+        return ""
+    from mechmed.selection import P_BEST_THRESHOLD, SelectionUncertainty
+
+    u = SelectionUncertainty.from_dict(unc)
+    text = (f" Resampling the {u.n_questions} attributed questions {u.n_bootstrap} times, it comes out in "
+            f"{u.p_chosen:.0%} of them")
+    r = u.runner_up()
+    if u.near_tie(unc.get("p_best_threshold", P_BEST_THRESHOLD)) and r is not None:
+        text += (f": a near-tie with {layers_phrase(r['layers'])} ({r['p_best']:.0%}; summed score "
+                 f"{r['score']:.3g} {fmt_ci(r['ci'], 3)} against "
+                 f"{next(c['score'] for c in u.candidates if tuple(c['layers']) == u.chosen):.3g}), which the "
+                 "data do not decide")
     return text + "."
 
 

@@ -6,9 +6,9 @@ of the ablation grid) apply the thread policy once with :func:`torch_threads`, w
 caller's setting afterwards; library functions read the policy from here and never set it for good.
 
 **Deterministic CPU mode** (on by default for the embedded default): the same seed gives the same
-bits on any x86-64 machine. A CPU's own features pick the code path of MKL's matmuls, of ATen's
+bits on any x86-64 machine with AVX2. A CPU's own features pick the code path of MKL's matmuls, of ATen's
 vectorised kernels, of oneDNN's convolutions and of numpy's SIMD loops, and each path rounds
-differently; the mode pins every one to a path that all x86-64 CPUs run (:data:`DETERMINISTIC_ENV`,
+differently; the mode pins every one to a path that all such CPUs run (:data:`DETERMINISTIC_ENV`,
 read once when those libraries load, so the command line re-executes itself with them before torch
 is imported: :func:`reexec_deterministic`), keeps convolutions off oneDNN, asks torch for its
 deterministic algorithms (:func:`deterministic`, around each entry point's work), and trains at fixed
@@ -155,7 +155,7 @@ def deterministic(device: str = "cpu") -> Iterator[bool]:
 
     import torch
 
-    if torch.backends.cpu.get_cpu_capability() != PINNED_CAPABILITY:
+    if env_pinned() and torch.backends.cpu.get_cpu_capability() != PINNED_CAPABILITY:
         logging.getLogger("mechmed").warning(
             "deterministic CPU mode: this CPU runs ATen's %s kernels, not %s (it lacks AVX2), so its numbers are "
             "repeatable here but differ from those of other machines", torch.backends.cpu.get_cpu_capability(),

@@ -42,6 +42,13 @@ def test_demo_progress_lines(demo_run):
     for stage in ("sae_check", "attribute", "ablation", "report"):
         assert any(x.startswith(f"[{stage}] done in ") for x in lines), stage
     assert any(x.startswith("[ablation] base model evaluated: flip rate ") for x in lines)
+    # how sure the selection is, in the stage line and the config
+    assert any(x.startswith("[select_layers] selected layers") and "resamples of the attributed questions" in x
+               for x in lines), proc.stdout
+    import yaml
+
+    unc = yaml.safe_load((out / "train.yaml").read_text())["provenance"]["uncertainty"]
+    assert unc["unit"] == "question" and 0 < unc["p_chosen"] <= 1
     assert any(x.startswith("[sae_check] the demo SAEs, one per layer (trained on first use") for x in lines)
     arm_lines = [x for x in lines if x.startswith("[ablation] arm ")]
     assert sorted(x.split()[2] for x in arm_lines) == [f"{i}/{len(ARMS)}" for i in range(1, len(ARMS) + 1)]
@@ -60,6 +67,10 @@ def test_demo_report_and_results(demo_run):
     assert [r["arm"] for r in res["summary"]] == ["base", *ARMS]
     md = (out / "report.md").read_text(encoding="utf-8")
     page = (out / "report.html").read_text(encoding="utf-8")
+    # computed in deterministic CPU mode, and the report says so
+    base_metrics = json.loads((out / "ablation" / "base-s0" / "metrics.json").read_text())
+    assert base_metrics["determinism"]["mode"] == "deterministic" and base_metrics["determinism"]["env_pinned"]
+    assert "Computed in deterministic CPU mode" in md
     sel = next(r for r in res["summary"] if r["arm"] == "selected")
     flip = f"{sel['flip_rate']:.3f} [{sel['flip_ci'][0]:.3f}, {sel['flip_ci'][1]:.3f}]"
     assert flip in md and flip in page

@@ -31,7 +31,7 @@ TIERS = {
     "interventions": 3,
     "figures": 4, "report": 4,
     "stages": 5, "train": 5, "ablate": 5, "forgetting": 5, "pipeline": 5,
-    "cli": 6,
+    "cli": 6, "__main__": 7,
 }
 DEMO_NAMERS = ("sources", "demo")
 

@@ -504,3 +504,22 @@ def test_quadrant_sentence_reads_results_with_or_without_clustered_tests(run_dir
     (then,) = _quadrant_headline(old, next(r for r in old if r["arm"] == "base"))
     p = sel["quadrants"]["p_vs_base"]["consistent_reliant"]
     assert "clustered" not in then and f"(McNemar {fmt_p(p)})" in then
+
+
+def test_the_selection_sentence_says_how_sure_it_is():
+    """The report's selection sentence gives how often the window wins over resampled questions, and names
+    the runner-up with both score sums when it is a near-tie."""
+    import numpy as np
+
+    from mechmed.report import _selection_headline
+    from mechmed.selection import selection_uncertainty
+
+    rng = np.random.default_rng(1)
+    clusters, mask = [f"q{i}" for i in range(40)], np.ones(40, bool)
+    clear = selection_uncertainty(rng.normal(0, 0.2, (40, 5)) + [0, 3, 3, 0, 0], mask, clusters, width=2, seed=0)
+    text = _selection_headline({"layers": [1, 2], "provenance": {"strategy": "window", "uncertainty": clear.to_dict()}})
+    assert f"comes out in {clear.p_chosen:.0%} of them." in text and "near-tie" not in text
+    tie = selection_uncertainty(rng.normal(0, 1, (40, 5)) + [2, 0, 0, 2, 0], mask, clusters, width=2, seed=0)
+    text = _selection_headline({"layers": list(tie.chosen), "provenance": {"uncertainty": tie.to_dict()}})
+    r = tie.runner_up()
+    assert "a near-tie with layers" in text and f"({r['p_best']:.0%}; summed score {r['score']:.3g}" in text
