@@ -47,12 +47,31 @@ def _fmt_p(p) -> str:
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.0e}"
 
 
+def selection_rows(pooled: dict) -> list[str]:
+    """Per seed: the window select-layers chose, how often it wins over resampled questions, the
+    runner-up, and the base model's canonical accuracy and flip rate (markdown rows)."""
+    import yaml
+
+    lines = ["| seed | selected window | P(best) | runner-up (P) | base canonical accuracy | base flip rate |",
+             "|---|---|---|---|---|---|"]
+    base = {r["seed"]: r for r in pooled["rows"] if r["arm"] == "base"}
+    for run in pooled["runs"]:
+        cfg = yaml.safe_load((Path(run).parent / "train.yaml").read_text(encoding="utf-8"))
+        seed, unc = cfg["seed"], (cfg.get("provenance") or {}).get("uncertainty") or {}
+        others = [c for c in unc.get("candidates", []) if c["layers"] != unc.get("chosen")]
+        r = max(others, key=lambda c: c["p_best"]) if others else None
+        lines.append(f"| {seed} | {cfg['layers'][0]}–{cfg['layers'][-1]} | {unc.get('p_chosen', float('nan')):.2f} | "
+                     + (f"{r['layers'][0]}–{r['layers'][-1]} ({r['p_best']:.2f})" if r else "") + " | "
+                     f"{base[seed]['canonical_accuracy']:.3f} | {base[seed]['flip_rate']:.3f} |")
+    return lines
+
+
 def tables(pooled: dict) -> str:
-    """The pooled tables as markdown: per arm the per-seed flip rates and the pooled rate with its
-    interval clustered by question; then each comparison with its stratified p."""
+    """The pooled tables as markdown: per seed the selection; per arm the per-seed flip rates and the
+    pooled rate with its interval clustered by question; then each comparison with its stratified p."""
     seeds = sorted({r["seed"] for r in pooled["rows"]})
     by = {(r["arm"], r["seed"]): r for r in pooled["rows"]}
-    lines = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled [95% CI, by question] | "
+    lines = [*selection_rows(pooled), "", "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled [95% CI, by question] | "
              "canonical accuracy | unseen | negation |", "|---" * (len(seeds) + 5) + "|"]
     for r in pooled["summary"]:
         cells = [f"{by[(r['arm'], s)]['flip_rate']:.3f}" + (" (c)" if by[(r['arm'], s)]["collapsed"] else "")

@@ -353,14 +353,16 @@ def _load(run_dir: Path) -> _Run:
 
 
 def _mode_sentence(run: _Run) -> str:
-    """Which CPU mode computed the run (``determinism`` of its base evaluation), as a sentence; empty for
-    runs that did not record it."""
+    """Which CPU mode computed the run (``determinism`` of its base evaluation, else of its first trained
+    arm), as a sentence; empty for runs that did not record it."""
     state = None
     if run.ablation_dir is not None:
-        for p in sorted(run.ablation_dir.glob("base-s*/metrics.json")):
+        for p in [*sorted(run.ablation_dir.glob("base-s*/metrics.json")), *sorted(run.ablation_dir.glob(
+                "arms/*/metrics.json"))]:
             with contextlib.suppress(OSError, ValueError):
                 state = json.loads(p.read_text(encoding="utf-8")).get("determinism")
-            break
+            if state:
+                break
     if not state:
         return ""
     if state.get("mode") == "deterministic":

@@ -644,6 +644,7 @@ def evaluate_sets(bundle, main, extra: dict, out: Path, *, seed: int = 0, progre
     that computes every margin."""
     from mechmed.consistency import evaluate
     from mechmed.io import ensure_dir, write_json, write_jsonl
+    from mechmed.runtime import determinism_state
 
     out_metrics: dict = {}
     shared: dict = {}  # the sets ask the same questions about the same images: run each once
@@ -651,6 +652,7 @@ def evaluate_sets(bundle, main, extra: dict, out: Path, *, seed: int = 0, progre
         d = ensure_dir(out if name == "main" else out / name)
         ev = evaluate(bundle, pairs, seed=seed, batch_size=64, controls=name == "main", progress=progress,
                       question_margins=None if edit is not None else shared, edit=edit)
+        ev.metrics["determinism"] = determinism_state()
         write_jsonl(d / "pairs.jsonl", ev.pairs)
         write_json(d / "metrics.json", ev.metrics)
         out_metrics[name] = ev.metrics
