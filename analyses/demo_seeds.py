@@ -30,6 +30,9 @@ COMPARISONS = [(arm, "base", "p_vs_base_clustered") for arm in
     ("selected", "best trained", "p_vs_best_trained_clustered"), ("act", "best trained", "p_vs_best_trained_clustered"),
     ("clamp", "best trained", "p_vs_best_trained_clustered"), ("steer", "best trained", "p_vs_best_trained_clustered"),
     ("ensemble", "best trained", "p_vs_best_trained_clustered")]
+#: Arms compared with each other (the layer ranges, and the two consistency losses), over the pairs both
+#: evaluated, with the same stratified test.
+ARM_PAIRS = [("early", "selected"), ("all", "selected"), ("late", "selected"), ("all", "early"), ("act", "selected")]
 
 
 def run_seed(seed: int, out: Path) -> float:
@@ -44,6 +47,8 @@ def run_seed(seed: int, out: Path) -> float:
 def _fmt_p(p) -> str:
     if p is None:
         return "n/a"
+    if p == 0:  # below float64's range
+        return "< 1e-300"
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.0e}"
 
 
@@ -64,6 +69,33 @@ def selection_rows(pooled: dict) -> list[str]:
                      + (f"{r['layers'][0]}–{r['layers'][-1]} ({r['p_best']:.2f})" if r else "") + " | "
                      f"{base[seed]['canonical_accuracy']:.3f} | {base[seed]['flip_rate']:.3f} |")
     return lines
+
+
+def arm_pairs(pooled: dict) -> list[dict]:
+    """Each of :data:`ARM_PAIRS` present in ``pooled``: both pooled flip rates over the pairs both
+    arms evaluated and the stratified p (:func:`mechmed.consistency.paired_flips`, ids ``seed:id``)."""
+    from mechmed.ablate import _read_pairs
+    from mechmed.consistency import paired_flips
+
+    def pairs(arm: str) -> dict:
+        out = {}
+        for r in pooled["rows"]:
+            if r["arm"] == arm:
+                d = Path(r["run_dir"]) if arm == "base" else Path(r["run_dir"]) / "after"
+                out.update({f"{r['seed']}:{k}": v for k, v in _read_pairs(d / "pairs.jsonl").items()})
+        return out
+
+    out = []
+    for a, b in ARM_PAIRS:
+        pa, pb = pairs(a), pairs(b)
+        common = sorted(set(pa) & set(pb))
+        if not common:
+            continue
+        out.append({"arm": a, "against": b, "n_pairs": len(common),
+                    "flip_rate": sum(pa[i]["flip"] for i in common) / len(common),
+                    "flip_rate_against": sum(pb[i]["flip"] for i in common) / len(common),
+                    "p_clustered": paired_flips(pa, pb, clustered=True, by_seed=True)})
+    return out
 
 
 def tables(pooled: dict) -> str:
@@ -96,6 +128,9 @@ def tables(pooled: dict) -> str:
         per_seed = [by[(arm, s)].get(key.replace("_clustered", "")) for s in seeds if (arm, s) in by]
         lines.append(f"| {arm} | {against} ({ref}) | {summary[arm]['flip_rate']:.3f} vs {summary[ref]['flip_rate']:.3f} | "
                      f"{_fmt_p(summary[arm].get(key))} | {', '.join(_fmt_p(p) for p in per_seed)} |")
+    for c in pooled.get("arm_pairs", []):
+        lines.append(f"| {c['arm']} | {c['against']} | {c['flip_rate']:.3f} vs {c['flip_rate_against']:.3f} | "
+                     f"{_fmt_p(c['p_clustered'])} | |")
     for name in ("unseen", "negation"):
         sets = summary.get("selected", {}).get("sets") or {}
         if name in sets:
@@ -120,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             times[s] = run_seed(s, args.out / f"seed-{s}")
             print(f"seed {s}: {times[s]:.0f} s", flush=True)
     pooled = pool_seed_runs([args.out / f"seed-{s}" / "ablation" for s in args.seeds])
+    pooled["arm_pairs"] = arm_pairs(pooled)
+    before = args.out / "pooled.json"
+    if args.pool_only and before.is_file():  # keep the wall times of the runs that made the seeds
+        times = json.loads(before.read_text(encoding="utf-8")).get("wall_s") or times
     pooled["wall_s"] = times
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pooled.json").write_text(json.dumps(pooled, indent=1) + "\n", encoding="utf-8")

@@ -1,11 +1,14 @@
 """Wall time of ``mechmed demo`` end to end, cold (nothing cached) and warm (model, data and SAEs cached).
 
-Usage: ``python benchmarks/demo_e2e.py [--runs cold warm] [--out benchmarks/results/demo_e2e.json]
-[-- EXTRA DEMO OPTIONS]``
+Usage: ``python benchmarks/demo_e2e.py [--runs cold warm] [--modes deterministic default] [--keep DIR]
+[--out benchmarks/results/demo_e2e.json] [-- EXTRA DEMO OPTIONS]``
 
 Cold runs the command with ``MECHMED_CACHE`` pointing at a new, empty directory, so the demo model,
 its data and its SAEs are built on the way; warm runs it again on that cache into a fresh output
-directory (every stage of the run itself is redone). Each run is the real CLI in a subprocess. Prints
+directory (every stage of the run itself is redone). ``--modes`` runs both once per CPU mode
+(``MECHMED_DETERMINISTIC=1`` / ``0``, each with its own cache), so that the deterministic mode's cost is
+a ratio of one run; ``--keep DIR`` keeps each run's output directory (``DIR/{mode}-{run}``), e.g. to
+compare a cold run's numbers with docs/demo.md. Each run is the real CLI in a subprocess. Prints
 a table (total seconds, seconds per stage as the command reports them, CPU seconds, load average)
 and writes the rows, the machine and the bars to JSON. Bars, on 2 CPU cores: cold ≤ 300 s, warm ≤ 180 s.
 The machine's load average is recorded before and after each run: on a shared machine a high load
@@ -39,9 +42,11 @@ def _uptime() -> str:
         return ""
 
 
-def run_demo(out: Path, cache: Path, extra: list[str]) -> dict:
-    """One ``mechmed demo`` run; its wall time, CPU time (its whole process tree) and stage times."""
-    env = {**os.environ, "MECHMED_CACHE": str(cache), "MECHMED_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
+def run_demo(out: Path, cache: Path, extra: list[str], mode: str = "deterministic") -> dict:
+    """One ``mechmed demo`` run in CPU ``mode``; its wall time, CPU time (its whole process tree) and
+    stage times."""
+    env = {**os.environ, "MECHMED_CACHE": str(cache), "MECHMED_PROGRESS": "0", "PYTHONUNBUFFERED": "1",
+           "MECHMED_DETERMINISTIC": "1" if mode == "deterministic" else "0"}
     cmd = [sys.executable, "-m", "mechmed.cli", "demo", "--out", str(out), *extra]
     load_before = os.getloadavg()
     usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -77,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="cache directory for the runs (default: a new temporary one, removed afterwards); "
                          "a warm-only run needs one that is filled")
+    ap.add_argument("--modes", nargs="+", choices=["deterministic", "default"], default=["deterministic"],
+                    help="CPU modes to run, each cold then warm in its own cache (default: deterministic, the "
+                         "embedded default's)")
+    ap.add_argument("--keep", type=Path, default=None, help="keep each run's output directory under this one")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "demo_e2e.json")
     args = ap.parse_args(argv)
 
@@ -84,23 +93,27 @@ def main(argv: list[str] | None = None) -> int:
 
     from mechmed import __version__
 
-    cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="mechmed-e2e-cache-"))
-    work = Path(tempfile.mkdtemp(prefix="mechmed-e2e-runs-"))
+    caches = {m: (args.cache_dir / m if args.cache_dir and len(args.modes) > 1 else args.cache_dir)
+              or Path(tempfile.mkdtemp(prefix=f"mechmed-e2e-cache-{m}-")) for m in args.modes}
+    work = args.keep or Path(tempfile.mkdtemp(prefix="mechmed-e2e-runs-"))
     rows = []
     try:
-        for kind in args.runs:
-            print(f"{kind}: mechmed demo (cache {cache}) ...", flush=True)
-            row = {"run": kind, **run_demo(work / kind, cache, extra)}
-            row["bar_s"] = BARS[kind]
-            row["passes"] = row["wall_s"] <= BARS[kind]
-            rows.append(row)
+        for mode in args.modes:
+            for kind in args.runs:
+                print(f"{kind}, {mode} mode: mechmed demo (cache {caches[mode]}) ...", flush=True)
+                row = {"run": kind, "mode": mode, **run_demo(work / f"{mode}-{kind}", caches[mode], extra, mode)}
+                row["bar_s"] = BARS[kind]
+                row["passes"] = row["wall_s"] <= BARS[kind]
+                rows.append(row)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
         if args.cache_dir is None:
-            shutil.rmtree(cache, ignore_errors=True)
+            for cache in caches.values():
+                shutil.rmtree(cache, ignore_errors=True)
 
     cols = "  ".join(f"{s:>9}" for s in ("model", "sae", "attribute", "ablation", "report"))
-    header = f"{'run':<5} {'wall s':>7} {'bar':>5} {'cpu s':>7}  {cols}  {'load (1/5/15 min) before → after':<34}"
+    header = f"{'run':<5} {'mode':<13} {'wall s':>7} {'bar':>5} {'cpu s':>7}  {cols}  {'load (1/5/15 min) before → after':<34}"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -109,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                           for s in ("model", "sae_check", "attribute", "ablation", "report"))
         load = f"{'/'.join(f'{x:.1f}' for x in r['loadavg_before'])} → {'/'.join(f'{x:.1f}' for x in r['loadavg_after'])}"
         mark = "ok" if r["passes"] else "OVER"
-        print(f"{r['run']:<5} {r['wall_s']:>7.1f} {r['bar_s']:>5.0f} {r['cpu_s']:>7.1f}  {cells}  {load:<34} {mark}")
+        print(f"{r['run']:<5} {r['mode']:<13} {r['wall_s']:>7.1f} {r['bar_s']:>5.0f} {r['cpu_s']:>7.1f}  {cells}  {load:<34} {mark}")
     result = {
         "benchmark": "demo_e2e",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -125,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "bars_s": BARS,
         "rows": [{k: v for k, v in r.items() if k != "stdout"} for r in rows],
-        "output": {r["run"]: r["stdout"].splitlines() for r in rows},
+        "output": {f"{r['mode']}-{r['run']}": r["stdout"].splitlines() for r in rows},
         "all_pass": all(r["passes"] for r in rows),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

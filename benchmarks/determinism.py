@@ -11,7 +11,8 @@ as mechmed did before the mode, and gives the cost. Prints a table (machine, wei
 evaluation-data digest, build seconds, same as the reference?) and writes the rows to JSON.
 
 The reference row is the mode as shipped. ``ATen default kernels`` is what a CPU without AVX2 runs:
-its digest is expected to differ (the mode pins AVX2 kernels; see docs/demo.md).
+its digest is expected to differ (the mode pins AVX2 kernels; see docs/demo.md), as is that of ``MKL's own
+path``, which shows what the MKL pin is for.
 """
 
 from __future__ import annotations
@@ -36,8 +37,12 @@ MACHINES = {
     "default mode (nothing pinned)": ({}, None, False),
     "one core": ({}, [0], True),
     "16 OpenMP threads by default": ({"OMP_NUM_THREADS": "16", "MKL_NUM_THREADS": "16"}, None, True),
+    # MKL picks its path from the CPU's vendor and features, and on an AMD CPU it ignores
+    # MKL_ENABLE_INSTRUCTIONS and every CBWR branch but COMPATIBLE: these two rows emulate an older
+    # Intel CPU on Intel only
     "MKL on an SSE4.2 CPU": ({"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}, None, True),
     "MKL on an AVX CPU": ({"MKL_ENABLE_INSTRUCTIONS": "AVX"}, None, True),
+    "MKL's own path (MKL_CBWR unset)": ({"MKL_CBWR": None}, None, True),
     "oneDNN at its widest ISA": ({"ONEDNN_MAX_CPU_ISA": None}, None, True),
     "numpy at its widest SIMD": ({"NPY_DISABLE_CPU_FEATURES": None}, None, True),
     "glibc libm without FMA/AVX2": ({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2_Usable,-FMA_Usable,-AVX_Usable"},

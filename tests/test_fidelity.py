@@ -408,8 +408,8 @@ def test_massive_dims_by_hand(vlm, noisy_on_images):
 def test_ce_recovered_by_token_type_by_hand(vlm, noisy_on_images):
     """CE recovered with x̂ (or zero) spliced in at the text or the image positions only, x elsewhere,
     scored on the headline's targets (a real token after an evaluated source, not an image token):
-    forwards and cross-entropies by hand (tolerance 1e-5 on the losses, relative 1e-4 on the ratio:
-    mechmed sums the float32 losses in float32, this test in float64)."""
+    forwards and cross-entropies by hand (tolerance 1e-5 on the losses, mechmed summing the float32 losses
+    in float32, this test in float64; the ratio within what that tolerance allows)."""
     from mechmed.capture import hooks
     from mechmed.fidelity import token_types
     from mechmed.saes import token_mask
@@ -446,7 +446,13 @@ def test_ce_recovered_by_token_type_by_hand(vlm, noisy_on_images):
         got = row["by_token_type"][t]
         r, z = sums[f"{t}_recon"] / count, sums[f"{t}_zero"] / count
         assert got["ce_recon"] == pytest.approx(r, abs=1e-5) and got["ce_zero"] == pytest.approx(z, abs=1e-5)
-        assert got["ce_recovered"] == pytest.approx((z - r) / (z - clean), rel=1e-4), t
+        # the ratio of the losses checked above, and by hand within what their tolerance allows:
+        # |Δρ| ≤ δ (|∂ρ/∂z| + |∂ρ/∂r| + |∂ρ/∂c|) = δ (2 + 2|ρ|) / |z − c| with δ = 1e-5 (zeroing the few image
+        # positions of layer 1 moves the loss little, so the ratio is ill-conditioned there)
+        assert got["ce_recovered"] == pytest.approx(
+            (got["ce_zero"] - got["ce_recon"]) / (got["ce_zero"] - row["ce_clean"]), rel=1e-12), t
+        rho = (z - r) / (z - clean)
+        assert got["ce_recovered"] == pytest.approx(rho, abs=1e-5 * (2 + 2 * abs(rho)) / abs(z - clean)), t
     assert row["by_token_type"]["special"]["ce_recovered"] is None and row["by_token_type"]["bos"]["ce_recovered"] is None
 
 
