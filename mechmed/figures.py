@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from mechmed.config import RANGE_ARMS
+
 log = logging.getLogger(__name__)
 
 PNG_WIDTH, PNG_HEIGHT, PNG_SCALE = 900, 500, 2
@@ -685,7 +687,8 @@ def _arm_tick(arm: str, rows: Sequence[dict]) -> str:
     label = ARM_LABELS.get(arm, arm)
     if not layers:
         return label
-    same = " = selected" if same_as_selected(arm, rows) else ""
+    # only a layer range can coincide with the selection by chance; the other arms use it by design
+    same = " = selected" if arm in RANGE_ARMS and same_as_selected(arm, rows) else ""
     return f"{label}<br><span style='font-size:11px'>L{layer_text(layers)}{same}</span>"
 
 
@@ -763,12 +766,14 @@ def flip_by_arm(rows: Sequence[dict], base: dict | None = None, *, title: str | 
                                          pattern=dict(shape="/", fgcolor=COLLAPSE_COLOUR))))
     _base_layout(fig, title or ("Layer-range ablation: consistency after training<br><sup>lower is better; "
                                 "bars: 95% CI; dashed line and grey band: base model</sup>"),
-                 width=1000, height=520, legend_y=-0.17, bottom=110)
+                 width=1000, height=520 if len(arm_names) <= 6 else 600,
+                 legend_y=-0.17 if len(arm_names) <= 6 else -0.36, bottom=110 if len(arm_names) <= 6 else 190)
     fig.update_layout(barmode="group", bargap=0.3)
     fig.update_yaxes(rangemode="tozero")
     fig.update_yaxes(title_text="flip rate", tickformat=".0%", row=1, col=1)
     fig.update_yaxes(title_text="|margin(q) − margin(p)| (logits)", row=1, col=2)
-    fig.update_xaxes(tickangle=0, tickfont=dict(size=11))
+    # more than six arms do not fit side by side in half the figure's width
+    fig.update_xaxes(tickangle=0 if len(arm_names) <= 6 else -35, tickfont=dict(size=11))
     fig.update_annotations(font_size=13, selector=dict(xref="x domain"))
     return fig
 
