@@ -89,6 +89,19 @@ def temp_dir(parent: str | os.PathLike, prefix: str, suffix: str = "") -> Path:
     return tmp
 
 
+@contextmanager
+def build_lock(final: str | os.PathLike) -> Iterator[None]:
+    """Hold an inter-process lock for building the cache entry ``final`` (a ``.NAME.lock`` file beside
+    it): two processes asking for the same missing entry build it once, the second waits and then
+    finds it complete (check again inside the block)."""
+    from filelock import FileLock
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{final.name}.lock")):
+        yield
+
+
 def file_mode() -> int:
     """The mode the user's umask gives a new file."""
     return 0o666 & ~_umask()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mechmed.demo.model import RECIPE_VERSION, DemoModelConfig
 from mechmed.demo.train import DemoTrainConfig
-from mechmed.io import temp_dir
+from mechmed.io import build_lock, temp_dir
 from mechmed.runtime import cache_root
 
 log = logging.getLogger(__name__)
@@ -105,13 +105,16 @@ def ensure_demo_data(cache_dir: str | os.PathLike | None = None, seed: int = 0, 
     final = cache_root(cache_dir) / "demo" / f"data-s{seed}-{_key(recipe)}"
     if _complete(final) and not force:
         return final
-    log.info("writing the demo data (seed %d) to %s", seed, final)
 
     def build(tmp: Path) -> None:
         write_demo_data(tmp, seed=seed, **DATA_SETTINGS)
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
 
-    return _build_into(final, build, replace=force)
+    with build_lock(final):  # a concurrent process building the same entry: wait, then reuse it
+        if _complete(final) and not force:
+            return final
+        log.info("writing the demo data (seed %d) to %s", seed, final)
+        return _build_into(final, build, replace=force)
 
 
 def ensure_demo_model(cache_dir: str | os.PathLike | None = None, seed: int = 0, force: bool = False) -> Path:
@@ -120,11 +123,14 @@ def ensure_demo_model(cache_dir: str | os.PathLike | None = None, seed: int = 0,
     final = cache_root(cache_dir) / "demo" / f"model-s{seed}-{_key(recipe)}"
     if _complete(final) and not force:
         return final
-    log.info("building the demo model (seed %d) in %s", seed, final)
     from mechmed.runtime import deterministic
 
-    with deterministic():
-        return _build_into(final, lambda tmp: build_demo(tmp, seed=seed, cache_dir=cache_dir), replace=force)
+    with build_lock(final):
+        if _complete(final) and not force:
+            return final
+        log.info("building the demo model (seed %d) in %s", seed, final)
+        with deterministic():
+            return _build_into(final, lambda tmp: build_demo(tmp, seed=seed, cache_dir=cache_dir), replace=force)
 
 
 def state_digest(tensors: dict) -> str:

@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from mechmed.io import temp_dir
+from mechmed.io import build_lock, temp_dir
 from mechmed.runtime import determinism_state, deterministic, torch_threads
 from mechmed.saes import (
     MANIFEST,
@@ -98,6 +98,13 @@ def ensure_demo_saes(cache_dir: str | None = None, seed: int = 0, kind: str = "b
     final = demo_saes_dir(model_dir, cfg, seed)
     if _valid_sae_dir(final):
         return final
+    with build_lock(final):  # a concurrent process training the same set: wait, then reuse it
+        if _valid_sae_dir(final):
+            return final
+        return _train_demo_saes(final, model_dir, cfg, seed)
+
+
+def _train_demo_saes(final: Path, model_dir: Path, cfg: SAETrainConfig, seed: int) -> Path:
     from mechmed.models import load_model
 
     t0 = time.perf_counter()
