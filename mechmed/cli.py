@@ -311,6 +311,21 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from mechmed.figures import browser_path, export_pending
+    from mechmed.report import build_report
+
+    run_dir = Path(args.run_dir)
+    if args.figures and browser_path() is None:
+        export_pending(run_dir)  # says what to install, before anything is written
+    res = build_report(run_dir, out=run_dir)
+    extra = export_pending(run_dir) if args.figures else []
+    drawn = sum(1 for f in res["figures"].values() if f.get("png"))
+    print(f"report: {res['html']} (summary: {res['md']}); {drawn} of {len(res['figures'])} figures as PNG"
+          + (f", {len(extra)} more figure files under {run_dir}" if extra else ""))
+    return 0
+
+
 #: One example per command, shown at the end of its --help (and checked to parse by the tests).
 EXAMPLES = {
     "evaluate": "mechmed evaluate --model google/medgemma-4b-it --device cuda --data pairs.jsonl "
@@ -327,6 +342,7 @@ EXAMPLES = {
     "demo-model": "mechmed demo-model build --seed 1",
     "ablate": "mechmed ablate --config ablation.yaml --device cuda --out runs/ablation --report",
     "demo": "mechmed demo --out runs/demo",
+    "report": "mechmed report runs/demo --figures",
 }
 
 
@@ -610,6 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pairs", type=int, default=200, help="pairs to attribute (default 200)")
     _add_device_options(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="write report.html / report.md again from a finished run directory")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out of mechmed demo or mechmed ablate")
+    p.add_argument("--figures", action="store_true", help="also draw every figure that was written as HTML "
+                   "only (no browser then) as PNG, and the report's as SVG and PDF; needs Chrome/Chromium")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

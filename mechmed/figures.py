@@ -1,9 +1,11 @@
 """Figures (plotly): helpers that build a figure from result rows, and one way to save them.
 
 :func:`save_figure` always writes a self-contained HTML file (plotly.js inlined, opens offline) and
-a PNG through kaleido when it finds a Chrome/Chromium browser on the machine (kaleido 1.x cannot
-download one here; Debian's ``chromium`` package works). Without one it logs that the PNG was
-skipped and says so in its return value; nothing fails.
+a PNG through kaleido when it finds a Chrome/Chromium browser on the machine (``plotly_get_chrome``
+installs one; Debian's ``chromium`` package works). Without one it says so once per run
+(:func:`browser_or_warn`), keeps the figure as ``NAME.plotly.json`` beside the HTML and says so in
+its return value; nothing fails. :func:`export_pending` (``mechmed report RUN_DIR --figures``) draws
+those files later.
 """
 
 from __future__ import annotations
@@ -26,8 +28,26 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F
 TEXT_SET_LABELS = {"medical": "medical text", "general": "general text", "images": "image + question"}
 
 
+#: ``MECHMED_BROWSER``: the Chrome/Chromium to draw PNG/SVG/PDF with, or ``none`` for HTML figures only
+#: (what a machine without a browser gets).
+BROWSER_ENV = "MECHMED_BROWSER"
+#: Set once a run has said that it found no browser: the run's other figures, and its worker
+#: processes, stay quiet.
+_WARNED_ENV = "MECHMED_NO_BROWSER_WARNED"
+NO_BROWSER = ("no Chrome/Chromium found, so figures are written as HTML only (no PNG/SVG/PDF). Install one "
+              "with `plotly_get_chrome` (or your system's chromium package), or point BROWSER_PATH at a "
+              "Chrome/Chromium binary; then `mechmed report RUN_DIR --figures` writes the missing files "
+              "without rerunning anything")
+
+
 def browser_path() -> str | None:
-    """The Chrome/Chromium kaleido would use (``BROWSER_PATH`` first), or None."""
+    """The Chrome/Chromium kaleido would use (``MECHMED_BROWSER``, then ``BROWSER_PATH``, then
+    plotly's own download and the usual places), or None."""
+    chosen = os.environ.get(BROWSER_ENV, "").strip()
+    if chosen.lower() == "none":
+        return None
+    if chosen:
+        return chosen if os.access(chosen, os.X_OK) else None
     try:
         from choreographer.browsers.chromium import Chromium
 
@@ -97,7 +117,7 @@ def png_session():
     outer = _SESSION["depth"] == 0
     _SESSION["depth"] += 1
     try:
-        if outer and browser_path() is not None:
+        if outer and browser_or_warn():  # no browser: the run's one warning, said up front
             try:
                 import kaleido
 
@@ -118,6 +138,44 @@ def png_session():
                 log.debug("kaleido sync server stop failed", exc_info=True)
 
 
+#: Beside a figure whose PNG could not be drawn: the figure itself, so that the PNG (and SVG/PDF) can
+#: be written later (:func:`export_pending`).
+FIGURE_JSON = ".plotly.json"
+
+
+def browser_or_warn() -> bool:
+    """True when a browser for PNG export is there; otherwise say so (:data:`NO_BROWSER`) once per
+    run, the run's worker processes included, and return False."""
+    if browser_path() is not None:
+        return True
+    if not os.environ.get(_WARNED_ENV):
+        log.warning(NO_BROWSER)
+        os.environ[_WARNED_ENV] = "1"
+    return False
+
+
+def export_pending(root: str | os.PathLike) -> list[Path]:
+    """Write the PNG (and, for a report's figures, SVG and PDF) of every figure under ``root`` that was
+    saved without a browser (its ``NAME.plotly.json``); returns the files written. Needs a browser."""
+    import plotly.io as pio
+
+    from mechmed.errors import MechmedError
+
+    if browser_path() is None:
+        raise MechmedError(f"--figures: {NO_BROWSER.split(', so')[0]}; install one with `plotly_get_chrome` "
+                           "(or your system's chromium package) or set BROWSER_PATH, then run this again")
+    written = []
+    with png_session():
+        for spec in sorted(Path(root).rglob("*" + FIGURE_JSON)):
+            base = spec.with_name(spec.name[: -len(FIGURE_JSON)])
+            vector = base.parent.name == "figures" and (base.parent.parent / "report.html").is_file()
+            res = _write_images(pio.read_json(str(spec)), base, vector)
+            if res.get("png"):
+                spec.unlink()
+                written += [Path(res[k]) for k in ("png", "svg", "pdf") if res.get(k)]
+    return written
+
+
 def save_figure(fig, path_without_suffix: str | os.PathLike, *, png: bool = True, shared_js: bool = False,
                 vector: bool = False) -> dict:
     """Write ``fig`` as ``PATH.html`` (self-contained) and, when a browser is available, ``PATH.png``
@@ -129,7 +187,7 @@ def save_figure(fig, path_without_suffix: str | os.PathLike, *, png: bool = True
     None}``, with ``vector`` also ``"svg"``, ``"pdf"`` (paths, once written) and ``"vector_skipped"``
     (why not, or None). All files are written atomically.
     """
-    from mechmed.io import atomic_path, write_text
+    from mechmed.io import write_text
 
     base = Path(path_without_suffix)
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -139,28 +197,41 @@ def save_figure(fig, path_without_suffix: str | os.PathLike, *, png: bool = True
     if not png:
         result["png_skipped"] = "not asked for"
         return result
-    if browser_path() is None:
-        reason = "no Chrome/Chromium found for kaleido (install chromium, or set BROWSER_PATH)"
-        log.warning("PNG skipped for %s: %s; the HTML is written", html.name, reason)
-        result["png_skipped"] = reason
-        return result
+    if browser_or_warn():
+        result.update(_write_images(fig, base, vector))
+    else:
+        result["png_skipped"] = "no Chrome/Chromium found for kaleido (install one with plotly_get_chrome, or set BROWSER_PATH)"
+        log.info("PNG skipped for %s: %s; the HTML is written", html.name, result["png_skipped"])
+    pending = base.with_name(base.name + FIGURE_JSON)
+    if result["png"] is None:  # the figure itself, for `mechmed report --figures` once a browser is there
+        write_text(pending, fig.to_json())
+    elif pending.exists():
+        pending.unlink()
+    return result
+
+
+def _write_images(fig, base: Path, vector: bool) -> dict:
+    """``base.png`` (and with ``vector`` ``.svg``, ``.pdf``) through kaleido: the paths written, and
+    ``png_skipped`` / ``vector_skipped`` with the reason kaleido failed."""
+    from mechmed.io import atomic_path
+
+    out: dict = {}
     width = fig.layout.width or PNG_WIDTH
     height = fig.layout.height or PNG_HEIGHT
     for fmt in ("png", "svg", "pdf") if vector else ("png",):
-        target = base.with_name(f"{base.name}.{fmt}")
         try:
             with warnings.catch_warnings():  # plotly's "kopts ignored" notice under png_session
                 warnings.filterwarnings("ignore", message="The kopts argument is ignored")
                 data = fig.to_image(format=fmt, width=width, height=height, scale=PNG_SCALE if fmt == "png" else 1)
         except Exception as e:  # kaleido / browser failures must not lose the results
             reason = f"kaleido failed ({(str(e).splitlines() or [type(e).__name__])[0]})"
-            log.warning("%s skipped for %s: %s; the HTML is written", fmt.upper(), html.name, reason)
-            result["png_skipped" if fmt == "png" else "vector_skipped"] = reason
-            return result
-        with atomic_path(target) as tmp:
+            log.warning("%s skipped for %s: %s; the HTML is written", fmt.upper(), base.name, reason)
+            out["png_skipped" if fmt == "png" else "vector_skipped"] = reason
+            return out
+        with atomic_path(base.with_name(f"{base.name}.{fmt}")) as tmp:
             tmp.write_bytes(data)
-        result[fmt] = str(target)
-    return result
+        out[fmt] = str(base.with_name(f"{base.name}.{fmt}"))
+    return out
 
 
 def _finite(v) -> bool:

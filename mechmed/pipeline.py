@@ -221,7 +221,8 @@ def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, wor
     stage("report", False, report)
     skipped = {f["png_skipped"] for f in res.report.get("figures", {}).values() if f.get("png_skipped")}
     if skipped:
-        _say(f"[report] PNGs not written ({'; '.join(sorted(skipped))}); report.html has every figure", echo)
+        _say(f"[report] figures are HTML only ({'; '.join(sorted(skipped))}): report.html shows every figure; "
+             f"`mechmed report {out} --figures` writes the PNGs once a browser is there", echo)
     if res.report.get("notes"):
         _say(f"[report] skipped: {'; '.join(res.report['notes'])}", echo)
     _say(f"report: {out / 'report.html'}", echo)

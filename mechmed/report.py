@@ -973,6 +973,11 @@ def _html(title: str, meta: str, headlines: list[str], sections: list[_Section],
 def _markdown(title: str, meta: str, headlines: list[str], sections: list[_Section], notes: list[str],
               files: dict, ablation: dict | None) -> str:
     lines = [f"# {title}", "", meta, ""]
+    if any(not f.get("png") for f in files.values()):
+        lines += ["**Figures:** no Chrome/Chromium was there to draw them as images, so each figure below is a "
+                  "link to its interactive HTML, and report.html shows them all inline. Once a browser is "
+                  "installed (`plotly_get_chrome`), `mechmed report RUN_DIR --figures` embeds them here "
+                  "without rerunning anything.", ""]
     if headlines:
         lines += ["## Key results", ""] + [f"- {h}" for h in headlines] + [""]
     for sec in sections:

@@ -701,10 +701,17 @@ def test_save_figure_html_and_png(tmp_path, monkeypatch, caplog):
 
     fig = go.Figure(go.Bar(x=[1, 2], y=[3, 4]))
     monkeypatch.setattr(figures, "browser_path", lambda: None)
+    monkeypatch.delenv(figures._WARNED_ENV, raising=False)
     with caplog.at_level(logging.WARNING, logger="mechmed.figures"):
         out = figures.save_figure(fig, tmp_path / "a")
-    assert out["png"] is None and "Chromium" in out["png_skipped"] and "PNG skipped" in caplog.text
+        again = figures.save_figure(fig, tmp_path / "b")
+    assert out["png"] is None and "Chromium" in out["png_skipped"] and again["png"] is None
+    # one warning for the run, naming the fix; the figure kept for `mechmed report --figures`
+    assert [r.getMessage() for r in caplog.records] == [figures.NO_BROWSER] and "plotly_get_chrome" in caplog.text
     assert (tmp_path / "a.html").read_text().count("<script") >= 1 and not (tmp_path / "a.png").exists()
+    import plotly.io as pio
+
+    assert pio.read_json(str(tmp_path / f"a{figures.FIGURE_JSON}")) == fig
 
 
 def _detail_rows(with_image=True):

@@ -11,6 +11,7 @@ import shutil
 import pytest
 import yaml
 
+from conftest import suite_threads
 from mechmed import figures as F
 from mechmed.report import LOSS_LABELS, build_report, layers_phrase, summary_table
 
@@ -66,7 +67,7 @@ def run_dir(tiny_workspace, tmp_path_factory):
         run_ablation(AblationConfig(train=train, arms=["selected", "late", "ce_only", "consistency_only", "act", "clamp",
                                                        "steer", "ensemble"], saes=str(saes),
                                     attribution=str(run / "attribute")), run / "ablation")
-    torch.set_num_threads(2)
+    torch.set_num_threads(suite_threads())
     return run
 
 
@@ -523,3 +524,55 @@ def test_the_selection_sentence_says_how_sure_it_is():
     text = _selection_headline({"layers": list(tie.chosen), "provenance": {"uncertainty": tie.to_dict()}})
     r = tie.runner_up()
     assert "a near-tie with layers" in text and f"({r['p_best']:.0%}; summed score {r['score']:.3g}" in text
+
+
+def test_without_a_browser_one_warning_and_report_figures_draws_them_later(run_dir, tmp_path, monkeypatch, caplog,
+                                                                           capsys):
+    """A machine without Chrome: one warning for the whole run (naming the fix), report.md says where the
+    figures are, and `mechmed report RUN --figures` writes the missing files later (exit 2 while there is
+    still no browser, with nothing changed)."""
+    import logging
+    import shutil
+
+    import plotly.graph_objects as go
+
+    from mechmed.cli import main
+
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    for stale in [*run.rglob("*.png"), *run.rglob("*.svg"), *run.rglob("*.pdf")]:
+        stale.unlink()
+    before = [p.relative_to(run).as_posix() for p in run.rglob("*" + F.FIGURE_JSON)]  # stages run without a browser
+    monkeypatch.setenv(F.BROWSER_ENV, "none")
+    monkeypatch.delenv(F._WARNED_ENV, raising=False)
+    with caplog.at_level(logging.INFO, logger="mechmed"):
+        assert main(["report", str(run)]) == 0
+        F.save_figure(go.Figure(go.Bar(x=[1, 2], y=[3, 4])), run / "sae_check" / "extra")  # a stage's figure
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "plotly_get_chrome" in said[0] and "mechmed report RUN_DIR --figures" in said[0]
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "**Figures:** no Chrome/Chromium" in md and "![" not in md.split("## Skipped")[0].replace(
+        "](figures/examples/", "")
+    figures = sorted(p.name[: -len(".html")] for p in (run / "figures").glob("*.html"))
+    assert figures and all(f"[{name}](figures/{name}.html)" in md for name in figures)
+    pending = sorted(p.relative_to(run).as_posix() for p in run.rglob("*" + F.FIGURE_JSON))
+    assert pending == sorted({*before, *(f"figures/{n}{F.FIGURE_JSON}" for n in figures),
+                              f"sae_check/extra{F.FIGURE_JSON}"})
+
+    capsys.readouterr()
+    assert main(["report", str(run), "--figures"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--figures" in err and "plotly_get_chrome" in err
+    assert (run / "report.md").read_text(encoding="utf-8") == md
+
+    monkeypatch.delenv(F.BROWSER_ENV)
+    if F.browser_path() is None:
+        pytest.skip("no Chrome/Chromium on this machine to draw them with")
+    assert main(["report", str(run), "--figures"]) == 0
+    assert not list(run.rglob("*" + F.FIGURE_JSON))
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "**Figures:**" not in md
+    for name in figures:
+        assert f"![{name}](figures/{name}.png)" in md
+        assert (run / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (run / "figures" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+    assert (run / "sae_check" / "extra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
