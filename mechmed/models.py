@@ -8,6 +8,7 @@ asked; ``local_files_only`` follows ``HF_HUB_OFFLINE`` unless given.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,8 +204,20 @@ def attach_adapter(b: ModelBundle, adapter_dir: str | os.PathLike) -> ModelBundl
                            "(spectral experts) there; give a directory written by save_pretrained / mechmed train")
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(b.model, str(adapter_dir)).eval()
+    with peft_quietly():
+        model = PeftModel.from_pretrained(b.model, str(adapter_dir)).eval()
     return ModelBundle(model, b.processor, b.family, b.answers, f"{b.name}+{adapter_dir.name}")
+
+
+@contextmanager
+def peft_quietly():
+    """Around wrapping a model in peft: peft asks transformers a deprecated question
+    (``is_gradient_checkpointing``) on every adapter, a FutureWarning nobody using mechmed can act on."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def cpu_threads_for(name_or_path: str, device: str = "cpu") -> int | None:

@@ -121,11 +121,14 @@ def apply_adapter(bundle, cfg: TrainConfig):
         return apply_spectral_adapter(bundle, cfg)
     from peft import LoraConfig, get_peft_model
 
+    from mechmed.models import peft_quietly
+
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=list(cfg.target_modules), layers_to_transform=list(cfg.layers),
                       layers_pattern=bundle.family.peft_layers_pattern, bias="none")
     try:
-        model = get_peft_model(bundle.model, lcfg)
+        with peft_quietly():
+            model = get_peft_model(bundle.model, lcfg)
     except ValueError as e:
         raise MechmedError(f"config option target_modules {cfg.target_modules}: {str(e).splitlines()[0]}") from None
     names = adapted_modules(model)
