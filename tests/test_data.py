@@ -462,3 +462,61 @@ def test_text_only_pairs_have_no_image_column(tmp_path: Path) -> None:
             load_pairs(path)
     with pytest.raises(MechmedError, match="line 2: no image"):  # a CSV's header is line 1
         load_pairs(csv_path, require_images=True)
+
+
+# --- the PSF-Med MIMIC JSON and FlipLens PadChest CSV layouts ------------------------------------
+
+
+def test_psf_med_mimic_json_gives_one_pair_per_paraphrase(data_dir: Path) -> None:
+    items = [
+        {"question_id": "m1", "original_question": "Is there a pleural effusion?", "answer": "Yes",
+         "filename": "images/a.png", "question_type": "effusion",
+         "paraphrases": [{"text": "Is pleural fluid present?", "phenomenon": "lexical substitution"},
+                         {"text": "Does the film show an effusion?", "phenomenon": "syntactic_restructuring"}]},
+        {"question_id": "m2", "original_question": "Is the heart enlarged?", "answer": "no",
+         "filename": "images/b", "question_type": "cardiomegaly",
+         "paraphrases": ["Is there cardiomegaly?"]},
+    ]
+    path = data_dir / "mimic.json"
+    path.write_text(json.dumps(items, indent=1), encoding="utf-8")
+    pairs = load_pairs(path)
+    assert [(p.id, p.question_id, p.paraphrase, p.answer, p.phenomenon, p.image.name) for p in pairs] == [
+        ("m1-1", "m1", "Is pleural fluid present?", "yes", "lexical_substitution", "a.png"),
+        ("m1-2", "m1", "Does the film show an effusion?", "yes", "syntactic_restructuring", "a.png"),
+        ("m2-1", "m2", "Is there cardiomegaly?", "no", "other", "b.png"),
+    ]
+    assert all(not p.negated and p.question == items[int(p.question_id[1]) - 1]["original_question"] for p in pairs)
+    assert pairs[0].extra == {"question_type": "effusion"}
+    # a malformed item names the item and the paraphrase
+    items[1]["paraphrases"] = [{"phenomenon": "scope"}]
+    path.write_text(json.dumps(items), encoding="utf-8")
+    with pytest.raises(MechmedError, match=r"mimic\.json, item 2, paraphrase 1: expected"):
+        load_pairs(path)
+    path.write_text('{"question_id": "m1"}', encoding="utf-8")
+    with pytest.raises(MechmedError, match=r"mimic\.json: expected a JSON array"):
+        load_pairs(path)
+    path.write_text('[{"question_id": "m1",', encoding="utf-8")
+    with pytest.raises(MechmedError, match=r"mimic\.json, line 1: malformed JSON"):
+        load_pairs(path)
+
+
+def test_fliplens_padchest_csv_reads_a_false_op_match_as_negated(data_dir: Path) -> None:
+    path = data_dir / "padchest.csv"
+    path.write_text(
+        "question_id,image_path,ground_truth,original_question,paraphrase,phenomenon,op_match\n"
+        "q1,images/a.png,yes,Is there a pleural effusion?,Is pleural fluid present?,lexical,True\n"
+        "q1,images/a.png,yes,Is there a pleural effusion?,Is there no pleural effusion?,negation,False\n"
+        "q2,images/b.png,no,Is there a nodule?,Is a nodule absent?,negation,false\n"
+        "q2,images/b.png,no,Is there a nodule?,Any nodule?,ellipsis,\n", encoding="utf-8")
+    pairs = load_pairs(path)
+    assert [(p.question_id, p.answer, p.expected_paraphrase, p.negated, p.image.name) for p in pairs] == [
+        ("q1", "yes", "yes", False, "a.png"), ("q1", "yes", "no", True, "a.png"),
+        ("q2", "no", "yes", True, "b.png"), ("q2", "no", "no", False, "b.png")]
+    assert all("op_match" not in p.extra for p in pairs[:3])
+    path.write_text("question_id,image_path,ground_truth,original_question,paraphrase,op_match\n"
+                    "q1,images/a.png,yes,Is there an effusion?,Any effusion?,maybe\n", encoding="utf-8")
+    msg = raises_at(path, 2)
+    assert "op_match is 'maybe'" in msg and "true" in msg and "false" in msg
+    path.write_text("question_id,image_path,ground_truth,original_question,paraphrase,paraphrase_answer,op_match\n"
+                    "q1,images/a.png,yes,Is there an effusion?,Any effusion?,yes,false\n", encoding="utf-8")
+    assert "disagrees with paraphrase_answer" in raises_at(path, 2)

@@ -1,4 +1,5 @@
-"""Read and write paraphrase pairs: JSON lines, CSV/TSV, and the PSF-Med hub layout.
+"""Read and write paraphrase pairs: JSON lines, CSV/TSV, a JSON array (PSF-Med's MIMIC file, one
+question with its list of paraphrases per item), and the PSF-Med hub layout.
 
 :func:`load_pairs` reads a local file into :class:`~mechmed.data.records.ParaphrasePair` records,
 :func:`load_psf_med` reads PSF-Med (``saillab/psf-med`` on the hub, or local files in its layout)
@@ -57,7 +58,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
 """Column names tried for each field, in order, when ``columns`` does not name one. The first name
 of each tuple is the field itself; the rest are common spellings (PSF-Med-like files)."""
 
-SUFFIXES = {".jsonl": "jsonl", ".csv": ",", ".tsv": "\t"}
+SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": ",", ".tsv": "\t"}
 ANSWER_WORDS = {"yes": "yes", "no": "no", "true": "yes", "false": "no", "1": "yes", "0": "no",
                 "1.0": "yes", "0.0": "no"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -66,6 +67,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 PSF_MED_REPO = "saillab/psf-med"
 PSF_MED_CONFIGS = ("mimic", "padchest", "vindr")
 YESNO_COLUMN = "is_yesno"
+
+OP_MATCH = "op_match"
+"""A column saying whether the paraphrase keeps the question's answer (FlipLens's PadChest CSV): a false
+``op_match`` makes the pair answer-inverting (``paraphrase_answer`` the opposite answer)."""
+PARAPHRASE_LIST = "paraphrases"
+"""In a JSON array, an item's list of paraphrases (``{"text", "phenomenon"}`` objects or strings), each
+one pair with the item's question, answer and image (PSF-Med's MIMIC file)."""
 
 _ABSENT = object()
 _TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -224,6 +232,19 @@ class _Reader:
         paraphrase = self._text(vals, "paraphrase", where, required=True)
         answer = self._answer(vals, "answer", where, required=True)
         paraphrase_answer = self._answer(vals, "paraphrase_answer", where, required=False)
+        given = row.get(OP_MATCH) if OP_MATCH not in used else None
+        if not (_is_null(given) or (isinstance(given, str) and not given.strip())):
+            # FlipLens's PadChest layout: a false op_match is an answer-inverting rewrite
+            used.add(OP_MATCH)
+            match = _normalise_answer(given)
+            if match is None:
+                raise MechmedError(f"{where}: {OP_MATCH} is {_short(given)}; write true (the paraphrase keeps "
+                                   "the answer) or false (it inverts it)")
+            implied = answer if match == "yes" else {"yes": "no", "no": "yes"}[answer]
+            if paraphrase_answer not in (None, implied):
+                raise MechmedError(f"{where}: {OP_MATCH} {given!r} disagrees with paraphrase_answer "
+                                   f"{paraphrase_answer!r}; keep one of them")
+            paraphrase_answer = implied
         phenomenon = self._text(vals, "phenomenon", where, required=False)
         phenomenon = "_".join(phenomenon.lower().replace("-", " ").split()) if phenomenon else "other"
         source = self._text(vals, "source", where, required=False) or self.default_source
@@ -419,6 +440,44 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
         raise MechmedError(f"{path}: empty (no header, no rows); add a header line and paraphrase pairs")
 
 
+def _json_rows(path: Path) -> Iterator[tuple[str, str, dict]]:
+    """(where, default-id number, row) of a JSON array's items; an item with a ``paraphrases`` list
+    gives one row per paraphrase (``id`` ``{question_id}-{k}``, k from 1, unless the item has one)."""
+    try:
+        data = json.loads(read_utf8(path))
+    except RecursionError as e:
+        raise MechmedError(f"{path}: JSON nested too deeply; write an array of question objects") from e
+    except ValueError as e:
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+        line = f", line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise MechmedError(f"{path}{line}: malformed JSON ({reason}); write an array of question objects") from e
+    if not isinstance(data, list):
+        raise MechmedError(f"{path}: expected a JSON array of question objects, got {_kind(data)}; write "
+                           "[{...}, {...}] (or one object per line in a .jsonl file)")
+    for i, item in enumerate(data, start=1):
+        paraphrases = item.get(PARAPHRASE_LIST) if isinstance(item, Mapping) else None
+        if paraphrases is None:
+            yield f"item {i}", str(i), item
+            continue
+        if not isinstance(paraphrases, list) or not paraphrases:
+            raise MechmedError(f"{path}, item {i}: {PARAPHRASE_LIST} must be a non-empty list of "
+                               "{\"text\", \"phenomenon\"} objects")
+        base = {k: v for k, v in item.items() if k != PARAPHRASE_LIST}
+        qid = next((str(base[c]) for c in ALIASES["question_id"] if not _is_null(base.get(c))), None)
+        for k, para in enumerate(paraphrases, start=1):
+            where = f"item {i}, paraphrase {k}"
+            if isinstance(para, str):
+                para = {"text": para}
+            if not isinstance(para, Mapping) or not isinstance(para.get("text"), str):
+                raise MechmedError(f"{path}, {where}: expected {{\"text\": ..., \"phenomenon\": ...}}, got "
+                                   f"{_short(para)}")
+            row = {**base, "paraphrase": para["text"],
+                   **{key: v for key, v in para.items() if key != "text"}}
+            if not any(c in base for c in ALIASES["id"]) and qid is not None:
+                row["id"] = f"{qid}-{k}"
+            yield where, f"{i}.{k}", row
+
+
 def _data_file(path: str | os.PathLike) -> Path:
     p = Path(path)
     try:
@@ -455,7 +514,14 @@ def load_pairs(
     require_images: bool | None = None,
     check_images: bool = True,
 ) -> list[ParaphrasePair]:
-    """Read paraphrase pairs from a ``.jsonl``, ``.csv`` or ``.tsv`` file (or a directory's ``pairs.jsonl``).
+    """Read paraphrase pairs from a ``.jsonl``, ``.json``, ``.csv`` or ``.tsv`` file (or a directory's
+    ``pairs.jsonl``).
+
+    Besides one pair per row, two layouts in use are read as they are: PSF-Med's MIMIC JSON (an array
+    of ``{question_id, original_question, answer, filename, question_type, paraphrases: [{text,
+    phenomenon}]}``, one pair per paraphrase) and FlipLens's PadChest CSV (``question_id``,
+    ``image_path``, ``ground_truth``, ``original_question``, ``paraphrase``, ``phenomenon``,
+    ``op_match``; a false ``op_match`` is an answer-inverting rewrite).
 
     Args:
         path: the data file, or a directory holding ``pairs.jsonl``.
@@ -486,8 +552,12 @@ def load_pairs(
     reader = _Reader(candidates, _ImageResolver(base), hint, require_images, check_images,
                      default_id=lambda line: f"{file.stem}:{line}")
     kind = SUFFIXES[file.suffix.lower()]
-    rows = iter_jsonl(file) if kind == "jsonl" else _csv_rows(file, kind)
-    pairs = [reader.row(row, f"{file}, line {line}", line) for line, row in rows]
+    if kind == "json":
+        rows = _json_rows(file)
+    else:
+        rows = ((f"line {line}", line, row) for line, row in (iter_jsonl(file) if kind == "jsonl" else
+                                                               _csv_rows(file, kind)))
+    pairs = [reader.row(row, f"{file}, {where}", number) for where, number, row in rows]
     return reader.finish(pairs, str(file))
 
 
