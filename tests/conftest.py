@@ -21,6 +21,13 @@ import pytest  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MECHMED_PROGRESS", "0")
 
+def suite_threads(at_most: int = 2) -> int:
+    """Torch threads for a test process: the machine's cores shared among pytest-xdist's workers (the
+    suite runs one worker per core), at most ``at_most``."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(at_most, (os.cpu_count() or 1) // workers))
+
+
 FAMILIES = ("Gemma3ForConditionalGeneration", "Gemma3ForCausalLM", "Qwen2_5_VLForConditionalGeneration")
 
 
@@ -39,7 +46,7 @@ def tiny_models():
     """{class name: (model, processor)} for every supported family."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(suite_threads())
     return {name: _build(name) for name in FAMILIES}
 
 
@@ -50,7 +57,7 @@ def demo_model_dir():
 
     from mechmed.demo.build import ensure_demo_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(suite_threads())
     return ensure_demo_model()
 
 
@@ -63,10 +70,33 @@ def demo_data_dir(demo_model_dir):
 
 
 @pytest.fixture(scope="session")
+def demo_eval_subset(demo_data_dir, tmp_path_factory):
+    """The embedded default's first 120 held-out pairs (whole questions, images by absolute path), for
+    tests of plumbing on the demo model whose point is not the size of the evaluation set."""
+    import json
+
+    rows = [json.loads(x) for x in (demo_data_dir / "pairs.jsonl").read_text().splitlines() if x.strip()][:120]
+    rows = [r for r in rows if r["question_id"] != rows[-1]["question_id"]]  # no question cut in half
+    path = tmp_path_factory.mktemp("demo_subset") / "pairs.jsonl"
+    path.write_text("".join(json.dumps({**r, "image": str(demo_data_dir / r["image"])}) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_bundles(tiny_models):
     from mechmed.models import bundle
 
     return {name: bundle(m, p, name=name) for name, (m, p) in tiny_models.items()}
+
+
+def load_script(path: Path):
+    """A repository script (not a package module) imported as a module, for its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def recorded_digest(what: str) -> str:
@@ -93,8 +123,18 @@ TRAIN_PARAPHRASES = ["Does this image show a pleural effusion?", "Is there any e
                      "Is there no pleural effusion?"]
 
 
+#: The files that take longest (a minute or more on 2 cores), run first so that pytest-xdist's workers
+#: finish together instead of one of them starting a long file last.
+LONGEST_FIRST = ("test_saes.py", "test_runtime.py", "test_demo_e2e.py", "test_ablate.py", "test_train.py",
+                 "test_reliability.py", "test_demo_model.py", "test_analyses.py", "test_forgetting.py",
+                 "test_notebooks.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The real tier runs only when asked (``-m real``): elsewhere its tests are skipped, saying how."""
+    """The longest files first (:data:`LONGEST_FIRST`, the order within a file kept). The real tier runs
+    only when asked (``-m real``): elsewhere its tests are skipped, saying how."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     if "real" in (config.getoption("-m") or ""):
         return
     skip = pytest.mark.skip(reason="the real tier: pip install -e '.[real]', then python -m pytest -m real")

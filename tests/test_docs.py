@@ -7,13 +7,14 @@ Fast: no model is loaded (the CLI parser, the config schema and yaml only).
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -29,14 +30,7 @@ _NOT_SHELL = {"yaml", "yml", "json", "python", "py", "toml"}
 _PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]*:?$")
 
 
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("gen_reference", DOCS / "gen_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-GEN = _load_generator()
+GEN = load_script(DOCS / "gen_reference.py")
 
 
 def _rel(path: Path) -> str:
