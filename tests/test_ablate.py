@@ -374,17 +374,17 @@ def test_p_vs_best_trained_by_hand():
 
 
 @pytest.mark.slow
-def test_plan_separate_runs_and_collect_give_the_one_process_table(demo_data_dir, tmp_path):
-    """On the embedded default: the one-process grid; its plan run line by line (mechmed train on each
-    planned config, mechmed ablate --arm for the base) and collected; and the grid spread over two
-    device lanes: the same results table, byte for byte."""
+def test_plan_separate_runs_and_collect_give_the_one_process_table(demo_eval_subset, tmp_path):
+    """On the embedded default (evaluated on a subset of its held-out pairs): the one-process grid; its
+    plan run line by line (mechmed train on each planned config, mechmed ablate --arm for the base) and
+    collected; and the grid spread over two device lanes: the same results table, byte for byte."""
     import shlex
 
     from mechmed.cli import main
     from mechmed.config import demo_defaults
 
     train = {**demo_defaults(), "model": "demo", "layers": [1, 2], "max_steps": 6, "eval_every": 6,
-             "checkpoint_every": 6, "extra_eval": {}}
+             "checkpoint_every": 6, "extra_eval": {}, "eval_data": str(demo_eval_subset)}
     cfg_file = tmp_path / "ablation.yaml"
     cfg_file.write_text(yaml.safe_dump({"train": train, "arms": ["selected", "ce_only"], "seeds": [0]}))
     one = run_ablation(cfg_file, tmp_path / "one", device="cpu")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import suite_threads
 from mechmed.errors import MechmedError
 from mechmed.sites import Site
 
@@ -67,7 +68,7 @@ def real():
     from mechmed.models import load_model
 
     path = _gguf_file()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(suite_threads(at_most=os.cpu_count() or 1))
     return path, load_model(str(path))
 
 

@@ -239,7 +239,7 @@ def test_activation_consistency_trains_on_the_residuals_output_hidden_states_giv
 
 
 @pytest.mark.slow
-def test_two_process_data_parallel_training_equals_one_process(demo_data_dir, tmp_path):
+def test_two_process_data_parallel_training_equals_one_process(demo_eval_subset, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): each process trains on its
     half of every batch of B pairs and DDP averages the gradients, so 2 processes at batch B/2 take
     the steps of 1 process at batch B. Adapters agree to 1e-5 and the evaluations are the same
@@ -254,7 +254,7 @@ def test_two_process_data_parallel_training_equals_one_process(demo_data_dir, tm
     from mechmed.config import demo_defaults
 
     base = {**demo_defaults(), "model": "demo", "layers": [1, 2], "max_steps": 3, "eval_every": 3,
-            "checkpoint_every": 3, "extra_eval": {}}
+            "checkpoint_every": 3, "extra_eval": {}, "eval_data": str(demo_eval_subset)}
     for name, batch in (("two", 8), ("one", 16)):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**base, "batch_size": batch}))
     env = {**os.environ, "MECHMED_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
