@@ -98,6 +98,65 @@ def arm_pairs(pooled: dict) -> list[dict]:
     return out
 
 
+def flip_risk_rows(pooled: dict) -> list[dict]:
+    """Per arm: how well |margin| on the original question foresees its flips, per seed and pooled over
+    the seeds (clusters are (seed, question)), from each run's per-pair rows
+    (:func:`mechmed.consistency.flip_risk_of_rows`), and the change of the pooled AUROC from the base
+    model's on the same pairs (:func:`mechmed.stats.paired_clustered_auc`)."""
+    from mechmed.consistency import flip_risk_of_rows, headline_rows
+    from mechmed.io import read_jsonl
+    from mechmed.stats import paired_clustered_auc
+
+    by_arm: dict = {}
+    for r in pooled["rows"]:
+        d = Path(r["run_dir"]) if r["arm"] == "base" else Path(r["run_dir"]) / "after"
+        rows = read_jsonl(d / "pairs.jsonl")
+        by_arm.setdefault(r["arm"], []).append((r["seed"], rows))
+    def tagged(runs):
+        return [{**x, "question_id": f"{seed}:{x.get('question_id') or x['question']}",
+                 "image": f"{seed}:{x.get('image')}"} for seed, rows in runs for x in rows]
+
+    def headline(rows):
+        return {f"{x['question_id']}|{x['id']}": x for x in headline_rows(rows)}
+
+    base = headline(tagged(by_arm.get("base", [])))
+    out = []
+    for arm, runs in by_arm.items():
+        rows = tagged(runs)
+        entry = {"arm": arm, "per_seed": {seed: flip_risk_of_rows(r) for seed, r in runs},
+                 "pooled": flip_risk_of_rows(rows), "vs_base": None}
+        mine = headline(rows)
+        common = sorted(set(mine) & set(base))
+        if arm != "base" and common:  # the same pairs, the same (seed, question) draws for both
+            a, b = ([-abs(d[k]["margin_question"]) for k in common] for d in (base, mine))
+            fa, fb = ([d[k]["flip"] for k in common] for d in (base, mine))
+            entry["vs_base"] = paired_clustered_auc(a, fa, b, fb, [k.split("|")[0] for k in common])
+        out.append(entry)
+    return out
+
+
+def risk_table(risks: list[dict], seeds: list[int]) -> list[str]:
+    """:func:`flip_risk_rows` as markdown: the AUROC per seed and pooled with its interval, its change from
+    the base model on the same pairs (paired bootstrap over (seed, question) clusters), the pooled ECE
+    and coverage."""
+    if not risks:
+        return []
+    lines = ["| arm | " + " | ".join(f"AUROC seed {s}" for s in seeds) + " | pooled AUROC [95% CI, by question] | "
+             "change from base [95% CI], p | ECE | coverage at 5% risk |", "|---" * (len(seeds) + 5) + "|"]
+    for r in risks:
+        cells = [f"{r['per_seed'][s]['auroc_margin']:.3f}" if r["per_seed"].get(s, {}).get("auroc_margin") is not None
+                 else "" for s in seeds]
+        p = r["pooled"]
+        auroc = "" if p["auroc_margin"] is None else (
+            f"{p['auroc_margin']:.3f} [{p['auroc_margin_ci'][0]:.3f}, {p['auroc_margin_ci'][1]:.3f}]")
+        v = r.get("vs_base") or {}
+        change = "" if v.get("difference") is None else (
+            f"{v['difference']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}], {_fmt_p(v['p_value'])}")
+        lines.append(f"| {r['arm']} | " + " | ".join(cells) + f" | {auroc} | {change} | {p['ece']:.3f} | "
+                     f"{p['coverage']['coverage']:.3f} |")
+    return ["", *lines]
+
+
 def tables(pooled: dict) -> str:
     """The pooled tables as markdown: per seed the selection; per arm the per-seed flip rates and the
     pooled rate with its interval clustered by question; then each comparison with its stratified p."""
@@ -136,6 +195,7 @@ def tables(pooled: dict) -> str:
         if name in sets:
             lines.append(f"| selected, {name} set | base | {sets[name]['flip_rate']:.3f} vs "
                          f"{summary['base']['sets'][name]['flip_rate']:.3f} | {_fmt_p(sets[name]['p_vs_base_clustered'])} | |")
+    lines += risk_table(pooled.get("flip_risk", []), seeds)
     return "\n".join(lines) + "\n"
 
 
@@ -156,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {s}: {times[s]:.0f} s", flush=True)
     pooled = pool_seed_runs([args.out / f"seed-{s}" / "ablation" for s in args.seeds])
     pooled["arm_pairs"] = arm_pairs(pooled)
+    pooled["flip_risk"] = flip_risk_rows(pooled)
     before = args.out / "pooled.json"
     if args.pool_only and before.is_file():  # keep the wall times of the runs that made the seeds
         times = json.loads(before.read_text(encoding="utf-8")).get("wall_s") or times

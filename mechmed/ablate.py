@@ -485,7 +485,7 @@ def result_row(arm: str, method: str, seed: int, layers, n_params: int, m: dict,
         "p_vs_ce_only_clustered": _mcnemar(ce_pairs, pairs, clustered=True) if ce_pairs is not None else None,
         "p_vs_best_trained": None,
         "near_tie_flip_rate": m.get("near_tie_flip_rate"), "quadrants": m.get("quadrants"),
-        "n_pairs": m["n_pairs"], "run_dir": run_dir,
+        "flip_risk": m.get("flip_risk"), "n_pairs": m["n_pairs"], "run_dir": run_dir,
     }
 
 

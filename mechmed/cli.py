@@ -92,6 +92,10 @@ def print_metrics(m: dict, out=None) -> None:
         ("question flip rate", _fmt(m["question_flip_rate"])),
         ("mean |Δmargin|", f"{_fmt(m['margin_diff'])} {_fmt(m['margin_diff_ci'])}"),
         ("AUC", _fmt(m["auc"])),
+        *([("flips foreseen by |margin|", f"AUROC {_fmt(r['auroc_margin'])} {_fmt(r['auroc_margin_ci'])}"),
+           ("calibration", f"ECE {_fmt(r['ece'])}"),
+           (f"coverage at {r['coverage']['risk']:.0%} risk", _fmt(r["coverage"]["coverage"]))]
+          if (r := m.get("flip_risk")) else []),
         ("yes rate", _fmt(m["yes_rate"])),
         ("blank-image agreement", _fmt(m.get("blank_image_agreement"))),
         ("swap sensitivity", _fmt(m.get("swap_sensitivity"))),
@@ -108,7 +112,7 @@ def cmd_evaluate(args) -> int:
 
     result = run_evaluate(args.model, args.data, args.out, adapter=args.adapter, batch_size=args.batch_size,
                           device=args.device, image_root=args.image_root, limit=args.limit, seed=args.seed,
-                          controls=not args.no_controls, progress=True, **model_options(args))
+                          controls=not args.no_controls, progress=True, risk=args.risk, **model_options(args))
     print(f"evaluated {args.model} on {args.data}: {args.out}/metrics.json")
     print_metrics(result.metrics)
     return 0
@@ -501,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="paraphrase consistency of a model on a pair set (metrics.json)")
     _add_model_options(p)
-    p.add_argument("--data", default="demo", help="pairs file (.jsonl/.csv), directory with pairs.jsonl, hub dataset hf:OWNER/NAME[:CONFIG][@SPLIT], 'demo' "
+    p.add_argument("--data", default="demo", help="pairs file (.jsonl/.json/.csv), directory with pairs.jsonl, hub dataset hf:OWNER/NAME[:CONFIG][@SPLIT], 'demo' "
                    "(the demo's held-out pairs) or demo:unseen / demo:negation / demo:train")
     p.add_argument("--image-root", default=None, help="resolve image paths under this directory")
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
@@ -509,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs")
     p.add_argument("--no-controls", action="store_true", help="skip the blank-image and image-swap controls")
+    p.add_argument("--risk", type=float, default=0.05, help="error rate at which flip_risk.coverage reports the "
+                   "share of canonical answers kept, most confident first (default 0.05)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="statistical comparison of two evaluations (A before, B after)")

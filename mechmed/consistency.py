@@ -51,6 +51,8 @@ CONTROLS = ("blank", "swap")
 NEAR_TIE = 0.1
 #: The four cells of consistency × image reliance, in display order.
 QUADRANTS = ("consistent_reliant", "consistent_blind", "flipped_reliant", "flipped_blind")
+#: The error rate at which ``flip_risk`` reports the coverage of the canonical answers (``--risk``).
+RISK = 0.05
 
 
 def pair_group(row: dict) -> str:
@@ -113,18 +115,21 @@ def _set_metrics(flips: np.ndarray, delta: np.ndarray, correct_p: np.ndarray, cl
 
 def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, seed: int = 0,
              controls: bool | Sequence[str] = True, n_bootstrap: int = 2000, progress: bool = False,
-             question_margins: dict | None = None, edit=None, near_tie: float = NEAR_TIE) -> Evaluation:
+             question_margins: dict | None = None, edit=None, near_tie: float = NEAR_TIE,
+             risk: float = RISK) -> Evaluation:
     """Run both phrasings of every pair and compute the consistency metrics (see module doc).
     ``controls``: the image controls to run, ``blank`` and ``swap`` (True: both, False: none).
     ``question_margins``: as :func:`pair_margins` (share it between sets over the same questions).
     ``edit``: a training-free fix (:mod:`mechmed.interventions`) that computes every margin,
-    the controls' included. ``near_tie``: the margin tolerance of a near-tie flip (logits)."""
+    the controls' included. ``near_tie``: the margin tolerance of a near-tie flip (logits). ``risk``:
+    the error rate at which ``flip_risk`` reports the coverage of the canonical answers."""
     from mechmed import stats
     from mechmed.readout import gray_like, margins
 
     pairs = list(pairs)
     if not pairs:
         raise MechmedError("the dataset has no pairs: nothing to evaluate")
+    check_risk(risk)
     if not (isinstance(near_tie, (int, float)) and near_tie >= 0):
         raise MechmedError(f"near_tie {near_tie!r}: give a non-negative margin tolerance in logits, e.g. 0.1")
     if edit is not None:
@@ -195,6 +200,8 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
         "label_yes_rate": float(np.concatenate([label_q, label_p[headline]]).mean()),
         "by_phenomenon": {},
     }
+    metrics["flip_risk"] = flip_risk(m_q[headline], flips[headline], list(group[headline]), m_unique, label_q,
+                                     risk=risk, seed=seed, n_bootstrap=n_bootstrap)
     for ph in sorted({p.phenomenon for p in pairs}):
         idx = np.array([p.phenomenon == ph for p in pairs])
         metrics["by_phenomenon"][ph] = {"n_pairs": int(idx.sum()), "flip_rate": float(flips[idx].mean()),
@@ -229,6 +236,49 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
         "question": p.question, "paraphrase": p.paraphrase, "image": None if p.image is None else str(p.image),
     } for i, (p, mq, mp, d, f, c, n, t) in enumerate(zip(pairs, m_q, m_p, delta, flips, correct_p, negation, near))]
     return Evaluation(metrics, rows)
+
+
+def check_risk(risk) -> None:
+    """A ``--risk`` is a tolerated error rate in [0, 1)."""
+    if isinstance(risk, bool) or not (isinstance(risk, (int, float)) and 0 <= risk < 1):
+        raise MechmedError(f"--risk {risk!r}: give the tolerated error rate as a fraction in [0, 1), e.g. 0.05")
+
+
+def flip_risk(m_q, flips, groups, m_canonical, label_canonical, *, risk: float = RISK, seed: int = 0,
+              n_bootstrap: int = 1000) -> dict:
+    """Can the flips be foreseen from the original question's answer alone, and how well calibrated is it?
+
+    - ``auroc_margin``: AUROC with which −|m_q| (a small margin on the original question) ranks the
+      pairs that flip above those that do not, with a 95% interval from resampling questions
+      (:func:`mechmed.stats.clustered_auc`). Over the two answer tokens the predictive entropy
+      H(σ(m_q)) is a decreasing function of |m_q|, so it ranks the pairs the same way: this AUROC is
+      also the entropy's.
+    - ``ece``: expected calibration error of P(yes) = σ(m) on the canonical questions (10 bins).
+    - ``coverage``: the largest share of canonical questions, answered in order of decreasing |m|,
+      whose error rate is at most ``risk`` (:func:`mechmed.stats.coverage_at_risk`).
+    """
+    from mechmed import stats
+
+    m_q, m_c = np.asarray(m_q, dtype=np.float64), np.asarray(m_canonical, dtype=np.float64)
+    label = np.asarray(label_canonical, dtype=bool)
+    roc = stats.clustered_auc(-np.abs(m_q), flips, groups, n_resamples=n_bootstrap, seed=seed)
+    p_yes = 1.0 / (1.0 + np.exp(-m_c))
+    return {"auroc_margin": roc["auc"], "auroc_margin_ci": roc["ci"], "n_pairs": roc["n"],
+            "n_flips": roc["n_positive"], "n_questions": roc["n_clusters"],
+            "ece": stats.expected_calibration_error(p_yes, label),
+            "coverage": stats.coverage_at_risk(np.abs(m_c), (m_c > 0) == label, risk)}
+
+
+def flip_risk_of_rows(rows: Sequence[dict], *, risk: float = RISK, seed: int = 0, n_bootstrap: int = 1000) -> dict:
+    """:func:`flip_risk` from an evaluation's per-pair rows (``pairs.jsonl``): what ``evaluate`` reports,
+    for runs written before it did, or pooled rows."""
+    head = headline_rows(rows)
+    canonical: dict = {}
+    for r in rows:
+        canonical.setdefault((r.get("image"), r["question"]), (r["margin_question"], r["answer"] == "yes"))
+    m_c, label = (np.array(v) for v in zip(*canonical.values(), strict=True))
+    return flip_risk([r["margin_question"] for r in head], [r["flip"] for r in head], [pair_group(r) for r in head],
+                     m_c, label, risk=risk, seed=seed, n_bootstrap=n_bootstrap)
 
 
 def headline_rows(rows: Sequence[dict]) -> list[dict]:

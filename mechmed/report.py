@@ -750,6 +750,47 @@ def _quadrant_headline(summary: list[dict], base: dict) -> list[str]:
             "image), shares of the held-out pairs against the base's: " + "; ".join(parts) + "."]
 
 
+def _risk_rows(results: dict) -> list[dict]:
+    """The rows of the results table (the base model's and every arm's, one per seed) that carry
+    ``flip_risk``."""
+    return [r for r in results.get("rows") or [] if r.get("flip_risk")]
+
+
+def flip_risk_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Per arm (and seed): how well |margin| on the original question foresees which pairs flip (AUROC,
+    95% interval by question), the calibration of P(yes) (ECE) and the coverage at the evaluation's risk."""
+    rows = _risk_rows(results)
+    if not rows:
+        return None
+    risk = rows[0]["flip_risk"]["coverage"]["risk"]
+    seeds = len({r.get("seed") for r in rows if r["arm"] != "base"}) > 1
+    cols = ["arm", *(["seed"] if seeds else []), "flips", "AUROC of |margin| [95% CI]", "ECE",
+            f"coverage at {risk:.0%} risk"]
+    body = []
+    for r in rows:
+        f = r["flip_risk"]
+        body.append([r["arm"] + (f" ({r['method']})" if r.get("method") not in (None, "none", "lora") else ""),
+                     *([str(r.get("seed", ""))] if seeds else []), f"{f['n_flips']}/{f['n_pairs']}",
+                     _value_ci(f, "auroc_margin", "auroc_margin_ci"), fmt(f["ece"]), fmt(f["coverage"]["coverage"])])
+    return cols, body
+
+
+def flip_risk_text(results: dict) -> str:
+    """What the flip-risk table says, with the base model's numbers in the sentence."""
+    rows = _risk_rows(results)
+    base = next((r["flip_risk"] for r in rows if r["arm"] == "base"), None)
+    lead = ("A flip is foreseeable when the original question's answer is already unsure: the AUROC says how "
+            "well a small |margin| on the original question ranks the pairs that flip above those that do not "
+            "(0.5: no better than chance; over the two answer tokens the predictive entropy ranks them the same "
+            "way). ECE is the calibration of P(yes) on the canonical questions; coverage is the share of "
+            "canonical questions a user could answer, most confident first, at that error rate.")
+    if base and base["auroc_margin"] is not None:
+        lo, hi = base["auroc_margin_ci"]
+        lead += (f" The base model's flips are foreseen at AUROC {fmt(base['auroc_margin'])} "
+                 f"[{fmt(lo)}, {fmt(hi)}]; an arm whose AUROC drops flips where its answers looked sure.")
+    return lead
+
+
 def quadrant_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
     """(columns, cells): per summary row, the share of held-out pairs in each cell of consistency ×
     image reliance with its Wilson 95% interval, and the near-tie flips; None without the blank control."""
@@ -866,6 +907,10 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
                                f"Shares of the held-out pairs in each cell, with Wilson 95% intervals {how}; near-tie "
                                "flips are flips whose two margins are both within "
                                f"{NEAR_TIE} logits of 0 (the evaluation's default).", _html_grid(*quads), _md_grid(*quads)))
+        risk = attempt("flip-risk table", lambda: flip_risk_table(run.ablation))
+        if risk:
+            sec.blocks.append(("Can the flips be foreseen?", flip_risk_text(run.ablation), _html_grid(*risk),
+                               _md_grid(*risk)))
         table = attempt("phenomenon table", lambda: phenomenon_table(run.ablation))
         if table:
             sec.blocks.append(("Flip rate by phenomenon",

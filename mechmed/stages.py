@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mechmed.attribution import attribute, delta_patch, feature_table, layer_scores
-from mechmed.consistency import Evaluation, evaluate, resolve_data
+from mechmed.consistency import RISK, Evaluation, check_risk, evaluate, resolve_data
 from mechmed.errors import MechmedError
 from mechmed.fidelity import (
     ALPHA,
@@ -309,11 +309,12 @@ def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval"
                  answer_words=("yes", "no"), image_root=None, limit: int | None = None, seed: int = 0,
                  controls: bool = True, trust_remote_code: bool = False, progress: bool = False,
                  revision: str | None = None, local_files_only: bool | None = None, cache_dir: str | None = None,
-                  device_map=None, prompt_template: str | None = None) -> Evaluation:
+                  device_map=None, prompt_template: str | None = None, risk: float = RISK) -> Evaluation:
     """Load, evaluate, and write ``metrics.json`` and ``pairs.jsonl`` under ``out``."""
     from mechmed.io import ensure_dir, write_json, write_jsonl
     from mechmed.models import attach_adapter, load_model
 
+    check_risk(risk)
     pairs = resolve_data(data, image_root=image_root, seed=seed)
     if limit is not None:
         if limit < 1:
@@ -326,7 +327,7 @@ def run_evaluate(model: str = "demo", data: str = "demo", out: str = "runs/eval"
     if adapter:
         b = attach_adapter(b, adapter)
     out_dir = ensure_dir(out)
-    result = evaluate(b, pairs, batch_size=batch_size, seed=seed, controls=controls, progress=progress)
+    result = evaluate(b, pairs, batch_size=batch_size, seed=seed, controls=controls, progress=progress, risk=risk)
     result.metrics["data"] = str(data)
     result.metrics["adapter"] = None if adapter is None else str(adapter)
     result.metrics["seed"] = seed

@@ -520,3 +520,148 @@ def auc(scores, labels) -> float:
     ranks = _sps.rankdata(s, method="average")
     u = float(ranks[y].sum()) - n1 * (n1 + 1) / 2.0
     return u / (n1 * n0)
+
+
+def weighted_auc(scores, labels, weights) -> np.ndarray:
+    """:func:`auc` of each row of ``weights`` (B × n case weights, e.g. how often a bootstrap drew each
+    case): Σ_{i pos, j neg} w_i·w_j·(1[s_i > s_j] + ½·1[s_i = s_j]) / (Σ_pos w · Σ_neg w), by one sort;
+    NaN where a row gives one class no weight. With integer weights it equals :func:`auc` of the cases
+    repeated that often."""
+    s = _values("scores", scores)
+    y = _booleans("labels", labels)
+    _same_length("scores", s, "labels", y)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    if w.shape[1] != s.shape[0]:
+        raise MechmedError(f"weights: {w.shape[1]} columns for {s.shape[0]} scores; give one weight per case")
+    order = np.argsort(s, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(s[order]) != 0])  # the tie blocks of the sorted scores
+    ws, ys = w[:, order], y[order]
+    pos = np.add.reduceat(ws * ys, starts, axis=1)
+    neg = np.add.reduceat(ws * ~ys, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1))
+
+
+def clustered_auc(scores, labels, clusters, n_resamples: int = 1000, confidence: float = 0.95,
+                  seed: int | None = 0) -> dict:
+    """:func:`auc` with a percentile interval from resampling whole clusters (a question's pairs share
+    its image and answer) with replacement (:func:`weighted_auc` of the draw counts); resamples with
+    one class only are dropped.
+
+    Returns ``{"auc", "ci": [low, high], "n", "n_positive", "n_clusters", "n_resamples"}`` (the
+    resamples that had both classes); ``auc`` and ``ci`` are None with one class only.
+    """
+    s = _values("scores", scores)
+    y = _booleans("labels", labels)
+    _same_length("scores", s, "labels", y)
+    codes = _cluster_codes("clusters", clusters, s.shape[0])
+    n1 = int(np.count_nonzero(y))
+    g = int(codes.max()) + 1 if codes.size else 0
+    out = {"auc": None, "ci": [None, None], "n": int(s.shape[0]), "n_positive": n1, "n_clusters": g,
+           "n_resamples": 0}
+    if n1 == 0 or n1 == s.shape[0]:
+        return out
+    c = _confidence(confidence)
+    out["auc"] = auc(s, y)
+    boot = [v[np.isfinite(v)] for v in (weighted_auc(s, y, w) for w in _cluster_draws(codes, n_resamples, seed))]
+    boot = np.concatenate(boot)
+    if boot.size:
+        low, high = np.quantile(boot, [(1.0 - c) / 2.0, 1.0 - (1.0 - c) / 2.0])
+        out["ci"], out["n_resamples"] = [float(low), float(high)], int(boot.size)
+    return out
+
+
+def _cluster_draws(codes: np.ndarray, n_resamples: int, seed: int | None):
+    """Blocks of case weights (rows × n): how often each case's cluster was drawn, clusters resampled
+    with replacement."""
+    g = int(codes.max()) + 1
+    rng = np.random.default_rng(seed)
+    b = _count("n_resamples", n_resamples)
+    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // max(codes.size, g))
+    for first in range(0, b, chunk):
+        rows = min(chunk, b - first)
+        counts = np.zeros((rows, g))
+        np.add.at(counts, (np.repeat(np.arange(rows), g), rng.integers(0, g, size=(rows, g)).ravel()), 1.0)
+        yield counts[:, codes]
+
+
+def paired_clustered_auc(scores_a, labels_a, scores_b, labels_b, clusters, n_resamples: int = 2000,
+                         confidence: float = 0.95, seed: int | None = 0) -> dict:
+    """AUC(b) − AUC(a) on the same cases (the same pairs before and after a fix), with a percentile
+    interval and a two-sided bootstrap p from resampling whole clusters, the same draw for both.
+
+    p = min(1, 2·(#{resampled differences on the other side of 0 from the estimate, 0 included} + 1)/(B + 1)),
+    over the resamples in which both have both classes. Returns ``{"auc_a", "auc_b", "difference",
+    "ci": [low, high], "p_value", "n_resamples"}`` (None where one side has one class only).
+    """
+    sa, sb = _values("scores_a", scores_a), _values("scores_b", scores_b)
+    ya, yb = _booleans("labels_a", labels_a), _booleans("labels_b", labels_b)
+    for name, x in (("labels_a", ya), ("scores_b", sb), ("labels_b", yb)):
+        _same_length("scores_a", sa, name, x)
+    codes = _cluster_codes("clusters", clusters, sa.shape[0])
+    out = {"auc_a": auc(sa, ya), "auc_b": auc(sb, yb), "difference": None, "ci": [None, None], "p_value": None,
+           "n_resamples": 0}
+    if not (out["auc_a"] == out["auc_a"] and out["auc_b"] == out["auc_b"]):
+        out.update(auc_a=None if out["auc_a"] != out["auc_a"] else out["auc_a"],
+                   auc_b=None if out["auc_b"] != out["auc_b"] else out["auc_b"])
+        return out
+    c = _confidence(confidence)
+    est = out["auc_b"] - out["auc_a"]
+    diffs = np.concatenate([weighted_auc(sb, yb, w) - weighted_auc(sa, ya, w)
+                            for w in _cluster_draws(codes, n_resamples, seed)])
+    diffs = diffs[np.isfinite(diffs)]
+    out["difference"] = est
+    if diffs.size:
+        low, high = np.quantile(diffs, [(1.0 - c) / 2.0, 1.0 - (1.0 - c) / 2.0])
+        other = np.count_nonzero(diffs <= 0.0) if est >= 0.0 else np.count_nonzero(diffs >= 0.0)
+        out.update(ci=[float(low), float(high)], p_value=min(1.0, 2.0 * (other + 1) / (diffs.size + 1)),
+                   n_resamples=int(diffs.size))
+    return out
+
+
+def expected_calibration_error(prob, labels, n_bins: int = 10) -> float:
+    """ECE = Σ_b (n_b / n)·|ȳ_b − p̄_b| over ``n_bins`` equal-width bins of the predicted probability
+    on [0, 1] (the last bin closed), ȳ_b the share of positive labels and p̄_b the mean probability in
+    bin b (Guo et al. 2017)."""
+    p = _values("prob", prob)
+    y = _booleans("labels", labels).astype(float)
+    _same_length("prob", p, "labels", y)
+    if ((p < 0) | (p > 1)).any():
+        raise MechmedError("prob: values outside [0, 1]; pass probabilities, not logits")
+    n_bins = _count("n_bins", n_bins)
+    if n_bins < 1 or p.size == 0:
+        raise MechmedError("expected_calibration_error: give at least one bin and one prediction")
+    b = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    total = 0.0
+    for k in range(n_bins):
+        inside = b == k
+        if inside.any():
+            total += inside.mean() * abs(float(y[inside].mean()) - float(p[inside].mean()))
+    return float(total)
+
+
+def coverage_at_risk(confidence, correct, risk: float = 0.05) -> dict:
+    """Selective prediction: answer only the most confident cases. The largest share k/n of cases,
+    taken in order of decreasing ``confidence`` (ties kept together), whose error rate is at most
+    ``risk``; ``threshold`` is the lowest confidence answered (None when no prefix qualifies).
+
+    Returns ``{"risk", "coverage", "n_answered", "n", "threshold", "error_rate"}``.
+    """
+    conf = _values("confidence", confidence)
+    ok = _booleans("correct", correct)
+    _same_length("confidence", conf, "correct", ok)
+    if not 0 <= risk < 1:
+        raise MechmedError(f"risk {risk!r}: give the tolerated error rate as a fraction in [0, 1), e.g. 0.05")
+    order = np.argsort(-conf, kind="stable")
+    errors = np.cumsum(~ok[order])
+    counts = np.arange(1, conf.size + 1)
+    ends = np.r_[np.flatnonzero(np.diff(conf[order]) != 0), conf.size - 1]  # the last case of each tie block
+    good = ends[errors[ends] <= risk * counts[ends]]
+    out = {"risk": float(risk), "coverage": 0.0, "n_answered": 0, "n": int(conf.size), "threshold": None,
+           "error_rate": None}
+    if good.size:
+        k = int(good.max())
+        out.update(coverage=(k + 1) / conf.size, n_answered=k + 1, threshold=float(conf[order][k]),
+                   error_rate=float(errors[k] / (k + 1)))
+    return out

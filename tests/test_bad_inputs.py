@@ -54,6 +54,11 @@ def _evaluate(ws, tmp, data=None, model=None, *extra):
 
 
 @case("evaluate")
+def risk_out_of_range(ws, tmp):
+    return _evaluate(ws, tmp, None, None, "--risk", "1.5"), "--risk 1.5"
+
+
+@case("evaluate")
 def missing_data_file(ws, tmp):
     return _evaluate(ws, tmp, str(tmp / "nope.jsonl")), "nope.jsonl"
 

@@ -35,6 +35,8 @@ def test_evaluate_then_compare(workspace, capsys):
                 "margin_diff", "margin_diff_ci", "auc", "yes_rate", "blank_image_agreement", "swap_sensitivity"):
         assert key in m
     assert m["n_pairs"] == 8 and m["n_questions"] == 4
+    assert m["flip_risk"]["coverage"]["risk"] == 0.05 and 0 <= m["flip_risk"]["ece"] <= 1
+    assert "flips foreseen by |margin|" in capsys.readouterr().out
     import torch
 
     assert m["seed"] == 0 and m["versions"]["torch"] == torch.__version__ and "transformers" in m["versions"]

@@ -84,6 +84,30 @@ def test_metrics_match_hand_computation(tiny_bundles, pairs):
     assert [r["negation_set"] for r in res.pairs] == list(neg)
     row = res.pairs[0]
     assert row["margin_question"] == pytest.approx(float(mq[0]), abs=1e-5)
+    # flip risk, from the margins evaluate used: |margin| against the flips by Mann-Whitney U, ECE and
+    # coverage over the unique questions by hand
+    risk = m["flip_risk"]
+    used_q = used[keep]
+    flipped = np.array([r["flip"] for r in res.pairs])[keep]
+    u = sps.mannwhitneyu(-np.abs(used_q)[flipped], -np.abs(used_q)[~flipped]).statistic
+    assert risk["auroc_margin"] == pytest.approx(u / (flipped.sum() * (~flipped).sum()), abs=1e-9)
+    lo, hi = risk["auroc_margin_ci"]
+    assert lo <= risk["auroc_margin"] <= hi and risk["n_questions"] == 12 and risk["n_flips"] == int(flipped.sum())
+    prob = 1 / (1 + np.exp(-scores.astype(np.float64)))
+    ece = sum(abs(labels[(prob >= k / 10) & ((prob < (k + 1) / 10) | (k == 9))].mean()
+                  - prob[(prob >= k / 10) & ((prob < (k + 1) / 10) | (k == 9))].mean())
+              * ((prob >= k / 10) & ((prob < (k + 1) / 10) | (k == 9))).mean()
+              for k in range(10) if ((prob >= k / 10) & ((prob < (k + 1) / 10) | (k == 9))).any())
+    assert risk["ece"] == pytest.approx(ece, abs=1e-12)
+    right = (scores > 0) == labels
+    conf = -np.sort(-np.abs(scores))
+    ranked = right[np.argsort(-np.abs(scores), kind="stable")]
+    best = max((k for k in range(1, 13) if (k == 12 or conf[k - 1] != conf[k])  # tied answers kept together
+                and (~ranked[:k]).mean() <= 0.05), default=0)
+    assert risk["coverage"]["risk"] == 0.05 and risk["coverage"]["coverage"] == pytest.approx(best / 12)
+    from mechmed.consistency import flip_risk_of_rows
+
+    assert flip_risk_of_rows(res.pairs, n_bootstrap=500) == risk  # the same from the per-pair rows alone
 
 
 def test_controls_can_be_chosen(tiny_bundles, pairs):

@@ -576,3 +576,22 @@ def test_without_a_browser_one_warning_and_report_figures_draws_them_later(run_d
         assert (run / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (run / "figures" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
     assert (run / "sae_check" / "extra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flip_risk_block_is_the_results_rows(run_dir, report):
+    """The report's flip-risk table shows each row of results.json: AUROC of |margin| with its interval,
+    ECE and coverage, and the sentence gives the base model's AUROC."""
+    md = _md(run_dir)
+    results = _results(run_dir)
+    block = md.split("### Can the flips be foreseen?")[1].split("\n### ")[0]
+    rows = [r for r in results["rows"] if r.get("flip_risk")]
+    assert rows and rows[0]["arm"] == "base"
+    for r in rows:
+        f = r["flip_risk"]
+        cells = f"| {r['arm']} | {f['n_flips']}/{f['n_pairs']} | "
+        auroc = "n/a" if f["auroc_margin"] is None else _ci(f["auroc_margin"], f["auroc_margin_ci"], 3)
+        assert cells + auroc in block, (cells, auroc)
+        assert f"| {f['ece']:.3f} | {f['coverage']['coverage']:.3f} |" in block
+    base = rows[0]["flip_risk"]
+    if base["auroc_margin"] is not None:
+        assert f"foreseen at AUROC {base['auroc_margin']:.3f}" in block

@@ -461,3 +461,81 @@ def test_bad_input_raises_mechmed_error(call, match):
     with pytest.raises(MechmedError, match=match) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+# --- flip risk: clustered AUROC, calibration, coverage at a risk -------------------------------
+
+
+def test_weighted_auc_is_the_auc_of_the_repeated_cases():
+    rng = np.random.default_rng(5)
+    s = np.round(rng.normal(size=60), 1)  # ties on purpose
+    y = rng.random(60) < 0.3
+    w = rng.integers(0, 4, size=(20, 60))
+    want = [stats.auc(np.repeat(s, row), np.repeat(y, row)) for row in w]
+    np.testing.assert_allclose(stats.weighted_auc(s, y, w), want, rtol=0, atol=1e-12)
+    assert stats.weighted_auc(s, y, np.ones(60))[0] == pytest.approx(stats.auc(s, y), abs=1e-12)
+
+
+def test_clustered_auc_resamples_whole_clusters():
+    """The interval from the same cluster draws, done by hand: concatenate the drawn clusters' cases."""
+    rng = np.random.default_rng(1)
+    clusters = np.repeat(np.arange(30), 3)
+    s = rng.normal(size=90) + np.repeat(rng.normal(size=30), 3)
+    y = (s + rng.normal(size=90)) > 0.8
+    got = stats.clustered_auc(s, y, clusters, n_resamples=300, seed=7)
+    draws = np.random.default_rng(7).integers(0, 30, size=(300, 30))
+    boot = [stats.auc(s[idx], y[idx]) for idx in (np.concatenate([np.flatnonzero(clusters == g) for g in d])
+                                                    for d in draws)]
+    boot = [b for b in boot if b == b]
+    assert got["auc"] == pytest.approx(stats.auc(s, y)) and got["n_resamples"] == len(boot)
+    assert got["ci"] == pytest.approx(list(np.quantile(boot, [0.025, 0.975])), abs=1e-12)
+    assert got["n_clusters"] == 30 and got["n_positive"] == int(y.sum())
+    assert stats.clustered_auc(s, np.zeros(90, bool), clusters)["auc"] is None
+
+
+def test_expected_calibration_error_by_hand():
+    p = np.array([0.05, 0.08, 0.15, 0.55, 0.95, 1.0])
+    y = np.array([0, 1, 0, 1, 1, 1], bool)
+    # bins [0, .1): p̄ .065, ȳ .5; [.1, .2): .15, 0; [.5, .6): .55, 1; [.9, 1]: .975, 1
+    want = 2 / 6 * abs(0.5 - 0.065) + 1 / 6 * 0.15 + 1 / 6 * 0.45 + 2 / 6 * 0.025
+    assert stats.expected_calibration_error(p, y) == pytest.approx(want, abs=1e-12)
+    assert stats.expected_calibration_error([0.0, 1.0], [False, True]) == 0.0
+    with pytest.raises(MechmedError, match="outside"):
+        stats.expected_calibration_error([1.5], [True])
+
+
+def test_coverage_at_risk_is_the_longest_confident_prefix_within_the_risk():
+    rng = np.random.default_rng(3)
+    conf = np.round(rng.random(200), 2)
+    right = rng.random(200) < 0.85 + 0.15 * conf
+    for risk in (0.0, 0.02, 0.05, 0.1, 0.3):
+        got = stats.coverage_at_risk(conf, right, risk)
+        best = 0
+        for t in np.unique(conf):  # answer every case at or above the threshold t
+            kept = conf >= t
+            if (~right[kept]).mean() <= risk:
+                best = max(best, int(kept.sum()))
+        assert got["n_answered"] == best and got["coverage"] == pytest.approx(best / 200), risk
+        if best:
+            assert got["error_rate"] <= risk and (conf >= got["threshold"]).sum() == best
+    with pytest.raises(MechmedError, match="risk"):
+        stats.coverage_at_risk(conf, right, 1.0)
+
+
+def test_paired_clustered_auc_draws_the_same_clusters_for_both():
+    rng = np.random.default_rng(2)
+    clusters = np.repeat(np.arange(25), 4)
+    y = rng.random(100) < 0.3
+    a = rng.normal(size=100) + 0.3 * y
+    b = a + 1.0 * y + rng.normal(size=100) * 0.5  # b foresees the positives better
+    got = stats.paired_clustered_auc(a, y, b, y, clusters, n_resamples=400, seed=4)
+    draws = np.random.default_rng(4).integers(0, 25, size=(400, 25))
+    diffs = []
+    for d in draws:
+        idx = np.concatenate([np.flatnonzero(clusters == g) for g in d])
+        diffs.append(stats.auc(b[idx], y[idx]) - stats.auc(a[idx], y[idx]))
+    diffs = np.array([x for x in diffs if x == x])
+    assert got["difference"] == pytest.approx(stats.auc(b, y) - stats.auc(a, y))
+    assert got["ci"] == pytest.approx(list(np.quantile(diffs, [0.025, 0.975])), abs=1e-12)
+    assert got["p_value"] == pytest.approx(min(1.0, 2 * ((diffs <= 0).sum() + 1) / (diffs.size + 1)))
+    assert got["difference"] > 0 and got["p_value"] < 0.05
