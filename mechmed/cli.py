@@ -163,6 +163,11 @@ def cmd_compare(args) -> int:
                   f"B {b['share']:.3f} [{b['ci'][0]:.3f}, {b['ci'][1]:.3f}]"
                   + ("" if p is None else f"   McNemar p = {p:.4f}")
                   + ("" if pc is None else f", clustered by question p = {pc:.4f}"))
+    risk = res.get("flip_risk")
+    if risk and risk.get("difference") is not None:
+        print(f"{'flips foreseen':<20} A {risk['auc_a']:.3f} -> B {risk['auc_b']:.3f}   (AUROC of |margin|, "
+              f"{risk['n_common_pairs']} shared pairs; B − A {risk['difference']:+.3f} "
+              f"[{risk['ci'][0]:+.3f}, {risk['ci'][1]:+.3f}], bootstrap p by question = {risk['p_value']:.4f})")
     if args.out:
         write_json(args.out, res)
         print(f"written {args.out}")
@@ -315,6 +320,33 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def cmd_audit_data(args) -> int:
+    from mechmed.stages import run_audit
+
+    res = run_audit(args.data, args.out, image_root=args.image_root, model=args.model, device=args.device,
+                    threshold=args.threshold, seed=args.seed)
+    print(f"{args.data}: {res['n_phrasings']} phrasings of {res['n_questions']} questions in {res['n_groups']} groups")
+    print(f"  always the majority answer      {res['majority_accuracy']:.3f}")
+    print(f"  the group's name alone          {res['group_lookup_accuracy']:.3f}")
+    print(f"  the text alone ({res['folds']}-fold lookup)  {res['text_lookup_accuracy']:.3f}")
+    if res.get("model_accuracy"):
+        m = res["model_accuracy"]
+        print(f"  the model, with the image       {m['accuracy']:.3f}")
+        print(f"  the model, with a gray image    {m['accuracy_gray_image']:.3f}")
+    shown = res["balance"] if len(res["balance"]) <= 20 else [b for b in res["balance"] if b["one_answer"]][:10]
+    if len(shown) < len(res["balance"]):
+        print(f"  {len(res['groups_with_one_answer'])} of {res['n_groups']} groups have one answer only"
+              + ("; the first of them:" if shown else ""))
+    for b in shown:
+        print(f"  {b['group'][:60]:<30} {b['n_questions']:>5} questions, yes {b['yes_share']:.0%}"
+              + ("  (one answer only)" if b["one_answer"] else ""))
+    if res["warning"]:
+        log.warning("audit-data %s: %s", args.data, res["warning"])
+    if args.out:
+        print(f"written {args.out}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from mechmed.figures import browser_path, export_pending
     from mechmed.report import build_report
@@ -347,6 +379,7 @@ EXAMPLES = {
     "ablate": "mechmed ablate --config ablation.yaml --device cuda --out runs/ablation --report",
     "demo": "mechmed demo --out runs/demo",
     "report": "mechmed report runs/demo --figures",
+    "audit-data": "mechmed audit-data --data padchest_flips.csv --image-root /data/padchest --out audit.json",
 }
 
 
@@ -632,6 +665,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pairs", type=int, default=200, help="pairs to attribute (default 200)")
     _add_device_options(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("audit-data", help="how much of a pair set's answers the text alone gives (balance, "
+                       "text-only lookup; with --model, the model's accuracy with gray images)")
+    p.add_argument("--data", default="demo", help="pairs file (.jsonl/.json/.csv), directory with pairs.jsonl, hub "
+                   "dataset hf:OWNER/NAME[:CONFIG][@SPLIT], or 'demo' (default)")
+    p.add_argument("--image-root", default=None, help="resolve image paths under this directory")
+    p.add_argument("--model", default=None, help="also measure this model's accuracy with the image and with a "
+                   "gray image (default: the data only)")
+    p.add_argument("--threshold", type=float, default=None, help="warn when a text-only lookup answers more than "
+                   "this share of the phrasings (default 0.8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds (and of the demo data)")
+    p.add_argument("--out", default=None, help="write the audit to this JSON file")
+    _add_device_options(p)
+    p.set_defaults(func=cmd_audit_data)
 
     p = sub.add_parser("report", help="write report.html / report.md again from a finished run directory")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out of mechmed demo or mechmed ablate")

@@ -359,6 +359,7 @@ def compare_runs(a, b) -> dict:
     out["paired"] = _paired(headline_rows(ra), headline_rows(rb))
     out["near_tie_flip_rate"] = {"a": ma.get("near_tie_flip_rate"), "b": mb.get("near_tie_flip_rate")}
     out["quadrants"] = _compare_quadrants(ma, mb, headline_rows(ra), headline_rows(rb))
+    out["flip_risk"] = compare_flip_risk(headline_rows(ra), headline_rows(rb))
     if ma.get("negation") and mb.get("negation"):
         na, nb = ma["negation"], mb["negation"]
         out["negation"] = {
@@ -367,6 +368,24 @@ def compare_runs(a, b) -> dict:
             "paired": _paired([r for r in ra if r.get("negation_set")], [r for r in rb if r.get("negation_set")]),
         }
     return out
+
+
+def compare_flip_risk(rows_a: Sequence[dict], rows_b: Sequence[dict], seed: int = 0,
+                      n_bootstrap: int = 2000) -> dict | None:
+    """Does B foresee its flips from |margin| better or worse than A? The AUROC of each over the pairs
+    both evaluated, and B − A with its interval and p from resampling questions once for both
+    (:func:`mechmed.stats.paired_clustered_auc`); None without shared pair ids."""
+    from mechmed import stats
+
+    a, b = {r["id"]: r for r in rows_a}, {r["id"]: r for r in rows_b}
+    common = [i for i in a if i in b]
+    if not common:
+        return None
+    score = [[-abs(d[i]["margin_question"]) for i in common] for d in (a, b)]
+    flips = [[d[i]["flip"] for i in common] for d in (a, b)]
+    return {"n_common_pairs": len(common),
+            **stats.paired_clustered_auc(score[0], flips[0], score[1], flips[1], pair_clusters(a, common),
+                                         n_resamples=n_bootstrap, seed=seed)}
 
 
 def quadrant_of(row: dict) -> str:

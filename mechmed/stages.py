@@ -383,3 +383,24 @@ def run_capture(model: str = "demo", data: str = "demo", out: str = "runs/activa
     return write_activations(bundle, pairs, [Site(L, kind) for L in chosen], out, positions=positions,
                              shard_size=shard_size, batch_size=batch_size, dtype=store_dtype, backend=backend,
                              progress="capture" if progress else None)
+
+
+def run_audit(data: str = "demo", out: str | None = None, *, image_root=None, model: str | None = None,
+              device: str = "cpu", threshold: float | None = None, seed: int = 0, batch_size: int = 16) -> dict:
+    """:func:`mechmed.audit.audit_pairs` on a pair set (and, with ``model``, its accuracy with gray
+    images); written to ``out`` (a JSON file) when given."""
+    from mechmed.audit import THRESHOLD, audit_pairs, blind_accuracy
+    from mechmed.io import write_json
+
+    pairs = resolve_data(data, image_root=image_root, seed=seed)
+    result = audit_pairs(pairs, threshold=THRESHOLD if threshold is None else threshold, seed=seed)
+    result["data"] = str(data)
+    if model:
+        from mechmed.models import load_model
+
+        result["model"] = model
+        result["model_accuracy"] = blind_accuracy(load_model(model, device=device, seed=seed), pairs, batch_size)
+    if out:
+        write_json(out, result)
+    return result
+

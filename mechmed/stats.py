@@ -581,8 +581,8 @@ def _cluster_draws(codes: np.ndarray, n_resamples: int, seed: int | None):
     chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // max(codes.size, g))
     for first in range(0, b, chunk):
         rows = min(chunk, b - first)
-        counts = np.zeros((rows, g))
-        np.add.at(counts, (np.repeat(np.arange(rows), g), rng.integers(0, g, size=(rows, g)).ravel()), 1.0)
+        draws = rng.integers(0, g, size=(rows, g)) + g * np.arange(rows)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=rows * g).reshape(rows, g).astype(np.float64)
         yield counts[:, codes]
 
 

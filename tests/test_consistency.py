@@ -276,3 +276,13 @@ def test_compare_crosses_quadrants_with_mcnemar(tiny_bundles, pairs, tmp_path):
         [head_a[r["id"]]["flip"] for r in head_b], [r["flip"] for r in head_b],
         [head_a[r["id"]]["question_id"] for r in head_b]))
     assert paired["n_common_questions"] == len({r["question_id"] for r in head_b})
+    # how well |margin| foresees the flips, before and after, on the same pairs and the same question draws
+    from mechmed import stats
+
+    risk = res["flip_risk"]
+    score = [-abs(head_a[r["id"]]["margin_question"]) for r in head_b]
+    assert risk["n_common_pairs"] == len(head_b)
+    assert risk["auc_a"] == pytest.approx(stats.auc(score, [head_a[r["id"]]["flip"] for r in head_b]))
+    assert risk["auc_b"] == pytest.approx(stats.auc(score, [r["flip"] for r in head_b]))
+    assert risk["difference"] == pytest.approx(risk["auc_b"] - risk["auc_a"])
+    assert risk["ci"][0] <= risk["difference"] <= risk["ci"][1]
