@@ -284,6 +284,13 @@ def _rng(key: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
 
 
+def _where(pair) -> str:
+    """What names a pair's question in a draw's key independently of where the data lives: its
+    ``question_id``, else its image's file name (an absolute path would make the draws differ between
+    two copies of one data set)."""
+    return pair.question_id or ("" if pair.image is None else Path(pair.image).name)
+
+
 def _draw(pool: list, k: int, key: str) -> list:
     """``k`` items of ``pool`` drawn without replacement with a seed fixed by ``key`` (all if fewer)."""
     if len(pool) <= k:
@@ -341,8 +348,9 @@ class Ensemble(PromptEdit):
         plans = []
         for text, row in zip(texts, rows):
             if role == "question":  # the canonical question alone: k − 1 of all its paraphrases
-                pool = [self._aligned(p) for p in self._groups[row]]
-                plans.append([(text, 1.0), *_draw(pool, self.k - 1, f"q|{row[1]}|{row[0]}")])
+                group = self._groups[row]
+                pool = [self._aligned(p) for p in group]
+                plans.append([(text, 1.0), *_draw(pool, self.k - 1, f"q|{row[1]}|{_where(group[0])}")])
             else:
                 own = -1.0 if row.negated else 1.0
                 plans.append([(text, 1.0), *(self._aligned(p, own) for p in self._deal(row)[1])])

@@ -173,12 +173,44 @@ def test_ensemble_is_the_mean_of_plain_margins_over_disjoint_phrasings(setup):
     correct = 0
     for key in keys:
         pool = [(p.paraphrase, 1.0) for p in pairs if (p.image, p.question) == key]
-        drawn = iv._draw(pool, 2, f"q|{key[1]}|{key[0]}")
+        qid = next(p.question_id for p in pairs if (p.image, p.question) == key)
+        drawn = iv._draw(pool, 2, f"q|{key[1]}|{qid}")
         by_text = {p.paraphrase: m_p[i] for i, p in enumerate(pairs) if (p.image, p.question) == key}
         value = np.mean([unique[key], *(by_text[t] for t, _ in drawn)])
         answer = next(p.answer for p in pairs if (p.image, p.question) == key)
         correct += (value > 0) == (answer == "yes")
     assert ev.metrics["accuracy"]["original"] == pytest.approx(correct / len(keys))
+
+
+def test_ensemble_draws_do_not_depend_on_where_the_data_lives(setup, tmp_path):
+    """The same pairs with their images in another directory (another machine's cache): the same
+    phrasings drawn for every prompt, the canonical questions' included; with and without question ids."""
+    import shutil
+
+    class Recording(iv.Ensemble):
+        def _mean_margins(self, bundle, plans, images, batch_size, progress):
+            self.drawn = [*getattr(self, "drawn", []), *([t for t, _ in plan] for plan in plans)]
+            return super()._mean_margins(bundle, plans, images, batch_size, progress)
+
+    bundle, pairs = setup
+    # six phrasings per question, so that a draw of one of them differs between seeds
+    pairs = pairs + [dataclasses.replace(p, id=f"{p.id}v{j}", paraphrase=f"{p.question} Variant {j}.")
+                     for p in pairs[::2] for j in range(5)]
+    for strip_ids in (False, True):
+        here = [dataclasses.replace(p, question_id="") if strip_ids else p for p in pairs]
+        moved_dir = tmp_path / f"copy{int(strip_ids)}" / "deeper"
+        moved_dir.mkdir(parents=True)
+        moved = []
+        for p in here:
+            target = moved_dir / p.image.name
+            if not target.exists():
+                shutil.copy(p.image, target)
+            moved.append(dataclasses.replace(p, image=target))
+        a, b = Recording(k=2), Recording(k=2)
+        ev_a = evaluate(bundle, here, edit=a, controls=False, n_bootstrap=20)
+        ev_b = evaluate(bundle, moved, edit=b, controls=False, n_bootstrap=20)
+        assert a.drawn == b.drawn and len({tuple(d) for d in a.drawn}) > 4
+        assert ev_a.metrics["accuracy"] == ev_b.metrics["accuracy"]
 
 
 def test_edits_toward_the_original_leave_negated_pairs_alone(setup):
