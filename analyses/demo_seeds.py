@@ -35,12 +35,15 @@ COMPARISONS = [(arm, "base", "p_vs_base_clustered") for arm in
 ARM_PAIRS = [("early", "selected"), ("all", "selected"), ("late", "selected"), ("all", "early"), ("act", "selected")]
 
 
-def run_seed(seed: int, out: Path) -> float:
-    """``mechmed demo --seed seed --out out`` in a fresh process; its wall seconds (0 when finished before)."""
-    if (out / "ablation" / "results.json").is_file() and (out / "report.md").is_file():
+def run_seed(seed: int, out: Path, audit: bool = False) -> float:
+    """``mechmed demo --seed seed --out out [--audit]`` in a fresh process; its wall seconds (0 when
+    finished before)."""
+    done = out / "ablation" / "results.json"
+    if done.is_file() and (out / "report.md").is_file() and (not audit or "audit" in json.loads(done.read_text())):
         return 0.0
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mechmed", "demo", "--seed", str(seed), "--out", str(out)], check=True)
+    subprocess.run([sys.executable, "-m", "mechmed", "demo", "--seed", str(seed), "--out", str(out)]
+                   + (["--audit"] if audit else []), check=True)
     return time.perf_counter() - t0
 
 
@@ -157,6 +160,37 @@ def risk_table(risks: list[dict], seeds: list[int]) -> list[str]:
     return ["", *lines]
 
 
+def audit_tables(audit: dict) -> str:
+    """The selection audit over seeds as markdown: each window's flip reduction per seed, the correlations
+    of every score with what training achieved, the criteria's regrets, and the verdict."""
+    from mechmed.figures import layer_text
+
+    units, p = audit["units"], audit["pooled"]
+    labels = [u["label"].replace("lora ", "") for u in units]
+    names = [r["name"] for r in units[0]["candidates"] if r["kind"] != "random"]
+    lines = ["", "Selection audit: flip-rate reduction (base − trained) of each candidate; * the selected window", "",
+             "| candidate | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for n in names:
+        cells = []
+        for u in units:
+            r = next(r for r in u["candidates"] if r["name"] == n)
+            cells.append(f"{r['flip_reduction']:.3f}{'*' if r['selected'] else ''}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    rand = [[r["flip_reduction"] for r in u["candidates"] if r["kind"] == "random"] for u in units]
+    lines.append("| random sets (median, range) | " + " | ".join(
+        f"{sorted(v)[len(v) // 2]:.3f} ({min(v):.3f}–{max(v):.3f})" if v else "" for v in rand) + " |")
+    lines += ["", "| predictor | Spearman ρ per seed | mean ρ [95% CI] |", "|---|---|---|"]
+    for k, v in p["spearman"].items():
+        lines.append(f"| {k} | {', '.join(f'{x:+.2f}' for x in v['per_unit'])} | {v['rho']:+.2f} "
+                     f"[{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}] |")
+    lines += ["", "| criterion | windows per seed | regret per seed | mean regret [95% CI] |", "|---|---|---|---|"]
+    for k, c in sorted(p["criteria"].items(), key=lambda kv: kv[1]["regret"]):
+        lines.append(f"| {k} | {', '.join(layer_text(w) for w in c['windows'])} | "
+                     f"{', '.join(f'{x:.3f}' for x in c['per_unit'])} | {c['regret']:.3f} "
+                     f"[{c['regret_ci'][0]:.3f}, {c['regret_ci'][1]:.3f}] |")
+    return "\n".join(lines) + "\n\n" + p["verdict"] + "\n"
+
+
 def tables(pooled: dict) -> str:
     """The pooled tables as markdown: per seed the selection; per arm the per-seed flip rates and the
     pooled rate with its interval clustered by question; then each comparison with its stratified p."""
@@ -205,14 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--out", type=Path, default=Path("runs/demo-seeds"))
     ap.add_argument("--pool-only", action="store_true", help="pool the finished seeds under --out; run nothing")
+    ap.add_argument("--audit", action="store_true", help="also run the selection audit in every seed (mechmed demo "
+                    "--audit) and pool it; seeds that ran it are pooled whether or not this is given")
     args = ap.parse_args(argv)
 
-    from mechmed.ablate import pool_seed_runs
+    from mechmed.ablate import pool_audits, pool_seed_runs
 
     times = {}
     for s in args.seeds:
         if not args.pool_only:
-            times[s] = run_seed(s, args.out / f"seed-{s}")
+            times[s] = run_seed(s, args.out / f"seed-{s}", args.audit)
             print(f"seed {s}: {times[s]:.0f} s", flush=True)
     pooled = pool_seed_runs([args.out / f"seed-{s}" / "ablation" for s in args.seeds])
     pooled["arm_pairs"] = arm_pairs(pooled)
@@ -223,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     pooled["wall_s"] = times
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pooled.json").write_text(json.dumps(pooled, indent=1) + "\n", encoding="utf-8")
-    md = tables(pooled)
+    dirs = [args.out / f"seed-{s}" / "ablation" for s in args.seeds]
+    if all("audit" in json.loads((d / "results.json").read_text(encoding="utf-8")) for d in dirs):
+        pooled["audit"] = pool_audits(dirs)
+    md = tables(pooled) + (audit_tables(pooled["audit"]) if "audit" in pooled else "")
     (args.out / "pooled.md").write_text(md, encoding="utf-8")
     print(md)
     return 0

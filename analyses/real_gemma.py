@@ -20,11 +20,18 @@ Writes ``data/`` (the pair files), ``task_finetune/`` and ``task_model/``, ``att
 ``train.yaml``, ``ablation/`` (results.json, summary.csv, one run per arm and seed) and
 ``real_gemma.json``; prints the summary table. About 25 minutes on 2 CPU cores with the defaults.
 
+With ``--audit N`` it also runs the selection audit (:mod:`mechmed.selection_audit`) on the first seed
+into ``audit/``: every window of the width, N random layer sets and all layers at matched parameters and
+at the window's rank, each trained like the selected arm. With 18 layers and width 4 that is 21 layer
+sets; give it ``--reports 50`` (600 held-out pairs) for power:
+
     python analyses/real_gemma.py --seeds 0,1,2 --out runs/analyses/real_gemma
+    python analyses/real_gemma.py --reports 50 --audit 4 --no-grid --out runs/analyses/real_gemma_audit
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -50,6 +57,10 @@ def build_parser():
     p.add_argument("--steps", type=int, default=40, help="optimiser steps per arm of the grid")
     p.add_argument("--width", type=int, default=4, help="width of the selected layer window")
     p.add_argument("--attr-pairs", type=int, default=96, help="training pairs attributed to select the window")
+    p.add_argument("--audit", type=int, default=None, metavar="N",
+                   help="also run the selection audit (every window of the width, N random layer sets, all layers "
+                   "at matched parameters and at the window's rank) on the first seed, into OUT/audit")
+    p.add_argument("--no-grid", action="store_true", help="skip the grid over seeds (with --audit: the audit only)")
     p.add_argument("--device", default="cpu", help="torch device")
     return p
 
@@ -200,6 +211,23 @@ def run(args) -> dict:
     timing["attribute_s"] = time.perf_counter() - t0 - timing["finetune_s"]
     seeds = [int(s) for s in args.seeds.split(",")]
     train = {k: v for k, v in cfg.to_dict().items() if k != "config_version"}
+    audit = None
+    if args.audit is not None:  # the selection audit, first: the grid's selected arm of that seed is shared
+        t1 = time.perf_counter()
+        ares = run_ablation(AblationConfig(train=train, arms=["selected"], seeds=seeds[:1],
+                                           attribution=str(out / "attribute"), audit={"random_sets": args.audit}),
+                            out / "audit", progress=True, device=args.device)
+        audit = json.loads((ares.out / "results.json").read_text(encoding="utf-8"))["audit"]
+        timing["audit_s"] = time.perf_counter() - t1
+        print(audit["pooled"]["verdict"])
+    if args.no_grid:
+        timing["total_s"] = time.perf_counter() - t0
+        return finish(out, {"model": model, "task_model": task_model, "data": data, "audit": audit,
+                            "task_model_eval": {k: base.metrics[k] for k in ("n_pairs", "flip_rate", "flip_rate_ci",
+                                                                               "accuracy", "yes_rate")},
+                            "selected_layers": list(chosen.layers), "selection_score": key,
+                            "n_flipped_attributed": scores["n_flipped"], "timing": timing,
+                            "command": "python analyses/real_gemma.py " + " ".join(sys.argv[1:])}, "real_gemma.json")
     res = run_ablation(AblationConfig(train=train, arms=list(ARMS), seeds=seeds), out / "ablation", progress=True,
                        device=args.device)
     timing["total_s"] = time.perf_counter() - t0
@@ -217,7 +245,7 @@ def run(args) -> dict:
     return finish(out, {"model": model, "task_model": task_model, "data": data, "pair_level": by_pair,
                         "task_model_eval": {k: base.metrics[k] for k in ("n_pairs", "flip_rate", "flip_rate_ci",
                                                                            "accuracy", "yes_rate")},
-                        "selected_layers": list(chosen.layers), "selection_score": key,
+                        "selected_layers": list(chosen.layers), "selection_score": key, "audit": audit,
                         "n_flipped_attributed": scores["n_flipped"], "seeds": seeds,
                         "summary": res.summary, "rows": res.rows, "timing": timing,
                         "command": "python analyses/real_gemma.py " + " ".join(sys.argv[1:])}, "real_gemma.json")

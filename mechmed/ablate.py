@@ -40,6 +40,14 @@ Configuration (YAML, all keys optional except a training config)::
     clamp_to: original              # or zero
     steer_scale: 1.0
     ensemble_k: 3
+    audit: false                    # or true, or {random_sets: 8, seed: 0, n_bootstrap: 1000}: the selection audit
+
+With ``audit`` the grid also trains every contiguous window of the selected width, ``random_sets``
+random layer sets of that width, all layers at the window's parameter count and all layers at its rank
+(arms ``w<a>-<b>``, ``set<i>``, ``all_matched``, ``all_samerank``; a candidate the grid already trains,
+such as ``early`` or ``selected``, is taken from it), with the selected arm's loss, data and steps;
+``results.json`` then has an ``audit`` (:mod:`mechmed.selection_audit`): what each candidate achieved
+against what the attribution predicted for it.
 """
 
 from __future__ import annotations
@@ -104,6 +112,8 @@ class AblationConfig:
     """Multiple of the steering vector steer adds."""
     ensemble_k: int = 3
     """Phrasings each ensemble answer averages over (the prompt and k − 1 others of its question)."""
+    audit: dict | bool | None = None
+    """The selection audit (mechmed.selection_audit): true, or a mapping of random_sets, seed and n_bootstrap."""
     source: str = "ablation config"
 
     def __post_init__(self):
@@ -135,6 +145,9 @@ class AblationConfig:
             if not ok:
                 raise MechmedError(f"{src}: {key} must be {what}, got {getattr(self, key)!r}")
         self.arms = [a for a in ARMS if a in self.arms and a != "base"]
+        from mechmed.selection_audit import check_audit
+
+        self.audit = check_audit(self.audit, src)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AblationConfig:
@@ -227,6 +240,32 @@ def plan(cfg: AblationConfig, n_layers: int) -> list[Arm]:
                         rank = max(n, rank - rank % n)
                     over["rank"] = rank
                 out.append(Arm(arm, method, seed, tuple(layers), tuple(sorted(over.items()))))
+    if cfg.audit:
+        out += [arm for cands in audit_plan(cfg, out, n_layers).values() for _, arm, new in cands if new]
+    return out
+
+
+def audit_plan(cfg: AblationConfig, planned: Sequence[Arm], n_layers: int) -> dict:
+    """(method, seed) -> the audit's candidates (:func:`mechmed.selection_audit.candidates`), each as
+    (candidate, the arm that trains it, whether that arm is the audit's own rather than one of ``planned``)."""
+    from mechmed.selection_audit import SAME_LOSS_ARMS, candidates
+
+    rank, width = cfg.train["rank"], len(cfg.train["layers"])
+    out = {}
+    for method in cfg.methods:
+        n_experts = (cfg.train.get("spectral") or {}).get("n_experts", 8) if method == "spectral_moe" else None
+        for seed in cfg.seeds:
+            have = {(a.layers, dict(a.overrides).get("rank", rank)): a for a in planned
+                    if a.arm in SAME_LOSS_ARMS and a.method == method and a.seed == seed}
+            cands = []
+            for c in candidates(n_layers, width, rank, random_sets_count=cfg.audit["random_sets"],
+                                seed=cfg.audit["seed"], n_experts=n_experts):
+                key = (c.layers, c.rank or rank)
+                new = key not in have
+                if new:
+                    have[key] = Arm(c.name, method, seed, c.layers, (("rank", c.rank),) if c.rank else ())
+                cands.append((c, have[key], new))
+            out[(method, seed)] = cands
     return out
 
 
@@ -757,6 +796,7 @@ class _Grid:
     dtype: str | None
     threads: int | None
     """Torch CPU threads for demo-sized models (1), else None."""
+    n_layers: int = 0
 
     @property
     def trained(self) -> list:
@@ -778,14 +818,16 @@ def _prepare(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike, de
     out = ensure_dir(Path(out))
     t = cfg.train
     _, config, family, _ = model_config(t["model"], seed=cfg.seeds[0])  # the layer count needs no weights
-    arms = plan(cfg, family.n_layers(config))
-    grid = _Grid(cfg, out, arms, device, dtype, cpu_threads_for(t["model"], device))
+    n_layers = family.n_layers(config)
+    arms = plan(cfg, n_layers)
+    grid = _Grid(cfg, out, arms, device, dtype, cpu_threads_for(t["model"], device), n_layers)
     skeletons: dict = {}  # every arm's layers and target modules, before the base model is evaluated
     for a in grid.trained:
         check_against_model(arm_config(cfg, a), skeletons)
     check_training_free(cfg)
-    write_json(out / "ablation_config.json", {**cfg.to_dict(), "plan": [a.name for a in arms], "device": device,
-                                              "dtype": dtype})
+    write_json(out / "ablation_config.json", {**cfg.to_dict(), "plan": [a.name for a in arms if a.arm in ARMS],
+                                              "audit_arms": [a.name for a in arms if a.arm not in ARMS],
+                                              "device": device, "dtype": dtype})
     _write_plan(grid)
     return grid
 
@@ -956,7 +998,7 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
                      "_n_questions": bm["n_questions"]})
         pairs_by_row[len(rows) - 1] = bp
     arm_pairs = {a.name: _read_pairs(out / "arms" / a.name / "after" / "pairs.jsonl") for a in arms}
-    for a in arms:
+    for a in (a for a in arms if a.arm in ARMS):  # the audit's own candidates are reported in its section
         m = metrics[a.name]
         ce_name = Arm("ce_only", a.method, a.seed, ()).name
         ce = arm_pairs.get(ce_name) if a.arm != "ce_only" else None
@@ -979,11 +1021,39 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
         r.pop("_n_questions", None)
     base_summary = next(r for r in summary if r["arm"] == "base")
     result = {"rows": rows, "summary": summary, "base": base_summary, "best_trained": best, "config": cfg.to_dict()}
+    if cfg.audit:
+        result["audit"] = selection_audit(grid, {s: base[s][1] for s in cfg.seeds}, arm_pairs)
     write_text(out / "results.csv", table_csv(rows))
     write_text(out / "summary.csv", table_csv(summary))
     write_json(out / "results.json", result)
     log.info("ablation: %d arms in %s\n%s", len(arms), out, format_table(summary))
+    if cfg.audit:
+        log.info("selection audit: %s", result["audit"]["pooled"]["verdict"])
     return AblationResult(out, rows, summary, base_summary)
+
+
+def selection_audit(grid: _Grid, base_pairs: dict, arm_pairs: dict) -> dict:
+    """:func:`mechmed.selection_audit.analyse` of an audited grid: one unit per (method, seed), with the
+    attribution its selection was made on (``layer_scores.json``: ``attribution``, else beside the
+    training config's scores file); each candidate row names the arm that trained it."""
+    from mechmed.io import read_json
+    from mechmed.selection_audit import AuditUnit, analyse
+
+    cfg = grid.cfg
+    path = _attribution_dir(cfg) / "layer_scores.json"
+    scores = read_json(path, "the audit's layer scores") if path.is_file() else {"scores": {}}
+    own_data = not shared_questions(base_pairs)
+    plan = audit_plan(cfg, grid.arms, grid.n_layers)
+    units = [AuditUnit(f"{method} seed {seed}", base_pairs[seed], {c.name: arm_pairs[a.name] for c, a, _ in cands},
+                       [c for c, _, _ in cands], scores, tuple(cfg.train["layers"]), f"{seed}|" if own_data else "")
+             for (method, seed), cands in plan.items()]
+    res = analyse(units, n_bootstrap=cfg.audit["n_bootstrap"], seed=cfg.audit["seed"],
+                  select_key=(cfg.train.get("provenance") or {}).get("score_key") or "gain_flipped")
+    for u, cands in zip(res["units"], plan.values(), strict=True):
+        arm_of = {c.name: a.name for c, a, _ in cands}
+        for r in u["candidates"]:
+            r["arm"] = arm_of[r["name"]]
+    return res
 
 
 def pool_seed_runs(ablation_dirs: Sequence[str | os.PathLike]) -> dict:
@@ -1020,3 +1090,34 @@ def pool_seed_runs(ablation_dirs: Sequence[str | os.PathLike]) -> dict:
     for r in rows + summary:
         r.pop("_n_questions", None)
     return {"rows": rows, "summary": summary, "best_trained": best, "runs": runs}
+
+
+def pool_audits(ablation_dirs: Sequence[str | os.PathLike]) -> dict:
+    """The selection audits of ablations that differ in their seed alone (``mechmed demo --seed S --audit``),
+    analysed together (:func:`mechmed.selection_audit.analyse`): one unit per seed with its own questions,
+    attribution and selected window; pooled numbers average the seeds."""
+    from mechmed.io import read_json
+    from mechmed.selection_audit import AuditUnit, Candidate, analyse, check_audit
+
+    units, cfg = [], {}
+    for d in map(Path, ablation_dirs):
+        res = read_json(d / "results.json", "ablation results")
+        if not res.get("audit"):
+            raise MechmedError(f"{d}: ran without the selection audit; rerun it with audit (mechmed demo --audit)")
+        cfg = res.get("config") or {}
+        path = (Path(cfg["attribution"]) if cfg.get("attribution") else
+                Path(((cfg.get("train") or {}).get("provenance") or {}).get("scores_file", "")).parent) / "layer_scores.json"
+        if not path.is_file():  # moved with its run directory: mechmed demo's layout
+            path = d.parent / "attribute" / "layer_scores.json"
+        scores = read_json(path, "the audit's layer scores")
+        for u in res["audit"]["units"]:
+            seed = int(u["label"].rsplit(" ", 1)[1])
+            cands = [Candidate(r["name"], r["kind"], tuple(r["layers"]), r["rank"]) for r in u["candidates"]]
+            arms = {r["name"]: _read_pairs(d / "arms" / r["arm"] / "after" / "pairs.jsonl") for r in u["candidates"]}
+            units.append(AuditUnit(u["label"], _read_pairs(d / f"base-s{seed}" / "pairs.jsonl"), arms, cands, scores,
+                                   tuple(u["selected"]), f"{d}|{seed}|"))
+    if not units:
+        raise MechmedError("pool: no runs given; give the ablation directories of one run per seed")
+    audit = check_audit(cfg.get("audit") or True)
+    return analyse(units, n_bootstrap=audit["n_bootstrap"], seed=audit["seed"],
+                   select_key=((cfg.get("train") or {}).get("provenance") or {}).get("score_key") or "gain_flipped")

@@ -251,7 +251,11 @@ def layer_scores(results: Sequence[PairAttribution], *, n_bootstrap: int = 1000,
     - ``recovery_flipped``: mean e_L / (m_q − m_p) over flipped pairs;
     - ``feature_auc``: per layer with an SAE, the feature with the largest mean |Δf| on flipped
       pairs, and the AUC of its |Δf| for telling flipped from stable pairs;
-    - ``spearman_attr_patch``: rank agreement across layers of attribution and exact patching.
+    - ``spearman_attr_patch``: rank agreement across layers of attribution and exact patching (both grow
+      with depth, so it is high whatever the layers do);
+    - ``spearman_gain_patch``: rank agreement of ``gain_flipped`` with exact patching's gain (mean |e_L| minus
+      mean |e_{L−1}|): the check of the selection's score; ``spearman_index_patch``: layer index alone
+      against the same, the null it should beat.
     """
     from scipy.stats import spearmanr
 
@@ -292,8 +296,14 @@ def layer_scores(results: Sequence[PairAttribution], *, n_bootstrap: int = 1000,
         out["scores"]["patch_flipped"] = agg(np.abs(E), flipped)
         out["scores"]["recovery_flipped"] = agg(R, flipped)
         a, e = out["scores"]["attr_flipped"]["mean"], out["scores"]["patch_flipped"]["mean"]
+        g = out["scores"]["gain_flipped"]["mean"]
         if None not in a and None not in e and n_layers > 2:
             out["spearman_attr_patch"] = float(spearmanr(a, e).statistic)
+            # |a_L| and |e_L| both grow with depth, so they agree whatever the layers do; the check that can
+            # fail compares what enters at each layer, with layer index alone as the null
+            patch_gain = np.diff(np.asarray(e, dtype=float), prepend=0.0)
+            out["spearman_gain_patch"] = float(spearmanr(g, patch_gain).statistic)
+            out["spearman_index_patch"] = float(spearmanr(np.arange(n_layers), patch_gain).statistic)
     feature_layers = sorted(set().union(*[r.features.keys() for r in results]))
     if feature_layers:
         auc = [None] * n_layers

@@ -1085,3 +1085,61 @@ def expert_heatmap(stats: dict, *, title: str | None = None):
     )
     fig.update_yaxes(autorange="reversed")
     return fig
+
+
+# ---------------------------------------------------------------- the selection audit
+
+AUDIT_KIND_LABELS = {"window": "contiguous window", "random": "random layer set",
+                     "all_matched": "all layers, matched parameters", "all": "all layers, same rank"}
+
+
+def audit_scatter(audit: dict, *, title: str | None = None):
+    """The selection audit (:func:`mechmed.selection_audit.analyse`): per unit (seed), each same-size layer
+    set's predicted score (Σ of the selection's score over its layers) against the flip-rate reduction its
+    training achieved (95% CI by question); the selected window is a star, all-layer candidates dashed
+    lines. A selection score that predicts training puts the points on a rising line with the star on top."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    units = audit["units"]
+    key = audit["pooled"].get("select_key", "gain_flipped")
+    cols = min(len(units), 5)
+    fig = make_subplots(rows=1, cols=cols, shared_yaxes=True, horizontal_spacing=0.03,
+                        subplot_titles=[u["label"] for u in units[:cols]])
+    styles = {"window": ("circle", PALETTE[0]), "random": ("diamond-open", PALETTE[1])}
+    for ci, u in enumerate(units[:cols], start=1):
+        for kind, (symbol, colour) in styles.items():
+            rows = [r for r in u["candidates"] if r["kind"] == kind and r.get("predicted") is not None]
+            if not rows:
+                continue
+            yp, ym = _err([r["flip_reduction"] for r in rows], [r["flip_reduction_ci"] for r in rows])
+            fig.add_trace(go.Scatter(
+                x=[r["predicted"] for r in rows], y=[r["flip_reduction"] for r in rows], mode="markers",
+                name=AUDIT_KIND_LABELS[kind], legendgroup=kind, showlegend=ci == 1,
+                text=[f"layers {layer_text(r['layers'])}" for r in rows],
+                marker=dict(symbol=symbol, size=10, color=colour, line=dict(width=1.5, color=colour)),
+                error_y=dict(type="data", symmetric=False, array=yp, arrayminus=ym, color=colour, thickness=1, width=2),
+                hovertemplate="%{text}<br>predicted %{x:.2f}<br>flip reduction %{y:.3f}<extra></extra>"), row=1, col=ci)
+        sel = [r for r in u["candidates"] if r.get("selected") and r.get("predicted") is not None]
+        if sel:
+            fig.add_trace(go.Scatter(
+                x=[sel[0]["predicted"]], y=[sel[0]["flip_reduction"]], mode="markers", name="selected window",
+                legendgroup="selected", showlegend=ci == 1, text=[f"layers {layer_text(sel[0]['layers'])}"],
+                marker=dict(symbol="star", size=18, color=PALETTE[5], line=dict(width=1, color="#000000")),
+                hovertemplate="selected: %{text}<br>predicted %{x:.2f}<br>flip reduction %{y:.3f}<extra></extra>"),
+                row=1, col=ci)
+        for kind, dash, colour in (("all_matched", "dash", PALETTE[2]), ("all", "dot", PALETTE[3])):
+            r = next((r for r in u["candidates"] if r["kind"] == kind), None)
+            if r is None:
+                continue
+            fig.add_hline(y=r["flip_reduction"], line=dict(dash=dash, color=colour, width=1.5), row=1, col=ci)
+            if ci == 1:
+                fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=AUDIT_KIND_LABELS[kind],
+                                         line=dict(dash=dash, color=colour)), row=1, col=1)
+    width = max(PNG_WIDTH, 300 * cols)
+    _base_layout(fig, title or ("Does the selection predict where training helps?<br><sup>each point a layer set "
+                                "trained alike; up is better; a useful score puts the star at the top</sup>"),
+                 height=520, width=width, legend_y=-0.2, bottom=120)
+    fig.update_xaxes(title_text=f"predicted: Σ {SCORE_LABELS.get(key, key)}")
+    fig.update_yaxes(title_text="flips removed (base − trained flip rate)", tickformat=".0%", row=1, col=1)
+    return fig

@@ -99,9 +99,10 @@ class _ArmWatcher:
 def run_pipeline(out: str | os.PathLike = "runs/demo", *, model: str = "demo", data: str = "demo",
                  saes: str = "demo", seed: int = 0, width: int = 3, arms=DEMO_ARMS, methods=("lora",),
                  seeds=None, workers: int = 2, max_pairs: int = 200, echo: bool = False, device: str = "cpu",
-                 dtype: str | None = None) -> PipelineResult:
+                 dtype: str | None = None, audit: dict | bool | None = None) -> PipelineResult:
     """Run every stage into ``out`` (see module doc) on ``device`` (or ``auto``) in ``dtype``;
-    ``echo`` prints a line per stage and per finished ablation arm."""
+    ``echo`` prints a line per stage and per finished ablation arm; ``audit`` adds the selection audit to
+    the grid (:mod:`mechmed.selection_audit`; true or the ablation config's ``audit`` mapping)."""
     from mechmed.figures import png_session, shared_plotly
     from mechmed.io import ensure_dir
     from mechmed.models import cpu_threads_for
@@ -113,11 +114,12 @@ def run_pipeline(out: str | os.PathLike = "runs/demo", *, model: str = "demo", d
     # one headless browser for every PNG the stages write; one torch thread for demo-sized models
     with png_session(), shared_plotly(out), torch_threads(cpu_threads_for(model, device)), deterministic(device):
         return _run(out, model=model, data=data, saes=saes, seed=seed, width=width, arms=arms, methods=methods,
-                    seeds=seeds, workers=workers, max_pairs=max_pairs, echo=echo, device=device, dtype=dtype)
+                    seeds=seeds, workers=workers, max_pairs=max_pairs, echo=echo, device=device, dtype=dtype,
+                    audit=audit)
 
 
 def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, workers, max_pairs, echo, device,
-         dtype) -> PipelineResult:
+         dtype, audit) -> PipelineResult:
     from mechmed.ablate import AblationConfig, run_ablation
     from mechmed.config import TrainConfig
     from mechmed.io import ensure_dir
@@ -189,7 +191,7 @@ def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, wor
     _say(f"[select_layers] selected layers {res.selected}{sure} ({cfg_path})", echo)
     ab = AblationConfig(train={k: v for k, v in train_cfg.to_dict().items() if k != "config_version"},
                         arms=list(arms), methods=list(methods), seeds=list(seeds or [seed]), workers=workers,
-                        attribution=str(out / "attribute"), saes=saes or None, source=str(cfg_path))
+                        attribution=str(out / "attribute"), saes=saes or None, audit=audit, source=str(cfg_path))
     result = None
 
     from mechmed.config import TRAINING_FREE_ARMS
@@ -199,6 +201,15 @@ def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, wor
     n_arms = (len(trained) * len(ab.methods) + len(free)) * len(ab.seeds)
     what = [f"{', '.join(trained)} × {', '.join(ab.methods)}"] if trained else []
     what += [f"{', '.join(free)} without training"] if free else []
+    if ab.audit:
+        from mechmed.ablate import plan
+        from mechmed.config import ARMS
+        from mechmed.models import model_config
+
+        _, config, family, _ = model_config(model, seed=seed)
+        n_audit = sum(a.arm not in ARMS for a in plan(ab, family.n_layers(config)))
+        n_arms += n_audit
+        what.append(f"the selection audit's {n_audit} other layer sets")
     _say(f"[ablation] base model, then {n_arms} arms ({'; '.join(what)}; seed {', '.join(map(str, ab.seeds))}), "
          f"{workers} trained in parallel", echo)
 

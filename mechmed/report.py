@@ -294,7 +294,10 @@ def _arm_dirs(ablation_dir: Path) -> list[Path]:
     plan = []
     with contextlib.suppress(OSError, ValueError, AttributeError):
         plan = json.loads((ablation_dir / "ablation_config.json").read_text(encoding="utf-8")).get("plan") or []
-    order = [n for n in plan if n in dirs] + sorted(n for n in dirs if n not in plan)
+    audit = []
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        audit = json.loads((ablation_dir / "ablation_config.json").read_text(encoding="utf-8")).get("audit_arms") or []
+    order = [n for n in plan if n in dirs] + sorted(n for n in dirs if n not in plan and n not in audit)
     return [dirs[n] for n in order]
 
 
@@ -444,10 +447,11 @@ def _attr_headline(scores: dict, selected: list[int], key: str = "attr_flipped")
     if key == "attr_flipped" and peak < len(stable) and stable[peak] is not None:
         text += f", against {stable[peak]:.2f} on stable pairs"
     text += ")"
-    rho = scores.get("spearman_attr_patch")
-    if rho is not None:
+    rho, null = scores.get("spearman_gain_patch"), scores.get("spearman_index_patch")
+    if rho is not None and null is not None:
         how = "alike" if rho >= 0.8 else "similarly" if rho >= 0.5 else "differently"
-        text += f"; attribution and exact patching rank the layers {how} (Spearman ρ = {rho:.2f})"
+        text += (f"; the gain and exact patching's gain (what enters at each layer) rank the layers {how} "
+                 f"(Spearman ρ = {rho:.2f}; layer index alone: ρ = {null:.2f})")
     if selected:
         text += f". The selected window is {layers_phrase(selected)}"
     return text + "."
@@ -843,7 +847,7 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
             sec.figures.append((name, fig, caption))
 
     if run.sae_check is not None:
-        sec = _Section("sae_check", "1. Do the SAEs reconstruct the model?")
+        sec = _Section("sae_check", "Do the SAEs reconstruct the model?")
         sec.text.append(attempt("SAE headline", lambda: _sae_headline(run.sae_check)) or "")
         figure(sec, "r2_by_layer", "R² figure",
                lambda: F.r2_by_layer(run.sae_check.get("rows", []), run.sae_check.get("options", {}).get("threshold", 0.95)),
@@ -851,7 +855,7 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
                "(filled markers pass the test).")
         out.append(sec)
     if run.layer_scores is not None:
-        sec = _Section("attribute", "2. Which layers carry the flips?")
+        sec = _Section("attribute", "Which layers carry the flips?")
         # the figure draws the score the window was chosen on, so the window sits on its peak; the
         # sentence above it names the peak of that same score
         key = _profile_key(run.layer_scores, run.train_cfg)
@@ -871,11 +875,11 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
                    + "; strongly coloured cells name the features worth inspecting.")
         out.append(sec)
     if run.train_cfg is not None:
-        sec = _Section("select", "3. The selected layers")
+        sec = _Section("select", "The selected layers")
         sec.text.append(attempt("selection headline", lambda: _selection_headline(run.train_cfg)) or "")
         out.append(sec)
     if run.ablation is not None:
-        sec = _Section("ablation", "4. Does training those layers fix the flips?")
+        sec = _Section("ablation", "Does training those layers fix the flips?")
         sec.text += attempt("ablation headlines", lambda: _ablation_headlines(run.ablation)) or []
         summary = run.ablation.get("summary") or run.ablation.get("rows") or []
         base = run.ablation.get("base")
@@ -928,10 +932,26 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
                                    "the yes−no margin of each phrasing (positive: yes) before training and after "
                                    "training the selected layers.", *blocks))
         out.append(sec)
+    audit = (run.ablation or {}).get("audit")
+    if audit:
+        sec = _Section("audit", "Is the selected window where training helps?")
+        sec.text.append(attempt("audit headline", lambda: audit_text(audit)) or "")
+        figure(sec, "selection_audit", "selection-audit figure", lambda: F.audit_scatter(audit),
+               "Each point is one layer set of the selected width, trained with the selected arm's loss, data and "
+               "steps: across, what the attribution predicted for it; up, the share of the base model's flip rate "
+               "its training removed (95% CI by question). The star is the selected window; dashed lines are all "
+               "layers at the window's parameter count and at its rank. If the score predicted where training "
+               "helps, the points would rise to the right and the star would sit on top.")
+        table = attempt("audit table", lambda: audit_table(audit))
+        if table:
+            sec.blocks.append(("Selection criteria", "The window each criterion picks from the attribution, and its "
+                               "regret: the best window's flip-rate reduction minus its own (0 is the best window; "
+                               "mean over seeds, 95% CI by question).", _html_grid(*table), _md_grid(*table)))
+        out.append(sec)
     if run.logs:
         train = (run.ablation or {}).get("config", {}).get("train", {})
         lo, hi = train.get("collapse_low", 0.05), train.get("collapse_high", 0.95)
-        sec = _Section("training", "5. Training curves")
+        sec = _Section("training", "Training curves")
         sec.text.append("One panel per trained arm: the loss components (top) and the guard's held-out yes-rate "
                         "(bottom). A yes-rate entering a red band means the adapter answers one word for everything.")
         for name, hist in run.logs.items():
@@ -943,13 +963,44 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
                                                                         weights=w), caption)
         out.append(sec)
     if run.experts:
-        sec = _Section("experts", "6. Expert utilisation")
+        sec = _Section("experts", "Expert utilisation")
         for name, data in run.experts.items():
             figure(sec, f"experts_{name}", f"expert utilisation of {name}", lambda d=data: F.expert_heatmap(d),
                    f"Arm {name}: how often the router picks each expert; a flat profile means no expert is unused.")
         if sec.figures:
             out.append(sec)
+    for i, sec in enumerate(out, start=1):
+        sec.title = f"{i}. {sec.title}"
     return out
+
+
+def audit_text(audit: dict) -> str:
+    """The audit's verdict (:func:`mechmed.selection_audit.verdict`), led by how many layer sets it trained."""
+    units = audit["units"]
+    n = len(units[0]["candidates"]) if units else 0
+    seeds = f" in each of {len(units)} seeds" if len(units) > 1 else ""
+    return (f"The selection audit compared {n} layer sets{seeds}, each trained with the selected arm's loss, data "
+            "and steps. "
+            + audit["pooled"]["verdict"])
+
+
+def audit_table(audit: dict) -> tuple[list, list] | None:
+    """(header, rows) of the selection criteria: the window each picks per seed and its regret."""
+    from mechmed.figures import layer_text
+
+    crit = audit["pooled"].get("criteria") or {}
+    if not crit:
+        return None
+    key = audit["pooled"].get("select_key")
+    header = ["criterion", "windows picked", "regret [95% CI]", "Spearman ρ of its score [95% CI]"]
+    rows = []
+    for name, c in sorted(crit.items(), key=lambda kv: kv[1]["regret"]):
+        rho = audit["pooled"]["spearman"].get({"earliest": "layer_index"}.get(name, name))
+        label = name + (" (selected by)" if name == key else "")
+        rows.append([label, ", ".join(layer_text(w) for w in c["windows"]),
+                     f"{c['regret']:.3f} {fmt_ci(c['regret_ci'], 3)}",
+                     f"{rho['rho']:+.2f} {fmt_ci(rho['ci'], 2)}" if rho else "–"])
+    return header, rows
 
 
 def _arm_title(name: str, cfg: dict) -> tuple[str, str]:

@@ -3,6 +3,8 @@
 Strategies over a score vector s[0..L-1] (higher = more involved in the flip):
 
 - ``window``: the contiguous window of width w with the largest Σ s (ties: the earliest);
+- ``peak_end``: the contiguous window of width w that ends at the layer of largest s (or, when that
+  layer is earlier than w − 1, the first w layers): the layers that build what enters at the peak;
 - ``topk``: the k layers with the largest s (returned sorted);
 - ``threshold``: every layer with s ≥ t.
 
@@ -23,7 +25,7 @@ import numpy as np
 
 from mechmed.errors import MechmedError
 
-STRATEGIES = ("window", "topk", "threshold")
+STRATEGIES = ("window", "peak_end", "topk", "threshold")
 BASELINES = ("early", "middle", "late", "all", "random")
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,11 @@ def select(scores: Sequence[float], strategy: str = "window", *, width: int = 5,
         sums = np.convolve(s, np.ones(width), mode="valid")
         start = int(np.argmax(sums))
         return LayerRange(tuple(range(start, start + width)), "window", {"width": width}, float(sums[start]))
+    if strategy == "peak_end":
+        _check_width(width, n)
+        start = min(max(int(np.argmax(s)) - width + 1, 0), n - width)
+        return LayerRange(tuple(range(start, start + width)), "peak_end", {"width": width},
+                          float(s[start:start + width].sum()))
     if strategy == "topk":
         _check_width(k, n, "--k")
         top = np.argsort(-s, kind="stable")[:k]
@@ -211,7 +218,7 @@ class SelectionUncertainty:
     def table(self) -> str:
         """The candidates as aligned text, most often best first."""
         lines = [f"{'layers':>10} {'score':>9} {f'{self.confidence:.0%} CI':>20} {'P(best)':>8}"]
-        for c in sorted(self.candidates, key=lambda c: -c["p_best"]):
+        for c in sorted(self.candidates, key=lambda c: (-c["p_best"], -c["score"])):
             mark = "  <- selected" if tuple(c["layers"]) == self.chosen else ""
             ci = f"[{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]"
             lines.append(f"{_layers_text(c['layers']):>10} {c['score']:9.3f} {ci:>20} {c['p_best']:8.2f}{mark}")

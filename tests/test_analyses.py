@@ -280,3 +280,27 @@ def test_real_gemma_task_keeps_held_out_phrasings_out_of_training():
         path.write_text("".join(json.dumps(r) + "\n" for r in held))
         pairs = load_pairs(path)
     assert all(p.image is None and not p.negated for p in pairs)
+
+
+def test_the_selection_criterion_is_adopted_only_when_confirmed():
+    """analyses/selection_audit.py's rule: the lowest regret on the choosing seeds is the candidate (never
+    layer index alone), a tie keeps the default, and it is adopted only if the confirming seeds and the
+    real model agree."""
+    mod = _script("selection_audit")
+
+    def pooled(**regret):
+        return {"criteria": {k: {"regret": v} for k, v in regret.items()}}
+
+    base = dict(gain_flipped=0.02, gain_peak_end=0.0, earliest=0.0, all_matched=0.01)
+    confirm_yes, confirm_no = pooled(**{**base, "gain_peak_end": 0.01}), pooled(**{**base, "gain_peak_end": 0.03})
+    d = mod.decide(pooled(**base), confirm_yes, pooled(**base))
+    assert d["candidate"] == "gain_peak_end" and d["new_default"] == "gain_peak_end"
+    assert d["beats_layer_index"] == {"choose": False, "confirm": False, "real": False}  # a tie is not a win
+    assert mod.decide(pooled(**base), confirm_no, pooled(**base))["new_default"] == "gain_flipped"
+    assert mod.decide(pooled(**base), confirm_yes, pooled(**{**base, "gain_peak_end": 0.05}))["new_default"] \
+        == "gain_flipped"
+    assert mod.decide(pooled(**base), confirm_yes, None)["new_default"] == "gain_flipped"  # nothing real to confirm on
+    tie = mod.decide(pooled(**{**base, "gain_flipped": 0.0}), confirm_yes, pooled(**base))
+    assert tie["candidate"] == "gain_flipped" and tie["new_default"] == "gain_flipped"
+    # layer index alone is a baseline: never the candidate, however low its regret
+    assert mod.decide(pooled(**{**base, "earliest": -0.01}), confirm_yes, None)["candidate"] == "gain_peak_end"

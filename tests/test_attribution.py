@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import stats as sps
 
 from conftest import make_image
 from mechmed.attribution import attribute, attribute_batch, delta_patch
@@ -149,6 +150,13 @@ def test_layer_scores_and_feature_table(setup):
     rec = [res[i].patch_effect[-1] / res[i].gap for i in (0, 2)]
     assert s["scores"]["recovery_flipped"]["mean"][-1] == pytest.approx(np.mean(rec)) == pytest.approx(1.0)
     assert -1 <= s["spearman_attr_patch"] <= 1
+    # the check of the selection's score: what enters at each layer, by attribution and by exact patching
+    patch = np.array(s["scores"]["patch_flipped"]["mean"])
+    patch_gain = np.diff(patch, prepend=0.0)
+    assert s["spearman_gain_patch"] == pytest.approx(
+        sps.spearmanr(s["scores"]["gain_flipped"]["mean"], patch_gain).statistic, abs=1e-12)
+    assert s["spearman_index_patch"] == pytest.approx(sps.spearmanr(np.arange(b.n_layers), patch_gain).statistic,
+                                                      abs=1e-12)
     rows = feature_table(res, top=3)
     assert len(rows) == 3 and all(r["layer"] == 1 for r in rows)
     assert rows[0]["mean_abs_attr"] >= rows[1]["mean_abs_attr"] >= rows[2]["mean_abs_attr"]

@@ -526,6 +526,19 @@ def test_the_selection_sentence_says_how_sure_it_is():
     assert "a near-tie with layers" in text and f"({r['p_best']:.0%}; summed score {r['score']:.3g}" in text
 
 
+def test_the_attribution_sentence_checks_the_gain_against_patching_beside_the_layer_index_null():
+    """The agreement the report states is the one that can fail (what enters at each layer, by attribution
+    and by exact patching), with layer index beside it; not |a_L| against |e_L|, which both grow with depth."""
+    from mechmed.report import _attr_headline
+
+    scores = {"n_flipped": 5, "n_pairs": 20, "split": "train", "spearman_attr_patch": 1.0,
+              "spearman_gain_patch": 0.6, "spearman_index_patch": -0.09,
+              "scores": {"gain_flipped": {"mean": [0.1, 0.9, 0.3], "ci": [[0, 0.2], [0.5, 1.2], [0.1, 0.5]]}}}
+    text = _attr_headline(scores, [1], "gain_flipped")
+    assert "(Spearman ρ = 0.60; layer index alone: ρ = -0.09)" in text and "rank the layers similarly" in text
+    assert "1.00" not in text
+
+
 def test_without_a_browser_one_warning_and_report_figures_draws_them_later(run_dir, tmp_path, monkeypatch, caplog,
                                                                            capsys):
     """A machine without Chrome: one warning for the whole run (naming the fix), report.md says where the

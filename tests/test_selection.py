@@ -24,6 +24,19 @@ def test_window_and_topk_match_brute_force(seed):
         assert select(s, "topk", k=k).layers == best
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_peak_end_is_the_window_whose_last_layer_is_the_peak(seed):
+    s = np.random.default_rng(seed).normal(size=12)
+    peak = int(np.argmax(s))
+    for w in (1, 3, 5, 12):
+        ending = [i for i in range(12 - w + 1) if i + w - 1 == peak]
+        # no window ends at an early peak: the first w layers, which contain it
+        want = ending[0] if ending else (0 if peak < w - 1 else None)
+        r = select(s, "peak_end", width=w)
+        assert r.layers == tuple(range(want, want + w)) and peak in r.layers
+        assert r.score == pytest.approx(s[want:want + w].sum())
+
+
 def test_threshold_and_errors():
     s = [0.1, 0.5, 0.9, 0.2]
     assert select(s, "threshold", threshold=0.5).layers == (1, 2)
