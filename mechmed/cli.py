@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mechmed import __version__
+from mechmed.config import STRATEGIES
 from mechmed.errors import EXIT_USAGE, MechmedError
 from mechmed.pipeline import DEMO_ARMS
-from mechmed.selection import STRATEGIES
 
 log = logging.getLogger("mechmed")
 
@@ -671,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit", type=int, nargs="?", const=8, default=None, metavar="N",
                    help="also run the selection audit: train every window of the width, N random layer sets (default "
                    "8) and all layers at matched parameters, and report whether the selected window is where "
-                   "training helps (about 3 minutes more on 2 cores)")
+                   "training helps (about 4.5 minutes more on 2 cores)")
     _add_device_options(p)
     p.set_defaults(func=cmd_demo)
 

@@ -27,6 +27,8 @@ from mechmed.errors import MechmedError
 log = logging.getLogger(__name__)
 
 CONFIG_VERSION = 1
+#: Layer-selection strategies (mechmed.selection.select).
+STRATEGIES = ("window", "peak_end", "topk", "threshold")
 METHODS = ("lora", "spectral_moe")
 CONSISTENCY_LOSSES = ("teacher_kl", "sym_kl", "js", "margin_mse", "activation")
 LR_SCHEDULES = ("constant", "linear", "cosine")

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mechmed.config import STRATEGIES  # defined there so that the command line's parser needs no numpy
 from mechmed.errors import MechmedError
 
-STRATEGIES = ("window", "peak_end", "topk", "threshold")
 BASELINES = ("early", "middle", "late", "all", "random")
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,10 @@ from mechmed.cli import main
 
 
 def test_help_imports_no_heavy_library():
+    """Nor numpy: a command restarts itself in deterministic mode only before numpy and torch load."""
     code = ("import sys, mechmed.cli as c; c.build_parser().format_help(); "
-            "heavy = [m for m in ('torch', 'transformers', 'sae_lens', 'nnsight', 'peft', 'plotly') if m in sys.modules];"
+            "heavy = [m for m in ('torch', 'numpy', 'transformers', 'sae_lens', 'nnsight', 'peft', 'plotly') "
+            "if m in sys.modules];"
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
