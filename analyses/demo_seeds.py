@@ -5,7 +5,8 @@ the seeds with tests stratified by seed (the table in docs/demo.md).
 Each pooled p is the exact sign-flip test of the per-question differences over (seed, question)
 clusters (:func:`mechmed.stats.mcnemar_clustered`): each seed's questions are their own clusters, so a
 claim it supports is one the seeds share, not one seed's. Writes ``pooled.json`` (every row and the
-pooled summary, :func:`mechmed.ablate.pool_seed_runs`) and ``pooled.md`` (the tables) under ``--out``;
+pooled summary, :func:`mechmed.ablate.pool_seed_runs`) and ``pooled.md`` (the tables) under ``--out``, and
+with ``--audit`` the selection audit over the seeds (``selection_audit.html``/``.png``, one panel a seed);
 finished seeds are reused. About 6 minutes a seed on 2 cores, cold.
 
     python analyses/demo_seeds.py --seeds 0 1 2 3 4 --out runs/demo-seeds
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -178,7 +180,7 @@ def audit_tables(audit: dict) -> str:
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     rand = [[r["flip_reduction"] for r in u["candidates"] if r["kind"] == "random"] for u in units]
     lines.append("| random sets (median, range) | " + " | ".join(
-        f"{sorted(v)[len(v) // 2]:.3f} ({min(v):.3f}–{max(v):.3f})" if v else "" for v in rand) + " |")
+        f"{statistics.median(v):.3f} ({min(v):.3f}–{max(v):.3f})" if v else "" for v in rand) + " |")
     lines += ["", "| predictor | Spearman ρ per seed | mean ρ [95% CI] |", "|---|---|---|"]
     for k, v in p["spearman"].items():
         lines.append(f"| {k} | {', '.join(f'{x:+.2f}' for x in v['per_unit'])} | {v['rho']:+.2f} "
@@ -258,10 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         times = json.loads(before.read_text(encoding="utf-8")).get("wall_s") or times
     pooled["wall_s"] = times
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pooled.json").write_text(json.dumps(pooled, indent=1) + "\n", encoding="utf-8")
     dirs = [args.out / f"seed-{s}" / "ablation" for s in args.seeds]
     if all("audit" in json.loads((d / "results.json").read_text(encoding="utf-8")) for d in dirs):
+        from mechmed.figures import audit_scatter, save_figure
+
         pooled["audit"] = pool_audits(dirs)
+        save_figure(audit_scatter(pooled["audit"]), args.out / "selection_audit")  # one panel per seed
+    (args.out / "pooled.json").write_text(json.dumps(pooled, indent=1) + "\n", encoding="utf-8")
     md = tables(pooled) + (audit_tables(pooled["audit"]) if "audit" in pooled else "")
     (args.out / "pooled.md").write_text(md, encoding="utf-8")
     print(md)

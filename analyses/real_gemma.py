@@ -212,7 +212,7 @@ def run(args) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     train = {k: v for k, v in cfg.to_dict().items() if k != "config_version"}
     audit = None
-    if args.audit is not None:  # the selection audit, first: the grid's selected arm of that seed is shared
+    if args.audit is not None:  # the selection audit on the first seed, in its own grid (OUT/audit)
         t1 = time.perf_counter()
         ares = run_ablation(AblationConfig(train=train, arms=["selected"], seeds=seeds[:1],
                                            attribution=str(out / "attribute"), audit={"random_sets": args.audit}),

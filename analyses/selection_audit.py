@@ -13,8 +13,8 @@ The rule, fixed before the confirming data are read:
    :data:`mechmed.selection_audit.CRITERIA`;
 2. it becomes the default only if its mean regret is also below the default's on the confirming seeds
    (3–4) and not above it on the real model;
-3. the report says whether any attribution criterion beats layer index alone (``earliest``) and all
-   layers at matched parameters on both.
+3. the report says, for the candidate, whether its regret is below that of layer index alone
+   (``earliest``) and of all layers at matched parameters, on each group.
 
 Writes ``selection_audit.json`` and ``selection_audit.md`` under ``--out``.
 
@@ -58,14 +58,16 @@ def decide(choose: dict, confirm: dict, real: dict | None) -> dict:
     best = min(windows, key=lambda k: (windows[k]["regret"], k != DEFAULT))  # min keeps the first of equals
     out = {"candidate": best, "default": DEFAULT,
            "beats_layer_index": {name: g["criteria"][best]["regret"] < g["criteria"]["earliest"]["regret"]
-                                 for name, g in (("choose", choose), ("confirm", confirm), ("real", real)) if g},
+                                 for name, g in (("choose", choose), ("confirm", confirm), ("real", real))
+                                 if g and best in g["criteria"]},
            "beats_all_matched": {name: g["criteria"][best]["regret"] < g["criteria"]["all_matched"]["regret"]
                                  for name, g in (("choose", choose), ("confirm", confirm), ("real", real))
-                                 if g and "all_matched" in g["criteria"]}}
+                                 if g and best in g["criteria"] and "all_matched" in g["criteria"]}}
     if best == DEFAULT or windows[best]["regret"] >= windows[DEFAULT]["regret"]:
         out.update(new_default=DEFAULT, reason="no criterion had a lower regret than the default on seeds 0–2")
         return out
-    c_ok = confirm["criteria"][best]["regret"] < confirm["criteria"][DEFAULT]["regret"]
+    c_ok = (best in confirm["criteria"]
+            and confirm["criteria"][best]["regret"] < confirm["criteria"][DEFAULT]["regret"])
     r_ok = real is None or (best in real["criteria"] and DEFAULT in real["criteria"]
                             and real["criteria"][best]["regret"] <= real["criteria"][DEFAULT]["regret"])
     out["confirmed_on_seeds"] = c_ok

@@ -825,6 +825,10 @@ def _prepare(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike, de
     for a in grid.trained:
         check_against_model(arm_config(cfg, a), skeletons)
     check_training_free(cfg)
+    if cfg.audit and audit_scores_path(cfg) is None:
+        log.warning("%s: the selection audit finds no layer_scores.json (the training config's provenance "
+                    "scores_file, or attribution:): it will compare the candidates with layer index only",
+                    cfg.source)
     write_json(out / "ablation_config.json", {**cfg.to_dict(), "plan": [a.name for a in arms if a.arm in ARMS],
                                               "audit_arms": [a.name for a in arms if a.arm not in ARMS],
                                               "device": device, "dtype": dtype})
@@ -1032,23 +1036,53 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
     return AblationResult(out, rows, summary, base_summary)
 
 
+def audit_scores_path(cfg: AblationConfig, run_dir: Path | None = None) -> Path | None:
+    """The ``layer_scores.json`` the selection was made on: the training config's provenance
+    ``scores_file``, else the ``attribution`` directory's; for a run directory that moved, the same
+    names under it (``mechmed demo``'s layout: ``<run>/attribute``). None when there is none."""
+    prov = cfg.train.get("provenance") or {}
+    tries = [Path(prov["scores_file"])] if prov.get("scores_file") else []
+    tries += [Path(cfg.attribution) / "layer_scores.json"] if cfg.attribution else []
+    if run_dir is not None:
+        tries += [run_dir.parent / "attribute" / "layer_scores.json"]
+    return next((p for p in tries if p.is_file()), None)
+
+
+def _audit_scores(cfg: AblationConfig, run_dir: Path | None = None) -> dict:
+    from mechmed.io import read_json
+
+    path = audit_scores_path(cfg, run_dir)
+    if path is None:
+        return {"scores": {}}
+    return read_json(path, "the audit's layer scores")
+
+
+def _select_criterion(cfg: AblationConfig) -> tuple[str, str]:
+    """(score key, criterion name) of the selection in the training config's provenance."""
+    from mechmed.selection_audit import criterion_of
+
+    prov = cfg.train.get("provenance") or {}
+    key = prov.get("score_key") or "gain_flipped"
+    return key, criterion_of(key, prov.get("strategy") or "window")
+
+
 def selection_audit(grid: _Grid, base_pairs: dict, arm_pairs: dict) -> dict:
     """:func:`mechmed.selection_audit.analyse` of an audited grid: one unit per (method, seed), with the
-    attribution its selection was made on (``layer_scores.json``: ``attribution``, else beside the
-    training config's scores file); each candidate row names the arm that trained it."""
-    from mechmed.io import read_json
+    attribution its selection was made on (:func:`audit_scores_path`); each candidate row names the arm
+    that trained it. Seeds of a model built per seed have their own questions; otherwise the units share
+    them and are resampled together."""
     from mechmed.selection_audit import AuditUnit, analyse
 
     cfg = grid.cfg
-    path = _attribution_dir(cfg) / "layer_scores.json"
-    scores = read_json(path, "the audit's layer scores") if path.is_file() else {"scores": {}}
+    scores = _audit_scores(cfg)
     own_data = not shared_questions(base_pairs)
     plan = audit_plan(cfg, grid.arms, grid.n_layers)
     units = [AuditUnit(f"{method} seed {seed}", base_pairs[seed], {c.name: arm_pairs[a.name] for c, a, _ in cands},
                        [c for c, _, _ in cands], scores, tuple(cfg.train["layers"]), f"{seed}|" if own_data else "")
              for (method, seed), cands in plan.items()]
-    res = analyse(units, n_bootstrap=cfg.audit["n_bootstrap"], seed=cfg.audit["seed"],
-                  select_key=(cfg.train.get("provenance") or {}).get("score_key") or "gain_flipped")
+    key, criterion = _select_criterion(cfg)
+    res = analyse(units, n_bootstrap=cfg.audit["n_bootstrap"], seed=cfg.audit["seed"], select_key=key,
+                  select_criterion=criterion)
     for u, cands in zip(res["units"], plan.values(), strict=True):
         arm_of = {c.name: a.name for c, a, _ in cands}
         for r in u["candidates"]:
@@ -1097,27 +1131,23 @@ def pool_audits(ablation_dirs: Sequence[str | os.PathLike]) -> dict:
     analysed together (:func:`mechmed.selection_audit.analyse`): one unit per seed with its own questions,
     attribution and selected window; pooled numbers average the seeds."""
     from mechmed.io import read_json
-    from mechmed.selection_audit import AuditUnit, Candidate, analyse, check_audit
+    from mechmed.selection_audit import AuditUnit, Candidate, analyse
 
-    units, cfg = [], {}
+    units, cfg = [], None
     for d in map(Path, ablation_dirs):
         res = read_json(d / "results.json", "ablation results")
         if not res.get("audit"):
             raise MechmedError(f"{d}: ran without the selection audit; rerun it with audit (mechmed demo --audit)")
-        cfg = res.get("config") or {}
-        path = (Path(cfg["attribution"]) if cfg.get("attribution") else
-                Path(((cfg.get("train") or {}).get("provenance") or {}).get("scores_file", "")).parent) / "layer_scores.json"
-        if not path.is_file():  # moved with its run directory: mechmed demo's layout
-            path = d.parent / "attribute" / "layer_scores.json"
-        scores = read_json(path, "the audit's layer scores")
+        cfg = AblationConfig.from_dict(res.get("config") or {}, base_dir=d, source=str(d / "results.json"))
+        scores = _audit_scores(cfg, d)
         for u in res["audit"]["units"]:
             seed = int(u["label"].rsplit(" ", 1)[1])
             cands = [Candidate(r["name"], r["kind"], tuple(r["layers"]), r["rank"]) for r in u["candidates"]]
             arms = {r["name"]: _read_pairs(d / "arms" / r["arm"] / "after" / "pairs.jsonl") for r in u["candidates"]}
             units.append(AuditUnit(u["label"], _read_pairs(d / f"base-s{seed}" / "pairs.jsonl"), arms, cands, scores,
                                    tuple(u["selected"]), f"{d}|{seed}|"))
-    if not units:
+    if cfg is None:
         raise MechmedError("pool: no runs given; give the ablation directories of one run per seed")
-    audit = check_audit(cfg.get("audit") or True)
-    return analyse(units, n_bootstrap=audit["n_bootstrap"], seed=audit["seed"],
-                   select_key=((cfg.get("train") or {}).get("provenance") or {}).get("score_key") or "gain_flipped")
+    key, criterion = _select_criterion(cfg)
+    return analyse(units, n_bootstrap=cfg.audit["n_bootstrap"], seed=cfg.audit["seed"], select_key=key,
+                   select_criterion=criterion)

@@ -1140,6 +1140,12 @@ def audit_scatter(audit: dict, *, title: str | None = None):
     _base_layout(fig, title or ("Does the selection predict where training helps?<br><sup>each point a layer set "
                                 "trained alike; up is better; a useful score puts the star at the top</sup>"),
                  height=520, width=width, legend_y=-0.2, bottom=120)
-    fig.update_xaxes(title_text=f"predicted: Σ {SCORE_LABELS.get(key, key)}")
+    xlabel = f"predicted: Σ over the set's layers of the {SCORE_LABELS.get(key, key)}"
+    if cols == 1:
+        fig.update_xaxes(title_text=xlabel)
+    else:  # one label under all panels
+        fig.add_annotation(x=0.5, y=-0.13, xref="paper", yref="paper", showarrow=False, text=xlabel,
+                           font=dict(size=14))
+    fig.update_layout(legend=dict(y=-0.22 if cols > 1 else -0.2))
     fig.update_yaxes(title_text="flips removed (base − trained flip rate)", tickformat=".0%", row=1, col=1)
     return fig

@@ -938,15 +938,17 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
         sec.text.append(attempt("audit headline", lambda: audit_text(audit)) or "")
         figure(sec, "selection_audit", "selection-audit figure", lambda: F.audit_scatter(audit),
                "Each point is one layer set of the selected width, trained with the selected arm's loss, data and "
-               "steps: across, what the attribution predicted for it; up, the share of the base model's flip rate "
-               "its training removed (95% CI by question). The star is the selected window; dashed lines are all "
+               "steps: across, what the attribution predicted for it; up, how much of the flip rate its training "
+               "removed (base − trained, in points of the flip rate; 95% CI by question). The star is the selected window; dashed lines are all "
                "layers at the window's parameter count and at its rank. If the score predicted where training "
                "helps, the points would rise to the right and the star would sit on top.")
         table = attempt("audit table", lambda: audit_table(audit))
         if table:
             sec.blocks.append(("Selection criteria", "The window each criterion picks from the attribution, and its "
-                               "regret: the best window's flip-rate reduction minus its own (0 is the best window; "
-                               "mean over seeds, 95% CI by question).", _html_grid(*table), _md_grid(*table)))
+                               "regret: the flip-rate reduction of the window that did best minus its own (0 is the "
+                               "best window; mean over seeds; 95% CI by question, paired, against the window that did "
+                               "best on these same pairs, so optimistic for it).", _html_grid(*table),
+                               _md_grid(*table)))
         out.append(sec)
     if run.logs:
         train = (run.ablation or {}).get("config", {}).get("train", {})
@@ -991,12 +993,12 @@ def audit_table(audit: dict) -> tuple[list, list] | None:
     crit = audit["pooled"].get("criteria") or {}
     if not crit:
         return None
-    key = audit["pooled"].get("select_key")
+    key = audit["pooled"].get("select_criterion") or audit["pooled"].get("select_key")
     header = ["criterion", "windows picked", "regret [95% CI]", "Spearman ρ of its score [95% CI]"]
     rows = []
     for name, c in sorted(crit.items(), key=lambda kv: kv[1]["regret"]):
         rho = audit["pooled"]["spearman"].get({"earliest": "layer_index"}.get(name, name))
-        label = name + (" (selected by)" if name == key else "")
+        label = name + (" (the selection's)" if name == key else "")
         rows.append([label, ", ".join(layer_text(w) for w in c["windows"]),
                      f"{c['regret']:.3f} {fmt_ci(c['regret_ci'], 3)}",
                      f"{rho['rho']:+.2f} {fmt_ci(rho['ci'], 2)}" if rho else "–"])

@@ -226,25 +226,42 @@ def _interval(values: np.ndarray, confidence: float = 0.95) -> list:
 
 
 def analyse(units: Sequence[AuditUnit], *, n_bootstrap: int = 1000, seed: int = 0,
-            select_key: str = "gain_flipped") -> dict:
+            select_key: str = "gain_flipped", select_criterion: str | None = None) -> dict:
     """The audit over one or more units (seeds): see the module doc. Pooled numbers average the units
-    (each unit's regret, rank and correlation are its own, since each selected on its own scores)."""
+    (each unit's regret, rank and correlation are its own, since each selected on its own scores).
+
+    Units with the same ``cluster_prefix`` share their questions (one model's data, several methods or
+    seeds): they are resampled with the same question draws, a stratum each, so pooled intervals do
+    not count a question twice. ``select_criterion`` names the :data:`CRITERIA` entry the selection
+    used (default: the window of largest summed ``select_key``)."""
     rng = np.random.default_rng(seed)
-    per_unit, draws = [], []
-    for u in units:
-        names = [c.name for c in u.candidates]
-        n, flips, margins, keys = _cluster_sums(u, names)
+    sums = [_cluster_sums(u, [c.name for c in u.candidates]) for u in units]
+    strata: dict = {}  # prefix -> every question key of its units, in order of first appearance
+    for u, (_, _, _, keys) in zip(units, sums):
+        strata.setdefault(u.cluster_prefix, {}).update(dict.fromkeys(keys))
+    weights = {}
+    for prefix, keys in strata.items():
         G = len(keys)
         W = np.stack([np.bincount(d, minlength=G) for d in rng.integers(0, G, size=(n_bootstrap, G))]).astype(float)
+        weights[prefix] = (W, {k: i for i, k in enumerate(keys)})
+    per_unit = []
+    for u, (n, flips, margins, keys) in zip(units, sums):
+        W_all, pos = weights[u.cluster_prefix]
+        W = W_all[:, [pos[k] for k in keys]]
         red_point = flips.sum(axis=1) / n.sum()
         red_boot = (W @ flips.T) / (W @ n)[:, None]  # [B, candidates]
         md_point = margins.sum(axis=1) / n.sum()
         md_boot = (W @ margins.T) / (W @ n)[:, None]
-        base_rate = float(np.mean([float(u.base[i]["flip"]) for i in u.base]))
-        per_unit.append(_unit_result(u, red_point, red_boot, md_point, md_boot, base_rate, int(n.sum()), G,
+        shared = set(u.base).intersection(*u.arms.values())
+        base_rate = float(np.mean([float(u.base[i]["flip"]) for i in shared]))
+        per_unit.append(_unit_result(u, red_point, red_boot, md_point, md_boot, base_rate, int(n.sum()), len(keys),
                                      select_key))
-        draws.append(red_boot)
-    return _pooled(units, per_unit, draws, select_key)
+    return _pooled(units, per_unit, select_key, select_criterion or criterion_of(select_key, "window"))
+
+
+def criterion_of(key: str, strategy: str) -> str:
+    """The :data:`CRITERIA` name of a selection by ``strategy`` on score ``key``."""
+    return {("gain_flipped", "peak_end"): "gain_peak_end"}.get((key, strategy), key)
 
 
 def _unit_result(u: AuditUnit, red, red_boot, md, md_boot, base_rate: float, n_pairs: int, n_questions: int,
@@ -270,63 +287,68 @@ def _unit_result(u: AuditUnit, red, red_boot, md, md_boot, base_rate: float, n_p
     for key in (u.scores.get("scores") or {}):
         v = _score_means(u.scores, key)
         if v is not None and len(same) >= 3:
-            x = np.array([v[list(cands[j].layers)].sum() for j in same])
-            predictors[key] = x
+            predictors[key] = np.array([v[list(cands[j].layers)].sum() for j in same])
     if len(same) >= 3:
         predictors["layer_index"] = np.array([np.mean(cands[j].layers) for j in same])
-    out["spearman"] = {}
-    out["_spearman_boot"] = {}
+    out["spearman"], out["_spearman_boot"] = {}, {}
     for key, x in predictors.items():
-        point = float(_spearman_rows(x, red[same][None, :])[0])
         boot = _spearman_rows(x, red_boot[:, same])
-        out["spearman"][key] = {"rho": point, "ci": _interval(boot)}
+        out["spearman"][key] = {"rho": float(_spearman_rows(x, red[same][None, :])[0]), "ci": _interval(boot),
+                                "n_undefined": int(np.sum(~np.isfinite(boot)))}
         out["_spearman_boot"][key] = boot
+    best = windows[int(np.argmax(red[windows]))] if windows else None
+
+    def against_best(j: int) -> dict:
+        """The best window's reduction minus candidate j's: the difference to the window that did best
+        (fixed at the point estimate), with its paired interval."""
+        d = red_boot[:, best] - red_boot[:, j]
+        return {"value": float(red[best] - red[j]), "ci": _interval(d), "_boot": d}
+
     if sel is not None:
-        wr = red[windows]
-        out["selected_rank"] = int(1 + np.sum(wr > red[sel]))
+        out["selected_rank"] = int(1 + np.sum(red[windows] > red[sel]))
         out["n_windows"] = len(windows)
-        out["best_window"] = list(cands[windows[int(np.argmax(wr))]].layers)
-        regret_boot = red_boot[:, windows].max(axis=1) - red_boot[:, sel]
-        out["regret"] = {"value": float(wr.max() - red[sel]), "ci": _interval(regret_boot)}
-        out["_regret_boot"] = regret_boot
+        out["best_window"] = list(cands[best].layers)
+        out["regret"] = against_best(sel)
+        # max-type test of "every window does as well as the selected one": the bootstrap of the regret
+        # statistic centred at the point estimates, so that it is 0 in expectation under that null
+        out["regret"]["_null"] = ((red_boot[:, windows] - red[windows]).max(axis=1) - (red_boot[:, sel] - red[sel]))
+        out["regret"]["p"] = float(np.mean(out["regret"]["_null"] >= out["regret"]["value"]))
         out["random_at_least_as_good"] = [int(np.sum(red[randoms] >= red[sel])), len(randoms)]
         for name in ("all_matched", "all_samerank"):
             if name in idx:
                 d = red_boot[:, idx[name]] - red_boot[:, sel]
                 out[f"{name}_minus_selected"] = {"value": float(red[idx[name]] - red[sel]), "ci": _interval(d),
-                                                 "p": float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))}
+                                                 "_boot": d}
     crit = {}
     for name, (_, pick) in CRITERIA.items():
         start = pick(u.scores, width)
-        if start is None:
-            continue
-        layers = tuple(range(start, start + width))
-        j = next((k for k in windows if cands[k].layers == layers), None)
-        if j is None:
-            continue
-        crit[name] = {"layers": list(layers), "flip_reduction": float(red[j]),
-                      "regret": float(red[windows].max() - red[j]),
-                      "_boot": red_boot[:, windows].max(axis=1) - red_boot[:, j]}
+        j = None if start is None else next((k for k in windows if cands[k].layers == tuple(range(start, start + width))),
+                                            None)
+        if j is not None:
+            crit[name] = {"layers": list(cands[j].layers), "flip_reduction": float(red[j]), **_named(against_best(j))}
     for name in ALTERNATIVES:  # not windows: their "regret" against the best window may be negative
-        if name in idx and windows:
-            j = idx[name]
-            crit[name] = {"layers": list(cands[j].layers), "flip_reduction": float(red[j]),
-                          "regret": float(red[windows].max() - red[j]),
-                          "_boot": red_boot[:, windows].max(axis=1) - red_boot[:, j]}
+        if name in idx and best is not None:
+            crit[name] = {"layers": list(cands[idx[name]].layers), "flip_reduction": float(red[idx[name]]),
+                          **_named(against_best(idx[name]))}
     out["criteria"] = crit
     return out
 
 
-def _pooled(units, per_unit: list, draws: list, select_key: str) -> dict:
+def _named(d: dict) -> dict:
+    return {"regret": d["value"], "regret_ci": d["ci"], "_boot": d["_boot"]}
+
+
+def _pooled(units, per_unit: list, select_key: str, select_criterion: str) -> dict:
     """Means over units, with intervals from the units' paired resamples (draw b of every unit together)."""
-    pooled: dict = {"n_units": len(units), "select_key": select_key}
+    methods = {u.label.rsplit("seed", 1)[0].strip() for u in units}
+    pooled: dict = {"n_units": len(units), "unit": "seed" if len(methods) == 1 else "run",
+                    "select_key": select_key, "select_criterion": select_criterion}
     keys = set.intersection(*(set(u["_spearman_boot"]) for u in per_unit)) if per_unit else set()
     pooled["spearman"] = {}
     for key in sorted(keys, key=lambda k: (k == "layer_index", k)):
-        rho = float(np.mean([u["spearman"][key]["rho"] for u in per_unit]))
         boot = np.mean([u["_spearman_boot"][key] for u in per_unit], axis=0)
-        pooled["spearman"][key] = {"rho": rho, "ci": _interval(boot),
-                                   "per_unit": [u["spearman"][key]["rho"] for u in per_unit]}
+        pooled["spearman"][key] = {"rho": float(np.mean([u["spearman"][key]["rho"] for u in per_unit])),
+                                   "ci": _interval(boot), "per_unit": [u["spearman"][key]["rho"] for u in per_unit]}
     if select_key in keys and "layer_index" in keys:  # layer index may take either sign: its |ρ| is the bar
         diff = (np.mean([u["_spearman_boot"][select_key] for u in per_unit], axis=0)
                 - np.abs(np.mean([u["_spearman_boot"]["layer_index"] for u in per_unit], axis=0)))
@@ -334,28 +356,26 @@ def _pooled(units, per_unit: list, draws: list, select_key: str) -> dict:
                                     - abs(pooled["spearman"]["layer_index"]["rho"]), "ci": _interval(diff)}
     with_sel = [u for u in per_unit if "regret" in u]
     if with_sel:
-        pooled["regret"] = {"value": float(np.mean([u["regret"]["value"] for u in with_sel])),
-                            "ci": _interval(np.mean([u["_regret_boot"] for u in with_sel], axis=0)),
-                            "per_unit": [u["regret"]["value"] for u in with_sel]}
+        value = float(np.mean([u["regret"]["value"] for u in with_sel]))
+        null = np.mean([u["regret"]["_null"] for u in with_sel], axis=0)
+        pooled["regret"] = {"value": value, "ci": _interval(np.mean([u["regret"]["_boot"] for u in with_sel], axis=0)),
+                            "p": float(np.mean(null >= value)), "per_unit": [u["regret"]["value"] for u in with_sel]}
         pooled["selected_rank"] = [u["selected_rank"] for u in with_sel]
         pooled["n_windows"] = with_sel[0]["n_windows"]
-        k = sum(u["random_at_least_as_good"][0] for u in with_sel)
-        n = sum(u["random_at_least_as_good"][1] for u in with_sel)
-        pooled["random_at_least_as_good"] = [k, n]
+        pooled["random_at_least_as_good"] = [sum(u["random_at_least_as_good"][i] for u in with_sel) for i in (0, 1)]
         for name in ("all_matched", "all_samerank"):
             key = f"{name}_minus_selected"
             if all(key in u for u in with_sel):
                 pooled[key] = {"value": float(np.mean([u[key]["value"] for u in with_sel])),
+                               "ci": _interval(np.mean([u[key]["_boot"] for u in with_sel], axis=0)),
                                "per_unit": [u[key]["value"] for u in with_sel]}
-    crit_names = [c for c in [*CRITERIA, *ALTERNATIVES] if all(c in u["criteria"] for u in per_unit)]
     pooled["criteria"] = {}
-    for c in crit_names:
+    for c in [c for c in [*CRITERIA, *ALTERNATIVES] if all(c in u["criteria"] for u in per_unit)]:
         regrets = [u["criteria"][c]["regret"] for u in per_unit]
-        boot = np.mean([u["criteria"][c]["_boot"] for u in per_unit], axis=0)
-        what = CRITERIA[c][0] if c in CRITERIA else ALTERNATIVES[c]
-        pooled["criteria"][c] = {"description": what, "regret": float(np.mean(regrets)),
-                                 "regret_ci": _interval(boot), "per_unit": regrets,
-                                 "windows": [u["criteria"][c]["layers"] for u in per_unit],
+        pooled["criteria"][c] = {"description": CRITERIA[c][0] if c in CRITERIA else ALTERNATIVES[c],
+                                 "regret": float(np.mean(regrets)),
+                                 "regret_ci": _interval(np.mean([u["criteria"][c]["_boot"] for u in per_unit], axis=0)),
+                                 "per_unit": regrets, "windows": [u["criteria"][c]["layers"] for u in per_unit],
                                  "flip_reduction": float(np.mean([u["criteria"][c]["flip_reduction"]
                                                                   for u in per_unit]))}
     # pooled reduction of each candidate name shared by every unit (windows and all-layer sets)
@@ -364,13 +384,18 @@ def _pooled(units, per_unit: list, draws: list, select_key: str) -> dict:
     pooled["candidates"] = [{"name": nm, "flip_reduction": float(np.mean([_row(u, nm)["flip_reduction"]
                                                                           for u in per_unit]))}
                             for nm in shared]
-    for u in per_unit:
-        for k in [k for k in u if k.startswith("_")]:
-            u.pop(k)
-        for c in u["criteria"].values():
-            c.pop("_boot", None)
+    for u in per_unit:  # the resamples stay in memory only
+        _drop_private(u)
     pooled["verdict"] = verdict({"pooled": pooled, "units": per_unit})
     return {"pooled": pooled, "units": per_unit}
+
+
+def _drop_private(d):
+    if isinstance(d, dict):
+        for k in [k for k in d if k.startswith("_")]:
+            d.pop(k)
+        for v in d.values():
+            _drop_private(v)
 
 
 def _row(unit: dict, name: str) -> dict:
@@ -388,22 +413,26 @@ def verdict(audit: dict) -> str:
     sets and all layers, and whether its score predicts the outcome better than layer index."""
     p = audit["pooled"]
     key = p.get("select_key", "gain_flipped")
-    seeds = f" over {p['n_units']} seeds" if p["n_units"] > 1 else ""
+    many = p["n_units"] > 1
+    over = f" over {p['n_units']} {p.get('unit', 'seed')}s" if many else ""
+    mean = f", mean over {p.get('unit', 'seed')}s" if many else ""
     parts = []
     if "regret" in p:
-        ranks = ", ".join(map(str, p["selected_rank"]))
+        r = p["regret"]
         k, n = p["random_at_least_as_good"]
-        parts.append(f"The selected window ranked {ranks} of {p['n_windows']} windows{seeds} by the flips its "
-                     f"training removed; it fell short of the best window by {p['regret']['value']:.3f} of the "
-                     f"flip rate{_fmt_ci(p['regret']['ci'], sign='')} (regret{', mean over seeds' if seeds else ''})")
+        parts.append(f"The selected window ranked {', '.join(map(str, p['selected_rank']))} of {p['n_windows']} "
+                     f"windows{over} by the flips its training removed; the best window removed "
+                     f"{r['value']:.3f} more of the flip rate{_fmt_ci(r['ci'], sign='')} (regret{mean}; p = "
+                     f"{r['p']:.2g} that every window does as well as the selected one)")
         if n:
             parts.append(f"{k} of {n} random layer sets of the same size did at least as well")
         for name, what in (("all_matched", "all layers at the same number of trainable parameters"),
                            ("all_samerank", "all layers at the window's rank")):
             d = p.get(f"{name}_minus_selected")
             if d:
-                parts.append(f"{what} removed {abs(d['value']):.3f} {'more' if d['value'] > 0 else 'less'} of the "
-                             "flip rate than the selected window")
+                how = "more" if d["value"] > 0 else "less" if d["value"] < 0 else "as much"
+                parts.append(f"{what} removed {abs(d['value']):.3f} {how} of the flip rate than the selected "
+                             f"window{_fmt_ci(d.get('ci'))}")
     rho = p["spearman"].get(key)
     idx = p["spearman"].get("layer_index")
     if rho and idx:
@@ -413,16 +442,13 @@ def verdict(audit: dict) -> str:
     text = "; ".join(parts) + "." if parts else "The audit has too few candidates to judge the selection."
     text = text[0].upper() + text[1:]
     if "regret" in p and rho and idx:
-        lo = p["regret"]["ci"][0]
-        gap = p.get("score_vs_index") or {"ci": [None, None]}
+        gap = p.get("score_vs_index") or {"value": float("nan"), "ci": [None, None]}
         beats_index = gap["ci"][0] is not None and gap["ci"][0] > 0
-        if lo is not None and lo > 0:
-            text += " Verdict: the selection misses the window where training helps most"
-        else:
-            text += " Verdict: the selected window is not measurably worse than the best window"
-        text += ("; its score predicts the outcome better than layer index (ρ minus layer index's |ρ|: "
-                 f"{gap['value']:+.2f}{_fmt_ci(gap['ci'], 2)})." if beats_index else
-                 "; its score does not predict the outcome measurably better than layer index does (ρ minus layer "
-                 f"index's |ρ|: {gap.get('value', float('nan')):+.2f}{_fmt_ci(gap['ci'], 2)}), so do not read it "
-                 "as where training will help most without this audit.")
+        text += (" Verdict: the selection misses the window where training helps most" if p["regret"]["p"] < 0.05
+                 else " Verdict: the selected window is not measurably worse than the best window")
+        text += ("; its score, in the direction the selection reads it, predicts the outcome better than layer "
+                 f"index (ρ minus layer index's |ρ|: {gap['value']:+.2f}{_fmt_ci(gap['ci'], 2)})." if beats_index else
+                 "; its score, in the direction the selection reads it, does not predict the outcome measurably "
+                 f"better than layer index does (ρ minus layer index's |ρ|: {gap['value']:+.2f}"
+                 f"{_fmt_ci(gap['ci'], 2)}), so do not read it as where training will help most without this audit.")
     return text

@@ -103,8 +103,13 @@ def test_analysis_matches_the_resamples_written_out():
     assert one["regret"]["value"] == pytest.approx(best - red["w1-2"], abs=1e-12)
     assert one["selected_rank"] == 1 + sum(red[n] > red["w1-2"] for n in windows)
     wj = [names.index(n) for n in windows]
-    regret_boot = boot[:, wj].max(axis=1) - boot[:, names.index("w1-2")]
+    top = max(windows, key=lambda n: red[n])
+    regret_boot = boot[:, names.index(top)] - boot[:, names.index("w1-2")]  # paired, to the window that did best
     assert one["regret"]["ci"] == pytest.approx(list(np.percentile(regret_boot, [2.5, 97.5])), abs=1e-12)
+    # the max-type test: the regret statistic's resamples centred at the point estimates
+    point = np.array([red[n] for n in windows])
+    null = (boot[:, wj] - point).max(axis=1) - (boot[:, names.index("w1-2")] - red["w1-2"])
+    assert one["regret"]["p"] == pytest.approx(np.mean(null >= best - red["w1-2"]), abs=1e-12)
     rand = [c.name for c in u.candidates if c.kind == "random"]
     assert one["random_at_least_as_good"] == [sum(red[n] >= red["w1-2"] for n in rand), len(rand)]
     assert one["all_matched_minus_selected"]["value"] == pytest.approx(red["all_matched"] - red["w1-2"], abs=1e-12)
@@ -170,6 +175,14 @@ def test_plan_adds_only_what_the_grid_does_not_train(tiny_workspace):
     assert mapping["all_samerank"] == "all-lora-s0"
     with pytest.raises(MechmedError, match="audit: unknown key"):
         AblationConfig(train=_train(tiny_workspace), audit={"windows": 3})
+    # MedGemma-4B's 34 layers at width 5 (the paper's 15-19): 30 windows, of which the selected one is
+    # the grid's own; with the grid's early and late, 27 more windows to train
+    big = AblationConfig(train=_train(tiny_workspace, layers=[15, 16, 17, 18, 19], rank=16),
+                         arms=["selected", "early", "late"], audit=True)
+    audit = [a for a in plan(big, n_layers=34) if a.arm not in ("selected", "early", "late")]
+    assert sum(a.arm.startswith("w") for a in audit) == 27 and sum(a.arm.startswith("set") for a in audit) == 8
+    assert {a.arm: dict(a.overrides).get("rank") for a in audit if a.arm.startswith("all")} == \
+        {"all_matched": 2, "all_samerank": None}  # round(16 · 5 / 34) = 2
 
 
 @pytest.mark.slow
@@ -207,7 +220,7 @@ def test_an_audited_grid_runs_split_or_whole_and_reports(tiny_workspace, tmp_pat
     report = build_report(tmp_path / "grid")
     md = (tmp_path / "grid" / "report.md").read_text()
     assert "Is the selected window where training helps?" in md and "The selection audit compared 5 layer sets" in md
-    assert "set0" not in md.split("Training curves")[-1]  # the audit's arms have no training-curve panels
+    assert "Training curves" in md and "set0" not in md.split("Training curves")[-1]  # the audit's arms: no curves
     assert "selection_audit" in report["figures"]
 
 
@@ -222,3 +235,34 @@ def _flip_rate(path) -> float:
 
     rows = headline_rows([json.loads(x) for x in path.read_text().splitlines()])
     return float(np.mean([r["flip"] for r in rows]))
+
+
+def test_the_regret_test_holds_its_level_when_every_window_is_as_good():
+    """Under the null (every candidate removes flips alike), p < 0.05 for "the selected window misses the
+    best one" comes out about 5% of the time, for one unit and pooled over five; the maximum over windows
+    alone would reject nearly always pooled (it is never below zero)."""
+    rejections = {1: 0, 5: 0}
+    n_sims = 80
+    for sim in range(n_sims):
+        rng = np.random.default_rng(1000 + sim)
+        cands = candidates(5, 2, 8, random_sets_count=1, seed=1)
+        units = [_unit(rng, n_questions=40, effects={c.name: 0.4 for c in cands}, label=f"seed {k}",
+                       prefix=f"{k}|", cands=cands) for k in range(5)]
+        for n in rejections:
+            rejections[n] += analyse(units[:n], n_bootstrap=200, seed=sim)["pooled"]["regret"]["p"] < 0.05
+    assert rejections[1] / n_sims <= 0.12 and rejections[5] / n_sims <= 0.12, rejections
+
+
+def test_units_that_share_questions_are_resampled_together():
+    """Two units on the same questions (one model's data) are one stratum: pooled, their intervals are the
+    single unit's, not narrower as if the questions were new."""
+    rng = np.random.default_rng(5)
+    u = _unit(rng, n_questions=40)
+    twin = AuditUnit("lora seed 1", u.base, u.arms, u.candidates, u.scores, u.selected, u.cluster_prefix)
+    one = analyse([u], n_bootstrap=300, seed=2)["pooled"]
+    shared = analyse([u, twin], n_bootstrap=300, seed=2)["pooled"]
+    assert shared["regret"]["ci"] == pytest.approx(one["regret"]["ci"], abs=1e-12)
+    assert shared["spearman"]["gain_flipped"]["ci"] == pytest.approx(one["spearman"]["gain_flipped"]["ci"], abs=1e-12)
+    apart = AuditUnit("lora seed 1", u.base, u.arms, u.candidates, u.scores, u.selected, "other|")
+    independent = analyse([u, apart], n_bootstrap=300, seed=2)["pooled"]["regret"]["ci"]
+    assert independent[1] - independent[0] < one["regret"]["ci"][1] - one["regret"]["ci"][0]
