@@ -946,8 +946,9 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
         if table:
             sec.blocks.append(("Selection criteria", "The window each criterion picks from the attribution, and its "
                                "regret: the flip-rate reduction of the window that did best minus its own (0 is the "
-                               "best window; mean over seeds; 95% CI by question, paired, against the window that did "
-                               "best on these same pairs, so optimistic for it).", _html_grid(*table),
+                               "best window" + ("; mean over seeds" if len(audit["units"]) > 1 else "")
+                               + "; 95% CI by question, paired against the window that did best on these same pairs, "
+                               "so optimistic for it).", _html_grid(*table),
                                _md_grid(*table)))
         out.append(sec)
     if run.logs:
