@@ -13,8 +13,11 @@ The rule, fixed before the confirming data are read:
    :data:`mechmed.selection_audit.CRITERIA`;
 2. it becomes the default only if its mean regret is also below the default's on the confirming seeds
    (3–4) and not above it on the real model;
-3. the report says, for the candidate, whether its regret is below that of layer index alone
-   (``earliest``) and of all layers at matched parameters, on each group.
+3. and only if it does better than layer index alone (``earliest``: a lower regret) on the confirming
+   seeds or on the real model: a criterion that only matches the first layers is no reason to read the
+   attribution (with 2, a tie with layer index keeps the default);
+4. the report says, for the candidate, whether its regret is below that of layer index alone and of all
+   layers at matched parameters, on each group.
 
 Writes ``selection_audit.json`` and ``selection_audit.md`` under ``--out``.
 
@@ -72,11 +75,19 @@ def decide(choose: dict, confirm: dict, real: dict | None) -> dict:
                             and real["criteria"][best]["regret"] <= real["criteria"][DEFAULT]["regret"])
     out["confirmed_on_seeds"] = c_ok
     out["confirmed_on_real"] = None if real is None else r_ok
-    out["new_default"] = best if c_ok and r_ok and real is not None else DEFAULT
-    out["reason"] = ("confirmed on seeds 3–4 and the real model" if out["new_default"] == best else
-                     "not confirmed: " + ", ".join(w for w, ok in (("seeds 3–4", c_ok), ("the real model", r_ok))
-                                                   if not ok) if not (c_ok and r_ok) else
-                     "no real-model audit to confirm it on")
+    i_ok = any(v for k, v in out["beats_layer_index"].items() if k != "choose")
+    out["beats_layer_index_confirmed"] = i_ok
+    out["new_default"] = best if c_ok and r_ok and i_ok and real is not None else DEFAULT
+    if out["new_default"] == best:
+        out["reason"] = "confirmed on seeds 3–4 and the real model, and better than layer index alone"
+    elif not (c_ok and r_ok):
+        out["reason"] = "not confirmed: " + ", ".join(w for w, ok in (("seeds 3–4", c_ok), ("the real model", r_ok))
+                                                      if not ok)
+    elif not i_ok:
+        out["reason"] = ("confirmed against the default, but no better than layer index alone on the confirming "
+                         "seeds or the real model")
+    else:
+        out["reason"] = "no real-model audit to confirm it on"
     return out
 
 

@@ -294,10 +294,16 @@ def test_the_selection_criterion_is_adopted_only_when_confirmed():
     base = dict(gain_flipped=0.02, gain_peak_end=0.0, earliest=0.0, all_matched=0.01)
     confirm_yes, confirm_no = pooled(**{**base, "gain_peak_end": 0.01}), pooled(**{**base, "gain_peak_end": 0.03})
     d = mod.decide(pooled(**base), confirm_yes, pooled(**base))
-    assert d["candidate"] == "gain_peak_end" and d["new_default"] == "gain_peak_end"
+    assert d["candidate"] == "gain_peak_end" and d["new_default"] == "gain_flipped"
     assert d["beats_layer_index"] == {"choose": False, "confirm": False, "real": False}  # a tie is not a win
-    assert mod.decide(pooled(**base), confirm_no, pooled(**base))["new_default"] == "gain_flipped"
-    assert mod.decide(pooled(**base), confirm_yes, pooled(**{**base, "gain_peak_end": 0.05}))["new_default"] \
+    assert "no better than layer index" in d["reason"]
+    # better than the default and than the first layers where it is confirmed: adopted
+    worse = {**base, "earliest": 0.02}
+    index_worse = pooled(**worse)
+    d = mod.decide(pooled(**base), confirm_yes, index_worse)
+    assert d["new_default"] == "gain_peak_end" and d["beats_layer_index"]["real"]
+    assert mod.decide(pooled(**base), confirm_no, index_worse)["new_default"] == "gain_flipped"
+    assert mod.decide(pooled(**base), confirm_yes, pooled(**{**worse, "gain_peak_end": 0.05}))["new_default"] \
         == "gain_flipped"
     assert mod.decide(pooled(**base), confirm_yes, None)["new_default"] == "gain_flipped"  # nothing real to confirm on
     tie = mod.decide(pooled(**{**base, "gain_flipped": 0.0}), confirm_yes, pooled(**base))
