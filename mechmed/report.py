@@ -291,12 +291,11 @@ def _try(run: _Run, what: str, fn):
 def _arm_dirs(ablation_dir: Path) -> list[Path]:
     """The arm directories in the grid's display order (``ablation_config.json``'s plan), others after."""
     dirs = {d.name: d for d in (ablation_dir / "arms").iterdir() if d.is_dir()}
-    plan = []
+    written: dict = {}
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        plan = json.loads((ablation_dir / "ablation_config.json").read_text(encoding="utf-8")).get("plan") or []
-    audit = []
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        audit = json.loads((ablation_dir / "ablation_config.json").read_text(encoding="utf-8")).get("audit_arms") or []
+        written = json.loads((ablation_dir / "ablation_config.json").read_text(encoding="utf-8"))
+    written = written if isinstance(written, dict) else {}
+    plan, audit = written.get("plan") or [], written.get("audit_arms") or []
     order = [n for n in plan if n in dirs] + sorted(n for n in dirs if n not in plan and n not in audit)
     return [dirs[n] for n in order]
 

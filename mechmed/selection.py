@@ -72,7 +72,7 @@ def select(scores: Sequence[float], strategy: str = "window", *, width: int = 5,
         return LayerRange(tuple(range(start, start + width)), "window", {"width": width}, float(sums[start]))
     if strategy == "peak_end":
         _check_width(width, n)
-        start = min(max(int(np.argmax(s)) - width + 1, 0), n - width)
+        start = window_ending_at(int(np.argmax(s)), width, n)
         return LayerRange(tuple(range(start, start + width)), "peak_end", {"width": width},
                           float(s[start:start + width].sum()))
     if strategy == "topk":
@@ -88,6 +88,12 @@ def select(scores: Sequence[float], strategy: str = "window", *, width: int = 5,
         return LayerRange(tuple(int(i) for i in chosen), "threshold", {"threshold": threshold},
                           float(s[chosen].sum()))
     raise MechmedError(f"--strategy {strategy}: unknown; choose one of {', '.join(STRATEGIES)}")
+
+
+def window_ending_at(layer: int, width: int, n_layers: int) -> int:
+    """The first layer of the window of ``width`` that ends at ``layer`` (the first ``width`` layers when
+    ``layer`` is earlier than ``width`` − 1)."""
+    return min(max(layer - width + 1, 0), n_layers - width)
 
 
 def baseline(name: str, n_layers: int, width: int, *, seed: int = 0, scores: Sequence[float] | None = None) -> LayerRange:

@@ -123,8 +123,9 @@ def _ending_at(layer: Callable) -> Callable:
         at = layer(scores)
         if at is None:
             return None
-        n = len(scores["scores"]["gain_flipped"]["mean"])
-        return int(min(max(at - width + 1, 0), n - width))
+        from mechmed.selection import window_ending_at
+
+        return window_ending_at(at, width, len(scores["scores"]["gain_flipped"]["mean"]))
     return pick
 
 
