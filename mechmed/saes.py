@@ -620,43 +620,51 @@ def _pooled_r2(x, x_hat) -> float:
 
 
 def train_saes(acts: dict[int, Any], cfg: SAETrainConfig | None = None, *, seed: int = 0,
-               model_name: str = "", progress: str | None = None, num_threads: int | None = None) -> TrainedSAEs:
+               model_name: str = "", progress: str | None = None, num_threads: int | None = None,
+               workers: int = 1) -> TrainedSAEs:
     """Train one SAE per layer on in-memory activations ({layer: [tokens, d_in]}, same tokens in
     every layer) with sae-lens's ``SAETrainer``; returns inference SAEs and held-out R²/L0 per layer.
 
     ``num_threads`` (default: 1 for small SAEs, d_in·d_sae ≤ 2¹⁸, else torch's setting) applies
     during training only: small matmuls gain nothing from OpenMP threads, and lose several-fold
-    when the cores are shared with other processes.
+    when the cores are shared with other processes. ``workers`` > 1 trains the layers in that many
+    processes (each with ``num_threads``): every layer sees the same batches and starts from the same
+    weights as in one process, so the SAEs are the same bit for bit.
     """
     cfg = cfg or SAETrainConfig()
     if num_threads is None and acts:
         d_in = int(next(iter(acts.values())).shape[1])
         num_threads = 1 if d_in * cfg.d_sae <= 1 << 18 else None
     with torch_threads(num_threads):
-        return _train_saes(acts, cfg, seed=seed, model_name=model_name, progress=progress)
+        return _train_saes(acts, cfg, seed=seed, model_name=model_name, progress=progress,
+                           workers=max(1, int(workers)), num_threads=num_threads)
 
 
-def _train_saes(acts: dict[int, Any], cfg: SAETrainConfig, *, seed: int, model_name: str,
-                progress: str | None) -> TrainedSAEs:
+def _split(n: int, holdout_frac: float, seed: int):
+    """The generator that draws training batches, and the (held-out, training) token indices."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    n_hold = int(n * holdout_frac)
+    return gen, order[:n_hold], order[n_hold:]
+
+
+def _fit_layers(acts: dict[int, Any], index: dict[int, int], cfg: SAETrainConfig, seed: int, model_name: str,
+                out: str, progress: str | None = None, num_threads: int | None = None) -> dict:
+    """Train the SAEs of ``acts``' layers (``index``: each layer's position among all the layers
+    trained, which seeds its initial weights) and save each inference SAE as ``out/layer_{L}``;
+    returns {layer: dead latents}. Every call draws the same batches (the seed's generator), so the
+    layers can be split between processes."""
     import torch
     from sae_lens import SAETrainer
     from sae_lens.config import SAETrainerConfig
 
     from mechmed.progress import progress_bar
+    from mechmed.runtime import deterministic
 
-    layers = sorted(acts)
-    if not layers:
-        raise MechmedError("SAE training: no layers given")
-    n = int(acts[layers[0]].shape[0])
-    if any(int(acts[L].shape[0]) != n for L in layers):
-        raise MechmedError("SAE training: every layer needs the same tokens (equal row counts)")
-    c0 = time.process_time()
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=gen)
-    n_hold = int(n * cfg.holdout_frac)
-    hold, train = order[:n_hold], order[n_hold:]
-    if train.numel() < cfg.batch_size // 4:
-        raise MechmedError(f"SAE training: only {train.numel()} training tokens; give more prompts")
+    n = int(next(iter(acts.values())).shape[0])
+    gen, _, train = _split(n, cfg.holdout_frac, seed)
     warm = max(1, int(cfg.steps * cfg.warmup_frac))
     decay = int(cfg.steps * cfg.decay_frac)
     tcfg = SAETrainerConfig(total_training_samples=cfg.steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
@@ -664,12 +672,11 @@ def _train_saes(acts: dict[int, Any], cfg: SAETrainConfig, *, seed: int, model_n
                             dead_feature_window=cfg.dead_feature_window,
                             feature_sampling_window=max(cfg.steps, 1), device="cpu")
     trainers = {}
-    t0 = time.perf_counter()
-    with torch.random.fork_rng():
-        for i, L in enumerate(layers):
+    with torch_threads(num_threads), deterministic(), torch.random.fork_rng():
+        for L in sorted(acts):
             x = acts[L]
             d_in = int(x.shape[1])
-            torch.manual_seed(seed * 1000 + i)
+            torch.manual_seed(seed * 1000 + index[L])
             sae = _training_sae(cfg, d_in, Site(L).hook_name, model_name)
             tr = SAETrainer(cfg=tcfg, sae=sae, data_provider=iter(()))
             # sae-lens's "expected_average_only_in": scale so that E‖x‖ = √d_in, folded in at the end
@@ -684,19 +691,43 @@ def _train_saes(acts: dict[int, Any], cfg: SAETrainConfig, *, seed: int, model_n
                 tr.maybe_reset_sparsity()
                 tr.step(acts[L][idx])
                 tr.n_training_steps += 1
-    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    saes, per_layer = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for L, tr in trainers.items():
-            sae = tr.sae
-            sae.fold_activation_norm_scaling_factor(tr.activation_scaler.scaling_factor)
-            tr.activation_scaler.scaling_factor = None
-            tr.set_final_sae_metadata()
-            sae.eval()
-            # the inference SAE exactly as it will be saved and reloaded (TopK's decoder norm folded in)
-            sae.save_inference_model(Path(tmp) / f"layer_{L}")
-            from sae_lens import SAE
+    dead = {}
+    for L, tr in trainers.items():
+        sae = tr.sae
+        sae.fold_activation_norm_scaling_factor(tr.activation_scaler.scaling_factor)
+        tr.activation_scaler.scaling_factor = None
+        tr.set_final_sae_metadata()
+        sae.eval()
+        # the inference SAE exactly as it will be saved and reloaded (TopK's decoder norm folded in)
+        sae.save_inference_model(Path(out) / f"layer_{L}")
+        dead[L] = int(tr.dead_neurons.sum())
+    return dead
 
+
+def _train_saes(acts: dict[int, Any], cfg: SAETrainConfig, *, seed: int, model_name: str,
+                progress: str | None, workers: int = 1, num_threads: int | None = None) -> TrainedSAEs:
+    import torch
+    from sae_lens import SAE
+
+    layers = sorted(acts)
+    if not layers:
+        raise MechmedError("SAE training: no layers given")
+    n = int(acts[layers[0]].shape[0])
+    if any(int(acts[L].shape[0]) != n for L in layers):
+        raise MechmedError("SAE training: every layer needs the same tokens (equal row counts)")
+    c0 = time.process_time()
+    _, hold, train = _split(n, cfg.holdout_frac, seed)
+    n_hold = int(hold.numel())
+    if train.numel() < cfg.batch_size // 4:
+        raise MechmedError(f"SAE training: only {train.numel()} training tokens; give more prompts")
+    index = {L: i for i, L in enumerate(layers)}
+    groups = [layers[g::workers] for g in range(min(workers, len(layers)))]
+    saes, per_layer = {}, {}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        dead = _fit_groups(acts, groups, index, cfg, seed, model_name, tmp, progress, num_threads)
+        train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        for L in layers:
             inf = SAE.load_from_disk(str(Path(tmp) / f"layer_{L}")).eval()
             x = acts[L][hold] if n_hold else acts[L][train[:4096]]
             with torch.no_grad():
@@ -704,11 +735,28 @@ def _train_saes(acts: dict[int, Any], cfg: SAETrainConfig, *, seed: int, model_n
                 r2 = _pooled_r2(x, inf.decode(f))
                 l0 = float((f != 0).float().sum(-1).mean())
             saes[L] = inf
-            per_layer[L] = {"r2_heldout": r2, "l0_heldout": l0, "dead_latents": int(tr.dead_neurons.sum())}
+            per_layer[L] = {"r2_heldout": r2, "l0_heldout": l0, "dead_latents": dead[L]}
             log.info("SAE layer %d: held-out R² %.4f, L0 %.1f", L, r2, l0)
     stats = {"train_s": train_s, "train_cpu_s": train_cpu_s, "n_tokens": n, "n_train_tokens": int(train.numel()),
-             "n_heldout_tokens": n_hold, "layers": per_layer}
+             "n_heldout_tokens": n_hold, "layers": per_layer, "workers": len(groups)}
     return TrainedSAEs(saes, stats)
+
+
+def _fit_groups(acts, groups, index, cfg, seed, model_name, out, progress, num_threads) -> dict:
+    """:func:`_fit_layers` for each group of layers: the first here, the others in spawned processes
+    at the same time; {layer: dead latents}."""
+    if len(groups) == 1:
+        return _fit_layers(acts, index, cfg, seed, model_name, out, progress, num_threads)
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(len(groups) - 1, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_fit_layers, {L: acts[L] for L in g}, index, cfg, seed, model_name, out, None,
+                               num_threads) for g in groups[1:]]
+        dead = _fit_layers({L: acts[L] for L in groups[0]}, index, cfg, seed, model_name, out, progress, num_threads)
+        for fut in futures:
+            dead.update(fut.result())
+    return dead
 
 
 def save_sae_set(saes: dict, path: str | os.PathLike, manifest: dict | None = None) -> Path:

@@ -115,8 +115,9 @@ def _train_demo_saes(final: Path, model_dir: Path, cfg: SAETrainConfig, seed: in
         acts = collect_activations(bundle, demo_training_batches(bundle, cfg, seed), layers)
         collect_s = time.perf_counter() - t0
         log.info("demo SAEs: %d tokens x %d layers collected in %.1fs", acts[0].shape[0], len(layers), collect_s)
+        # the layers in two processes where there are two cores: the same SAEs, in half the time
         trained = train_saes(acts, cfg, seed=seed, model_name=f"mechmed-demo:{model_dir.name}", num_threads=1,
-                             progress="demo SAEs")
+                             progress="demo SAEs", workers=min(2, os.cpu_count() or 1))
     manifest = {"recipe": cfg.to_dict(), "seed": seed, "model_dir": str(model_dir),
                 "model_weights": _weights_digest(model_dir), "weights_sha256": sae_set_digest(trained.saes),
                 "determinism": determinism_state(), "collect_s": collect_s, **trained.stats}
