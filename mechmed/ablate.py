@@ -925,6 +925,54 @@ def _check_collected(grid: _Grid) -> None:
                                f"{want.get(bad[0])!r}; re-run arm {a.name} from {grid.out / PLAN_DIR}")
 
 
+def _distinct(jobs: dict) -> tuple[dict, dict]:
+    """Arms whose training configs differ in their name alone (a selected window that is also the
+    first layers: ``selected`` and ``early``) are trained once. Returns (the jobs to run, {arm: (the
+    arm it is a copy of, its own config dict)}); an arm already finished is never a copy."""
+    import json
+
+    first, run, copies = {}, {}, {}
+    for name, (d, run_dir) in jobs.items():
+        key = json.dumps({**d, "provenance": {k: v for k, v in (d.get("provenance") or {}).items()
+                                              if k != "ablation_arm"}}, sort_keys=True, default=str)
+        if key in first and not (Path(run_dir) / "metrics.json").is_file():
+            copies[name] = (first[key], d)
+        else:
+            first.setdefault(key, name)
+            run[name] = (d, run_dir)
+    return run, copies
+
+
+def copy_arm(source: Path, dest: Path, cfg_dict: dict) -> dict:
+    """``dest``: a copy of the finished arm ``source`` (trained with the same config under another
+    name), its ``config.yaml`` naming ``dest``'s arm; returns its metrics. Written to a temporary
+    directory, then renamed: a copy is there whole or not at all."""
+    import json
+    import shutil
+
+    import yaml
+
+    from mechmed.io import temp_dir, write_text
+
+    if (dest / "metrics.json").is_file():
+        return json.loads((dest / "metrics.json").read_text(encoding="utf-8"))
+    tmp = temp_dir(dest.parent, prefix=f".{dest.name}.")
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        resolved = yaml.safe_load((tmp / "config.yaml").read_text(encoding="utf-8"))
+        resolved["provenance"] = {**(resolved.get("provenance") or {}),
+                                  "ablation_arm": (cfg_dict.get("provenance") or {}).get("ablation_arm", dest.name),
+                                  "same_training_as": source.name}
+        write_text(tmp / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        if dest.exists():
+            shutil.rmtree(dest)  # an unfinished run of this arm
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return json.loads((dest / "metrics.json").read_text(encoding="utf-8"))
+
+
 def _parallel(grid: _Grid, jobs: dict, workers: int, devices: Sequence[str] | None, progress: bool) -> dict:
     """Train ``jobs`` (name -> (config dict, run dir)) in worker processes: ``workers`` of them on the
     grid's device, or, with ``devices``, one per device, each training its share of the arms one
@@ -954,6 +1002,46 @@ def _parallel(grid: _Grid, jobs: dict, workers: int, devices: Sequence[str] | No
     return metrics
 
 
+def _evaluate_in_worker(what: str, cfg: AblationConfig, seed_or_arm, out: str, threads: int | None, device: str,
+                        dtype: str | None):
+    """The base evaluation (``what="base"``, a seed) or a training-free arm (``"free"``, an
+    :class:`Arm`) in a worker process of :func:`_pool_all`."""
+    from mechmed.runtime import deterministic, torch_threads
+
+    with torch_threads(threads), deterministic(device):
+        if what == "base":
+            return evaluate_base(cfg, seed_or_arm, Path(out), device=device, dtype=dtype)
+        return evaluate_training_free(cfg, seed_or_arm, Path(out), device=device, dtype=dtype)
+
+
+def _pool_all(grid: _Grid, jobs: dict, workers: int, progress: bool) -> tuple[dict, dict]:
+    """The trained arms (``jobs``), the training-free arms and the base evaluations in one pool of
+    ``workers`` processes, longest first; returns (metrics by arm, base (metrics, pairs) by seed)."""
+    import multiprocessing as mp
+
+    from mechmed.progress import progress_bar
+
+    cfg, out, device, dtype = grid.cfg, grid.out, grid.device, grid.dtype
+    threads = grid.threads or max(1, (os.cpu_count() or 1) // workers)
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_arm, d, r, threads, device, dtype): ("arm", name) for name, (d, r) in jobs.items()}
+        # training-free arms by their cost on the demo: ensembling reads k phrasings per question
+        cost = {"ensemble": 0, "steer": 1, "clamp": 2}
+        free = sorted((a for a in grid.arms if a.arm in TRAINING_FREE_ARMS), key=lambda a: cost.get(a.arm, 3))
+        for a in free:
+            futures[pool.submit(_evaluate_in_worker, "free", cfg, a, str(out / "arms" / a.name), threads,
+                                device, dtype)] = ("arm", a.name)
+        for s in cfg.seeds:
+            futures[pool.submit(_evaluate_in_worker, "base", cfg, s, str(out), threads, device,
+                                dtype)] = ("base", s)
+        metrics, base = {}, {}
+        for fut in progress_bar(cf.as_completed(futures), desc="ablation arms" if progress else None,
+                                total=len(futures)):
+            kind, key = futures[fut]
+            (base if kind == "base" else metrics)[key] = fut.result()
+    return metrics, base
+
+
 def _run_lane(jobs: list, device: str, threads: int | None, dtype: str | None) -> dict:
     """Arms one after another on one device (a worker process of :func:`_parallel`)."""
     return {Path(run_dir).name: _run_arm(d, run_dir, threads, device, dtype) for d, run_dir in jobs}
@@ -980,20 +1068,22 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
     devices = [check_device(d) for d in devices] if devices else None
     if collect:
         _check_collected(grid)
-    with torch_threads(small), deterministic(device):
-        base = {s: evaluate_base(cfg, s, out, progress=progress, device=device, dtype=dtype) for s in cfg.seeds}
-    metrics: dict = {}
-    with torch_threads(small), deterministic(device):
-        for a in arms:
-            if a.arm in TRAINING_FREE_ARMS:
-                metrics[a.name] = evaluate_training_free(cfg, a, out / "arms" / a.name, progress=progress,
-                                                         device=device, dtype=dtype)
-    jobs = {a.name: (arm_config(cfg, a).to_dict(), str(out / "arms" / a.name)) for a in grid.trained}
-    if devices or workers > 1:
-        metrics.update(_parallel(grid, jobs, workers, devices, progress))
+    jobs, copies = _distinct({a.name: (arm_config(cfg, a).to_dict(), str(out / "arms" / a.name))
+                              for a in grid.trained})
+    if workers > 1 and not devices:  # one pool for everything: no core waits while another evaluates
+        metrics, base = _pool_all(grid, jobs, workers, progress)
     else:
-        for name in progress_bar(list(jobs), desc="ablation arms" if progress else None):
-            metrics[name] = _run_arm(*jobs[name], small, device, dtype, progress)
+        with torch_threads(small), deterministic(device):
+            base = {s: evaluate_base(cfg, s, out, progress=progress, device=device, dtype=dtype) for s in cfg.seeds}
+            metrics = {a.name: evaluate_training_free(cfg, a, out / "arms" / a.name, progress=progress, device=device,
+                                                      dtype=dtype) for a in arms if a.arm in TRAINING_FREE_ARMS}
+        if devices:
+            metrics.update(_parallel(grid, jobs, workers, devices, progress))
+        else:
+            for name in progress_bar(list(jobs), desc="ablation arms" if progress else None):
+                metrics[name] = _run_arm(*jobs[name], small, device, dtype, progress)
+    for name, (source, d) in copies.items():
+        metrics[name] = copy_arm(out / "arms" / source, out / "arms" / name, d)
 
     rows, pairs_by_row = [], {}
     for s in cfg.seeds:

@@ -210,8 +210,9 @@ def _run(out: Path, *, model, data, saes, seed, width, arms, methods, seeds, wor
         n_audit = sum(a.arm not in ARMS for a in plan(ab, family.n_layers(config)))
         n_arms += n_audit
         what.append(f"the selection audit's {n_audit} other layer sets")
-    _say(f"[ablation] base model, then {n_arms} arms ({'; '.join(what)}; seed {', '.join(map(str, ab.seeds))}), "
-         f"{workers} trained in parallel", echo)
+    how = (f"{workers} at a time" if workers > 1 else "one at a time")
+    _say(f"[ablation] the base model and {n_arms} arms ({'; '.join(what)}; seed {', '.join(map(str, ab.seeds))}), "
+         f"{how}", echo)
 
     def ablate():
         nonlocal result

@@ -377,17 +377,21 @@ def test_p_vs_best_trained_by_hand():
 def test_plan_separate_runs_and_collect_give_the_one_process_table(demo_eval_subset, tmp_path):
     """On the embedded default (evaluated on a subset of its held-out pairs): the one-process grid; its
     plan run line by line (mechmed train on each planned config, mechmed ablate --arm for the base) and
-    collected; and the grid spread over two device lanes: the same results table, byte for byte."""
+    collected; and the grid spread over two device lanes: the same results table, byte for byte. The
+    selected layers are the first ones: the grid trains them once for ``selected`` and ``early`` (a
+    copy), the plan trains each, and the tables agree."""
     import shlex
 
     from mechmed.cli import main
     from mechmed.config import demo_defaults
 
-    train = {**demo_defaults(), "model": "demo", "layers": [1, 2], "max_steps": 6, "eval_every": 6,
+    train = {**demo_defaults(), "model": "demo", "layers": [0, 1], "max_steps": 6, "eval_every": 6,
              "checkpoint_every": 6, "extra_eval": {}, "eval_data": str(demo_eval_subset)}
     cfg_file = tmp_path / "ablation.yaml"
-    cfg_file.write_text(yaml.safe_dump({"train": train, "arms": ["selected", "ce_only"], "seeds": [0]}))
+    cfg_file.write_text(yaml.safe_dump({"train": train, "arms": ["selected", "early", "ce_only"], "seeds": [0]}))
     one = run_ablation(cfg_file, tmp_path / "one", device="cpu")
+    early = yaml.safe_load((tmp_path / "one" / "arms" / "early-lora-s0" / "config.yaml").read_text())["provenance"]
+    assert (early["ablation_arm"], early["same_training_as"]) == ("early-lora-s0", "selected-lora-s0")
 
     two = tmp_path / "two"
     assert main(["ablate", "--config", str(cfg_file), "--out", str(two), "--plan", "--device", "cpu"]) == 0
@@ -395,11 +399,11 @@ def test_plan_separate_runs_and_collect_give_the_one_process_table(demo_eval_sub
     lines = [x for x in text.splitlines() if " --arm " in x]
     assert text.rstrip().endswith(f"--out {two} --collect")
     assert [shlex.split(x)[shlex.split(x).index("--arm") + 1] for x in lines] == \
-        ["base-s0", "selected-lora-s0", "ce_only-lora-s0"]
-    with pytest.raises(MechmedError, match="3 of the plan's runs are not finished"):
+        ["base-s0", "selected-lora-s0", "early-lora-s0", "ce_only-lora-s0"]
+    with pytest.raises(MechmedError, match="4 of the plan's runs are not finished"):
         run_ablation(two / "plan" / "ablation.yaml", two, collect=True)
     assert main(shlex.split(lines[0])[1:]) == 0  # the base, as its plan line says
-    for name in ("selected-lora-s0", "ce_only-lora-s0"):  # each arm by mechmed train on its planned config
+    for name in ("selected-lora-s0", "early-lora-s0", "ce_only-lora-s0"):  # each by mechmed train on its config
         assert main(["train", "--config", str(two / "plan" / f"{name}.yaml"), "--out", str(two / "arms" / name),
                      "--device", "cpu"]) == 0
     assert main(["ablate", "--config", str(two / "plan" / "ablation.yaml"), "--out", str(two), "--collect"]) == 0
