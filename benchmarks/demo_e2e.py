@@ -10,7 +10,7 @@ directory (every stage of the run itself is redone). ``--modes`` runs both once 
 a ratio of one run; ``--keep DIR`` keeps each run's output directory (``DIR/{mode}-{run}``), e.g. to
 compare a cold run's numbers with docs/demo.md. Each run is the real CLI in a subprocess. Prints
 a table (total seconds, seconds per stage as the command reports them, CPU seconds, load average)
-and writes the rows, the machine and the bars to JSON. Bars, on 2 CPU cores: cold ≤ 300 s, warm ≤ 180 s.
+and writes the rows, the machine and the bars to JSON. Bars, on 2 CPU cores: cold ≤ 240 s, warm ≤ 120 s.
 The machine's load average is recorded before and after each run: on a shared machine a high load
 inflates wall time while CPU seconds stay put.
 """
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BARS = {"cold": 300.0, "warm": 180.0}
+BARS = {"cold": 240.0, "warm": 120.0}
 STAGES = ("model", "sae_check", "attribute", "select_layers", "ablation", "report")
 
 
