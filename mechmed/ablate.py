@@ -70,6 +70,7 @@ from mechmed.config import (  # noqa: F401  (public here too)
     DEFAULT_ARMS,
     RANGE_ARMS,
     TRAINING_FREE_ARMS,
+    ModelSpec,
 )
 from mechmed.errors import MechmedError
 from mechmed.io import read_jsonl
@@ -343,7 +344,7 @@ def check_training_free(cfg: AblationConfig) -> None:
         scores = _attribution_dir(cfg) / "layer_scores.json"
         seed = json.loads(scores.read_text(encoding="utf-8")).get("seed") if scores.is_file() else None
         other = [s for s in cfg.seeds if seed is not None and s != seed]
-        if other and get(cfg.train["model"]) is not None:
+        if other and get(ModelSpec.of(cfg.train["model"]).name) is not None:
             raise MechmedError(f"{cfg.source}: clamp: the attribution {scores.parent} ranked the features of seed "
                                f"{seed}'s {cfg.train['model']} model and SAEs, but seed {other[0]} has its own; run "
                                f"one grid per seed (mechmed demo --seed {other[0]}) with that seed's attribution")
@@ -385,8 +386,9 @@ def evaluate_training_free(cfg: AblationConfig, arm: Arm, out: Path, *, progress
                                "delete that directory to evaluate it again, or give another --out")
         return done
     t = cfg.train
-    bundle = load_model(t["model"], answer_words=tuple(t["answer_words"]), seed=arm.seed, device=device, dtype=dtype,
-                        prompt_template=t.get("prompt_template"))
+    spec = ModelSpec.of(t["model"])
+    bundle = load_model(spec.name, answer_words=tuple(t["answer_words"]), seed=arm.seed, device=device, dtype=dtype,
+                        prompt_template=t.get("prompt_template"), **spec.options())
     edit = make_edit(cfg, arm, bundle)
     pairs = resolve_pairs(t["eval_data"], split="eval", image_root=t.get("image_root"), seed=arm.seed)
     extra = {name: resolve_pairs(data, split="eval", image_root=t.get("image_root"), seed=arm.seed)
@@ -486,8 +488,9 @@ def evaluate_base(cfg: AblationConfig, seed: int, out: Path, progress: bool = Fa
     if (d / "metrics.json").is_file() and (d / "pairs.jsonl").is_file():
         return json.loads((d / "metrics.json").read_text(encoding="utf-8")), _read_pairs(d / "pairs.jsonl")
     t = cfg.train
-    bundle = load_model(t["model"], answer_words=tuple(t["answer_words"]), seed=seed, device=device, dtype=dtype,
-                        prompt_template=t.get("prompt_template"))
+    spec = ModelSpec.of(t["model"])
+    bundle = load_model(spec.name, answer_words=tuple(t["answer_words"]), seed=seed, device=device, dtype=dtype,
+                        prompt_template=t.get("prompt_template"), **spec.options())
     pairs = resolve_pairs(t["eval_data"], split="eval", image_root=t.get("image_root"), seed=seed)
     extra = {name: resolve_pairs(data, split="eval", image_root=t.get("image_root"), seed=seed)
              for name, data in (t.get("extra_eval") or {}).items()}
@@ -817,10 +820,11 @@ def _prepare(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike, de
         cfg = AblationConfig.load(cfg)
     out = ensure_dir(Path(out))
     t = cfg.train
-    _, config, family, _ = model_config(t["model"], seed=cfg.seeds[0])  # the layer count needs no weights
+    spec = ModelSpec.of(t["model"])
+    _, config, family, _ = model_config(spec.name, seed=cfg.seeds[0], **spec.options(placement=False))  # no weights
     n_layers = family.n_layers(config)
     arms = plan(cfg, n_layers)
-    grid = _Grid(cfg, out, arms, device, dtype, cpu_threads_for(t["model"], device), n_layers)
+    grid = _Grid(cfg, out, arms, device, dtype, cpu_threads_for(spec.name, device), n_layers)
     skeletons: dict = {}  # every arm's layers and target modules, before the base model is evaluated
     for a in grid.trained:
         check_against_model(arm_config(cfg, a), skeletons)

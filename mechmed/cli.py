@@ -47,22 +47,30 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="the GGUF file inside --model (a local directory or a hub repository); read once through "
                    "transformers (needs mechmed[gguf]) and cached as safetensors")
     _add_device_options(p)
-    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
-                   help="spread a model too large for one card over the visible GPUs (accelerate's device_map; "
-                   "default: all on --device)")
     p.add_argument("--answer-words", type=_words, default=("yes", "no"),
                    help="the two answer words, each a single token (default yes,no)")
     p.add_argument("--prompt-template", default=None, metavar="TEXT",
                    help="build prompts from TEXT with {question} (and {image}) instead of the chat template "
                    "(default: the chat template; a model without one: 'Question: {question}\\nAnswer:')")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a checkpoint's own Python code to run (off by default)")
-    p.add_argument("--revision", default=None, help="hub model revision: a branch, tag or commit (default main)")
-    p.add_argument("--local-files-only", action="store_true", default=None,
-                   help="never download; use what is in the cache (default: as HF_HUB_OFFLINE says)")
-    p.add_argument("--cache-dir", default=None, help="download cache of a hub model (default Hugging Face's); for "
-                   "'demo', where it is built (default $MECHMED_CACHE or ~/.cache/mechmed)")
+    _add_load_options(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (also picks the demo model/data)")
+
+
+def _add_load_options(p: argparse.ArgumentParser, config: bool = False) -> None:
+    """How a model is opened (:class:`mechmed.config.ModelSpec`); ``config``: for a command whose
+    training config holds them, where the options given override the config's."""
+    but = "; overrides the config's model options" if config else ""
+    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="spread a model too large for one card over the visible GPUs (accelerate's device_map; "
+                   "default: all on --device)" + but)
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow a checkpoint's own Python code to run (off by default)" + but)
+    p.add_argument("--revision", default=None,
+                   help="hub model revision: a branch, tag or commit (default main)" + but)
+    p.add_argument("--local-files-only", action="store_true", default=None,
+                   help="never download; use what is in the cache (default: as HF_HUB_OFFLINE says)" + but)
+    p.add_argument("--cache-dir", default=None, help="download cache of a hub model (default Hugging Face's); for "
+                   "'demo', where it is built (default $MECHMED_CACHE or ~/.cache/mechmed)" + but)
 
 
 def _fmt(x) -> str:
@@ -178,7 +186,8 @@ def cmd_compare(args) -> int:
 def model_options(args) -> dict:
     """The shared model-loading options (--dtype, --answer-words, --trust-remote-code, --revision,
     --local-files-only, --cache-dir, --device-map, --prompt-template) as keywords."""
-    return {"dtype": args.dtype, "answer_words": tuple(args.answer_words), "trust_remote_code": args.trust_remote_code,
+    return {"dtype": args.dtype, "answer_words": tuple(args.answer_words),
+            "trust_remote_code": bool(args.trust_remote_code),
             "revision": args.revision, "local_files_only": args.local_files_only, "cache_dir": args.cache_dir,
             "device_map": args.device_map, "prompt_template": args.prompt_template}
 
@@ -289,7 +298,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from mechmed.ablate import format_table, run_ablation, run_arms, write_plan
+    from mechmed.ablate import AblationConfig, format_table, run_ablation, run_arms, write_plan
+    from mechmed.config import ModelSpec
 
     modes = [m for m in ("plan", "arm", "collect") if getattr(args, m)]
     if len(modes) > 1:
@@ -297,21 +307,23 @@ def cmd_ablate(args) -> int:
     if args.devices and (args.plan or args.arm or args.collect):
         raise MechmedError("ablate: --devices spreads a whole grid over local devices; with --plan, --arm or "
                            "--collect give --device")
+    cfg = AblationConfig.load(args.config)  # the loading options given here go into every arm's config
+    cfg.train["model"] = ModelSpec.from_args(args, cfg.train["model"]).to_value()
     if args.plan:
-        d = write_plan(args.config, args.out, device=args.device, dtype=args.dtype)
+        d = write_plan(cfg, args.out, device=args.device, dtype=args.dtype)
         n = sum(1 for line in (d / "commands.txt").read_text().splitlines() if " --arm " in line)
         print(f"plan: {n} runs in {d / 'commands.txt'} (one per line; a job array can run line $TASK_ID), one "
               f"training config per trained arm in {d}/; then: mechmed ablate --config {args.config} --out "
               f"{args.out} --collect")
         return 0
     if args.arm:
-        done = run_arms(args.config, args.out, args.arm, progress=True, device=args.device, dtype=args.dtype)
+        done = run_arms(cfg, args.out, args.arm, progress=True, device=args.device, dtype=args.dtype)
         for name, m in done.items():
             after = m.get("after", m)
             print(f"{name}: flip rate {after['flip_rate']:.3f}, accuracy {after['accuracy']['original']:.3f} "
                   f"({args.out}/{'arms/' if not name.startswith('base-') else ''}{name})")
         return 0
-    res = run_ablation(args.config, args.out, progress=True, workers=args.workers, device=args.device,
+    res = run_ablation(cfg, args.out, progress=True, workers=args.workers, device=args.device,
                        dtype=args.dtype, devices=args.devices, collect=args.collect)
     print(format_table(res.rows))
     print(f"written {args.out}/results.json, results.csv, summary.csv")
@@ -439,8 +451,9 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             action = p.add_argument(flag, dest=f.name, default=None, metavar="A,B,...", help=docs[f.name])
         elif "dict" in str(f.type):
             action = p.add_argument(flag, dest=f.name, default=None, metavar="NAME=DATA,...", help=docs[f.name])
-        else:
-            kind = type(default) if default is not None else (int if "int" in str(f.type) else str)
+        else:  # the model option takes its name: its loading options are flags of their own
+            kind = str if f.name == "model" else type(default) if default is not None else (
+                int if "int" in str(f.type) else str)
             action = p.add_argument(flag, dest=f.name, default=None, type=kind, help=docs[f.name])
         action.config_field = f.name
 
@@ -455,7 +468,7 @@ def config_from_args(args) -> dict:
     out = {}
     for f in fields(TrainConfig):
         value = getattr(args, f.name, None)
-        if value is None or f.name in ("spectral", "provenance"):
+        if value is None or f.name in ("spectral", "provenance", "model"):  # model: ModelSpec.from_args
             continue
         if f.name == "layers":
             value = parse_layers(value)
@@ -471,7 +484,7 @@ def config_from_args(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from mechmed.config import TrainConfig
+    from mechmed.config import ModelSpec, TrainConfig
     from mechmed.sources import train_defaults
     from mechmed.train import train
 
@@ -482,12 +495,13 @@ def cmd_train(args) -> int:
     else:
         if "layers" not in given:
             raise MechmedError("train: give --config FILE (from mechmed select-layers) or --layers, e.g. --layers 2-4")
-        base = train_defaults(given.get("model", "demo"))
+        base = train_defaults(args.model or "demo")
+    given["model"] = ModelSpec.from_args(args, base.get("model"))
     cfg = TrainConfig.from_dict({**base, **given}, source=args.config or "command line")
     from mechmed.models import cpu_threads_for
     from mechmed.runtime import torch_threads
 
-    with torch_threads(cpu_threads_for(cfg.model, args.device)):  # as the ablation grid trains it
+    with torch_threads(cpu_threads_for(cfg.model.name, args.device)):  # as the ablation grid trains it
         result = train(cfg, args.out, resume=args.resume, device=args.device, dtype=args.dtype, progress=True)
     m = result.metrics
     if int(os.environ.get("RANK", "0")) != 0:
@@ -631,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     _add_device_options(p)  # under accelerate launch, the launcher's device
     _add_config_options(p)
+    _add_load_options(p, config=True)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo-model", help="build (or find) the embedded default model and data")
@@ -656,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the finished runs under --out (trained here or elsewhere)")
     p.add_argument("--report", action="store_true", help="also write report.html / report.md there")
     _add_device_options(p)
+    _add_load_options(p, config=True)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")

@@ -98,12 +98,88 @@ DEFAULT_ARMS = ("selected", "early", "middle", "late", "all", "random", "ce_only
 DEFAULT_RANK = {"lora": 16, "spectral_moe": 32}
 
 
+#: How a model is opened, besides its name: :class:`ModelSpec`'s fields after ``name``.
+LOAD_OPTIONS = ("revision", "trust_remote_code", "cache_dir", "local_files_only", "device_map")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model and every option that opens it (:func:`mechmed.models.load_model`'s): what a training
+    config's ``model:`` holds. In YAML a bare name (``model: demo``) when no option is set, else a
+    mapping (``model: {name: google/medgemma-4b-it, revision: 8ab1c0e}``)."""
+
+    name: str = "demo"
+    """'demo', a hub id (google/medgemma-4b-it) or a local checkpoint directory."""
+    revision: str | None = None
+    """Hub revision: a branch, tag or commit (default main)."""
+    trust_remote_code: bool = False
+    """Let the checkpoint's own Python code run (off by default)."""
+    cache_dir: str | None = None
+    """Download cache of a hub model (default Hugging Face's); for 'demo', where it is built."""
+    local_files_only: bool | None = None
+    """Never download (default: as HF_HUB_OFFLINE says)."""
+    device_map: str | None = None
+    """Spread a model too large for one card over the visible GPUs (accelerate's device_map)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and bool(self.name.strip()), "model", self.name,
+               "a model name: demo, a hub id or a checkpoint directory")
+        _check(isinstance(self.trust_remote_code, bool), "model.trust_remote_code", self.trust_remote_code,
+               "true or false")
+        for key in ("revision", "cache_dir", "device_map"):
+            value = getattr(self, key)
+            _check(value is None or isinstance(value, str), f"model.{key}", value, "a string, or null")
+        _check(self.local_files_only in (None, True, False), "model.local_files_only", self.local_files_only,
+               "true, false or null")
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def of(cls, value, source: str = "config") -> ModelSpec:
+        """A spec from a name, a mapping (``name`` and any of :data:`LOAD_OPTIONS`) or a spec."""
+        if isinstance(value, ModelSpec):
+            return value
+        if isinstance(value, str):
+            return cls(name=value)
+        if isinstance(value, dict):
+            d = known_keys(value, ("name", *LOAD_OPTIONS), f"{source}: model")
+            if "name" not in d:
+                raise MechmedError(f"{source}: model: a mapping needs name: (demo, a hub id or a checkpoint directory)")
+            return cls(**d)
+        raise MechmedError(f"{source}: model = {value!r}: give a name (demo, a hub id, a directory) or a mapping "
+                           "with name: and loading options")
+
+    @classmethod
+    def from_args(cls, args, base: ModelSpec | str | None = None) -> ModelSpec:
+        """``base`` with what the command line gives (``--model``, ``--revision``, ``--trust-remote-code``,
+        ``--cache-dir``, ``--local-files-only``, ``--device-map``; None or absent = not given)."""
+        spec = cls.of(base if base is not None else "demo")
+        given = {k: getattr(args, k, None) for k in ("name", *LOAD_OPTIONS)}
+        given["name"] = getattr(args, "model", None)
+        if not given["trust_remote_code"]:
+            given["trust_remote_code"] = None  # a flag left off keeps the config's
+        return cls(**{**asdict(spec), **{k: v for k, v in given.items() if v is not None}})
+
+    def options(self, placement: bool = True) -> dict:
+        """The loading options as keywords of :func:`mechmed.models.load_model` (``placement=False``:
+        without ``device_map``, as :func:`mechmed.models.model_config` takes them)."""
+        return {k: getattr(self, k) for k in LOAD_OPTIONS if placement or k != "device_map"}
+
+    def to_value(self) -> str | dict:
+        """The YAML form: the bare name when no option is set."""
+        set_ = {k: v for k, v in self.options().items() if v not in (None, False)}
+        return {"name": self.name, **set_} if set_ else self.name
+
+
 @dataclass
 class TrainConfig:
     """Everything ``mechmed train`` needs; select-layers writes it, train runs it unchanged."""
 
-    model: str = "demo"
-    """Base model: 'demo', a hub id (google/medgemma-4b-it) or a local checkpoint directory."""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    """Base model: 'demo', a hub id (google/medgemma-4b-it) or a local checkpoint directory; or a
+    mapping of name and loading options (revision, trust_remote_code, cache_dir, local_files_only,
+    device_map)."""
     layers: list = field(default_factory=list)
     """Decoder layers to adapt (e.g. [15, 16, 17, 18, 19]); never the vision tower."""
     method: str = "lora"
@@ -185,6 +261,7 @@ class TrainConfig:
     """Where this config came from (scores file hash, strategy, mechmed version); informational."""
 
     def __post_init__(self) -> None:
+        self.model = ModelSpec.of(self.model)
         if isinstance(self.spectral, dict):
             self.spectral = _build(SpectralConfig, self.spectral, "spectral")
         if self.rank is None:
@@ -252,6 +329,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["model"] = self.model.to_value()
         return {"config_version": CONFIG_VERSION, **d}
 
     @classmethod
@@ -328,6 +406,8 @@ def _coerce(f, value, source: str):
 
     default = f.default if f.default is not MISSING else f.default_factory()
     want = type(default)
+    if want is ModelSpec:
+        return ModelSpec.of(value, source)
     if str(f.type) == "str | float" and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return value
     if value is None and (default is None or "None" in str(f.type)):

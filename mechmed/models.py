@@ -129,8 +129,10 @@ def model_config(name_or_path: str = "demo", *, local_files_only: bool | None = 
     try:
         config = transformers.AutoConfig.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
-        hint = "check the id or path" + ("" if offline else "; gated models need `hf auth login`")
-        raise MechmedError(f"--model {name}: cannot load its config ({str(e).splitlines()[0]}); {hint}") from e
+        hint = ("check the id or path" + (" and --revision" if revision else "")
+                + ("" if offline else "; gated models need `hf auth login`"))
+        at = f" at revision {revision}" if revision else ""
+        raise MechmedError(f"--model {name}{at}: cannot load its config ({str(e).splitlines()[0]}); {hint}") from e
     return path, config, get_family(config), kw
 
 

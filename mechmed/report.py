@@ -1138,6 +1138,7 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     title = title or f"mechmed report: {run_dir.resolve().name}"
     model = ((run.ablation or {}).get("config", {}).get("train", {}).get("model")
              or (run.train_cfg or {}).get("model") or (run.layer_scores or {}).get("model"))
+    model = model.get("name") if isinstance(model, dict) else model  # a model with loading options
     meta = (f"Run directory {run_dir}" + (f"; model {model}" if model else "")
             + f"; mechmed {__version__}; written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. "
             + _mode_sentence(run) +

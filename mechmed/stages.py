@@ -79,7 +79,7 @@ def run_select_layers(scores: str | None = None, out: str = "runs/train.yaml", *
                     "--eval-data (held-out phrasings) so training is judged on phrasings it never saw",
                     cfg.train_data)
     data_sources = {s.name for s in map(get, (cfg.train_data, cfg.eval_data)) if s is not None}
-    if data_sources and get(cfg.model) is None:
+    if data_sources and get(cfg.model.name) is None:
         log.warning("model %s will train/evaluate on the pairs of %s: pass --train-data and --eval-data for this "
                     "model's data", cfg.model, ", ".join(sorted(data_sources)))
     cfg.save(out)

@@ -405,7 +405,7 @@ def check_against_model(cfg: TrainConfig, skeleton_cache: dict | None = None) ->
     if cfg.prompt_template is not None:
         check_template(cfg.prompt_template, "config option prompt_template:")
 
-    _, model_cfg, family, _ = model_config(cfg.model, seed=cfg.seed)
+    _, model_cfg, family, _ = model_config(cfg.model.name, seed=cfg.seed, **cfg.model.options(placement=False))
     n_layers = family.n_layers(model_cfg)
     for option, layers in (("layers", cfg.layers), ("activation_layers", cfg.activation_layers or [])):
         outside = [layer for layer in layers if not 0 <= layer < n_layers]
@@ -475,8 +475,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
                            "batch_size or grad_accum")
     torch.manual_seed(cfg.seed)
     placed = device if pinned or device == "cpu" else str(accelerator.device)
-    bundle = load_model(cfg.model, device=placed, dtype=dtype,
-                        answer_words=tuple(cfg.answer_words), seed=cfg.seed, prompt_template=cfg.prompt_template)
+    bundle = load_model(cfg.model.name, device=placed, dtype=dtype, answer_words=tuple(cfg.answer_words),
+                        seed=cfg.seed, prompt_template=cfg.prompt_template, **cfg.model.options())
     warn_text_only(bundle, train_pairs)
     images = _Images()
     rng = np.random.default_rng(cfg.seed)
@@ -612,8 +612,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
                 from mechmed.models import attach_adapter
 
                 del model, unwrapped, gathered
-                fresh = load_model(cfg.model, device=placed, dtype=dtype, answer_words=tuple(cfg.answer_words),
-                                   seed=cfg.seed, prompt_template=cfg.prompt_template)
+                fresh = load_model(cfg.model.name, device=placed, dtype=dtype, answer_words=tuple(cfg.answer_words),
+                                   seed=cfg.seed, prompt_template=cfg.prompt_template, **cfg.model.options())
                 adapted_bundle = attach_adapter(fresh, adapter_dir)
             else:
                 adapted_bundle = bundle.__class__(unwrapped, bundle.processor, bundle.family, bundle.answers,

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from mechmed.cli import main
+from mechmed.errors import MechmedError
 
 
 def test_help_imports_no_heavy_library():
@@ -128,6 +129,68 @@ def test_hub_options_reach_the_loader(workspace, tmp_path):
     assert a["flip_rate"] == b["flip_rate"] and a["n_pairs"] == 8
     assert main([*common, "--revision", "v9", "--out", str(tmp_path / "c")]) == 2
     assert not (tmp_path / "c").exists()
+
+
+def _hub_cache(ckpt, root):
+    """A Hugging Face cache laid out by hand: ``org/tiny`` at commit abc123 (refs/main)."""
+    import shutil
+
+    snapshot = root / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(ckpt, snapshot)
+    (root / "models--org--tiny" / "refs").mkdir()
+    (root / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    return root
+
+
+def test_train_and_ablate_open_the_model_as_evaluate_does(workspace, tmp_path, capsys):
+    """train and ablate take --revision, --cache-dir and --local-files-only (and --trust-remote-code,
+    --device-map): the run's config records them under model:, the ablation's plan passes them to every
+    arm, and a revision the cache lacks is a one-line error before anything is written."""
+    import yaml
+
+    root, ckpt = workspace
+    cache = _hub_cache(ckpt, tmp_path / "hf")
+    hub = ["--model", "org/tiny", "--local-files-only", "--cache-dir", str(cache)]
+    small = ["--layers", "1", "--rank", "2", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1",
+             "--eval-every", "2",
+             "--checkpoint-every", "2", "--guard-pairs", "4", "--train-data", str(root / "train_pairs.jsonl"),
+             "--eval-data", str(root / "pairs.jsonl"), "--extra-eval", "none"]
+    assert main(["train", *hub, "--revision", "abc123", *small, "--out", str(tmp_path / "run")]) == 0
+    model = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]
+    assert model == {"name": "org/tiny", "revision": "abc123", "cache_dir": str(cache), "local_files_only": True}
+    assert main(["train", *hub, "--revision", "v9", *small, "--out", str(tmp_path / "bad")]) == 2
+    assert "v9" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+    train = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    train["model"] = "org/tiny"  # the options come from the command line this time
+    cfg = tmp_path / "ablation.yaml"
+    cfg.write_text(yaml.safe_dump({"train": train, "arms": ["selected"], "seeds": [0]}))
+    opts = ["--cache-dir", str(cache), "--local-files-only", "--revision", "abc123", "--device", "cpu"]
+    assert main(["ablate", "--config", str(cfg), "--out", str(tmp_path / "grid"), "--plan", *opts]) == 0
+    planned = yaml.safe_load((tmp_path / "grid" / "plan" / "selected-lora-s0.yaml").read_text())["model"]
+    assert planned == model
+    assert main(["ablate", "--config", str(cfg), "--out", str(tmp_path / "grid"), "--arm", "base-s0", *opts]) == 0
+    assert (tmp_path / "grid" / "base-s0" / "metrics.json").is_file()
+    assert main(["ablate", "--config", str(cfg), "--out", str(tmp_path / "grid2"), "--revision", "v9", "--device",
+                 "cpu", "--cache-dir", str(cache), "--local-files-only"]) == 2
+    assert "v9" in capsys.readouterr().err
+
+
+def test_model_spec_round_trip():
+    """A bare model name stays a bare name in YAML; loading options make it a mapping; an unknown key
+    or a mapping without a name is a one-line error."""
+    from mechmed.config import ModelSpec, TrainConfig
+
+    assert TrainConfig(layers=[1]).to_dict()["model"] == "demo"
+    d = TrainConfig(model={"name": "org/x", "revision": "r1", "trust_remote_code": True}, layers=[1]).to_dict()
+    assert d["model"] == {"name": "org/x", "revision": "r1", "trust_remote_code": True}
+    assert TrainConfig.from_dict(d).model == ModelSpec("org/x", revision="r1", trust_remote_code=True)
+    assert ModelSpec.of("org/x").options(placement=False) == {"revision": None, "trust_remote_code": False,
+                                                               "cache_dir": None, "local_files_only": None}
+    with pytest.raises(MechmedError, match="did you mean 'revision'"):
+        ModelSpec.of({"name": "org/x", "revison": "r1"})
+    with pytest.raises(MechmedError, match="needs name"):
+        ModelSpec.of({"revision": "r1"})
 
 
 def test_help_shows_defaults_and_an_example_that_parses():
