@@ -151,15 +151,20 @@ def load_model(name_or_path: str = "demo", dtype: str | None = None, device: str
                trust_remote_code: bool = False, revision: str | None = None,
                cache_dir: str | None = None, seed: int = 0, device_map: str | dict | None = None,
                prompt_template: str | None = None) -> ModelBundle:
-    """Load a model by hub id, local path, or ``"demo"`` (the embedded default).
+    """Load a model by hub id, local path, or ``"demo"`` (the embedded default), or by a
+    :class:`mechmed.config.ModelSpec` (its loading options replace the keywords of the same names).
 
     ``device`` is a torch device or ``auto`` (CUDA where present). ``device_map`` (e.g. ``"auto"``)
     spreads a model too large for one card over the visible devices through accelerate, as
     ``from_pretrained`` does; the model then stays where it was placed. ``prompt_template``
     replaces the chat template (:func:`mechmed.readout.set_prompt_template`); a model without a
     chat template gets :data:`mechmed.readout.PLAIN_TEMPLATE`."""
+    from mechmed.config import ModelSpec
     from mechmed.readout import check_template, set_prompt_template
 
+    if isinstance(name_or_path, ModelSpec):  # a training config's model: its own loading options
+        return load_model(name_or_path.name, dtype, device, answer_words=answer_words, seed=seed,
+                          prompt_template=prompt_template, **name_or_path.options())
     if prompt_template is not None:
         check_template(prompt_template)  # before anything loads
     import transformers

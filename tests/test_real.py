@@ -180,4 +180,4 @@ def test_attribution_and_select_layers_on_real_text_pairs(real, tmp_path):
     key = "gain_flipped" if scores["n_flipped"] else "gain_all"
     cfg, chosen = run_select_layers(str(tmp_path / "attr" / "layer_scores.json"), str(tmp_path / "train.yaml"),
                                     width=3, score=key, model=str(path), data=str(pairs))
-    assert len(chosen.layers) == 3 and max(chosen.layers) < 18 and cfg.model == str(path)
+    assert len(chosen.layers) == 3 and max(chosen.layers) < 18 and cfg.model.name == str(path)

@@ -121,7 +121,7 @@ def test_train_writes_a_complete_run_and_the_adapter_reloads(tiny_workspace, tmp
     assert m["comparison"]["flip_rate"]["test"]["p_value"] is not None
     assert "versions" in (out / "config.yaml").read_text()
     base = json.loads((out / "adapter" / "base_model.json").read_text())
-    assert base == m["model_provenance"] and base["model"] == cfg.model and base["prompt_format"]["kind"] == "chat"
+    assert base == m["model_provenance"] and base["model"] == cfg.model.name and base["prompt_format"]["kind"] == "chat"
     # a run's config.yaml reproduces the run's config (its recorded versions are not options)
     assert TrainConfig.load(out / "config.yaml").to_dict() == cfg.to_dict()
     assert not list(out.glob("*.tmp"))
