@@ -115,6 +115,9 @@ class AblationConfig:
     """Phrasings each ensemble answer averages over (the prompt and k − 1 others of its question)."""
     audit: dict | bool | None = None
     """The selection audit (mechmed.selection_audit): true, or a mapping of random_sets, seed and n_bootstrap."""
+    null_draws: int = 100
+    """Draws of the matched nulls of clamp and steer (mechmed.nulls: random features, random directions of the
+    same norm); 0 for none."""
     source: str = "ablation config"
 
     def __post_init__(self):
@@ -384,7 +387,7 @@ def evaluate_training_free(cfg: AblationConfig, arm: Arm, out: Path, *, progress
         if done.get("settings", settings) != settings:
             raise MechmedError(f"{out}: was evaluated with {done['settings']}, the config now asks for {settings}; "
                                "delete that directory to evaluate it again, or give another --out")
-        return done
+        return _with_null(cfg, arm, out, done, device=device, dtype=dtype)
     t = cfg.train
     spec = ModelSpec.of(t["model"])
     bundle = load_model(spec.name, answer_words=tuple(t["answer_words"]), seed=arm.seed, device=device, dtype=dtype,
@@ -405,6 +408,35 @@ def evaluate_training_free(cfg: AblationConfig, arm: Arm, out: Path, *, progress
                "collapsed": bool(reasons), "collapse": {"reason": "; ".join(reasons)} if reasons else None,
                "after": m, "after_sets": {k: v for k, v in after.items() if k != "main"}, "seed": arm.seed,
                "model_provenance": bundle.provenance}
+    write_json(out / "metrics.json", metrics)
+    return _with_null(cfg, arm, out, metrics, bundle, edit, pairs)
+
+
+def _null_applies(cfg: AblationConfig, arm: Arm) -> bool:
+    """Whether ``arm`` gets a matched null (:mod:`mechmed.nulls`): steer, and clamp to the original's values."""
+    return cfg.null_draws > 0 and (arm.arm == "steer" or (arm.arm == "clamp" and cfg.clamp_to == "original"))
+
+
+def _with_null(cfg: AblationConfig, arm: Arm, out: Path, metrics: dict, bundle=None, edit=None, pairs=None, *,
+               device: str = "cpu", dtype: str | None = None) -> dict:
+    """``metrics`` with the arm's matched null (``metrics["null"]``, also written to its metrics.json),
+    computed unless it is there with the configured number of draws."""
+    from mechmed.io import write_json
+    from mechmed.nulls import null_control
+
+    if not _null_applies(cfg, arm) or (metrics.get("null") or {}).get("draws") == cfg.null_draws:
+        return metrics
+    t = cfg.train
+    if bundle is None:
+        from mechmed.models import load_model
+        from mechmed.train import resolve_pairs
+
+        spec = ModelSpec.of(t["model"])
+        bundle = load_model(spec.name, answer_words=tuple(t["answer_words"]), seed=arm.seed, device=device,
+                            dtype=dtype, prompt_template=t.get("prompt_template"), **spec.options())
+        edit = make_edit(cfg, arm, bundle)
+        pairs = resolve_pairs(t["eval_data"], split="eval", image_root=t.get("image_root"), seed=arm.seed)
+    metrics = {**metrics, "null": null_control(bundle, edit, pairs, draws=cfg.null_draws, seed=arm.seed)}
     write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -691,6 +723,10 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
             "phenomena": _phenomenon_stats(pooled, None if arm == "base" else base_pool, by_seed),
             "unit": "pair" if len(base_pairs) == 1 else "pair × seed", "test": "McNemar",
         })
+        if any(rows[i].get("null") for i in idx):
+            from mechmed.nulls import pool_nulls
+
+            out[-1]["null"] = pool_nulls([rows[i].get("null") for i in idx])
     if ids is not None:  # the same pairs in every seed: test with the pair as the unit
         _by_pair(out, pairs_by_row, sets_by_row, groups, ids)
     return out
@@ -1027,17 +1063,23 @@ def _pool_all(grid: _Grid, jobs: dict, workers: int, progress: bool) -> tuple[di
 
     cfg, out, device, dtype = grid.cfg, grid.out, grid.device, grid.dtype
     threads = grid.threads or max(1, (os.cpu_count() or 1) // workers)
+    free = [a for a in grid.arms if a.arm in TRAINING_FREE_ARMS]
+    # longest first, by their cost on the demo: a training-free arm with its null, the trained arms, prompt
+    # ensembling (k phrasings per question), the other training-free arms, the base evaluations
+    order = ([("free", a) for a in free if _null_applies(cfg, a)] + [("trained", name) for name in jobs]
+             + sorted((("free", a) for a in free if not _null_applies(cfg, a)), key=lambda j: j[1].arm != "ensemble")
+             + [("base", s) for s in cfg.seeds])
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_arm, d, r, threads, device, dtype): ("arm", name) for name, (d, r) in jobs.items()}
-        # training-free arms by their cost on the demo: ensembling reads k phrasings per question
-        cost = {"ensemble": 0, "steer": 1, "clamp": 2}
-        free = sorted((a for a in grid.arms if a.arm in TRAINING_FREE_ARMS), key=lambda a: cost.get(a.arm, 3))
-        for a in free:
-            futures[pool.submit(_evaluate_in_worker, "free", cfg, a, str(out / "arms" / a.name), threads,
-                                device, dtype)] = ("arm", a.name)
-        for s in cfg.seeds:
-            futures[pool.submit(_evaluate_in_worker, "base", cfg, s, str(out), threads, device,
-                                dtype)] = ("base", s)
+        futures = {}
+        for kind, what in order:
+            if kind == "trained":
+                futures[pool.submit(_run_arm, *jobs[what], threads, device, dtype)] = ("arm", what)
+            elif kind == "free":
+                futures[pool.submit(_evaluate_in_worker, "free", cfg, what, str(out / "arms" / what.name), threads,
+                                    device, dtype)] = ("arm", what.name)
+            else:
+                futures[pool.submit(_evaluate_in_worker, "base", cfg, what, str(out), threads, device,
+                                    dtype)] = ("base", what)
         metrics, base = {}, {}
         for fut in progress_bar(cf.as_completed(futures), desc="ablation arms" if progress else None,
                                 total=len(futures)):
@@ -1103,6 +1145,8 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
         row = result_row(a.arm, a.method, a.seed, a.layers, m["trainable_parameters"], m["after"], arm_pairs[a.name],
                          base[a.seed][1], ce, m["collapsed"], str(out / "arms" / a.name))
         row["_n_questions"] = m["after"]["n_questions"]
+        if m.get("null"):
+            row["null"] = m["null"]
         rows.append(row)
         pairs_by_row[len(rows) - 1] = arm_pairs[a.name]
     eval_dirs = [Path(r["run_dir"]) / ("" if r["arm"] == "base" else "after") for r in rows]

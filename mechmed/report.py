@@ -705,9 +705,22 @@ def _training_free_headlines(results: dict) -> list[str]:
                      f"{fmt(best['flip_rate'])}, chosen as the lowest on these pairs; {r.get('test', 'McNemar')} "
                      f"{fmt_p(r['p_vs_best_trained'])})")
         need = NEEDS[arm](cfg)
-        out.append(text + "." + (f" {need}." if need else ""))
+        out.append(text + "." + (f" {need}." if need else "") + (f" {null_sentence(r['null'])}" if r.get("null")
+                                                                else ""))
     out += _quadrant_headline(summary, base)
     return out
+
+
+def null_sentence(null: dict) -> str:
+    """What a training-free arm did against its matched null (:mod:`mechmed.nulls`), in one sentence."""
+    r, net = null["reversed"], null["net"]
+    seeds = f", {len(null['seeds'])} seeds summed" if null.get("seeds") else ""
+    beat = ("more than any draw" if r["arm"] > r["best"] else "as many as the best draw" if r["arm"] == r["best"]
+            else "fewer than the best draw")
+    return (f"Against {null['draws']} matched null edits ({null['null']}{seeds}) it reversed {r['arm']} of "
+            f"{null['n_base_flips']} base flips, {beat}: the draws reversed {r['mean']:.1f} on average and {r['best']} "
+            f"at best (permutation {fmt_p(r['p'])}); net of the {null['new_flips']['arm']} new flips it made, "
+            f"{net['arm']:+d} against the draws' {net['mean']:+.1f} (best {net['best']:+d}; {fmt_p(net['p'])}).")
 
 
 def _quadrant_headline(summary: list[dict], base: dict) -> list[str]:
