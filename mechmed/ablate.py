@@ -144,7 +144,9 @@ class AblationConfig:
                   ("clamp_to", self.clamp_to in CLAMP_TO, f"one of {', '.join(CLAMP_TO)}"),
                   ("steer_scale", isinstance(self.steer_scale, (int, float)) and math.isfinite(self.steer_scale),
                    "a number"),
-                  ("ensemble_k", isinstance(self.ensemble_k, int) and self.ensemble_k >= 2, "an integer >= 2")]
+                  ("ensemble_k", isinstance(self.ensemble_k, int) and self.ensemble_k >= 2, "an integer >= 2"),
+                  ("null_draws", isinstance(self.null_draws, int) and not isinstance(self.null_draws, bool)
+                   and self.null_draws >= 0, "a non-negative integer (0: no null)")]
         for key, ok, what in checks:
             if not ok:
                 raise MechmedError(f"{src}: {key} must be {what}, got {getattr(self, key)!r}")
@@ -436,7 +438,12 @@ def _with_null(cfg: AblationConfig, arm: Arm, out: Path, metrics: dict, bundle=N
                             dtype=dtype, prompt_template=t.get("prompt_template"), **spec.options())
         edit = make_edit(cfg, arm, bundle)
         pairs = resolve_pairs(t["eval_data"], split="eval", image_root=t.get("image_root"), seed=arm.seed)
-    metrics = {**metrics, "null": null_control(bundle, edit, pairs, draws=cfg.null_draws, seed=arm.seed)}
+    try:
+        null = null_control(bundle, edit, pairs, draws=cfg.null_draws, seed=arm.seed)
+    except MechmedError as e:  # e.g. too few features fire to draw from: the arm stands, without its null
+        log.warning("%s: no matched null (%s)", arm.name, e)
+        null = {"arm": arm.arm, "draws": cfg.null_draws, "seed": arm.seed, "skipped": str(e)}
+    metrics = {**metrics, "null": null}
     write_json(out / "metrics.json", metrics)
     return metrics
 

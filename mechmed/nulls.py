@@ -192,8 +192,9 @@ def pool_nulls(results: Sequence[dict]) -> dict | None:
     their draw counts differ."""
     if not results or any(r is None for r in results) or len({r["draws"] for r in results}) > 1:
         return None
-    if len(results) == 1:
-        return results[0]
+    skipped = next((r for r in results if r.get("skipped")), None)
+    if len(results) == 1 or skipped:
+        return skipped or results[0]
     arm_r = sum(r["reversed"]["arm"] for r in results)
     arm_n = sum(r["new_flips"]["arm"] for r in results)
     dr = np.sum([r["draws_reversed"] for r in results], axis=0)

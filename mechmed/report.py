@@ -713,14 +713,16 @@ def _training_free_headlines(results: dict) -> list[str]:
 
 def null_sentence(null: dict) -> str:
     """What a training-free arm did against its matched null (:mod:`mechmed.nulls`), in one sentence."""
+    if null.get("skipped"):
+        return f"Its matched null was not drawn: {null['skipped']}."
     r, net = null["reversed"], null["net"]
     seeds = f", {len(null['seeds'])} seeds summed" if null.get("seeds") else ""
     beat = ("more than any draw" if r["arm"] > r["best"] else "as many as the best draw" if r["arm"] == r["best"]
             else "fewer than the best draw")
     return (f"Against {null['draws']} matched null edits ({null['null']}{seeds}) it reversed {r['arm']} of "
-            f"{null['n_base_flips']} base flips, {beat}: the draws reversed {r['mean']:.1f} on average and {r['best']} "
+            f"{null['n_base_flips']} base flips, {beat}: the draws reversed {r['mean']:.2f} on average and {r['best']} "
             f"at best (permutation {fmt_p(r['p'])}); net of the {null['new_flips']['arm']} new flips it made, "
-            f"{net['arm']:+d} against the draws' {net['mean']:+.1f} (best {net['best']:+d}; {fmt_p(net['p'])}).")
+            f"{net['arm']:+d} against the draws' {net['mean']:+.2f} (best {net['best']:+d}; {fmt_p(net['p'])}).")
 
 
 def _quadrant_headline(summary: list[dict], base: dict) -> list[str]:

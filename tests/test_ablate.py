@@ -320,6 +320,11 @@ def test_training_free_arms_and_the_best_trained_arm(tiny_workspace, tmp_path):
         assert m["trainable_parameters"] == 0 and m["training_free"]["kind"] == arm
         assert rows[arm]["flip_rate"] == m["after"]["flip_rate"] and rows[arm]["method"] == "none"
         assert rows[arm]["quadrants"] == m["after"]["quadrants"] and m["after"]["quadrants"]["n_pairs"] == 8
+    # steer has its matched null (100 draws by default) in its metrics, its row and the summary; ensemble none
+    null = json.loads((tmp_path / "out" / "arms" / "steer-none-s0" / "metrics.json").read_text())["null"]
+    assert null["draws"] == cfg.null_draws == 100 and len(null["draws_reversed"]) == 100
+    assert null["reversed"]["arm"] + null["new_flips"]["arm"] <= 8 and rows["steer"]["null"] == null
+    assert next(r for r in saved["summary"] if r["arm"] == "steer")["null"] == null and "null" not in rows["ensemble"]
     act_cfg = yaml.safe_load((tmp_path / "out" / "arms" / "act-lora-s0" / "config.yaml").read_text())
     assert act_cfg["consistency"] == "activation" and act_cfg["layers"] == [1]
     # the tiny random model's trained arms answer no better than the majority: the guard calls them collapsed,
@@ -330,7 +335,8 @@ def test_training_free_arms_and_the_best_trained_arm(tiny_workspace, tmp_path):
 
 
 def test_training_free_config_errors(tiny_workspace, tmp_path):
-    for bad, match in (({"ensemble_k": 1}, "ensemble_k"), ({"clamp_to": "mean"}, "clamp_to"),
+    for bad, match in (({"ensemble_k": 1}, "ensemble_k"), ({"clamp_to": "mean"}, "clamp_to"), ({"null_draws": -1},
+                                                                                                "null_draws"),
                        ({"act_weight": 0}, "act_weight"), ({"clamp_features": 0}, "clamp_features")):
         with pytest.raises(MechmedError, match=match):
             AblationConfig.from_dict({"train": _train(tiny_workspace), "arms": ["clamp"], **bad})
