@@ -41,7 +41,9 @@ def run_seed(seed: int, out: Path, audit: bool = False) -> float:
     """``mechmed demo --seed seed --out out [--audit]`` in a fresh process; its wall seconds (0 when
     finished before)."""
     done = out / "ablation" / "results.json"
-    if done.is_file() and (out / "report.md").is_file() and (not audit or "audit" in json.loads(done.read_text())):
+    res = json.loads(done.read_text()) if done.is_file() else {}
+    nulls = all(r.get("null") for r in res.get("rows", []) if r["arm"] in ("clamp", "steer"))
+    if res and nulls and (out / "report.md").is_file() and (not audit or "audit" in res):
         return 0.0
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "mechmed", "demo", "--seed", str(seed), "--out", str(out)]
@@ -193,6 +195,36 @@ def audit_tables(audit: dict) -> str:
     return "\n".join(lines) + "\n\n" + p["verdict"] + "\n"
 
 
+def null_table(pooled: dict) -> list[str]:
+    """Clamp and steer against their matched nulls (mechmed.nulls), per seed and summed over the seeds
+    (draw j of the pooled null the sum of every seed's draw j): base flips reversed and the net of new flips."""
+    seeds = sorted({r["seed"] for r in pooled["rows"]})
+    by = {(r["arm"], r["seed"]): r for r in pooled["rows"]}
+    summary = {r["arm"]: r for r in pooled["summary"]}
+    lines = ["", "| arm | null | " + " | ".join(f"seed {s}: reversed (null mean, best) / net" for s in seeds)
+             + " | seeds summed: reversed (null mean, best; p) | net (null mean, best; p) |", "|---" * (len(seeds) + 4) + "|"]
+
+    def cell(n):
+        r, net = n["reversed"], n["net"]
+        return f"{r['arm']} ({r['mean']:.1f}, {r['best']}) / {net['arm']:+d}"
+
+    for arm in ("clamp", "steer"):
+        nulls = [by[(arm, s)].get("null") for s in seeds if (arm, s) in by]
+        if not nulls or not all(n and not n.get("skipped") for n in nulls):
+            continue
+        pooled_null = summary[arm].get("null") or {}
+        for key in [None] + (["scaled"] if all(n.get("scaled") for n in nulls) else []):
+            per = [n[key] | {"n_base_flips": n["n_base_flips"]} if key else n for n in nulls]
+            tot = (pooled_null.get(key) if key else pooled_null) or {}
+            name = ("random features, rescaled to the clamp's change" if key else
+                    "random features" if arm == "clamp" else "random directions, same norm")
+            r, net = tot["reversed"], tot["net"]
+            lines.append(f"| {arm} | {name} ({nulls[0]['draws']} draws) | " + " | ".join(cell(n) for n in per)
+                         + f" | {r['arm']} ({r['mean']:.1f}, {r['best']}; {_fmt_p(r['p'])}) | {net['arm']:+d} "
+                         f"({net['mean']:+.1f}, {net['best']:+d}; {_fmt_p(net['p'])}) |")
+    return lines if len(lines) > 2 else []
+
+
 def tables(pooled: dict) -> str:
     """The pooled tables as markdown: per seed the selection; per arm the per-seed flip rates and the
     pooled rate with its interval clustered by question; then each comparison with its stratified p."""
@@ -232,6 +264,7 @@ def tables(pooled: dict) -> str:
             lines.append(f"| selected, {name} set | base | {sets[name]['flip_rate']:.3f} vs "
                          f"{summary['base']['sets'][name]['flip_rate']:.3f} | {_fmt_p(sets[name]['p_vs_base_clustered'])} | |")
     lines += risk_table(pooled.get("flip_risk", []), seeds)
+    lines += null_table(pooled)
     return "\n".join(lines) + "\n"
 
 

@@ -195,14 +195,21 @@ def pool_nulls(results: Sequence[dict]) -> dict | None:
     skipped = next((r for r in results if r.get("skipped")), None)
     if len(results) == 1 or skipped:
         return skipped or results[0]
-    arm_r = sum(r["reversed"]["arm"] for r in results)
-    arm_n = sum(r["new_flips"]["arm"] for r in results)
-    dr = np.sum([r["draws_reversed"] for r in results], axis=0)
-    dn = np.sum([r["draws_new_flips"] for r in results], axis=0)
-    return {"arm": results[0]["arm"], "draws": results[0]["draws"], "seeds": [r["seed"] for r in results],
-            "n_pairs": sum(r["n_pairs"] for r in results), "n_base_flips": sum(r["n_base_flips"] for r in results),
-            **null_stats(arm_r, arm_n, dr, dn), "null": results[0]["null"],
-            "edit_norm": {k: float(np.mean([r["edit_norm"][k] for r in results])) for k in ("arm", "null_mean")}}
+
+    def summed(parts: list[dict]) -> dict:
+        dr = np.sum([r["draws_reversed"] for r in parts], axis=0)
+        dn = np.sum([r["draws_new_flips"] for r in parts], axis=0)
+        return {**null_stats(sum(r["reversed"]["arm"] for r in parts), sum(r["new_flips"]["arm"] for r in parts),
+                             dr, dn), "null": parts[0]["null"], "draws_reversed": dr.tolist(),
+                "draws_new_flips": dn.tolist(),
+                "edit_norm": {k: float(np.mean([r["edit_norm"][k] for r in parts])) for k in ("arm", "null_mean")}}
+
+    out = {"arm": results[0]["arm"], "draws": results[0]["draws"], "seeds": [r["seed"] for r in results],
+           "n_pairs": sum(r["n_pairs"] for r in results), "n_base_flips": sum(r["n_base_flips"] for r in results),
+           **summed(results)}
+    if all(r.get("scaled") for r in results):
+        out["scaled"] = summed([r["scaled"] for r in results])
+    return out
 
 
 def null_control(bundle, edit, pairs: Sequence, *, draws: int = DEFAULT_DRAWS, seed: int = 0,

@@ -722,7 +722,10 @@ def null_sentence(null: dict) -> str:
     return (f"Against {null['draws']} matched null edits ({null['null']}{seeds}) it reversed {r['arm']} of "
             f"{null['n_base_flips']} base flips, {beat}: the draws reversed {r['mean']:.2f} on average and {r['best']} "
             f"at best (permutation {fmt_p(r['p'])}); net of the {null['new_flips']['arm']} new flips it made, "
-            f"{net['arm']:+d} against the draws' {net['mean']:+.2f} (best {net['best']:+d}; {fmt_p(net['p'])}).")
+            f"{net['arm']:+d} against the draws' {net['mean']:+.2f} (best {net['best']:+d}; {fmt_p(net['p'])})"
+            + (f"; with each draw's change rescaled to the clamp's at every prompt and layer, the draws reversed "
+               f"{null['scaled']['reversed']['mean']:.2f} on average and {null['scaled']['reversed']['best']} at best "
+               f"({fmt_p(null['scaled']['reversed']['p'])})" if null.get("scaled") else "") + ".")
 
 
 def _quadrant_headline(summary: list[dict], base: dict) -> list[str]:

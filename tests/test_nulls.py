@@ -79,6 +79,10 @@ def test_pooled_null_sums_draw_j_over_seeds():
     assert pooled["reversed"]["arm"] == 5 and pooled["reversed"]["best"] == 6 and pooled["reversed"]["mean"] == 8 / 3
     assert pooled["reversed"]["p"] == (1 + 1) / 4 and pooled["seeds"] == [0, 1] and pooled["n_base_flips"] == 8
     assert nulls.pool_nulls([one(0, 2, [0, 1, 2]), None]) is None
+    a, b = one(0, 2, [0, 1, 2]), one(1, 3, [1, 0, 4])
+    a["scaled"], b["scaled"] = one(0, 2, [2, 2, 2]), one(1, 3, [0, 5, 1])
+    scaled = nulls.pool_nulls([a, b])["scaled"]
+    assert scaled["draws_reversed"] == [2, 7, 3] and scaled["reversed"]["p"] == (1 + 1) / 4
 
 
 def test_clamp_and_steer_nulls_score_the_arm_as_its_evaluation_does(setup):
