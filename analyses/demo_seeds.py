@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -167,6 +166,8 @@ def risk_table(risks: list[dict], seeds: list[int]) -> list[str]:
 def audit_tables(audit: dict) -> str:
     """The selection audit over seeds as markdown: each window's flip reduction per seed, the correlations
     of every score with what training achieved, the criteria's regrets, and the verdict."""
+    import numpy as np
+
     from mechmed.figures import layer_text
 
     units, p = audit["units"], audit["pooled"]
@@ -182,7 +183,7 @@ def audit_tables(audit: dict) -> str:
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     rand = [[r["flip_reduction"] for r in u["candidates"] if r["kind"] == "random"] for u in units]
     lines.append("| random sets (median, range) | " + " | ".join(
-        f"{statistics.median(v):.3f} ({min(v):.3f}–{max(v):.3f})" if v else "" for v in rand) + " |")
+        f"{float(np.median(v)):.3f} ({min(v):.3f}–{max(v):.3f})" if v else "" for v in rand) + " |")
     lines += ["", "| predictor | Spearman ρ per seed | mean ρ [95% CI] |", "|---|---|---|"]
     for k, v in p["spearman"].items():
         lines.append(f"| {k} | {', '.join(f'{x:+.2f}' for x in v['per_unit'])} | {v['rho']:+.2f} "
