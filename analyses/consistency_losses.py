@@ -40,7 +40,7 @@ def build_parser():
 
 
 def training_config(args, out: Path) -> dict:
-    from mechmed.config import TrainConfig, demo_defaults
+    from mechmed.config import ModelSpec, TrainConfig, demo_defaults
     from mechmed.sites import parse_layers
 
     train = TrainConfig.load(args.config).to_dict() if args.config else (demo_defaults() if is_demo(args) else {})
@@ -51,7 +51,7 @@ def training_config(args, out: Path) -> dict:
     if args.max_steps is not None:
         train["max_steps"] = args.max_steps
     data = out / "data"
-    train.update(model=args.model, image_root=args.image_root,
+    train.update(model=ModelSpec.from_args(args, train.get("model")).to_value(), image_root=args.image_root,
                  train_data=sample_pairs(args.train_data or args.data, "train", args.train_pairs, 0,
                                          data / "train_pairs.jsonl", args.image_root),
                  eval_data=sample_pairs(args.data, "eval", args.eval_pairs, 0, data / "eval_pairs.jsonl",

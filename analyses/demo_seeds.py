@@ -217,6 +217,8 @@ def null_table(pooled: dict) -> list[str]:
         for key in [None] + (["scaled"] if all(n.get("scaled") for n in nulls) else []):
             per = [n[key] | {"n_base_flips": n["n_base_flips"]} if key else n for n in nulls]
             tot = (pooled_null.get(key) if key else pooled_null) or {}
+            if "reversed" not in tot:  # the seeds drew different numbers of nulls: no pooled null
+                continue
             name = ("random features, rescaled to the clamp's change" if key else
                     "random features" if arm == "clamp" else "random directions, same norm")
             r, net = tot["reversed"], tot["net"]

@@ -69,7 +69,7 @@ def _words(text: str) -> list[str]:
 def training_config(args, out: Path) -> dict:
     """The selected arm's training config: from --config, or chosen here from a layer attribution;
     then --layers, --model, the (sampled) data and the demo's small limits on top."""
-    from mechmed.config import TrainConfig
+    from mechmed.config import ModelSpec, TrainConfig
     from mechmed.sites import parse_layers
 
     if args.config:
@@ -95,7 +95,7 @@ def training_config(args, out: Path) -> dict:
     if args.max_steps is not None:
         train["max_steps"] = args.max_steps
     data = out / "data"
-    train.update(model=args.model, image_root=args.image_root, seed=args.seed,
+    train.update(model=ModelSpec.from_args(args, train.get("model")).to_value(), image_root=args.image_root, seed=args.seed,
                  train_data=sample_pairs(args.train_data or args.data, "train", limit(args, "train_pairs", 128),
                                          args.seed, data / "train_pairs.jsonl", args.image_root),
                  eval_data=sample_pairs(args.data, "eval", limit(args, "eval_pairs", 48), args.seed,

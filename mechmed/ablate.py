@@ -351,7 +351,7 @@ def check_training_free(cfg: AblationConfig) -> None:
         other = [s for s in cfg.seeds if seed is not None and s != seed]
         if other and get(ModelSpec.of(cfg.train["model"]).name) is not None:
             raise MechmedError(f"{cfg.source}: clamp: the attribution {scores.parent} ranked the features of seed "
-                               f"{seed}'s {cfg.train['model']} model and SAEs, but seed {other[0]} has its own; run "
+                               f"{seed}'s {ModelSpec.of(cfg.train['model']).name} model and SAEs, but seed {other[0]} has its own; run "
                                f"one grid per seed (mechmed demo --seed {other[0]}) with that seed's attribution")
 
 
@@ -374,7 +374,7 @@ def make_edit(cfg: AblationConfig, arm: Arm, bundle):
 
 
 def evaluate_training_free(cfg: AblationConfig, arm: Arm, out: Path, *, progress: bool = False,
-                           device: str = "cpu", dtype: str | None = None) -> dict:
+                           device: str = "cpu", dtype: str | None = None, nulls: bool = True) -> dict:
     """Evaluate one training-free arm on the base model into ``out`` (``after/`` as a trained arm's,
     ``metrics.json`` last); reads a finished one back."""
     import json
@@ -389,7 +389,7 @@ def evaluate_training_free(cfg: AblationConfig, arm: Arm, out: Path, *, progress
         if done.get("settings", settings) != settings:
             raise MechmedError(f"{out}: was evaluated with {done['settings']}, the config now asks for {settings}; "
                                "delete that directory to evaluate it again, or give another --out")
-        return _with_null(cfg, arm, out, done, device=device, dtype=dtype)
+        return _with_null(cfg, arm, out, done, device=device, dtype=dtype, compute=nulls)
     t = cfg.train
     spec = ModelSpec.of(t["model"])
     bundle = load_model(spec.name, answer_words=tuple(t["answer_words"]), seed=arm.seed, device=device, dtype=dtype,
@@ -420,13 +420,16 @@ def _null_applies(cfg: AblationConfig, arm: Arm) -> bool:
 
 
 def _with_null(cfg: AblationConfig, arm: Arm, out: Path, metrics: dict, bundle=None, edit=None, pairs=None, *,
-               device: str = "cpu", dtype: str | None = None) -> dict:
+               device: str = "cpu", dtype: str | None = None, compute: bool = True) -> dict:
     """``metrics`` with the arm's matched null (``metrics["null"]``, also written to its metrics.json),
-    computed unless it is there with the configured number of draws."""
+    computed unless it is there with the configured number of draws (``compute=False``: never computed,
+    as ``--collect`` runs nothing)."""
     from mechmed.io import write_json
     from mechmed.nulls import null_control
 
-    if not _null_applies(cfg, arm) or (metrics.get("null") or {}).get("draws") == cfg.null_draws:
+    if not _null_applies(cfg, arm):  # a null drawn by an earlier config is not this grid's
+        return {k: v for k, v in metrics.items() if k != "null"}
+    if (metrics.get("null") or {}).get("draws") == cfg.null_draws or not compute:
         return metrics
     t = cfg.train
     if bundle is None:
@@ -440,9 +443,11 @@ def _with_null(cfg: AblationConfig, arm: Arm, out: Path, metrics: dict, bundle=N
         pairs = resolve_pairs(t["eval_data"], split="eval", image_root=t.get("image_root"), seed=arm.seed)
     try:
         null = null_control(bundle, edit, pairs, draws=cfg.null_draws, seed=arm.seed)
-    except MechmedError as e:  # e.g. too few features fire to draw from: the arm stands, without its null
-        log.warning("%s: no matched null (%s)", arm.name, e)
-        null = {"arm": arm.arm, "draws": cfg.null_draws, "seed": arm.seed, "skipped": str(e)}
+    except (MechmedError, RuntimeError) as e:  # too few features fire to draw from, out of memory, a model whose
+        # forward takes no key/value cache: the arm stands, without its null, and says why
+        log.warning("%s: no matched null (%s)", arm.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        null = {"arm": arm.arm, "draws": cfg.null_draws, "seed": arm.seed,
+                "skipped": (str(e).splitlines() or [type(e).__name__])[0]}
     metrics = {**metrics, "null": null}
     write_json(out / "metrics.json", metrics)
     return metrics
@@ -733,7 +738,7 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
         if any(rows[i].get("null") for i in idx):
             from mechmed.nulls import pool_nulls
 
-            out[-1]["null"] = pool_nulls([rows[i].get("null") for i in idx])
+            out[-1]["null"] = pool_nulls([rows[i].get("null") for i in idx], shared=ids is not None)
     if ids is not None:  # the same pairs in every seed: test with the pair as the unit
         _by_pair(out, pairs_by_row, sets_by_row, groups, ids)
     return out
@@ -1088,10 +1093,14 @@ def _pool_all(grid: _Grid, jobs: dict, workers: int, progress: bool) -> tuple[di
                 futures[pool.submit(_evaluate_in_worker, "base", cfg, what, str(out), threads, device,
                                     dtype)] = ("base", what)
         metrics, base = {}, {}
-        for fut in progress_bar(cf.as_completed(futures), desc="ablation arms" if progress else None,
-                                total=len(futures)):
-            kind, key = futures[fut]
-            (base if kind == "base" else metrics)[key] = fut.result()
+        try:
+            for fut in progress_bar(cf.as_completed(futures), desc="ablation arms" if progress else None,
+                                    total=len(futures)):
+                kind, key = futures[fut]
+                (base if kind == "base" else metrics)[key] = fut.result()
+        except BaseException:  # say what failed now, not after every other arm has finished
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return metrics, base
 
 
@@ -1123,13 +1132,14 @@ def run_ablation(cfg: AblationConfig | str | os.PathLike, out: str | os.PathLike
         _check_collected(grid)
     jobs, copies = _distinct({a.name: (arm_config(cfg, a).to_dict(), str(out / "arms" / a.name))
                               for a in grid.trained})
-    if workers > 1 and not devices:  # one pool for everything: no core waits while another evaluates
+    if workers > 1 and not devices and not collect:  # one pool for everything: no core waits while another evaluates
         metrics, base = _pool_all(grid, jobs, workers, progress)
     else:
         with torch_threads(small), deterministic(device):
             base = {s: evaluate_base(cfg, s, out, progress=progress, device=device, dtype=dtype) for s in cfg.seeds}
             metrics = {a.name: evaluate_training_free(cfg, a, out / "arms" / a.name, progress=progress, device=device,
-                                                      dtype=dtype) for a in arms if a.arm in TRAINING_FREE_ARMS}
+                                                      dtype=dtype, nulls=not collect)
+                       for a in arms if a.arm in TRAINING_FREE_ARMS}
         if devices:
             metrics.update(_parallel(grid, jobs, workers, devices, progress))
         else:

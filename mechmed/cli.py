@@ -59,7 +59,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_load_options(p: argparse.ArgumentParser, config: bool = False) -> None:
     """How a model is opened (:class:`mechmed.config.ModelSpec`); ``config``: for a command whose
     training config holds them, where the options given override the config's."""
-    but = "; overrides the config's model options" if config else ""
+    but = "; given here, it replaces the config's model option" if config else ""
     p.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
                    help="spread a model too large for one card over the visible GPUs (accelerate's device_map; "
                    "default: all on --device)" + but)
@@ -313,7 +313,7 @@ def cmd_ablate(args) -> int:
         d = write_plan(cfg, args.out, device=args.device, dtype=args.dtype)
         n = sum(1 for line in (d / "commands.txt").read_text().splitlines() if " --arm " in line)
         print(f"plan: {n} runs in {d / 'commands.txt'} (one per line; a job array can run line $TASK_ID), one "
-              f"training config per trained arm in {d}/; then: mechmed ablate --config {args.config} --out "
+              f"training config per trained arm in {d}/; then: mechmed ablate --config {d / 'ablation.yaml'} --out "
               f"{args.out} --collect")
         return 0
     if args.arm:

@@ -157,6 +157,8 @@ class ModelSpec:
         spec = cls.of(base if base is not None else "demo")
         given = {k: getattr(args, k, None) for k in ("name", *LOAD_OPTIONS)}
         given["name"] = getattr(args, "model", None)
+        if given["name"] not in (None, spec.name):  # another model: the config's options were that model's
+            spec = cls(name=given["name"])
         if not given["trust_remote_code"]:
             given["trust_remote_code"] = None  # a flag left off keeps the config's
         return cls(**{**asdict(spec), **{k: v for k, v in given.items() if v is not None}})

@@ -46,14 +46,16 @@ _SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_typ
 
 
 def margins_under_edits(bundle, texts: Sequence[str], images: Sequence | None, n_edits: int, edit_fns, *,
-                        batch_size: int = 16, edits_per_step: int = 64) -> np.ndarray:
+                        batch_size: int = 16, edits_per_step: int = 64,
+                        cache_budget: float = 2 * 2**30) -> np.ndarray:
     """Margins of every prompt under each of ``n_edits`` edits ([n_edits, n_prompts] float32).
 
     ``edit_fns`` is {Site: fn(x, prompts, edits)}: ``x`` the [rows, d] activations at the last
     position, ``prompts`` and ``edits`` each row's prompt index (into ``texts``) and edit index; it
     returns the edited rows. The edits may change the last position only: the prompt without its
     last token runs once per batch (its keys and values cached), then the last token runs once per
-    ``edits_per_step`` edits, the cache repeated for them."""
+    ``edits_per_step`` edits, the cache repeated for them (fewer, so that the repeated cache stays under
+    ``cache_budget`` bytes: a 4B model's cache is large)."""
     import torch
 
     from mechmed.readout import build_inputs, yes_no_logits
@@ -68,8 +70,9 @@ def margins_under_edits(bundle, texts: Sequence[str], images: Sequence | None, n
             prefix = {k: (v[:, :-1] if k in _SEQUENCE_KEYS else v) for k, v in inputs.items()}
             first_out = bundle.model(**prefix, use_cache=True, logits_to_keep=1)
             cache = getattr(first_out, "cache", None) or first_out.past_key_values
-            for first in range(0, n_edits, edits_per_step):
-                d = min(edits_per_step, n_edits - first)
+            per_step = _edits_per_step(cache, stop - start, edits_per_step, cache_budget)
+            for first in range(0, n_edits, per_step):
+                d = min(per_step, n_edits - first)
                 step = copy.deepcopy(cache)
                 step.batch_repeat_interleave(d)
                 last = {k: v[:, -1:].repeat_interleave(d, 0) for k, v in inputs.items()
@@ -87,6 +90,13 @@ def margins_under_edits(bundle, texts: Sequence[str], images: Sequence | None, n
     if not np.isfinite(out).all():
         raise MechmedError(f"--model {bundle.name}: a margin under an edit is not finite; check the weights and --dtype")
     return out
+
+
+def _edits_per_step(cache, n_prompts: int, most: int, budget: float) -> int:
+    """How many edits one step can run: at most ``most``, and the repeated cache under ``budget`` bytes."""
+    size = sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", ()) for t in
+               (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None and hasattr(t, "numel"))
+    return max(1, min(most, int(budget // size))) if size else most
 
 
 def _cache_arg(model) -> str:
@@ -186,15 +196,33 @@ def null_stats(reversed_: int, new: int, draws_reversed, draws_new) -> dict:
     return {"reversed": stat(reversed_, r), "new_flips": stat(new, n), "net": stat(reversed_ - new, r - n)}
 
 
-def pool_nulls(results: Sequence[dict]) -> dict | None:
-    """Null results of several seeds as one: the arm's counts summed, and draw j of the pooled null the
-    sum of every seed's draw j (independent draws of independent seeds); None if a seed has none or
-    their draw counts differ."""
+def pool_nulls(results: Sequence[dict], shared: bool = False) -> dict | None:
+    """Null results of several seeds as one. Seeds with their own model and pairs (the demo's): the
+    arm's counts summed, and draw j of the pooled null the sum of every seed's draw j (independent draws
+    of independent seeds). Seeds on the same model and pairs (``shared``), where the arm's edit and its
+    counts are the same in each: the first seed's counts against every seed's draws as one null of
+    N·K draws (summing would count the pairs once per seed). None if a seed has none or their draw
+    counts differ."""
     if not results or any(r is None for r in results) or len({r["draws"] for r in results}) > 1:
         return None
     skipped = next((r for r in results if r.get("skipped")), None)
     if len(results) == 1 or skipped:
         return skipped or results[0]
+    if shared:
+        def joined(parts: list[dict]) -> dict:
+            dr = [x for r in parts for x in r["draws_reversed"]]
+            dn = [x for r in parts for x in r["draws_new_flips"]]
+            return {**null_stats(parts[0]["reversed"]["arm"], parts[0]["new_flips"]["arm"], dr, dn),
+                    "null": parts[0]["null"], "draws_reversed": dr, "draws_new_flips": dn,
+                    "edit_norm": {"arm": parts[0]["edit_norm"]["arm"],
+                                  "null_mean": float(np.mean([r["edit_norm"]["null_mean"] for r in parts]))}}
+
+        out = {"arm": results[0]["arm"], "draws": results[0]["draws"] * len(results),
+               "seeds": [r["seed"] for r in results], "unit": "pair", "n_pairs": results[0]["n_pairs"],
+               "n_base_flips": results[0]["n_base_flips"], **joined(list(results))}
+        if all(r.get("scaled") for r in results):
+            out["scaled"] = joined([r["scaled"] for r in results])
+        return out
 
     def summed(parts: list[dict]) -> dict:
         dr = np.sum([r["draws_reversed"] for r in parts], axis=0)

@@ -334,6 +334,19 @@ def test_training_free_arms_and_the_best_trained_arm(tiny_workspace, tmp_path):
     assert "p vs best trained" in format_table(res.summary)
 
 
+def test_a_null_from_an_earlier_config_is_not_this_grids(tiny_workspace, tmp_path):
+    """null_draws: 0 drops a null an earlier run drew; a clamp to zero has none; collecting never draws one."""
+    from mechmed.ablate import Arm, _with_null
+
+    done = {"after": {}, "null": {"draws": 100}}
+    for extra in ({"null_draws": 0}, {"clamp_to": "zero"}):
+        cfg = AblationConfig.from_dict({"train": _train(tiny_workspace), "arms": ["clamp", "steer"], **extra})
+        arm = "steer" if "null_draws" in extra else "clamp"
+        assert "null" not in _with_null(cfg, Arm(arm, "none", 0, (1,)), tmp_path, done)
+    cfg = AblationConfig.from_dict({"train": _train(tiny_workspace), "arms": ["steer"], "null_draws": 7})
+    assert _with_null(cfg, Arm("steer", "none", 0, (1,)), tmp_path, done, compute=False) == done
+
+
 def test_training_free_config_errors(tiny_workspace, tmp_path):
     for bad, match in (({"ensemble_k": 1}, "ensemble_k"), ({"clamp_to": "mean"}, "clamp_to"), ({"null_draws": -1},
                                                                                                 "null_draws"),

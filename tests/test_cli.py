@@ -191,6 +191,15 @@ def test_model_spec_round_trip():
         ModelSpec.of({"name": "org/x", "revison": "r1"})
     with pytest.raises(MechmedError, match="needs name"):
         ModelSpec.of({"revision": "r1"})
+    # the command line over a config's model: a flag replaces its option; another --model starts afresh
+    from argparse import Namespace
+
+    args = Namespace(model=None, revision="r2", trust_remote_code=False, cache_dir=None, local_files_only=None,
+                     device_map=None)
+    base = {"name": "org/x", "revision": "r1", "cache_dir": "/c"}
+    assert ModelSpec.from_args(args, base) == ModelSpec("org/x", revision="r2", cache_dir="/c")
+    args.model = "other/y"
+    assert ModelSpec.from_args(args, base) == ModelSpec("other/y", revision="r2")
 
 
 def test_help_shows_defaults_and_an_example_that_parses():

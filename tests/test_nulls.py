@@ -83,6 +83,19 @@ def test_pooled_null_sums_draw_j_over_seeds():
     a["scaled"], b["scaled"] = one(0, 2, [2, 2, 2]), one(1, 3, [0, 5, 1])
     scaled = nulls.pool_nulls([a, b])["scaled"]
     assert scaled["draws_reversed"] == [2, 7, 3] and scaled["reversed"]["p"] == (1 + 1) / 4
+    # seeds on the same pairs: one arm count against all the seeds' draws (summing would count pairs twice)
+    a, b = one(0, 2, [0, 1, 2]), one(1, 2, [1, 0, 4])
+    same = nulls.pool_nulls([a, b], shared=True)
+    assert same["reversed"]["arm"] == 2 and same["draws"] == 6 and same["draws_reversed"] == [0, 1, 2, 1, 0, 4]
+    assert same["reversed"]["p"] == (1 + 3) / 7 and same["unit"] == "pair" and same["n_base_flips"] == 4
+
+
+def test_edits_per_step_keeps_the_repeated_cache_under_budget():
+    layer = type("L", (), {"keys": torch.zeros(2, 4, 10, 8), "values": torch.zeros(2, 4, 10, 8)})()
+    cache = type("C", (), {"layers": [layer, layer]})()  # 4 tensors of 2,560 bytes
+    assert nulls._edits_per_step(cache, 2, 64, budget=10_240 * 5) == 5
+    assert nulls._edits_per_step(cache, 2, 4, budget=1e12) == 4 and nulls._edits_per_step(cache, 2, 64, 1) == 1
+    assert nulls._edits_per_step(object(), 2, 64, 1) == 64  # a cache it cannot measure: the cap alone
 
 
 def test_clamp_and_steer_nulls_score_the_arm_as_its_evaluation_does(setup):
