@@ -179,9 +179,9 @@ class TrainConfig:
     """Everything ``mechmed train`` needs; select-layers writes it, train runs it unchanged."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
-    """Base model: 'demo', a hub id (google/medgemma-4b-it) or a local checkpoint directory; or a
-    mapping of name and loading options (revision, trust_remote_code, cache_dir, local_files_only,
-    device_map)."""
+    """Base model: 'demo', a hub id (google/medgemma-4b-it) or a local checkpoint directory; in a
+    config file also a mapping of the name and its loading options (revision, trust_remote_code,
+    cache_dir, local_files_only, device_map), which the command line sets with their own flags."""
     layers: list = field(default_factory=list)
     """Decoder layers to adapt (e.g. [15, 16, 17, 18, 19]); never the vision tower."""
     method: str = "lora"

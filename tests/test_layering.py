@@ -7,7 +7,7 @@ Tiers, lowest first (a module may import its own tier and those below):
 1. vocabulary: config, families, readout, processors, stats, data/*
 2. model access: models, checkpoints, capture, spectral, tiny
 3. methods (a loaded model and pairs in, results out): consistency, saes, fidelity, attribution, interventions,
-   selection, store, audit, selection_audit
+   selection, store, audit, selection_audit, nulls
 4. presentation (rows in, figures out): figures, report
 5. stages (load by name, write run directories): stages, train, ablate, forgetting, pipeline
 6. the command line: cli
@@ -28,7 +28,7 @@ TIERS = {
     "config": 1, "families": 1, "readout": 1, "processors": 1, "stats": 1, "data": 1,
     "models": 2, "checkpoints": 2, "capture": 2, "spectral": 2, "tiny": 2,
     "consistency": 3, "saes": 3, "fidelity": 3, "attribution": 3, "selection": 3, "store": 3,
-    "interventions": 3, "audit": 3, "selection_audit": 3,
+    "interventions": 3, "audit": 3, "selection_audit": 3, "nulls": 3,
     "figures": 4, "report": 4,
     "stages": 5, "train": 5, "ablate": 5, "forgetting": 5, "pipeline": 5,
     "cli": 6, "__main__": 7,

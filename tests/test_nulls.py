@@ -87,7 +87,7 @@ def test_pooled_null_sums_draw_j_over_seeds():
     a, b = one(0, 2, [0, 1, 2]), one(1, 2, [1, 0, 4])
     same = nulls.pool_nulls([a, b], shared=True)
     assert same["reversed"]["arm"] == 2 and same["draws"] == 6 and same["draws_reversed"] == [0, 1, 2, 1, 0, 4]
-    assert same["reversed"]["p"] == (1 + 3) / 7 and same["unit"] == "pair" and same["n_base_flips"] == 4
+    assert same["reversed"]["p"] == (1 + 2) / 7 and same["unit"] == "pair" and same["n_base_flips"] == 4
 
 
 def test_edits_per_step_keeps_the_repeated_cache_under_budget():
@@ -158,5 +158,6 @@ def test_the_cached_path_on_every_family(tiny_bundles, name):
     b = tiny_bundles[name]
     texts = ["Is there a nodule?", "Is the cardiac silhouette enlarged on this radiograph?", "Any effusion?"]
     imgs = [make_image(i) for i in range(len(texts))] if b.multimodal else None
-    got = nulls.margins_under_edits(b, texts, imgs, 1, {}, batch_size=3)
-    np.testing.assert_allclose(got[0], margins(b, texts, imgs, batch_size=3).numpy(), atol=1e-4)
+    got = nulls.margins_under_edits(b, texts, imgs, 3, {}, batch_size=3, edits_per_step=2)  # cache repeated ×2, ×1
+    for row in got:
+        np.testing.assert_allclose(row, margins(b, texts, imgs, batch_size=3).numpy(), atol=1e-4)
