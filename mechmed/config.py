@@ -128,9 +128,10 @@ class ModelSpec:
                "true or false")
         for key in ("revision", "cache_dir", "device_map"):
             value = getattr(self, key)
-            _check(value is None or isinstance(value, str), f"model.{key}", value, "a string, or null")
-        _check(self.local_files_only in (None, True, False), "model.local_files_only", self.local_files_only,
-               "true, false or null")
+            _check(value is None or isinstance(value, str), f"model.{key}", value,
+                   "a string, or null (quote a commit made of digits in YAML: '1234567')")
+        _check(self.local_files_only is None or isinstance(self.local_files_only, bool), "model.local_files_only",
+               self.local_files_only, "true, false or null")
 
     def __str__(self) -> str:
         return self.name

@@ -715,7 +715,7 @@ def _train_saes(acts: dict[int, Any], cfg: SAETrainConfig, *, seed: int, model_n
     n = int(acts[layers[0]].shape[0])
     if any(int(acts[L].shape[0]) != n for L in layers):
         raise MechmedError("SAE training: every layer needs the same tokens (equal row counts)")
-    c0 = time.process_time()
+    c0 = _cpu_seconds()
     _, hold, train = _split(n, cfg.holdout_frac, seed)
     n_hold = int(hold.numel())
     if train.numel() < cfg.batch_size // 4:
@@ -726,7 +726,7 @@ def _train_saes(acts: dict[int, Any], cfg: SAETrainConfig, *, seed: int, model_n
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         dead = _fit_groups(acts, groups, index, cfg, seed, model_name, tmp, progress, num_threads)
-        train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        train_s, train_cpu_s = time.perf_counter() - t0, _cpu_seconds() - c0
         for L in layers:
             inf = SAE.load_from_disk(str(Path(tmp) / f"layer_{L}")).eval()
             x = acts[L][hold] if n_hold else acts[L][train[:4096]]
@@ -740,6 +740,16 @@ def _train_saes(acts: dict[int, Any], cfg: SAETrainConfig, *, seed: int, model_n
     stats = {"train_s": train_s, "train_cpu_s": train_cpu_s, "n_tokens": n, "n_train_tokens": int(train.numel()),
              "n_heldout_tokens": n_hold, "layers": per_layer, "workers": len(groups)}
     return TrainedSAEs(saes, stats)
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the worker processes that trained layers)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: this process alone
+        return time.process_time()
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + kids.ru_utime + kids.ru_stime
 
 
 def _fit_groups(acts, groups, index, cfg, seed, model_name, out, progress, num_threads) -> dict:

@@ -191,6 +191,10 @@ def test_model_spec_round_trip():
         ModelSpec.of({"name": "org/x", "revison": "r1"})
     with pytest.raises(MechmedError, match="needs name"):
         ModelSpec.of({"revision": "r1"})
+    with pytest.raises(MechmedError, match="quote a commit"):
+        ModelSpec.of({"name": "org/x", "revision": 1234567})
+    with pytest.raises(MechmedError, match="local_files_only"):
+        ModelSpec.of({"name": "org/x", "local_files_only": 1})
     # the command line over a config's model: a flag replaces its option; another --model starts afresh
     from argparse import Namespace
 
