@@ -334,6 +334,15 @@ def _sae_spec(cfg: AblationConfig) -> str:
     return spec
 
 
+def load_base(cfg: AblationConfig, seed: int, device: str = "cpu", dtype: str | None = None):
+    """The grid's base model for ``seed``, opened as its training config's ``model`` says."""
+    from mechmed.models import load_model
+
+    t = cfg.train
+    return load_model(ModelSpec.of(t["model"]), dtype, device, answer_words=tuple(t["answer_words"]), seed=seed,
+                      prompt_template=t.get("prompt_template"))
+
+
 def check_training_free(cfg: AblationConfig) -> None:
     """Check what the training-free arms need (features, SAEs) before any model is loaded: the
     features were ranked on the SAEs clamp will load (for a model that is built per seed, as the
@@ -349,9 +358,10 @@ def check_training_free(cfg: AblationConfig) -> None:
         scores = _attribution_dir(cfg) / "layer_scores.json"
         seed = json.loads(scores.read_text(encoding="utf-8")).get("seed") if scores.is_file() else None
         other = [s for s in cfg.seeds if seed is not None and s != seed]
-        if other and get(ModelSpec.of(cfg.train["model"]).name) is not None:
+        name = ModelSpec.of(cfg.train["model"]).name
+        if other and get(name) is not None:
             raise MechmedError(f"{cfg.source}: clamp: the attribution {scores.parent} ranked the features of seed "
-                               f"{seed}'s {ModelSpec.of(cfg.train['model']).name} model and SAEs, but seed {other[0]} has its own; run "
+                               f"{seed}'s {name} model and SAEs, but seed {other[0]} has its own; run "
                                f"one grid per seed (mechmed demo --seed {other[0]}) with that seed's attribution")
 
 
@@ -380,7 +390,6 @@ def evaluate_training_free(cfg: AblationConfig, arm: Arm, out: Path, *, progress
     import json
 
     from mechmed.io import ensure_dir, write_json
-    from mechmed.models import load_model
     from mechmed.train import collapse_reasons, evaluate_sets, resolve_pairs
 
     settings = {k: getattr(cfg, k) for k in TRAINING_FREE_SETTINGS[arm.arm]}
@@ -391,9 +400,7 @@ def evaluate_training_free(cfg: AblationConfig, arm: Arm, out: Path, *, progress
                                "delete that directory to evaluate it again, or give another --out")
         return _with_null(cfg, arm, out, done, device=device, dtype=dtype, compute=nulls)
     t = cfg.train
-    spec = ModelSpec.of(t["model"])
-    bundle = load_model(spec.name, answer_words=tuple(t["answer_words"]), seed=arm.seed, device=device, dtype=dtype,
-                        prompt_template=t.get("prompt_template"), **spec.options())
+    bundle = load_base(cfg, arm.seed, device, dtype)
     edit = make_edit(cfg, arm, bundle)
     pairs = resolve_pairs(t["eval_data"], split="eval", image_root=t.get("image_root"), seed=arm.seed)
     extra = {name: resolve_pairs(data, split="eval", image_root=t.get("image_root"), seed=arm.seed)
@@ -433,16 +440,14 @@ def _with_null(cfg: AblationConfig, arm: Arm, out: Path, metrics: dict, bundle=N
         return metrics
     t = cfg.train
     if bundle is None:
-        from mechmed.models import load_model
         from mechmed.train import resolve_pairs
 
-        spec = ModelSpec.of(t["model"])
-        bundle = load_model(spec.name, answer_words=tuple(t["answer_words"]), seed=arm.seed, device=device,
-                            dtype=dtype, prompt_template=t.get("prompt_template"), **spec.options())
+        bundle = load_base(cfg, arm.seed, device, dtype)
         edit = make_edit(cfg, arm, bundle)
         pairs = resolve_pairs(t["eval_data"], split="eval", image_root=t.get("image_root"), seed=arm.seed)
+    evaluated = {r["id"]: r["margin_paraphrase"] for r in read_jsonl(out / "after" / "pairs.jsonl")}
     try:
-        null = null_control(bundle, edit, pairs, draws=cfg.null_draws, seed=arm.seed)
+        null = null_control(bundle, edit, pairs, draws=cfg.null_draws, seed=arm.seed, reference=evaluated)
     except (MechmedError, RuntimeError) as e:  # too few features fire to draw from, out of memory, a model whose
         # forward takes no key/value cache: the arm stands, without its null, and says why
         log.warning("%s: no matched null (%s)", arm.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -525,16 +530,13 @@ def evaluate_base(cfg: AblationConfig, seed: int, out: Path, progress: bool = Fa
     its subdirectories); returns (metrics, pairs by id) of the main set."""
     import json
 
-    from mechmed.models import load_model
     from mechmed.train import evaluate_sets, resolve_pairs
 
     d = out / f"base-s{seed}"
     if (d / "metrics.json").is_file() and (d / "pairs.jsonl").is_file():
         return json.loads((d / "metrics.json").read_text(encoding="utf-8")), _read_pairs(d / "pairs.jsonl")
     t = cfg.train
-    spec = ModelSpec.of(t["model"])
-    bundle = load_model(spec.name, answer_words=tuple(t["answer_words"]), seed=seed, device=device, dtype=dtype,
-                        prompt_template=t.get("prompt_template"), **spec.options())
+    bundle = load_base(cfg, seed, device, dtype)
     pairs = resolve_pairs(t["eval_data"], split="eval", image_root=t.get("image_root"), seed=seed)
     extra = {name: resolve_pairs(data, split="eval", image_root=t.get("image_root"), seed=seed)
              for name, data in (t.get("extra_eval") or {}).items()}

@@ -156,8 +156,7 @@ def sequential_forgetting(base: TrainConfig, out: str | os.PathLike, *, steps: i
         steps = math.ceil(max(len(tasks["task_1"][0]), len(tasks["task_2"][0])) / per_step)
 
     def measure(adapter=None) -> tuple[dict, int]:
-        b = load_model(base.model.name, device=device, answer_words=tuple(base.answer_words), seed=base.seed,
-                       **base.model.options())
+        b = load_model(base.model, device=device, answer_words=tuple(base.answer_words), seed=base.seed)
         b = b if adapter is None else attach_adapter(b, adapter)
         return {t: task_metrics(b, ev, seed=base.seed) for t, (_, ev) in tasks.items()}, b.n_layers
 

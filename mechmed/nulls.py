@@ -70,7 +70,7 @@ def margins_under_edits(bundle, texts: Sequence[str], images: Sequence | None, n
             prefix = {k: (v[:, :-1] if k in _SEQUENCE_KEYS else v) for k, v in inputs.items()}
             first_out = bundle.model(**prefix, use_cache=True, logits_to_keep=1)
             cache = getattr(first_out, "cache", None) or first_out.past_key_values
-            per_step = _edits_per_step(cache, stop - start, edits_per_step, cache_budget)
+            per_step = _edits_per_step(cache, edits_per_step, cache_budget)
             for first in range(0, n_edits, per_step):
                 d = min(per_step, n_edits - first)
                 step = copy.deepcopy(cache)
@@ -92,7 +92,7 @@ def margins_under_edits(bundle, texts: Sequence[str], images: Sequence | None, n
     return out
 
 
-def _edits_per_step(cache, n_prompts: int, most: int, budget: float) -> int:
+def _edits_per_step(cache, most: int, budget: float) -> int:
     """How many edits one step can run: at most ``most``, and the repeated cache under ``budget`` bytes."""
     size = sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", ()) for t in
                (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None and hasattr(t, "numel"))
@@ -241,10 +241,12 @@ def pool_nulls(results: Sequence[dict], shared: bool = False) -> dict | None:
 
 
 def null_control(bundle, edit, pairs: Sequence, *, draws: int = DEFAULT_DRAWS, seed: int = 0,
-                 batch_size: int = 16, check_full: bool = True) -> dict:
+                 batch_size: int = 16, check_full: bool = True, reference: dict | None = None) -> dict:
     """The arm's reversals and new flips over the headline pairs of ``pairs`` against ``draws`` matched
-    random edits (module doc). ``check_full`` also runs the arm's edit through the full forward and
-    records the largest margin difference from the cached path (``max_abs_diff_full``)."""
+    random edits (module doc). The largest margin difference of the cached path from the full forward
+    (``max_abs_diff_full``) is taken against ``reference`` (pair id -> the paraphrase margin the arm's
+    own evaluation gave) when given; else ``check_full`` runs the arm's edit and the plain model through
+    the full forward for it."""
     from mechmed.readout import margins, pair_images
 
     if draws < 1:
@@ -283,7 +285,10 @@ def null_control(bundle, edit, pairs: Sequence, *, draws: int = DEFAULT_DRAWS, s
               "null": NULL_TEXT[edit.name], **one(nulls["random"]), **extra}
     if "scaled" in nulls:
         result["scaled"] = {"null": NULL_TEXT["clamp_scaled"], **one(nulls["scaled"])}
-    if check_full:  # the cached path against the arm's own full forward, and the plain one
+    if reference is not None:  # the arm's evaluation already ran the full forward
+        full = np.array([reference[p.id] for p in pairs], np.float32)
+        result["max_abs_diff_full"] = float(np.abs(full - m_p[1]).max())
+    elif check_full:  # the cached path against the arm's own full forward, and the plain one
         full = edit.margins(bundle, [p.paraphrase for p in pairs], images, role="paraphrase", rows=pairs,
                             batch_size=batch_size).numpy()
         plain = margins(bundle, [p.paraphrase for p in pairs], images, batch_size=batch_size).numpy()

@@ -475,8 +475,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
                            "batch_size or grad_accum")
     torch.manual_seed(cfg.seed)
     placed = device if pinned or device == "cpu" else str(accelerator.device)
-    bundle = load_model(cfg.model.name, device=placed, dtype=dtype, answer_words=tuple(cfg.answer_words),
-                        seed=cfg.seed, prompt_template=cfg.prompt_template, **cfg.model.options())
+    bundle = load_model(cfg.model, device=placed, dtype=dtype, answer_words=tuple(cfg.answer_words),
+                        seed=cfg.seed, prompt_template=cfg.prompt_template)
     warn_text_only(bundle, train_pairs)
     images = _Images()
     rng = np.random.default_rng(cfg.seed)
@@ -612,8 +612,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
                 from mechmed.models import attach_adapter
 
                 del model, unwrapped, gathered
-                fresh = load_model(cfg.model.name, device=placed, dtype=dtype, answer_words=tuple(cfg.answer_words),
-                                   seed=cfg.seed, prompt_template=cfg.prompt_template, **cfg.model.options())
+                fresh = load_model(cfg.model, device=placed, dtype=dtype, answer_words=tuple(cfg.answer_words),
+                                   seed=cfg.seed, prompt_template=cfg.prompt_template)
                 adapted_bundle = attach_adapter(fresh, adapter_dir)
             else:
                 adapted_bundle = bundle.__class__(unwrapped, bundle.processor, bundle.family, bundle.answers,

@@ -93,9 +93,9 @@ def test_pooled_null_sums_draw_j_over_seeds():
 def test_edits_per_step_keeps_the_repeated_cache_under_budget():
     layer = type("L", (), {"keys": torch.zeros(2, 4, 10, 8), "values": torch.zeros(2, 4, 10, 8)})()
     cache = type("C", (), {"layers": [layer, layer]})()  # 4 tensors of 2,560 bytes
-    assert nulls._edits_per_step(cache, 2, 64, budget=10_240 * 5) == 5
-    assert nulls._edits_per_step(cache, 2, 4, budget=1e12) == 4 and nulls._edits_per_step(cache, 2, 64, 1) == 1
-    assert nulls._edits_per_step(object(), 2, 64, 1) == 64  # a cache it cannot measure: the cap alone
+    assert nulls._edits_per_step(cache, 64, budget=10_240 * 5) == 5
+    assert nulls._edits_per_step(cache, 4, budget=1e12) == 4 and nulls._edits_per_step(cache, 64, 1) == 1
+    assert nulls._edits_per_step(object(), 64, 1) == 64  # a cache it cannot measure: the cap alone
 
 
 def test_clamp_and_steer_nulls_score_the_arm_as_its_evaluation_does(setup):
@@ -130,6 +130,10 @@ def test_clamp_and_steer_nulls_score_the_arm_as_its_evaluation_does(setup):
     assert len(res["scaled"]["draws_reversed"]) == 6
     again = nulls.null_control(bundle, clamp, pairs, draws=6, seed=3, check_full=False)
     assert again["draws_reversed"] == res["draws_reversed"] and again["features"] == res["features"]
+    assert "max_abs_diff_full" not in again
+    # the arm's own evaluated margins as the reference: no second full forward
+    ref = {p.id: r["margin_paraphrase"] for p, r in zip(pairs, ev.pairs)}
+    assert nulls.null_control(bundle, clamp, pairs, draws=2, seed=3, reference=ref)["max_abs_diff_full"] < 1e-4
 
     steer = iv.fit_steering(bundle, pairs, 1, scale=1.5)
     s = nulls.null_control(bundle, steer, pairs, draws=4, seed=0)
