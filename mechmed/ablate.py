@@ -573,6 +573,7 @@ def result_row(arm: str, method: str, seed: int, layers, n_params: int, m: dict,
         "p_vs_ce_only_clustered": _mcnemar(ce_pairs, pairs, clustered=True) if ce_pairs is not None else None,
         "p_vs_best_trained": None,
         "near_tie_flip_rate": m.get("near_tie_flip_rate"), "quadrants": m.get("quadrants"),
+        "quadrants_gray": m.get("quadrants_gray"), "image_reliance": m.get("image_reliance"),
         "flip_risk": m.get("flip_risk"), "n_pairs": m["n_pairs"], "run_dir": run_dir,
     }
 
@@ -658,8 +659,9 @@ def _by_pair(summary: list[dict], pairs_by_row: dict, sets_by_row: dict | None, 
         ce = ce_runs.get(r["method"]) if r["arm"] not in ("ce_only", "base") else None
         p_ce = None if ce is None else float(stats.paired_bootstrap(
             mean_over_seeds(ce, "flip"), mean_over_seeds(runs, "flip"), n_resamples=10_000, seed=0).p_value)
-        if r.get("quadrants"):  # McNemar over pair × seed would count each pair once per seed
-            r["quadrants"]["p_vs_base"] = None
+        for name in ("quadrants", "quadrants_gray"):
+            if r.get(name):  # McNemar over pair × seed would count each pair once per seed
+                r[name]["p_vs_base"] = None
         r.update(unit="pair", test="pair bootstrap", n_pairs=main["n_pairs"], flip_ci=main["flip_ci"],
                  margin_diff_ci=[md.low, md.high], p_vs_base=main["p_vs_base"], p_vs_ce_only=p_ce)
         names = sorted({v.get("phenomenon") or "other" for v in base_run.values()})
@@ -732,7 +734,11 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
             "p_vs_ce_only_clustered": _mcnemar(ce, pooled, True, by_seed) if ce else None,
             "p_vs_best_trained": None, "near_tie_flip_rate": float(np.mean([bool(v.get("near_tie")) for v in
                                                                              pooled.values()])),
-            "quadrants": _pooled_quadrants(pooled, None if arm == "base" else base_pool, by_seed),
+            "quadrants": _pooled_quadrants(pooled, None if arm == "base" else base_pool, by_seed,
+                                           _definition(rows, idx, "quadrants")),
+            "quadrants_gray": _pooled_quadrants(pooled, None if arm == "base" else base_pool, by_seed, "gray",
+                                                "quadrants_gray"),
+            "image_reliance": _pooled_reliance(pooled),
             "n_pairs": n_pairs, "run_dir": None, "sets": sets, "by_phenomenon": _by_phenomenon(pooled),
             "phenomena": _phenomenon_stats(pooled, None if arm == "base" else base_pool, by_seed),
             "unit": "pair" if len(base_pairs) == 1 else "pair × seed", "test": "McNemar",
@@ -746,20 +752,48 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
     return out
 
 
-def _pooled_quadrants(pairs: dict, base: dict | None = None, by_seed: bool = False) -> dict | None:
-    """:func:`mechmed.consistency.quadrant_counts` over per-pair rows (None without the blank
-    control; intervals clustered by question), with ``p_vs_base`` and ``p_vs_base_clustered``: per
-    cell, McNemar of membership against ``base``'s pairs, exact and clustered by question."""
-    from mechmed.consistency import pair_clusters, quadrant_counts, quadrant_mcnemar
+def _definition(rows: Sequence[dict], idx: list, name: str) -> str | None:
+    """The reliance definition of the seeds' ``name`` quadrants (gray for results written before the
+    counterfactual control)."""
+    from mechmed.consistency import quadrant_definition
 
-    rows = [v for v in pairs.values() if v.get("image_reliant") is not None]
-    if not rows or len(rows) < len(pairs):
+    found = {quadrant_definition(rows[i][name]) for i in idx if rows[i].get(name)}
+    return found.pop() if len(found) == 1 else None
+
+
+def _pooled_quadrants(pairs: dict, base: dict | None = None, by_seed: bool = False, definition: str | None = None,
+                      name: str = "quadrants") -> dict | None:
+    """:func:`mechmed.consistency.quadrant_counts` over the per-pair rows with a known image reliance
+    (the field behind ``name``; None without its control; intervals clustered by question), with
+    ``p_vs_base`` and ``p_vs_base_clustered``: per cell, McNemar of membership against ``base``'s
+    pairs, exact and clustered by question. ``definition``: the reliance it is over."""
+    from mechmed.consistency import QUADRANT_FIELDS, pair_clusters, quadrant_counts, quadrant_mcnemar
+
+    key = QUADRANT_FIELDS[name]
+    ids = [i for i, v in pairs.items() if v.get(key) is not None]
+    if not ids:
         return None
-    out = quadrant_counts([v["flip"] for v in rows], [v["image_reliant"] for v in rows],
-                          pair_clusters(pairs, list(pairs), by_seed))
-    out["p_vs_base"] = None if base is None else quadrant_mcnemar(base, pairs)
-    out["p_vs_base_clustered"] = None if base is None else quadrant_mcnemar(base, pairs, True, by_seed)
+    out = quadrant_counts([pairs[i]["flip"] for i in ids], [pairs[i][key] for i in ids],
+                          pair_clusters(pairs, ids, by_seed))
+    if definition:
+        out = {"definition": definition, **out}
+    out["p_vs_base"] = None if base is None else quadrant_mcnemar(base, pairs, key=key)
+    out["p_vs_base_clustered"] = None if base is None else quadrant_mcnemar(base, pairs, True, by_seed, key=key)
     return out
+
+
+def _pooled_reliance(pairs: dict) -> dict | None:
+    """:func:`mechmed.consistency.reliance_comparison` over pooled per-pair rows (None unless they carry
+    both definitions)."""
+    from mechmed.consistency import reliance_comparison
+
+    rows = list(pairs.values())
+    if not any(v.get("image_reliant_gray") is not None for v in rows) or not any(
+            v.get("image_reliant") is not None for v in rows):
+        return None
+    return reliance_comparison(np.array([v.get("image_reliant") for v in rows], dtype=object),
+                               np.array([v.get("image_reliant_gray") for v in rows], dtype=object),
+                               np.array([v.get("answer") == "yes" for v in rows]))
 
 
 def against_best_trained(rows: list[dict], summary: list[dict], pairs_by_row: dict) -> str | None:

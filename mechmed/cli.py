@@ -108,6 +108,10 @@ def print_metrics(m: dict, out=None) -> None:
         ("yes rate", _fmt(m["yes_rate"])),
         ("blank-image agreement", _fmt(m.get("blank_image_agreement"))),
         ("swap sensitivity", _fmt(m.get("swap_sensitivity"))),
+        ("counterfactual sensitivity", _fmt(m.get("counterfactual_sensitivity"))),
+        *([("image-reliant pairs", f"counterfactual {_fmt(ir['counterfactual'])}, gray image {_fmt(ir['gray'])} "
+                                   f"(the two agree on {_fmt(ir['agreement'])})")] if (ir := m.get("image_reliance"))
+          else []),
         *[(f"  {name.replace('_', ' ')}", f"{_fmt(c['share'])} {_fmt(c['ci'])} ({c['n']})")
           for name, c in ((k, m["quadrants"][k]) for k in QUADRANTS if m.get("quadrants"))],
     ]
@@ -164,7 +168,8 @@ def cmd_compare(args) -> int:
               "tolerance of 0)")
     quad = res.get("quadrants")
     if quad:
-        print(f"quadrants (consistency × image reliance, {quad['n_common_pairs']} shared pairs):")
+        print(f"quadrants (consistency × {quad.get('definition', 'gray')} image reliance, "
+              f"{quad['n_common_pairs']} shared pairs):")
         for name in QUADRANTS:
             a, b, p = quad["a"][name], quad["b"][name], quad["p"][name]
             pc = (quad.get("p_clustered") or {}).get(name)
@@ -562,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="peft adapter directory to evaluate on the base model")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs")
-    p.add_argument("--no-controls", action="store_true", help="skip the blank-image and image-swap controls")
+    p.add_argument("--no-controls", action="store_true", help="skip the image controls (gray image, image swap, "
+                   "counterfactual image)")
     p.add_argument("--risk", type=float, default=0.05, help="error rate at which flip_risk.coverage reports the "
                    "share of canonical answers kept, most confident first (default 0.05)")
     p.set_defaults(func=cmd_evaluate)

@@ -22,10 +22,20 @@ Definitions (one place; docs/metrics.md repeats them):
 - yes_rate: fraction of all answers (questions and paraphrases) that are yes.
 - blank_image_agreement: fraction of questions whose answer is unchanged when the image is replaced
   by uniform gray (1.0 = the image is ignored).
-- image-reliant pair: the answer to its question changes when the image is replaced by uniform gray
-  (the blank control). ``quadrants`` crosses it with consistency over the headline pairs:
-  ``consistent_reliant``, ``consistent_blind`` (consistent, but the same answer without the image),
-  ``flipped_reliant`` and ``flipped_blind``, each a count and a share with its Wilson 95% interval.
+- image-reliant pair (the counterfactual control): the answer to its question changes when the
+  image is replaced by its counterfactual, an image whose answer to the same question is the
+  opposite: the pair's ``counterfactual_image`` (the same patient with the asked finding toggled,
+  as the demo writes), else, seeded, another image of the set asked the same question with the
+  opposite label (:func:`counterfactual_images`). A model whose answer follows the finding changes
+  its answer. ``quadrants`` crosses it with consistency over the headline pairs that have a
+  counterfactual: ``consistent_reliant``, ``consistent_blind`` (consistent, but the same answer
+  whatever the finding), ``flipped_reliant`` and ``flipped_blind``, each a count and a share with its
+  Wilson 95% interval. ``counterfactual_sensitivity``: the share of questions whose answer changes.
+- gray-image reliance (the blank control; ``quadrants_gray``, ``image_reliant_gray``): the answer
+  changes when the image is replaced by uniform gray. Its confound: a model gives one answer per
+  finding to a gray image, so "reliant" mostly says whether the label differs from that finding's
+  gray answer. ``image_reliance`` puts the two definitions side by side (share reliant, overall and
+  per expected answer, and how often they agree).
 - near-tie flip: a flip whose two margins are both within ``near_tie`` logits of 0 (default 0.1);
   ``n_near_tie_flips`` and ``near_tie_flip_rate`` (over the headline pairs) show how much of a
   flip rate is this fragile part.
@@ -35,6 +45,7 @@ Definitions (one place; docs/metrics.md repeats them):
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -45,8 +56,9 @@ from mechmed.data.records import ParaphrasePair
 from mechmed.errors import MechmedError
 from mechmed.readout import pair_margins
 
-#: The image controls :func:`evaluate` can run: a uniform gray image, and another pair's image.
-CONTROLS = ("blank", "swap")
+#: The image controls :func:`evaluate` can run: a uniform gray image, another pair's image, and the
+#: counterfactual image (the asked finding toggled, or another image with the opposite label).
+CONTROLS = ("blank", "swap", "counterfactual")
 #: Margins within this many logits of 0 on both phrasings make a flip a near tie.
 NEAR_TIE = 0.1
 #: The four cells of consistency × image reliance, in display order.
@@ -210,15 +222,36 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
     controls = set(CONTROLS if controls is True else [controls] if isinstance(controls, str) else controls or ())
     if controls - set(CONTROLS):
         raise MechmedError(f"controls {sorted(controls - set(CONTROLS))}: use some of {', '.join(CONTROLS)}")
-    metrics["blank_image_agreement"] = metrics["swap_sensitivity"] = metrics["quadrants"] = None
-    reliant = None
+    for name in ("blank_image_agreement", "swap_sensitivity", "counterfactual_sensitivity", "quadrants",
+                 "quadrants_gray", "image_reliance"):
+        metrics[name] = None
+    reliant = gray = None
     if "blank" in controls and images:
         q_imgs = [images[key[0]] for key in keys]
         blank = run([key[1] for key in keys], [gray_like(im) for im in q_imgs], "blank images").numpy()
         metrics["blank_image_agreement"] = float(((blank > 0) == yes_unique).mean())
         changed = dict(zip(keys, (blank > 0) != yes_unique))
-        reliant = np.array([bool(changed[(p.image, p.question)]) for p in pairs])
-        metrics["quadrants"] = quadrant_counts(flips[headline], reliant[headline], list(group[headline]))
+        gray = np.array([bool(changed[(p.image, p.question)]) for p in pairs], dtype=object)
+        metrics["quadrants_gray"] = {"definition": "gray", **quadrant_counts(
+            flips[headline], gray[headline].astype(bool), list(group[headline]))}
+    if "counterfactual" in controls and images:
+        cf = counterfactual_images(pairs, seed=seed)
+        known = [k for k in keys if k in cf]
+        if known:
+            loaded = {path: images[path] if path in images else load_image(path) for path, _ in cf.values()}
+            moved = run([k[1] for k in known], [loaded[cf[k][0]] for k in known], "counterfactual images").numpy()
+            unique = dict(zip(keys, yes_unique))
+            changed = {k: bool((m > 0) != unique[k]) for k, m in zip(known, moved)}
+            metrics["counterfactual_sensitivity"] = float(np.mean(list(changed.values())))
+            metrics["n_counterfactual"] = len(known)
+            metrics["counterfactual_source"] = dict(sorted(Counter(cf[k][1] for k in known).items()))
+            reliant = np.array([changed.get((p.image, p.question)) for p in pairs], dtype=object)
+            has = headline & np.array([r is not None for r in reliant])
+            metrics["quadrants"] = {"definition": "counterfactual", **quadrant_counts(
+                flips[has], reliant[has].astype(bool), list(group[has]))}
+    if reliant is not None and gray is not None:
+        metrics["image_reliance"] = reliance_comparison(reliant[headline], gray[headline],
+                                                        label_q_pairs(pairs)[headline])
     if "swap" in controls and images:
         distinct = list(images)
         if len(distinct) >= 2:
@@ -232,10 +265,59 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
         "id": p.id, "question_id": p.question_id, "phenomenon": p.phenomenon, "answer": p.answer,
         "paraphrase_answer": p.expected_paraphrase, "negation_set": bool(n), "margin_question": float(mq),
         "margin_paraphrase": float(mp), "margin_diff": float(d), "flip": bool(f), "correct_paraphrase": bool(c),
-        "near_tie": bool(t), "image_reliant": None if reliant is None else bool(reliant[i]),
+        "near_tie": bool(t), "image_reliant": None if reliant is None else reliant[i],
+        "image_reliant_gray": None if gray is None else gray[i],
         "question": p.question, "paraphrase": p.paraphrase, "image": None if p.image is None else str(p.image),
     } for i, (p, mq, mp, d, f, c, n, t) in enumerate(zip(pairs, m_q, m_p, delta, flips, correct_p, negation, near))]
     return Evaluation(metrics, rows)
+
+
+def label_q_pairs(pairs: Sequence[ParaphrasePair]) -> np.ndarray:
+    """Per pair, whether its question's expected answer is yes."""
+    return np.array([p.answer == "yes" for p in pairs])
+
+
+def counterfactual_images(pairs: Sequence[ParaphrasePair], seed: int = 0) -> dict:
+    """Per question (image, question text), its counterfactual image and where it came from:
+    ``(path, "given")`` from a pair's ``counterfactual_image``; else ``(path, "opposite_label")``, an
+    image drawn (seeded) from those the set asks the same question of with the opposite expected
+    answer. Questions with neither are left out."""
+    out, answer = {}, {}
+    for p in pairs:
+        if p.image is None:
+            continue
+        key = (p.image, p.question)
+        answer.setdefault(key, p.answer)
+        if p.counterfactual_image is not None and key not in out:
+            out[key] = (p.counterfactual_image, "given")
+    by_text: dict = {}
+    for (image, text), a in answer.items():
+        by_text.setdefault((text, a), []).append(image)
+    rng = np.random.default_rng([seed, 7])
+    for key in sorted(answer, key=lambda k: (str(k[0]), k[1])):
+        if key in out:
+            continue
+        options = sorted(by_text.get((key[1], "no" if answer[key] == "yes" else "yes"), []), key=str)
+        if options:
+            out[key] = (options[int(rng.integers(len(options)))], "opposite_label")
+    return out
+
+
+def reliance_comparison(reliant: np.ndarray, gray: np.ndarray, label_yes: np.ndarray) -> dict:
+    """The counterfactual and the gray-image definitions of image reliance over the same pairs (those
+    with both known): the share reliant under each, overall and per expected answer, and the share of
+    pairs on which they agree. A definition that mostly measures the label has very different shares
+    for yes and no."""
+    known = np.array([r is not None and g is not None for r, g in zip(reliant, gray)], bool)
+    r, g, y = reliant[known].astype(bool), gray[known].astype(bool), np.asarray(label_yes, bool)[known]
+
+    def shares(idx):
+        n = int(idx.sum())
+        return {"n_pairs": n, "counterfactual": float(r[idx].mean()) if n else None,
+                "gray": float(g[idx].mean()) if n else None}
+
+    return {**shares(np.ones(len(r), bool)), "agreement": float((r == g).mean()) if len(r) else None,
+            "by_answer": {"yes": shares(y), "no": shares(~y)}}
 
 
 def check_risk(risk) -> None:
@@ -388,21 +470,33 @@ def compare_flip_risk(rows_a: Sequence[dict], rows_b: Sequence[dict], seed: int 
                                          n_resamples=n_bootstrap, seed=seed)}
 
 
-def quadrant_of(row: dict) -> str:
-    """The quadrant of one per-pair row (with ``flip`` and ``image_reliant``)."""
-    return ("flipped" if row["flip"] else "consistent") + ("_reliant" if row["image_reliant"] else "_blind")
+#: The per-pair reliance field behind each quadrants entry of the metrics (``quadrants``' rows are
+#: counterfactual, or gray in results written before the counterfactual control).
+RELIANCE_WORDS = {
+    "counterfactual": "its question's answer changes when the image is replaced by one whose answer is the "
+                      "opposite (the same patient with the asked finding toggled, or another image with the "
+                      "opposite label)",
+    "gray": "its question's answer changes when the image is replaced by uniform gray",
+}
+"""What "image-reliant" means under each definition, for captions and sentences."""
+QUADRANT_FIELDS = {"quadrants": "image_reliant", "quadrants_gray": "image_reliant_gray"}
 
 
-def quadrant_mcnemar(a: dict, b: dict, clustered: bool = False, by_seed: bool = False) -> dict:
+def quadrant_of(row: dict, key: str = "image_reliant") -> str:
+    """The quadrant of one per-pair row (with ``flip`` and the reliance field ``key``)."""
+    return ("flipped" if row["flip"] else "consistent") + ("_reliant" if row[key] else "_blind")
+
+
+def quadrant_mcnemar(a: dict, b: dict, clustered: bool = False, by_seed: bool = False,
+                     key: str = "image_reliant") -> dict:
     """Per quadrant, the exact McNemar p of membership over the pair ids ``a`` and ``b`` (per-pair
-    rows by id) share with a known image reliance: did pairs move into or out of that cell?
-    ``clustered``: McNemar clustered by question (:func:`mechmed.stats.mcnemar_clustered`); a
-    question's pairs share its image reliance. ``by_seed``: ids are ``seed:id`` and each seed's
+    rows by id) share with a known image reliance (the field ``key``): did pairs move into or out of
+    that cell? ``clustered``: McNemar clustered by question (:func:`mechmed.stats.mcnemar_clustered`);
+    a question's pairs share its image reliance. ``by_seed``: ids are ``seed:id`` and each seed's
     questions are their own (the demo builds its data per seed)."""
-    common = [i for i in a if i in b and a[i].get("image_reliant") is not None
-              and b[i].get("image_reliant") is not None]
-    return {name: (paired_test([quadrant_of(a[i]) == name for i in common],
-                               [quadrant_of(b[i]) == name for i in common],
+    common = [i for i in a if i in b and a[i].get(key) is not None and b[i].get(key) is not None]
+    return {name: (paired_test([quadrant_of(a[i], key) == name for i in common],
+                               [quadrant_of(b[i], key) == name for i in common],
                                pair_clusters(a, common, by_seed) if clustered else None) if common else None)
             for name in QUADRANTS}
 
@@ -430,16 +524,27 @@ def paired_flips(a: dict, b: dict, clustered: bool = False, by_seed: bool = Fals
                        pair_clusters(a, common, by_seed) if clustered else None)
 
 
+def quadrant_definition(quadrants: dict) -> str:
+    """Which image reliance a ``quadrants`` dict is over (results written before the counterfactual
+    control have the gray-image one)."""
+    return quadrants.get("definition", "gray")
+
+
 def _compare_quadrants(ma: dict, mb: dict, ra: Sequence[dict], rb: Sequence[dict]) -> dict | None:
     """Both runs' quadrant shares and, per quadrant, :func:`quadrant_mcnemar` over the pairs both
-    share; None unless both ran the blank control."""
-    if not (ma.get("quadrants") and mb.get("quadrants")):
+    share; None unless both ran a control with the same definition of image reliance (the
+    counterfactual one where both have it, else the gray image)."""
+    for name in ("quadrants", "quadrants_gray"):
+        qa, qb = ma.get(name), mb.get(name)
+        if qa and qb and quadrant_definition(qa) == quadrant_definition(qb):
+            break
+    else:
         return None
     ia, ib = {r["id"]: r for r in ra}, {r["id"]: r for r in rb}
-    n = sum(1 for i in ia if i in ib and ia[i].get("image_reliant") is not None
-            and ib[i].get("image_reliant") is not None)
-    return {"a": ma["quadrants"], "b": mb["quadrants"], "n_common_pairs": n, "p": quadrant_mcnemar(ia, ib),
-            "p_clustered": quadrant_mcnemar(ia, ib, clustered=True)}
+    key = QUADRANT_FIELDS[name]
+    n = sum(1 for i in ia if i in ib and ia[i].get(key) is not None and ib[i].get(key) is not None)
+    return {"a": qa, "b": qb, "definition": quadrant_definition(qa), "n_common_pairs": n,
+            "p": quadrant_mcnemar(ia, ib, key=key), "p_clustered": quadrant_mcnemar(ia, ib, clustered=True, key=key)}
 
 
 def _paired(ra: Sequence[dict], rb: Sequence[dict]) -> dict | None:

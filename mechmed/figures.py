@@ -874,9 +874,10 @@ def quadrant_bars(rows: Sequence[dict], *, title: str | None = None):
     written on it and its 95% Wilson interval in the hover."""
     import plotly.graph_objects as go
 
-    from mechmed.consistency import QUADRANTS
+    from mechmed.consistency import QUADRANTS, RELIANCE_WORDS, quadrant_definition
 
     rows = sorted([r for r in rows if r.get("quadrants")], key=_arm_key)
+    words = RELIANCE_WORDS[quadrant_definition(rows[0]["quadrants"])] if rows else ""
     labels = [arm_label(r, rows) for r in rows]
     fig = go.Figure()
     for name in QUADRANTS:
@@ -888,8 +889,9 @@ def quadrant_bars(rows: Sequence[dict], *, title: str | None = None):
             insidetextanchor="middle", customdata=[[c["n"], *c["ci"]] for c in cells],
             hovertemplate="%{y}: %{x:.3f} (%{customdata[0]} pairs; 95% CI %{customdata[1]:.3f}–%{customdata[2]:.3f})"
                           f"<extra>{QUADRANT_LABELS[name]}</extra>"))
-    _base_layout(fig, title or ("Consistency × image reliance of the held-out pairs<br><sup>image-reliant: the "
-                                "question's answer changes when the image is replaced by uniform gray</sup>"),
+    _base_layout(fig, title or ("Consistency × image reliance of the held-out pairs<br><sup>image-reliant: "
+                                + words.replace("its question's", "the question's").replace(
+                                    " (the same", "<br>(the same") + "</sup>"),
                  width=900, height=140 + 34 * len(rows), legend_y=-0.12, bottom=90)
     fig.update_layout(barmode="stack", legend_traceorder="normal")
     fig.update_xaxes(range=[0, 1], tickformat=".0%", title_text="share of pairs")

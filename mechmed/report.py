@@ -767,8 +767,10 @@ def _quadrant_headline(summary: list[dict], base: dict) -> list[str]:
         parts.append(f"{ARM_LABELS.get(r['arm'], r['arm'])}: {move(r)}")
     if not parts:
         return []
-    return ["Image reliance (a pair is image-reliant when its question's answer changes with a uniform gray "
-            "image), shares of the held-out pairs against the base's: " + "; ".join(parts) + "."]
+    from mechmed.consistency import RELIANCE_WORDS, quadrant_definition
+
+    return [f"Image reliance (a pair is image-reliant when {RELIANCE_WORDS[quadrant_definition(bq)]}), shares of "
+            "the held-out pairs against the base's: " + "; ".join(parts) + "."]
 
 
 def _risk_rows(results: dict) -> list[dict]:
@@ -810,6 +812,51 @@ def flip_risk_text(results: dict) -> str:
         lead += (f" The base model's flips are foreseen at AUROC {fmt(base['auroc_margin'])} "
                  f"[{fmt(lo)}, {fmt(hi)}]; an arm whose AUROC drops flips where its answers looked sure.")
     return lead
+
+
+def _reliance_words(summary: list[dict]) -> str:
+    """What "image-reliant" means in the summary's quadrants."""
+    from mechmed.consistency import RELIANCE_WORDS, quadrant_definition
+
+    q = next(r["quadrants"] for r in summary if r.get("quadrants"))
+    return "image-reliant: " + RELIANCE_WORDS[quadrant_definition(q)].replace("its question's", "the question's")
+
+
+def reliance_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """(columns, cells): per summary row, the share of held-out pairs that are image-reliant under the
+    counterfactual and the gray-image definitions, per expected answer, and how often they agree."""
+    from mechmed.figures import arm_label
+
+    summary = [r for r in results.get("summary") or [] if r.get("image_reliance")]
+    if not summary:
+        return None
+    body = []
+    for r in summary:
+        ir = r["image_reliance"]
+        yes, no = ir["by_answer"]["yes"], ir["by_answer"]["no"]
+        body.append([arm_label(r, summary), str(ir["n_pairs"]), fmt(ir["counterfactual"]), fmt(ir["gray"]),
+                     f"{fmt(yes['counterfactual'])} / {fmt(no['counterfactual'])}",
+                     f"{fmt(yes['gray'])} / {fmt(no['gray'])}", fmt(ir["agreement"])])
+    return ["arm", "pairs", "reliant: counterfactual", "reliant: gray image", "counterfactual, label yes / no",
+            "gray image, label yes / no", "agreement"], body
+
+
+def reliance_text(results: dict) -> str:
+    """What the two-definitions table says, with the base model's numbers in the sentence."""
+    base = next((r["image_reliance"] for r in results.get("summary") or []
+                 if r["arm"] == "base" and r.get("image_reliance")), None)
+    lead = ("A pair is image-reliant under the counterfactual definition when its question's answer changes with "
+            "an image whose answer is the opposite (the same patient with the asked finding toggled, or another "
+            "image with the opposite label), and under the gray-image definition when it changes with a uniform "
+            "gray image. A gray image draws one answer per finding, so the gray definition mostly asks whether the "
+            "label differs from that answer: a large gap between its shares for label yes and label no is that "
+            "confound.")
+    if base is None:
+        return lead
+    yes, no = base["by_answer"]["yes"], base["by_answer"]["no"]
+    return lead + (f" For the base model the counterfactual definition flags {fmt(yes['counterfactual'])} of pairs "
+                   f"labelled yes and {fmt(no['counterfactual'])} labelled no; the gray image flags "
+                   f"{fmt(yes['gray'])} and {fmt(no['gray'])}. The two agree on {fmt(base['agreement'])} of pairs.")
 
 
 def quadrant_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
@@ -915,9 +962,10 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
                "without costing accuracy.")
         if any(r.get("quadrants") for r in summary):
             figure(sec, "quadrants", "quadrant figure", lambda: F.quadrant_bars(summary),
-                   "Each bar splits the held-out pairs of one arm into consistent or flipped × image-reliant or not "
-                   "(the question's answer changes with a uniform gray image). Green growing means fewer flips with "
-                   "the image still used; yellow growing means pairs made consistent by answering without the image.")
+                   "Each bar splits the held-out pairs of one arm into consistent or flipped × image-reliant or not ("
+                   + _reliance_words(summary) + "). Green growing means fewer flips with the answer still "
+                   "following the image; yellow growing means pairs made consistent by an answer the image "
+                   "does not move.")
         quads = attempt("quadrant table", lambda: quadrant_table(run.ablation))
         if quads:
             clustered = all(r["quadrants"].get("clustered") for r in run.ablation.get("summary") or []
@@ -928,6 +976,10 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
                                f"Shares of the held-out pairs in each cell, with Wilson 95% intervals {how}; near-tie "
                                "flips are flips whose two margins are both within "
                                f"{NEAR_TIE} logits of 0 (the evaluation's default).", _html_grid(*quads), _md_grid(*quads)))
+        both = attempt("reliance table", lambda: reliance_table(run.ablation))
+        if both:
+            sec.blocks.append(("Two definitions of image reliance", reliance_text(run.ablation),
+                               _html_grid(*both), _md_grid(*both)))
         risk = attempt("flip-risk table", lambda: flip_risk_table(run.ablation))
         if risk:
             sec.blocks.append(("Can the flips be foreseen?", flip_risk_text(run.ablation), _html_grid(*risk),

@@ -78,7 +78,9 @@ def demo_eval_subset(demo_data_dir, tmp_path_factory):
     rows = [json.loads(x) for x in (demo_data_dir / "pairs.jsonl").read_text().splitlines() if x.strip()][:120]
     rows = [r for r in rows if r["question_id"] != rows[-1]["question_id"]]  # no question cut in half
     path = tmp_path_factory.mktemp("demo_subset") / "pairs.jsonl"
-    path.write_text("".join(json.dumps({**r, "image": str(demo_data_dir / r["image"])}) + "\n" for r in rows))
+    path.write_text("".join(json.dumps({**r, "image": str(demo_data_dir / r["image"]),
+                                        "counterfactual_image": str(demo_data_dir / r["counterfactual_image"])})
+                            + "\n" for r in rows))
     return path
 
 

@@ -187,7 +187,7 @@ def _clustered_p(before, after, groups):
 
 
 def test_quadrants_and_near_ties_by_hand(tiny_bundles, pairs):
-    """Each pair's image reliance is its question's answer changing under a uniform gray image (a
+    """Each pair's gray-image reliance is its question's answer changing under a uniform gray image (a
     forward of its own here); the quadrant counts and their Wilson intervals, clustered by question
     (whose pairs share its image reliance), follow by hand, and near-tie flips are the flips with both margins inside the tolerance."""
     from PIL import Image
@@ -210,25 +210,84 @@ def test_quadrants_and_near_ties_by_hand(tiny_bundles, pairs):
     cells = {"consistent_reliant": ~flips & reliant, "consistent_blind": ~flips & ~reliant,
              "flipped_reliant": flips & reliant, "flipped_blind": flips & ~reliant}
     n = int(keep.sum())
-    assert m["quadrants"]["n_pairs"] == n and m["quadrants"]["clustered"]
+    q = m["quadrants_gray"]
+    assert q["definition"] == "gray" and m["quadrants"] is None  # the counterfactual control did not run
+    assert q["n_pairs"] == n and q["clustered"]
     groups = [p.group for p, k in zip(pairs, keep) if k]
     for name in QUADRANTS:
         k = int(cells[name][keep].sum())
-        assert m["quadrants"][name]["n"] == k and m["quadrants"][name]["share"] == pytest.approx(k / n)
-        assert m["quadrants"][name]["ci"] == pytest.approx(_clustered_wilson_by_hand(cells[name][keep], groups),
-                                                            abs=1e-9)
+        assert q[name]["n"] == k and q[name]["share"] == pytest.approx(k / n)
+        assert q[name]["ci"] == pytest.approx(_clustered_wilson_by_hand(cells[name][keep], groups), abs=1e-9)
     assert m["flip_rate_ci_clustered"] == pytest.approx(_clustered_wilson_by_hand(flips[keep], groups), abs=1e-9)
-    assert sum(m["quadrants"][q]["n"] for q in QUADRANTS) == n
-    assert [r["image_reliant"] for r in res.pairs] == list(reliant)
+    assert sum(q[k]["n"] for k in QUADRANTS) == n
+    assert [r["image_reliant_gray"] for r in res.pairs] == list(reliant)
+    assert all(r["image_reliant"] is None for r in res.pairs)
     near = flips & (np.abs(mq) < tol) & (np.abs(mp) < tol)
     assert m["n_near_tie_flips"] == int(near[keep].sum()) and m["near_tie"] == tol
     assert m["near_tie_flip_rate"] == pytest.approx(near[keep].mean())
     assert [r["near_tie"] for r in res.pairs] == list(near)
     # without the blank control there is nothing to cross consistency with
     none = evaluate(b, pairs, batch_size=4, n_bootstrap=100, controls=False)
-    assert none.metrics["quadrants"] is None and all(r["image_reliant"] is None for r in none.pairs)
+    assert none.metrics["quadrants"] is None and none.metrics["quadrants_gray"] is None
+    assert all(r["image_reliant"] is None and r["image_reliant_gray"] is None for r in none.pairs)
     with pytest.raises(MechmedError, match="near_tie"):
         evaluate(b, pairs, near_tie=-1)
+
+
+def test_counterfactual_reliance_by_hand(tiny_bundles, pairs):
+    """The counterfactual control: a pair's own ``counterfactual_image`` where it has one (image 0's
+    questions here name image 5's file), else another image asked the same question with the opposite
+    label. Reliance is the question's answer changing between the two images, recomputed here with
+    plain forwards; the quadrants follow, and ``image_reliance`` sets it beside the gray definition."""
+    import dataclasses
+
+    from PIL import Image
+
+    from mechmed.consistency import QUADRANTS, counterfactual_images
+    from mechmed.readout import gray_like
+
+    b = tiny_bundles["Gemma3ForConditionalGeneration"]
+    given = pairs[-1].image  # image 5
+    ps = [dataclasses.replace(p, counterfactual_image=given) if p.image == pairs[0].image else p for p in pairs]
+    cf = counterfactual_images(ps, seed=3)
+    answer = {(p.image, p.question): p.answer for p in ps}
+    assert len(cf) == len(answer)  # every question has an image with the opposite label
+    for key, (path, source) in cf.items():
+        if key[0] == pairs[0].image:
+            assert (path, source) == (given, "given")
+        else:  # another image, the same question, the opposite label
+            assert source == "opposite_label" and path != key[0] and answer[(path, key[1])] != answer[key]
+    assert counterfactual_images(ps, seed=3) == cf  # seeded
+
+    res = evaluate(b, ps, batch_size=4, n_bootstrap=100, seed=3)
+    m = res.metrics
+    imgs = [Image.open(p.image) for p in ps]
+    mq = margins(b, [p.question for p in ps], imgs, batch_size=5).numpy()
+    mp = margins(b, [p.paraphrase for p in ps], imgs, batch_size=5).numpy()
+    mc = margins(b, [p.question for p in ps], [Image.open(cf[(p.image, p.question)][0]) for p in ps],
+                 batch_size=5).numpy()
+    mg = margins(b, [p.question for p in ps], [gray_like(im) for im in imgs], batch_size=5).numpy()
+    s = np.array([-1 if p.negated else 1 for p in ps])
+    flips = np.sign(mq) != np.sign(s * mp)
+    reliant, gray = (mc > 0) != (mq > 0), (mg > 0) != (mq > 0)
+    keep = ~np.array([p.in_negation_set for p in ps])
+    assert [r["image_reliant"] for r in res.pairs] == list(reliant)
+    assert [r["image_reliant_gray"] for r in res.pairs] == list(gray)
+    q = m["quadrants"]
+    assert q["definition"] == "counterfactual" and q["n_pairs"] == int(keep.sum())
+    for name in QUADRANTS:
+        cell = (flips if name.startswith("flipped") else ~flips) & (reliant if name.endswith("_reliant") else ~reliant)
+        assert q[name]["n"] == int(cell[keep].sum())
+    unique = {(p.image, p.question): bool(r) for p, r in zip(ps, reliant)}
+    assert m["counterfactual_sensitivity"] == pytest.approx(np.mean(list(unique.values())))
+    assert m["n_counterfactual"] == 12 and m["counterfactual_source"] == {"given": 2, "opposite_label": 10}
+    ir = m["image_reliance"]
+    yes = np.array([p.answer == "yes" for p in ps])
+    assert ir["n_pairs"] == int(keep.sum())
+    assert ir["counterfactual"] == pytest.approx(reliant[keep].mean()) and ir["gray"] == pytest.approx(gray[keep].mean())
+    assert ir["agreement"] == pytest.approx((reliant == gray)[keep].mean())
+    assert ir["by_answer"]["yes"]["gray"] == pytest.approx(gray[keep & yes].mean())
+    assert ir["by_answer"]["no"]["counterfactual"] == pytest.approx(reliant[keep & ~yes].mean())
 
 
 def test_compare_crosses_quadrants_with_mcnemar(tiny_bundles, pairs, tmp_path):
@@ -241,7 +300,7 @@ def test_compare_crosses_quadrants_with_mcnemar(tiny_bundles, pairs, tmp_path):
     from mechmed.io import write_json, write_jsonl
 
     b = tiny_bundles["Gemma3ForConditionalGeneration"]
-    a = evaluate(b, pairs, batch_size=4, n_bootstrap=100, controls="blank")
+    a = evaluate(b, pairs, batch_size=4, n_bootstrap=100, controls="counterfactual")
     rows_b = [dict(r) for r in a.pairs]
     for r in rows_b[::3]:  # a second run: some pairs flip the other way, some lose the image
         r["flip"] = not r["flip"]
@@ -250,8 +309,8 @@ def test_compare_crosses_quadrants_with_mcnemar(tiny_bundles, pairs, tmp_path):
     from mechmed.consistency import headline_rows, quadrant_counts
 
     head_b = headline_rows(rows_b)
-    mb = {**a.metrics, "quadrants": quadrant_counts([r["flip"] for r in head_b], [r["image_reliant"] for r in head_b]),
-          "n_flips": sum(r["flip"] for r in head_b)}
+    mb = {**a.metrics, "quadrants": {"definition": "counterfactual", **quadrant_counts(
+        [r["flip"] for r in head_b], [r["image_reliant"] for r in head_b])}, "n_flips": sum(r["flip"] for r in head_b)}
     for d, m, rows in ((tmp_path / "a", a.metrics, a.pairs), (tmp_path / "b", mb, rows_b)):
         d.mkdir()
         write_json(d / "metrics.json", m)

@@ -89,6 +89,25 @@ def test_jsonl_round_trip(data_dir: Path) -> None:
     assert load_pairs(out2) == pairs
 
 
+def test_counterfactual_image_column(data_dir: Path) -> None:
+    """``counterfactual_image`` resolves as ``image`` does, round-trips through write_pairs (relative
+    where it can be), is optional per row, and a missing file is an error naming the row."""
+    path = jsonl(data_dir / "pairs.jsonl", [row(0, counterfactual_image="images/b.png"),
+                                           row(1, counterfactual_image=""), row(2)])
+    pairs = load_pairs(path)
+    assert pairs[0].counterfactual_image == data_dir / "images" / "b.png"
+    assert pairs[1].counterfactual_image is None and pairs[2].counterfactual_image is None
+    assert "counterfactual_image" not in pairs[1].to_dict() and pairs[0].extra == {}
+    out = write_pairs(pairs, data_dir / "copy.jsonl")
+    assert json.loads(out.read_text().splitlines()[0])["counterfactual_image"] == "images/b.png"
+    assert load_pairs(out) == pairs
+    far = write_pairs(pairs, data_dir / "sub" / "x.jsonl")
+    assert Path(json.loads(far.read_text().splitlines()[0])["counterfactual_image"]).is_absolute()
+    msg = raises_at(jsonl(data_dir / "bad.jsonl", [row(0), row(1, counterfactual_image="images/gone.png")]), 2)
+    assert "counterfactual image 'images/gone.png' not found" in msg
+    assert "must be a path" in raises_at(jsonl(data_dir / "bad2.jsonl", [row(0, counterfactual_image=3)]), 1)
+
+
 def test_csv_round_trip(data_dir: Path) -> None:
     path = data_dir / "pairs.csv"
     with path.open("w", newline="", encoding="utf-8") as f:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mechmed.data.records import PHENOMENA, ParaphrasePair
 from mechmed.demo.dataset import EVAL_SEED_OFFSET, PAIR_FILES, make_pairs, write_demo_data
-from mechmed.demo.images import FINDINGS, contact_sheet, make_images, render, sample_findings
+from mechmed.demo.images import FINDINGS, contact_sheet, counterfactual, make_images, render, sample_findings
 from mechmed.demo.phrasings import (
     ANSWER_WORDS,
     TERMS,
@@ -55,6 +55,22 @@ def test_sample_findings_prevalence():
     rng = np.random.default_rng(0)
     counts = np.array([[f[k] for k in FINDINGS] for f in (sample_findings(rng) for _ in range(2000))]).mean(0)
     assert np.all(np.abs(counts - 0.4) < 0.05)
+
+
+def test_counterfactual_is_the_same_patient_with_one_finding_toggled():
+    """Toggling a finding replays the patient's draws: the replay with the findings unchanged is image i
+    itself, and the toggled image has exactly the findings with that one flipped, and differs from it."""
+    for i in range(6):
+        image, findings = make_images(i + 1, 5)[i]
+        for f in FINDINGS:
+            cf, toggled = counterfactual(5, i, f)
+            assert toggled == {**findings, f: not findings[f]}
+            rng = np.random.default_rng([5, i])
+            sample_findings(rng)
+            assert np.array_equal(render(findings, rng), image)  # the replay is the image itself
+            assert not np.array_equal(cf, image)
+    with pytest.raises(ValueError, match="unknown finding"):
+        counterfactual(5, 0, "fracture")
 
 
 def test_render_rejects_unknown_finding():
@@ -284,6 +300,18 @@ def test_write_demo_data(tmp_path):
             assert p.paraphrase.lower() == p.extra["wrapper"].format(p.extra["term"]).lower()
             flipped = {"yes": "no", "no": "yes"}[p.answer]
             assert p.paraphrase_answer == (flipped if p.extra["negated"] else p.answer)
+            if split == "train":
+                assert "counterfactual_image" not in row
+                continue
+            # the counterfactual: the same patient with the asked finding toggled, drawn independently here
+            i, f = int(p.image.stem), p.extra["finding"]
+            assert row["counterfactual_image"] == f"counterfactual/{i:04d}-{f}.png"
+            rng = np.random.default_rng([3 + EVAL_SEED_OFFSET, i])
+            findings = sample_findings(rng)
+            assert findings[f] == (p.answer == "yes")
+            want = render({**findings, f: not findings[f]}, rng)
+            got = np.asarray(Image.open(a / row["counterfactual_image"]))
+            assert np.array_equal(got, want) and not np.array_equal(got, np.asarray(Image.open(a / p.image)))
 
 
 def _rows(path: Path) -> list[dict]:

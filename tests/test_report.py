@@ -372,8 +372,11 @@ def test_each_caption_claims_what_its_figure_draws(run_dir, tmp_path):
         assert "right:" in caption and any(s.type == "line" for s in fig.layout.shapes)
 
     fig, caption = figs["quadrants"]
-    assert "consistent or flipped × image-reliant or not" in caption and "uniform gray" in caption
     with_q = sorted((r for r in results["summary"] if r.get("quadrants")), key=F._arm_key)
+    # the caption names the definition of reliance the bars are over: the counterfactual image here
+    assert {r["quadrants"]["definition"] for r in with_q} == {"counterfactual"}
+    assert "consistent or flipped × image-reliant or not" in caption and "asked finding toggled" in caption
+    assert "uniform gray" not in caption and "asked finding toggled" in fig.layout.title.text
     assert with_q[0]["arm"] == "base" and len(with_q) == len(results["summary"])
     for trace, name in zip(fig.data, ("consistent_reliant", "consistent_blind", "flipped_reliant", "flipped_blind")):
         assert trace.name == F.QUADRANT_LABELS[name]

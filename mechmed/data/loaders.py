@@ -36,7 +36,7 @@ from mechmed.io import iter_jsonl, read_utf8
 logger = logging.getLogger(__name__)
 
 FIELDS = ("id", "question", "paraphrase", "answer", "image", "paraphrase_answer", "phenomenon", "source",
-          "question_id")
+          "question_id", "counterfactual_image")
 """Our field names (the keys of ``columns=``), in the order :class:`ParaphrasePair` declares them."""
 
 REQUIRED = ("question", "paraphrase", "answer")
@@ -54,6 +54,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "phenomenon": ("phenomenon", "paraphrase_type", "phenomenon_type", "linguistic_phenomenon"),
     "source": ("source", "dataset"),
     "question_id": ("question_id", "qid", "original_question_id", "group_id"),
+    "counterfactual_image": ("counterfactual_image", "counterfactual_image_path", "counterfactual"),
 }
 """Column names tried for each field, in order, when ``columns`` does not name one. The first name
 of each tuple is the field itself; the rest are common spellings (PSF-Med-like files)."""
@@ -256,6 +257,7 @@ class _Reader:
             raise MechmedError(f"{where}: id {pid!r} is already used by {self.seen_ids[pid]}; make ids unique")
         self.seen_ids[pid] = where
         image = self._image(vals, where)
+        counterfactual = self._counterfactual(vals, where) if image is not None else None
         if phenomenon == "negation_pattern" and paraphrase_answer is None:
             self.unknown_negations += 1
 
@@ -278,7 +280,7 @@ class _Reader:
                 extra[str(k)] = v
         return ParaphrasePair(id=pid, question=question, paraphrase=paraphrase, answer=answer, image=image,
                               paraphrase_answer=paraphrase_answer, phenomenon=phenomenon, source=source,
-                              question_id=question_id, extra=extra)
+                              question_id=question_id, counterfactual_image=counterfactual, extra=extra)
 
     # -- field helpers -------------------------------------------------------------------------
 
@@ -361,6 +363,23 @@ class _Reader:
                 raise MechmedError(f"{where}: image {v!r} not found (looked at {path}); {self.image_hint}, "
                                    "or pass require_images=False")
             return path
+        if self.check_images and path not in self.checked:
+            _check_image(path, where, v)
+            self.checked.add(path)
+        return path
+
+    def _counterfactual(self, vals, where: str) -> Path | None:
+        """The optional ``counterfactual_image``: resolved as ``image`` is, and it must exist."""
+        col, v = vals["counterfactual_image"]
+        if v is _ABSENT or _is_null(v) or (isinstance(v, str) and not v.strip()):
+            return None
+        if not isinstance(v, (str, os.PathLike)):
+            raise MechmedError(f"{where}: {_col('counterfactual_image', col)} must be a path, got {_kind(v)}")
+        v = os.fspath(v).strip()
+        path = self.resolve(v, where)
+        if not _is_file(path):
+            raise MechmedError(f"{where}: counterfactual image {v!r} not found (looked at {path}); {self.image_hint}, "
+                               "or leave the column empty")
         if self.check_images and path not in self.checked:
             _check_image(path, where, v)
             self.checked.add(path)
@@ -581,12 +600,13 @@ def write_pairs(pairs: Iterable[ParaphrasePair], path: str | os.PathLike) -> Pat
         if not isinstance(p, ParaphrasePair):
             raise TypeError(f"write_pairs expects ParaphrasePair records, got {type(p).__name__}")
         d = p.to_dict()
-        if p.image is not None:
-            img = Path(os.path.abspath(p.image))
-            try:
-                d["image"] = img.relative_to(base).as_posix()
-            except ValueError:
-                d["image"] = str(img)
+        for name in ("image", "counterfactual_image"):
+            if getattr(p, name) is not None:
+                img = Path(os.path.abspath(getattr(p, name)))
+                try:
+                    d[name] = img.relative_to(base).as_posix()
+                except ValueError:
+                    d[name] = str(img)
         rows.append(d)
     return write_jsonl(out, rows)
 

@@ -3,7 +3,8 @@
 This mirrors a PSF-Med row. ``answer`` is the expected answer to ``question``;
 ``paraphrase_answer`` is the expected answer to ``paraphrase`` (the same, except for a negated
 rewording, where it is the opposite). Records that share a ``question_id`` are paraphrases of
-the same question.
+the same question. ``counterfactual_image``, when given, is the same patient with the asked finding
+toggled, whose answer to ``question`` is the opposite of ``answer`` (the image-reliance control).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ParaphrasePair:
     phenomenon: str = "other"
     source: str = ""
     question_id: str = ""
+    counterfactual_image: Path | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -59,6 +61,10 @@ class ParaphrasePair:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["image"] = None if self.image is None else str(self.image)
+        if self.counterfactual_image is None:
+            d.pop("counterfactual_image")
+        else:
+            d["counterfactual_image"] = str(self.counterfactual_image)
         if not d["extra"]:
             d.pop("extra")
         return d

@@ -35,6 +35,9 @@ METRICS = "build_metrics.json"
 #: Evaluation data settings (arguments of ``write_demo_data``); part of the cache key.
 DATA_SETTINGS = {"n_images": 200, "size": 32}
 DATA_VERSION = "demo-data-v2"
+#: What the data directory holds beside the pairs the model's build evaluates on (the counterfactual
+#: images and each row's ``counterfactual_image``): part of the data directory's key, not of the model's.
+DATA_FILES = "counterfactual-v1"
 #: Torch threads the build trains with, whatever the caller's setting: training reduces in an order
 #: that depends on the thread count, so the same seed gives the same weights only at a fixed count
 #: (2 is also the fastest on the two-core machines the build is sized for).
@@ -65,6 +68,12 @@ def data_recipe(seed: int = 0) -> dict:
     from mechmed.demo.dataset import PER_QUESTION
 
     return {"version": DATA_VERSION, "seed": seed, **DATA_SETTINGS, "per_question": PER_QUESTION}
+
+
+def demo_data_dir(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Where :func:`ensure_demo_data` keeps the data of ``seed``."""
+    key = _key({**data_recipe(seed), "files": DATA_FILES})
+    return cache_root(cache_dir) / "demo" / f"data-s{seed}-{key}"
 
 
 def _complete(path: Path) -> bool:
@@ -101,8 +110,8 @@ def ensure_demo_data(cache_dir: str | os.PathLike | None = None, seed: int = 0, 
     ``train_pairs.jsonl``, ``unseen_pairs.jsonl``, ``negation_pairs.jsonl``, images)."""
     from mechmed.demo.dataset import write_demo_data
 
-    recipe = data_recipe(seed)
-    final = cache_root(cache_dir) / "demo" / f"data-s{seed}-{_key(recipe)}"
+    recipe = {**data_recipe(seed), "files": DATA_FILES}
+    final = demo_data_dir(cache_dir, seed)
     if _complete(final) and not force:
         return final
 
@@ -174,7 +183,7 @@ def build_demo(
     model_config = model_config or DemoModelConfig()
     train_config = train_config or DemoTrainConfig()
     t0, c0 = time.perf_counter(), time.process_time()
-    data_cached = _complete(cache_root(cache_dir) / "demo" / f"data-s{seed}-{_key(data_recipe(seed))}")
+    data_cached = _complete(demo_data_dir(cache_dir, seed))
     data_dir = ensure_demo_data(cache_dir, seed)
     t_data = time.perf_counter() - t0
 

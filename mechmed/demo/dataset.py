@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mechmed.demo.images import FINDINGS, contact_sheet, make_images
+from mechmed.demo.images import FINDINGS, contact_sheet, counterfactual, make_images
 from mechmed.demo.phrasings import TERMS, WRAPPERS, base_phrasings, canonical, paraphrases
 from mechmed.io import atomic_path, ensure_dir, write_json, write_jsonl
 
@@ -35,6 +35,9 @@ EVAL_SEED_OFFSET = 10_000
 #: the evaluation images.
 PAIR_FILES = {"eval": "pairs.jsonl", "unseen": "unseen_pairs.jsonl", "negation": "negation_pairs.jsonl",
               "train": "train_pairs.jsonl"}
+#: The folder of the counterfactual images: ``NNNN-{finding}.png`` is evaluation image ``NNNN``'s patient
+#: with ``finding`` toggled (:func:`mechmed.demo.images.counterfactual`).
+COUNTERFACTUAL_DIR = "counterfactual"
 #: Pairs per asked question in each set (default of :func:`write_demo_data`).
 PER_QUESTION = {"eval": 3, "unseen": 1, "negation": 1, "train": 4}
 
@@ -108,6 +111,23 @@ def _write_png(path: Path, image: np.ndarray) -> None:
         Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L").save(tmp, format="PNG")
 
 
+def _counterfactual_path(i: int, finding: str) -> str:
+    return f"{COUNTERFACTUAL_DIR}/{i:04d}-{finding}.png"
+
+
+def _with_counterfactual(row: dict, toggled: set) -> dict:
+    """``row`` with ``counterfactual_image`` after ``image``: its patient with the asked finding toggled
+    (the pair (image index, finding) is added to ``toggled``, the images to draw)."""
+    i, finding = int(Path(row["image"]).stem), row["extra"]["finding"]
+    toggled.add((i, finding))
+    out = {}
+    for key, value in row.items():
+        out[key] = value
+        if key == "image":
+            out["counterfactual_image"] = _counterfactual_path(i, finding)
+    return out
+
+
 def _summary(rows: list[dict]) -> dict:
     return {
         "pairs": len(rows),
@@ -125,7 +145,9 @@ def write_demo_data(
 
     * ``images/NNNN.png``: evaluation images, ``make_images(n_images, seed + 10_000, size)``.
     * ``pairs.jsonl``, ``unseen_pairs.jsonl``, ``negation_pairs.jsonl``: the evaluation,
-      unseen-wrapper and negation pairs over those images (see the module doc).
+      unseen-wrapper and negation pairs over those images (see the module doc). Each row's
+      ``counterfactual_image`` is ``counterfactual/NNNN-{finding}.png``: the same patient with the
+      asked finding toggled, so its expected answer is the opposite (the image-reliance control).
     * ``train_images/NNNN.png``: training images, ``make_images(n_images, seed, size)`` (the first
       ``n_images`` of the stream the model trains on).
     * ``train_pairs.jsonl``: fine-tuning pairs over the training images.
@@ -150,13 +172,17 @@ def write_demo_data(
             _write_png(out / rel, img)
             refs.append((rel, findings))
         sets[name] = (samples, refs)
-    counts = {}
+    counts, toggled = {}, set()
     for k, (split, filename) in enumerate(PAIR_FILES.items()):
         images, s = (sets["train"][1], seed) if split == "train" else (sets["eval"][1], eval_seed)
         rows = make_pairs(images, split, [s, k], "train" if split == "train" else "eval",
                           per_question=per_question[split])
+        if split != "train":
+            rows = [_with_counterfactual(r, toggled) for r in rows]
         write_jsonl(out / filename, rows)
         counts[filename.split(".")[0]] = _summary(rows)
+    for i, finding in sorted(toggled):
+        _write_png(out / _counterfactual_path(i, finding), counterfactual(eval_seed, i, finding, size)[0])
     contact_sheet(sets["eval"][0][:48], out / "contact_sheet.png")
     meta = {
         "generator": "mechmed.demo.dataset.write_demo_data",

@@ -219,6 +219,18 @@ def make_images(n: int, seed: int, size: int = 32) -> list[tuple[np.ndarray, dic
     return out
 
 
+def counterfactual(seed: int, i: int, finding: str, size: int = 32) -> tuple[np.ndarray, dict[str, bool]]:
+    """Image ``i`` of ``make_images(n, seed, size)`` with ``finding`` toggled: the same patient (every
+    random draw of :func:`render` replayed), with the finding added when it is absent and removed when it
+    is present. Returns the image and its findings."""
+    if finding not in FINDINGS:
+        raise ValueError(f"unknown finding {finding!r}; use one of {FINDINGS}")
+    rng = np.random.default_rng([seed, i])
+    findings = sample_findings(rng)
+    toggled = {**findings, finding: not findings[finding]}
+    return render(toggled, rng, size), toggled
+
+
 def caption(findings: dict[str, bool]) -> str:
     """The present findings, comma-separated, or ``"normal"``."""
     present = [f for f in FINDINGS if findings.get(f)]
