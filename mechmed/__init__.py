@@ -4,7 +4,7 @@ Importing the package is cheap; heavy libraries (torch, transformers, ...) load 
 functions that need them, so ``mechmed --help`` answers at once.
 """
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 from mechmed.errors import MechmedError  # noqa: E402
 from mechmed.sites import Site  # noqa: E402

@@ -793,7 +793,7 @@ def _pooled_reliance(pairs: dict) -> dict | None:
         return None
     return reliance_comparison(np.array([v.get("image_reliant") for v in rows], dtype=object),
                                np.array([v.get("image_reliant_gray") for v in rows], dtype=object),
-                               np.array([v.get("answer") == "yes" for v in rows]))
+                               np.array([v.get("answer") == "yes" for v in rows]), [v.get("question") for v in rows])
 
 
 def against_best_trained(rows: list[dict], summary: list[dict], pairs_by_row: dict) -> str | None:

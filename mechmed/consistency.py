@@ -251,7 +251,8 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
                 flips[has], reliant[has].astype(bool), list(group[has]))}
     if reliant is not None and gray is not None:
         metrics["image_reliance"] = reliance_comparison(reliant[headline], gray[headline],
-                                                        label_q_pairs(pairs)[headline])
+                                                        label_q_pairs(pairs)[headline],
+                                                        [p.question for p, h in zip(pairs, headline) if h])
     if "swap" in controls and images:
         distinct = list(images)
         if len(distinct) >= 2:
@@ -303,20 +304,35 @@ def counterfactual_images(pairs: Sequence[ParaphrasePair], seed: int = 0) -> dic
     return out
 
 
-def reliance_comparison(reliant: np.ndarray, gray: np.ndarray, label_yes: np.ndarray) -> dict:
+def _lookup_accuracy(values: np.ndarray, keys: Sequence) -> float:
+    """How often a boolean equals the majority value of its key's cell."""
+    cells: dict = {}
+    for k, v in zip(keys, values):
+        cells.setdefault(k, []).append(bool(v))
+    return sum(max(sum(c), len(c) - sum(c)) for c in cells.values()) / len(values)
+
+
+def reliance_comparison(reliant: np.ndarray, gray: np.ndarray, label_yes: np.ndarray, questions: Sequence) -> dict:
     """The counterfactual and the gray-image definitions of image reliance over the same pairs (those
-    with both known): the share reliant under each, overall and per expected answer, and the share of
-    pairs on which they agree. A definition that mostly measures the label has very different shares
-    for yes and no."""
+    with both known): the share reliant under each, overall and per expected answer, the share of
+    pairs on which they agree, and ``label_gain``: how much better the expected answer and the question
+    text together predict a pair's reliance than the question text alone (the accuracy of a majority
+    lookup per cell). A definition that measures the label within a question (a finding) has a large
+    gain; pooled over questions, yes and no can look balanced by cancellation."""
     known = np.array([r is not None and g is not None for r, g in zip(reliant, gray)], bool)
     r, g, y = reliant[known].astype(bool), gray[known].astype(bool), np.asarray(label_yes, bool)[known]
+    text = [q for q, k in zip(questions, known) if k]
 
     def shares(idx):
         n = int(idx.sum())
         return {"n_pairs": n, "counterfactual": float(r[idx].mean()) if n else None,
                 "gray": float(g[idx].mean()) if n else None}
 
+    def gain(x):
+        return _lookup_accuracy(x, list(zip(text, y))) - _lookup_accuracy(x, text) if len(x) else None
+
     return {**shares(np.ones(len(r), bool)), "agreement": float((r == g).mean()) if len(r) else None,
+            "label_gain": {"counterfactual": gain(r), "gray": gain(g)},
             "by_answer": {"yes": shares(y), "no": shares(~y)}}
 
 
@@ -473,10 +489,10 @@ def compare_flip_risk(rows_a: Sequence[dict], rows_b: Sequence[dict], seed: int 
 #: The per-pair reliance field behind each quadrants entry of the metrics (``quadrants``' rows are
 #: counterfactual, or gray in results written before the counterfactual control).
 RELIANCE_WORDS = {
-    "counterfactual": "its question's answer changes when the image is replaced by one whose answer is the "
+    "counterfactual": "its question's answer changes if the image is replaced by one whose answer is the "
                       "opposite (the same patient with the asked finding toggled, or another image with the "
                       "opposite label)",
-    "gray": "its question's answer changes when the image is replaced by uniform gray",
+    "gray": "its question's answer changes if the image is replaced by uniform gray",
 }
 """What "image-reliant" means under each definition, for captions and sentences."""
 QUADRANT_FIELDS = {"quadrants": "image_reliant", "quadrants_gray": "image_reliant_gray"}

@@ -833,12 +833,11 @@ def reliance_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
     body = []
     for r in summary:
         ir = r["image_reliance"]
-        yes, no = ir["by_answer"]["yes"], ir["by_answer"]["no"]
+        gain = ir.get("label_gain") or {}
         body.append([arm_label(r, summary), str(ir["n_pairs"]), fmt(ir["counterfactual"]), fmt(ir["gray"]),
-                     f"{fmt(yes['counterfactual'])} / {fmt(no['counterfactual'])}",
-                     f"{fmt(yes['gray'])} / {fmt(no['gray'])}", fmt(ir["agreement"])])
-    return ["arm", "pairs", "reliant: counterfactual", "reliant: gray image", "counterfactual, label yes / no",
-            "gray image, label yes / no", "agreement"], body
+                     fmt(gain.get("counterfactual")), fmt(gain.get("gray")), fmt(ir["agreement"])])
+    return ["arm", "pairs", "reliant: counterfactual", "reliant: gray image", "label's gain: counterfactual",
+            "label's gain: gray image", "agreement"], body
 
 
 def reliance_text(results: dict) -> str:
@@ -848,15 +847,16 @@ def reliance_text(results: dict) -> str:
     lead = ("A pair is image-reliant under the counterfactual definition when its question's answer changes with "
             "an image whose answer is the opposite (the same patient with the asked finding toggled, or another "
             "image with the opposite label), and under the gray-image definition when it changes with a uniform "
-            "gray image. A gray image draws one answer per finding, so the gray definition mostly asks whether the "
-            "label differs from that answer: a large gap between its shares for label yes and label no is that "
-            "confound.")
-    if base is None:
+            "gray image. A gray image draws one answer per question (per finding), so the gray definition mostly "
+            "asks whether the label differs from that answer. The label's gain says how much better the expected "
+            "answer and the question together predict whether a pair is reliant than the question alone: near 0, "
+            "reliance is not the label; large, it mostly is.")
+    if base is None or not base.get("label_gain"):
         return lead
-    yes, no = base["by_answer"]["yes"], base["by_answer"]["no"]
-    return lead + (f" For the base model the counterfactual definition flags {fmt(yes['counterfactual'])} of pairs "
-                   f"labelled yes and {fmt(no['counterfactual'])} labelled no; the gray image flags "
-                   f"{fmt(yes['gray'])} and {fmt(no['gray'])}. The two agree on {fmt(base['agreement'])} of pairs.")
+    gain = base["label_gain"]
+    return lead + (f" For the base model the label adds {fmt(gain['counterfactual'])} to the counterfactual "
+                   f"definition and {fmt(gain['gray'])} to the gray one, and the two definitions agree on "
+                   f"{fmt(base['agreement'])} of pairs.")
 
 
 def quadrant_table(results: dict) -> tuple[list[str], list[list[str]]] | None:

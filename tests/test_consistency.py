@@ -288,6 +288,17 @@ def test_counterfactual_reliance_by_hand(tiny_bundles, pairs):
     assert ir["agreement"] == pytest.approx((reliant == gray)[keep].mean())
     assert ir["by_answer"]["yes"]["gray"] == pytest.approx(gray[keep & yes].mean())
     assert ir["by_answer"]["no"]["counterfactual"] == pytest.approx(reliant[keep & ~yes].mean())
+    for name, x in (("counterfactual", reliant), ("gray", gray)):  # majority lookups, by hand
+        text = [p.question for p in ps]
+
+        def lookup(keys, x=x):
+            cells = {}
+            for i in np.flatnonzero(keep):
+                cells.setdefault(keys[i], []).append(bool(x[i]))
+            return sum(max(c.count(True), c.count(False)) for c in cells.values()) / keep.sum()
+
+        want = lookup([(t, a) for t, a in zip(text, yes)]) - lookup(text)
+        assert ir["label_gain"][name] == pytest.approx(want)
 
 
 def test_compare_crosses_quadrants_with_mcnemar(tiny_bundles, pairs, tmp_path):
