@@ -695,6 +695,9 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
     ids = shared_pairs(base_pairs)
     by_seed = not shared_questions(base_pairs)  # each seed's own data: its questions are its own clusters
     out = []
+    # results written before the counterfactual control hold the gray definition in ``quadrants``: an arm
+    # pools and is tested against the base only where every seed and the base use the same one
+    base_definition = _definition(rows, groups.get(("base", "none"), []), "quadrants")
     for (arm, method), idx in groups.items():
         pooled = _pool(pairs_by_row, rows, idx)
         flips = np.array([v["flip"] for v in pooled.values()])
@@ -734,8 +737,9 @@ def summarise(rows: Sequence[dict], pairs_by_row: dict, base_pairs: dict, sets_b
             "p_vs_ce_only_clustered": _mcnemar(ce, pooled, True, by_seed) if ce else None,
             "p_vs_best_trained": None, "near_tie_flip_rate": float(np.mean([bool(v.get("near_tie")) for v in
                                                                              pooled.values()])),
-            "quadrants": _pooled_quadrants(pooled, None if arm == "base" else base_pool, by_seed,
-                                           _definition(rows, idx, "quadrants")),
+            "quadrants": (_pooled_quadrants(pooled, None if arm == "base" else base_pool, by_seed, definition)
+                          if (definition := _definition(rows, idx, "quadrants")) == base_definition
+                          or ("base", "none") not in groups else None),
             "quadrants_gray": _pooled_quadrants(pooled, None if arm == "base" else base_pool, by_seed, "gray",
                                                 "quadrants_gray"),
             "image_reliance": _pooled_reliance(pooled),

@@ -152,10 +152,12 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
     m_q, m_p, keys, m_unique, images = pair_margins(bundle, pairs, batch_size=batch_size, progress=progress,
                                                     question_margins=question_margins, edit=edit)
 
-    def run(questions, imgs, desc):
+    def run(questions, imgs, desc, rows=keys):
+        # ``rows``: the question keys in the order of ``questions`` (an edit such as the ensemble reads
+        # each question's own rewordings by them)
         if edit is None:
             return margins(bundle, questions, imgs, batch_size=batch_size, progress=desc if progress else None)
-        return edit.margins(bundle, questions, imgs, role="question", rows=keys, batch_size=batch_size,
+        return edit.margins(bundle, questions, imgs, role="question", rows=rows, batch_size=batch_size,
                             progress=desc if progress else None)
 
     sign = np.array([-1.0 if p.negated else 1.0 for p in pairs])
@@ -222,8 +224,8 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
     controls = set(CONTROLS if controls is True else [controls] if isinstance(controls, str) else controls or ())
     if controls - set(CONTROLS):
         raise MechmedError(f"controls {sorted(controls - set(CONTROLS))}: use some of {', '.join(CONTROLS)}")
-    for name in ("blank_image_agreement", "swap_sensitivity", "counterfactual_sensitivity", "quadrants",
-                 "quadrants_gray", "image_reliance"):
+    for name in ("blank_image_agreement", "swap_sensitivity", "counterfactual_sensitivity", "n_counterfactual",
+                 "counterfactual_source", "quadrants", "quadrants_gray", "image_reliance"):
         metrics[name] = None
     reliant = gray = None
     if "blank" in controls and images:
@@ -239,7 +241,8 @@ def evaluate(bundle, pairs: Sequence[ParaphrasePair], *, batch_size: int = 16, s
         known = [k for k in keys if k in cf]
         if known:
             loaded = {path: images[path] if path in images else load_image(path) for path, _ in cf.values()}
-            moved = run([k[1] for k in known], [loaded[cf[k][0]] for k in known], "counterfactual images").numpy()
+            moved = run([k[1] for k in known], [loaded[cf[k][0]] for k in known], "counterfactual images",
+                        rows=known).numpy()
             unique = dict(zip(keys, yes_unique))
             changed = {k: bool((m > 0) != unique[k]) for k, m in zip(known, moved)}
             metrics["counterfactual_sensitivity"] = float(np.mean(list(changed.values())))
@@ -550,17 +553,22 @@ def _compare_quadrants(ma: dict, mb: dict, ra: Sequence[dict], rb: Sequence[dict
     """Both runs' quadrant shares and, per quadrant, :func:`quadrant_mcnemar` over the pairs both
     share; None unless both ran a control with the same definition of image reliance (the
     counterfactual one where both have it, else the gray image)."""
-    for name in ("quadrants", "quadrants_gray"):
-        qa, qb = ma.get(name), mb.get(name)
-        if qa and qb and quadrant_definition(qa) == quadrant_definition(qb):
-            break
-    else:
+    def by_definition(m):
+        return {quadrant_definition(m[name]): name for name in ("quadrants_gray", "quadrants") if m.get(name)}
+
+    da, db = by_definition(ma), by_definition(mb)
+    definition = next((d for d in ("counterfactual", "gray") if d in da and d in db), None)
+    if definition is None:
         return None
     ia, ib = {r["id"]: r for r in ra}, {r["id"]: r for r in rb}
-    key = QUADRANT_FIELDS[name]
-    n = sum(1 for i in ia if i in ib and ia[i].get(key) is not None and ib[i].get(key) is not None)
-    return {"a": qa, "b": qb, "definition": quadrant_definition(qa), "n_common_pairs": n,
-            "p": quadrant_mcnemar(ia, ib, key=key), "p_clustered": quadrant_mcnemar(ia, ib, clustered=True, key=key)}
+    # the rows keep each run's own field for that definition (``image_reliant`` held the gray one before 0.9.0)
+    key_a, key_b = QUADRANT_FIELDS[da[definition]], QUADRANT_FIELDS[db[definition]]
+    ia = {i: {**r, "reliant": r.get(key_a)} for i, r in ia.items()}
+    ib = {i: {**r, "reliant": r.get(key_b)} for i, r in ib.items()}
+    n = sum(1 for i in ia if i in ib and ia[i]["reliant"] is not None and ib[i]["reliant"] is not None)
+    return {"a": ma[da[definition]], "b": mb[db[definition]], "definition": definition, "n_common_pairs": n,
+            "p": quadrant_mcnemar(ia, ib, key="reliant"),
+            "p_clustered": quadrant_mcnemar(ia, ib, clustered=True, key="reliant")}
 
 
 def _paired(ra: Sequence[dict], rb: Sequence[dict]) -> dict | None:

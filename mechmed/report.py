@@ -729,8 +729,8 @@ def null_sentence(null: dict) -> str:
 
 
 def _quadrant_headline(summary: list[dict], base: dict) -> list[str]:
-    """How the selected arm, and the arm whose gain in consistency leaned most on answers that do not
-    use the image (the largest rise of the consistent, not image-reliant share over that of the
+    """How the selected arm, and the arm whose gain in consistency leaned most on answers that are not
+    image-reliant (the largest rise of the consistent, not image-reliant share over that of the
     consistent, image-reliant one), moved those two shares."""
     from mechmed.figures import ARM_LABELS
 
@@ -760,7 +760,7 @@ def _quadrant_headline(summary: list[dict], base: dict) -> list[str]:
             return f"{words} {fmt(bq[name]['share'])} → {_value_ci(q[name], 'share', 'ci')}{p}"
 
         return (cell("consistent_reliant", "consistent and image-reliant") + ", "
-                + cell("consistent_blind", "consistent without using the image"))
+                + cell("consistent_blind", "consistent and not image-reliant"))
 
     parts = []
     for r in [x for i, x in enumerate((sel, blind)) if x is not None and (i == 0 or x is not sel)]:
@@ -861,7 +861,8 @@ def reliance_text(results: dict) -> str:
 
 def quadrant_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
     """(columns, cells): per summary row, the share of held-out pairs in each cell of consistency ×
-    image reliance with its Wilson 95% interval, and the near-tie flips; None without the blank control."""
+    image reliance with its Wilson 95% interval, and the near-tie flips; None without an image-reliance
+    control."""
     from mechmed.consistency import QUADRANTS
     from mechmed.figures import QUADRANT_LABELS, arm_label
 
@@ -973,7 +974,8 @@ def _sections(run: _Run, out_dir: Path) -> list[_Section]:
             how = ("clustered by question (pooled over seeds; a question's pairs share its image reliance)"
                    if clustered else "(pooled over seeds)")
             sec.blocks.append(("Consistency × image reliance",
-                               f"Shares of the held-out pairs in each cell, with Wilson 95% intervals {how}; near-tie "
+                               f"Shares of the held-out pairs in each cell ({_reliance_words(run.ablation['summary'])}), with Wilson "
+                               f"95% intervals {how}; near-tie "
                                "flips are flips whose two margins are both within "
                                f"{NEAR_TIE} logits of 0 (the evaluation's default).", _html_grid(*quads), _md_grid(*quads)))
         both = attempt("reliance table", lambda: reliance_table(run.ablation))

@@ -356,3 +356,26 @@ def test_compare_crosses_quadrants_with_mcnemar(tiny_bundles, pairs, tmp_path):
     assert risk["auc_b"] == pytest.approx(stats.auc(score, [r["flip"] for r in head_b]))
     assert risk["difference"] == pytest.approx(risk["auc_b"] - risk["auc_a"])
     assert risk["ci"][0] <= risk["difference"] <= risk["ci"][1]
+
+
+def test_compare_a_run_from_before_the_counterfactual_control(tiny_bundles, pairs, tmp_path):
+    """A run written before 0.9.0 holds the gray-image quadrants in ``quadrants`` and ``image_reliant``:
+    compare sets them against the new run's ``quadrants_gray`` / ``image_reliant_gray``, never against
+    its counterfactual ones."""
+    from mechmed.consistency import QUADRANTS, compare_runs
+    from mechmed.io import write_json, write_jsonl
+
+    b = tiny_bundles["Gemma3ForConditionalGeneration"]
+    new = evaluate(b, pairs, batch_size=4, n_bootstrap=100, controls=("blank", "counterfactual"))
+    old_m = {k: v for k, v in new.metrics.items() if k not in ("quadrants_gray", "image_reliance")}
+    old_m["quadrants"] = {k: v for k, v in new.metrics["quadrants_gray"].items() if k != "definition"}
+    old_rows = [{**{k: v for k, v in r.items() if k != "image_reliant_gray"}, "image_reliant": r["image_reliant_gray"]}
+                for r in new.pairs]
+    for d, m, rows in ((tmp_path / "old", old_m, old_rows), (tmp_path / "new", new.metrics, new.pairs)):
+        d.mkdir()
+        write_json(d / "metrics.json", m)
+        write_jsonl(d / "pairs.jsonl", rows)
+    q = compare_runs(tmp_path / "old", tmp_path / "new")["quadrants"]
+    assert q["definition"] == "gray" and q["b"]["definition"] == "gray"
+    assert q["n_common_pairs"] == q["a"]["n_pairs"] == new.metrics["n_pairs"]  # the headline pairs
+    assert all(q["p"][name] == 1.0 for name in QUADRANTS)  # the same cells

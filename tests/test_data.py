@@ -106,6 +106,9 @@ def test_counterfactual_image_column(data_dir: Path) -> None:
     msg = raises_at(jsonl(data_dir / "bad.jsonl", [row(0), row(1, counterfactual_image="images/gone.png")]), 2)
     assert "counterfactual image 'images/gone.png' not found" in msg
     assert "must be a path" in raises_at(jsonl(data_dir / "bad2.jsonl", [row(0, counterfactual_image=3)]), 1)
+    # a column of another meaning that happens to be called "counterfactual" stays in extra
+    [p] = load_pairs(jsonl(data_dir / "other.jsonl", [row(0, counterfactual=False)]))
+    assert p.counterfactual_image is None and p.extra == {"counterfactual": False}
 
 
 def test_csv_round_trip(data_dir: Path) -> None:

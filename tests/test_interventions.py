@@ -256,3 +256,28 @@ def test_errors(setup, tmp_path):
         iv.top_features(tmp_path, [3], 4)
     with pytest.raises(MechmedError, match="meaning-preserving"):
         iv.fit_steering(bundle, [p for p in pairs if p.negated] or [], 1)
+
+
+def test_ensemble_counterfactual_control_keeps_each_question_with_its_own_rewordings(setup):
+    """The counterfactual control runs only the questions that have a counterfactual; an edit that reads
+    each question's rewordings (the ensemble) is handed those questions' own keys, in order. A question no
+    image answers the other way (asked of one image only) leaves every other question's reliance as it was."""
+    bundle, pairs = setup
+    lone = dataclasses.replace(pairs[0], id="lone", question="Is there a nodule?", paraphrase="Any nodule?",
+                               question_id="lone")
+    calls = []
+
+    class Seen(iv.Ensemble):
+        def margins(self, bundle, texts, images, *, role, rows, **kw):
+            calls.append((role, list(texts), list(rows), images is not None and len(images)))
+            return super().margins(bundle, texts, images, role=role, rows=rows, **kw)
+
+    full = evaluate(bundle, pairs, edit=iv.Ensemble(k=3), controls=("counterfactual",), n_bootstrap=20)
+    part = evaluate(bundle, [lone, *pairs], edit=Seen(k=3), controls=("counterfactual",), n_bootstrap=20)
+    questions = [c for c in calls if c[0] == "question"]
+    assert questions and all(len(rows) == len(texts) == n and [r[1] for r in rows] == texts
+                             for _, texts, rows, n in questions)
+    # the counterfactual forward: the four effusion questions, without the nodule question
+    assert any(len(rows) == 4 and lone.question not in {r[1] for r in rows} for _, _, rows, _ in questions)
+    assert part.pairs[0]["image_reliant"] is None and part.metrics["n_counterfactual"] == full.metrics["n_counterfactual"]
+    assert [r["image_reliant"] for r in part.pairs[1:]] == [r["image_reliant"] for r in full.pairs]

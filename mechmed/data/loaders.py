@@ -54,7 +54,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "phenomenon": ("phenomenon", "paraphrase_type", "phenomenon_type", "linguistic_phenomenon"),
     "source": ("source", "dataset"),
     "question_id": ("question_id", "qid", "original_question_id", "group_id"),
-    "counterfactual_image": ("counterfactual_image", "counterfactual_image_path", "counterfactual"),
+    "counterfactual_image": ("counterfactual_image", "counterfactual_image_path"),
 }
 """Column names tried for each field, in order, when ``columns`` does not name one. The first name
 of each tuple is the field itself; the rest are common spellings (PSF-Med-like files)."""
