@@ -890,7 +890,7 @@ def quadrant_bars(rows: Sequence[dict], *, title: str | None = None):
             hovertemplate="%{y}: %{x:.3f} (%{customdata[0]} pairs; 95% CI %{customdata[1]:.3f}–%{customdata[2]:.3f})"
                           f"<extra>{QUADRANT_LABELS[name]}</extra>"))
     _base_layout(fig, title or ("Consistency × image reliance of the held-out pairs<br><sup>image-reliant: "
-                                + words.replace("its question's", "the question's").replace(
+                                + words.replace(
                                     " (the same", "<br>(the same") + "</sup>"),
                  width=900, height=140 + 34 * len(rows), legend_y=-0.12, bottom=90)
     fig.update_layout(barmode="stack", legend_traceorder="normal")

@@ -819,12 +819,13 @@ def _reliance_words(summary: list[dict]) -> str:
     from mechmed.consistency import RELIANCE_WORDS, quadrant_definition
 
     q = next(r["quadrants"] for r in summary if r.get("quadrants"))
-    return "image-reliant: " + RELIANCE_WORDS[quadrant_definition(q)].replace("its question's", "the question's")
+    return "image-reliant: " + RELIANCE_WORDS[quadrant_definition(q)]
 
 
 def reliance_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
     """(columns, cells): per summary row, the share of held-out pairs that are image-reliant under the
-    counterfactual and the gray-image definitions, per expected answer, and how often they agree."""
+    counterfactual and the gray-image definitions, the label's gain in predicting each, and how often
+    they agree."""
     from mechmed.figures import arm_label
 
     summary = [r for r in results.get("summary") or [] if r.get("image_reliance")]
@@ -842,12 +843,12 @@ def reliance_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
 
 def reliance_text(results: dict) -> str:
     """What the two-definitions table says, with the base model's numbers in the sentence."""
+    from mechmed.consistency import RELIANCE_WORDS
+
     base = next((r["image_reliance"] for r in results.get("summary") or []
                  if r["arm"] == "base" and r.get("image_reliance")), None)
-    lead = ("A pair is image-reliant under the counterfactual definition when its question's answer changes with "
-            "an image whose answer is the opposite (the same patient with the asked finding toggled, or another "
-            "image with the opposite label), and under the gray-image definition when it changes with a uniform "
-            "gray image. A gray image draws one answer per question (per finding), so the gray definition mostly "
+    lead = (f"A pair is image-reliant under the counterfactual definition when {RELIANCE_WORDS['counterfactual']}, "
+            f"and under the gray-image definition when {RELIANCE_WORDS['gray']}. A gray image draws one answer per question (per finding), so the gray definition mostly "
             "asks whether the label differs from that answer. The label's gain says how much better the expected "
             "answer and the question together predict whether a pair is reliant than the question alone: near 0, "
             "reliance is not the label; large, it mostly is.")
