@@ -489,8 +489,6 @@ def compare_flip_risk(rows_a: Sequence[dict], rows_b: Sequence[dict], seed: int 
                                          n_resamples=n_bootstrap, seed=seed)}
 
 
-#: The per-pair reliance field behind each quadrants entry of the metrics (``quadrants``' rows are
-#: counterfactual, or gray in results written before the counterfactual control).
 RELIANCE_WORDS = {
     "counterfactual": "the question's answer changes if the image is replaced by one whose answer is the "
                       "opposite (the same patient with the asked finding toggled, or another image with the "
@@ -498,6 +496,8 @@ RELIANCE_WORDS = {
     "gray": "the question's answer changes if the image is replaced by uniform gray",
 }
 """What "image-reliant" means under each definition, for captions and sentences."""
+#: The per-pair reliance field behind each quadrants entry of the metrics (``quadrants``' rows are
+#: counterfactual, or gray in results written before the counterfactual control).
 QUADRANT_FIELDS = {"quadrants": "image_reliant", "quadrants_gray": "image_reliant_gray"}
 
 
